@@ -1,0 +1,47 @@
+"""ADDR:PORT strings, parsed and printed the same way everywhere."""
+
+from typing import Tuple
+
+
+def parse_hostport(text: str, allow_empty_host: bool = True,
+                   allow_zero_port: bool = False) -> Tuple[str, int]:
+    """Parse "host:port", "[v6]:port" or ":port" into (host, port).
+
+    Port 0 (any free port) only where the caller binds, with allow_zero_port.
+
+    Raises ValueError with a message fit for a one-line error.
+    """
+    if not isinstance(text, str) or not text:
+        raise ValueError("expected ADDR:PORT, got an empty value")
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0 or text[close + 1:close + 2] != ":":
+            raise ValueError("expected [IPV6]:PORT, got %r" % text)
+        host, port_text = text[1:close], text[close + 2:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError("expected ADDR:PORT, got %r (no port)" % text)
+        if ":" in host:
+            raise ValueError("expected [IPV6]:PORT for an IPv6 address, got %r" % text)
+    if not host and not allow_empty_host:
+        raise ValueError("expected ADDR:PORT, got %r (no address)" % text)
+    if any(c.isspace() for c in host):
+        raise ValueError("address %r contains white space" % host)
+    return host, parse_port(port_text, allow_zero_port)
+
+
+def parse_port(text: str, allow_zero: bool = False) -> int:
+    if not text.isdigit():
+        raise ValueError("port %r is not a number" % text)
+    port = int(text)
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        raise ValueError("port %d is out of range %d..65535" % (port, low))
+    return port
+
+
+def format_hostport(host: str, port: int) -> str:
+    if ":" in host:
+        return "[%s]:%d" % (host, port)
+    return "%s:%d" % (host, port)

@@ -1,0 +1,111 @@
+"""Command-line entry points: `tcprc device|server|demo ...`."""
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from typing import Any, List, Optional
+
+from . import __version__
+from .config import Config, ConfigError, load_config, with_overrides
+
+# Pump threads copy bytes; they never recurse deeply.  A small stack keeps
+# 255 idle streams cheap on a 64 MB gateway.
+WORKER_STACK = 256 * 1024
+
+_ROLE_FLAGS = {
+    "device": (("--server", "server"), ("--local", "local")),
+    "server": (("--listen", "listen"), ("--host", "host")),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tcprc", description="TCP remote connection: reach a service on a device behind NAT.")
+    parser.add_argument("--version", action="version", version="tcprc " + __version__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    device = sub.add_parser("device", help="run the device side (dials out to the server)")
+    device.add_argument("-c", "--config", metavar="FILE", help="TOML config (see etc/tcprc.toml)")
+    device.add_argument("--server", metavar="ADDR:PORT", help="ServerAddress:ServerPort to dial")
+    device.add_argument("--local", metavar="ADDR:PORT", help="LocalAddress:LocalPort of the service")
+    device.set_defaults(func=lambda args: run_agent("device", args))
+
+    server = sub.add_parser("server", help="run the server side (devices dial in, clients connect)")
+    server.add_argument("-c", "--config", metavar="FILE", help="TOML config (see etc/tcprc-server.toml)")
+    server.add_argument("--listen", metavar="ADDR:PORT", help="ServerAddress:ServerPort for device uplinks")
+    server.add_argument("--host", metavar="ADDR:PORT", help="HostAddress:HostPort for clients")
+    server.set_defaults(func=lambda args: run_agent("server", args))
+
+    demo = sub.add_parser("demo", help="run server, device and a service on 127.0.0.1 and show a tunnel")
+    demo.add_argument("--megabytes", type=int, default=32, metavar="N",
+                      help="bytes pushed each way in the bulk test (default 32)")
+    demo.set_defaults(func=_run_demo)
+    return parser
+
+
+def load_role_config(role: str, args: argparse.Namespace) -> Config:
+    """The config file (or defaults) with this role's command-line flags on top."""
+    cfg = load_config(args.config, role)
+    overrides = []
+    for flag, key in _ROLE_FLAGS[role]:
+        value = getattr(args, flag.lstrip("-"))
+        if value is not None:
+            overrides.append((role, key, value, flag))
+    return with_overrides(cfg, overrides) if overrides else cfg
+
+
+def setup_logging(cfg: Config) -> None:
+    level = getattr(logging, cfg.log.level.upper())
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("tcprc")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def make_app(cfg: Config) -> Any:
+    if cfg.role == "device":
+        from .device import DeviceApp
+        return DeviceApp(cfg.device)
+    from .server import ServerApp
+    return ServerApp(cfg.server)
+
+
+def run_agent(role: str, args: argparse.Namespace) -> int:
+    try:
+        cfg = load_role_config(role, args)
+    except ConfigError as exc:
+        print("tcprc: %s" % exc, file=sys.stderr)
+        return 2
+    setup_logging(cfg)
+    threading.stack_size(WORKER_STACK)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    app = make_app(cfg)
+    try:
+        app.start()
+    except OSError as exc:
+        print("tcprc: cannot start the %s: %s" % (role, exc.strerror or exc), file=sys.stderr)
+        return 1
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        app.close()
+    logging.getLogger("tcprc").info("stopped")
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    return run_demo(args.megabytes)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

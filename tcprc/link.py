@@ -1,0 +1,458 @@
+"""One uplink, shared by both sides: frame dispatch, the stream table and the close rules.
+
+The device and server links differ only in who opens streams (the device
+on CONNECT, the server on accept) and in a few answers to unexpected frames;
+those are the `on_*` hooks the subclasses fill in.
+
+Back-pressure: the legacy protocol has no per-stream flow control, so bytes
+for a local socket that reads slower than the uplink delivers are queued on
+the stream.  Past `stream_buffer` bytes the link stops reading the uplink
+(TCP then slows the peer down, stalling every stream of the tunnel, as the
+legacy protocol must); a stream over its buffer that makes no progress for
+`stall_timeout` seconds is closed with a log line, and reading resumes.
+"""
+
+import logging
+import socket
+import struct
+import threading
+import time
+from typing import Any, Dict, List, Optional, Set
+
+from . import protocol
+from .loop import Loop
+from .pump import Stream, run_pump
+from .writer import FrameWriter
+
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+
+# How long a stream closed by the peer may take to hand its last bytes to a
+# client and see it hang up, before it is cut.
+LINGER = 5.0
+
+
+class LimitedLog:
+    """At most one line per `interval` seconds for a noisy event; counts the rest."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 1.0):
+        self._log = logger
+        self._interval = interval
+        self._last = -interval
+        self._suppressed = 0
+
+    def warning(self, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last < self._interval:
+            self._suppressed += 1
+            return
+        if self._suppressed:
+            msg += " (%d similar lines suppressed)" % self._suppressed
+            self._suppressed = 0
+        self._last = now
+        self._log.warning(msg, *args)
+
+
+def tune_uplink_socket(sock: socket.socket, settings: Any) -> None:
+    """Blocking uplink with keepalive, no Nagle, and a bound on blocked sends."""
+    sock.settimeout(None)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", settings.keepalive_idle),
+                        ("TCP_KEEPINTVL", settings.keepalive_interval),
+                        ("TCP_KEEPCNT", settings.keepalive_count)):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    # A worker blocked this long on a full uplink means the path is dead.
+    seconds = float(settings.send_timeout)
+    timeval = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+def _shutdown_quietly(sock: socket.socket) -> None:
+    """Wake any thread blocked on `sock`; the fd stays open for its owner to close."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class Link:
+    role = "link"
+
+    def __init__(self, sock: socket.socket, settings: Any, name: str):
+        self.sock = sock
+        self.settings = settings
+        self.name = name
+        self.log = logging.getLogger("tcprc." + self.role)
+        self.noisy = LimitedLog(self.log)
+        tune_uplink_socket(sock, settings)
+        self.loop = Loop()
+        self.writer = FrameWriter(sock)
+        self.frames = protocol.FrameBuffer()
+        self.streams: Dict[int, Stream] = {}
+        self.retiring: Set[Stream] = set()     # closed, waiting for their pump to exit
+        self.end_reason = ""
+        self.bytes_from_peer = 0
+        self.started = time.monotonic()
+        self._paused = False
+        self._closing = False
+        self._watch_uplink_write = False
+        self._flush_retry_armed = False
+        self._housekeeping_armed = False
+        self._stopped = threading.Event()
+        self._dispatch = {
+            protocol.CONNECT: self.on_connect,
+            protocol.CLOSE: self._on_close,
+            protocol.DATA: self._on_data,
+            protocol.LISTEN: self.on_listen,
+        }
+
+    # ---- lifecycle --------------------------------------------------------------
+    def run(self) -> None:
+        """Serve the uplink in the calling thread until it ends; then release everything."""
+        try:
+            self._watch_uplink()
+            self.on_start()
+            self.loop.run()
+        finally:
+            self._teardown()
+            self._stopped.set()
+
+    def stop(self, reason: str) -> None:
+        """Thread-safe: end this uplink."""
+        self.loop.call_soon(lambda: self.fail(reason))
+
+    def wait_stopped(self, timeout: Optional[float] = None) -> bool:
+        return self._stopped.wait(timeout)
+
+    def fail(self, reason: str) -> None:
+        """End the uplink (from the link thread); the first reason is kept."""
+        if not self.end_reason:
+            self.end_reason = reason
+        self.loop.stop()
+
+    def _teardown(self) -> None:
+        self.on_teardown()
+        self.writer.close()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        everything = list(self.streams.values()) + list(self.retiring)
+        self.streams.clear()
+        for stream in everything:
+            stream.mark_closed()
+            stream.cut = True
+            stream.drop_pending()
+            self._shutdown_stream_socket(stream)
+            in_transit = stream.abandon()
+            if in_transit is not None:
+                _shutdown_quietly(in_transit)
+        # Pumps wake at once (their sockets are shut down); one still inside
+        # connect() finishes by itself within connect_timeout and closes its
+        # own socket, since the stream is abandoned.
+        deadline = time.monotonic() + 2.0
+        for stream in everything:
+            if stream.thread is not None:
+                stream.thread.join(max(0.0, deadline - time.monotonic()))
+        self._closing = True
+        self.loop.close()   # runs the pumps' last call_soon (attach / pump_exited)
+        for stream in everything:
+            self._release(stream)
+        self.retiring.clear()
+        self.sock.close()
+        self.log.info("%s: uplink closed: %s", self.name, self.end_reason or "stopped")
+
+    # ---- hooks for the two roles ------------------------------------------------
+    def on_start(self) -> None:
+        pass
+
+    def on_teardown(self) -> None:
+        pass
+
+    def on_connect(self, client_id: int, payload: memoryview) -> None:
+        self.noisy.warning("%s: ignored CONNECT for client %d: not expected on this side",
+                           self.name, client_id)
+
+    def on_listen(self, client_id: int, payload: memoryview) -> None:
+        self.noisy.warning("%s: ignored LISTEN: not expected on this side", self.name)
+
+    def on_unknown_data(self, client_id: int) -> None:
+        pass
+
+    def on_stream_closed(self, stream: Stream, reason: str) -> None:
+        self.log.info("%s: client %d (%s) closed: %s", self.name, stream.id, stream.peer, reason)
+
+    # ---- the uplink -------------------------------------------------------------
+    def _watch_uplink(self) -> None:
+        if self._closing:
+            return
+        self.loop.set_handlers(self.sock,
+                               None if self._paused else self._on_uplink_readable,
+                               self._on_uplink_writable if self._watch_uplink_write else None)
+
+    def _on_uplink_readable(self) -> None:
+        view = self.frames.writable()
+        try:
+            count = self.sock.recv_into(view, 0, _DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.fail("uplink error: %s" % (exc.strerror or exc))
+            return
+        if not count:
+            partial = self.frames.incomplete_frame()
+            self.fail("closed by peer" + (" in the middle of a frame (%s)" % partial if partial else ""))
+            return
+        self.frames.filled(count)
+        dispatch = self._dispatch
+        for command, client_id, payload in self.frames.frames():
+            handler = dispatch.get(command)
+            if handler is None:
+                self.noisy.warning("%s: skipped unknown command %d for client %d (%d payload bytes)",
+                                   self.name, command, client_id, len(payload))
+            else:
+                handler(client_id, payload)
+            if self.end_reason:
+                return
+
+    def _on_uplink_writable(self) -> None:
+        self._flush_control()
+
+    def post(self, command: int, client_id: int, payload: bytes = b"") -> None:
+        """Send a control frame from the link thread without ever blocking on the uplink."""
+        self.writer.post(command, client_id, payload)
+        self._flush_control()
+
+    def _flush_control(self) -> None:
+        state = self.writer.flush_nowait()
+        want_write = state == FrameWriter.FULL
+        if want_write != self._watch_uplink_write:
+            self._watch_uplink_write = want_write
+            self._watch_uplink()
+        if state == FrameWriter.BUSY and not self._flush_retry_armed:
+            # A worker holds the lock and flushes queued frames when done; this
+            # retry only covers the moment between its last check and its release.
+            self._flush_retry_armed = True
+            self.loop.call_later(0.005, self._retry_flush)
+
+    def _retry_flush(self) -> None:
+        self._flush_retry_armed = False
+        self._flush_control()
+
+    # ---- frames -----------------------------------------------------------------
+    def _on_data(self, client_id: int, payload: memoryview) -> None:
+        stream = self.streams.get(client_id)
+        if stream is None:
+            self.on_unknown_data(client_id)
+            return
+        if not payload:
+            return
+        size = len(payload)
+        self.bytes_from_peer += size
+        stream.bytes_from_peer += size
+        if stream.sock is None or stream.pending:
+            stream.queue(memoryview(bytes(payload)))
+        else:
+            try:
+                sent = stream.sock.send(payload, _DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self.close_stream(stream, "write failed: %s" % (exc.strerror or exc))
+                return
+            if sent == size:
+                return
+            stream.queue(memoryview(bytes(payload[sent:])))
+        if stream.sock is not None:
+            self._watch_stream_write(stream, True)
+        if stream.pending_bytes > self.settings.stream_buffer and not self._paused:
+            self._paused = True
+            self._watch_uplink()
+            self._arm_housekeeping()
+
+    def _on_close(self, client_id: int, payload: memoryview) -> None:
+        stream = self.streams.pop(client_id, None)
+        if stream is None:
+            self.log.debug("%s: CLOSE for unknown client %d ignored", self.name, client_id)
+            return
+        stream.mark_closed()
+        self.on_stream_closed(stream, "closed by peer")
+        self.retiring.add(stream)
+        if stream.sock is None:
+            return   # still connecting: attach() finishes the close
+        # Hand the client what the peer sent before its CLOSE, then hang up.
+        stream.draining = True
+        stream.last_progress = time.monotonic()
+        if not stream.pending:
+            self._finish_drain(stream)
+        self._arm_housekeeping()
+
+    def _finish_drain(self, stream: Stream) -> None:
+        stream.draining = False
+        self._watch_stream_write(stream, False)
+        try:
+            stream.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._shutdown_stream_socket(stream)
+
+    # ---- streams ----------------------------------------------------------------
+    def open_stream(self, stream: Stream, connect_to: Any = None) -> None:
+        """Register a new stream and start its pump thread."""
+        self.streams[stream.id] = stream
+        thread = threading.Thread(target=run_pump, args=(stream, self.writer, self, connect_to),
+                                  name="tcprc-pump-%d" % stream.id, daemon=True)
+        stream.thread = thread
+        thread.start()
+
+    def attach(self, stream: Stream) -> None:
+        """Link thread: a device-side pump connected its socket."""
+        stream.sock = stream.take_connected()
+        if stream.sock is None:
+            return
+        if stream.cut or self.end_reason:
+            self._shutdown_stream_socket(stream)
+        elif stream.closed:
+            # The peer closed it while we connected: deliver what it sent, then hang up.
+            stream.draining = True
+            stream.last_progress = time.monotonic()
+            if stream.pending:
+                self._watch_stream_write(stream, True)
+            else:
+                self._finish_drain(stream)
+        elif stream.pending:
+            self._watch_stream_write(stream, True)
+
+    def close_stream(self, stream: Stream, reason: str, notify_peer: bool = True) -> None:
+        """Close from this side: CLOSE to the peer (unless told not to), cut the local socket."""
+        if stream.cut or stream.released:
+            return
+        if self.streams.get(stream.id) is stream:
+            del self.streams[stream.id]
+        if stream.mark_closed() and notify_peer:
+            self.post(protocol.CLOSE, stream.id)
+        stream.cut = True
+        self.on_stream_closed(stream, reason)
+        stream.drop_pending()
+        stream.draining = False
+        self._shutdown_stream_socket(stream)
+        if stream.pump_done:
+            self._release(stream)
+        else:
+            self.retiring.add(stream)
+
+    def pump_exited(self, stream: Stream, reason: str) -> None:
+        stream.pump_done = True
+        if self.streams.get(stream.id) is stream:
+            # The local side ended (the pump sent CLOSE already, or the uplink is gone).
+            del self.streams[stream.id]
+            self.on_stream_closed(stream, reason or "closed")
+        if stream.draining:
+            return   # bytes still owed to the client; released when drained or cut
+        self._release(stream)
+
+    def _release(self, stream: Stream) -> None:
+        if stream.released:
+            return
+        stream.released = True
+        self.retiring.discard(stream)
+        stream.drop_pending()
+        if stream.sock is not None:
+            self._watch_stream_write(stream, False)
+            stream.sock.close()
+        self._maybe_resume()
+
+    def _shutdown_stream_socket(self, stream: Stream) -> None:
+        if stream.sock is None:
+            return
+        self._watch_stream_write(stream, False)
+        _shutdown_quietly(stream.sock)
+
+    def _watch_stream_write(self, stream: Stream, on: bool) -> None:
+        if on == stream.watching_write or stream.sock is None:
+            return
+        stream.watching_write = on
+        if self._closing:
+            return
+        if on:
+            self.loop.set_handlers(stream.sock, None, lambda: self._on_stream_writable(stream))
+        else:
+            self.loop.forget(stream.sock)
+
+    def _on_stream_writable(self, stream: Stream) -> None:
+        try:
+            stream.flush_nowait()
+        except OSError as exc:
+            if stream.draining:
+                stream.draining = False
+                self._shutdown_stream_socket(stream)
+                if stream.pump_done:
+                    self._release(stream)
+            else:
+                self.close_stream(stream, "write failed: %s" % (exc.strerror or exc))
+            return
+        if stream.pending:
+            return
+        if stream.draining:
+            self._finish_drain(stream)
+            if stream.pump_done:
+                self._release(stream)
+        else:
+            self._watch_stream_write(stream, False)
+        self._maybe_resume()
+
+    def _maybe_resume(self) -> None:
+        if not self._paused or self._closing:
+            return
+        limit = self.settings.stream_buffer
+        if any(s.pending_bytes > limit for s in self.streams.values()):
+            return
+        self._paused = False
+        if not self.end_reason:
+            self._watch_uplink()
+
+    # ---- stalls and lingering closes ---------------------------------------------
+    def _arm_housekeeping(self) -> None:
+        if not self._housekeeping_armed:
+            self._housekeeping_armed = True
+            self.loop.call_later(min(1.0, self.settings.stall_timeout / 2), self._housekeeping)
+
+    def _housekeeping(self) -> None:
+        self._housekeeping_armed = False
+        now = time.monotonic()
+        stall = self.settings.stall_timeout
+        if self._paused:
+            limit = self.settings.stream_buffer
+            for stream in list(self.streams.values()):
+                if stream.pending_bytes > limit and now - stream.last_progress > stall:
+                    self.noisy.warning(
+                        "%s: client %d (%s) read nothing for %.0f s with %d bytes queued: closed",
+                        self.name, stream.id, stream.peer, stall, stream.pending_bytes)
+                    self.close_stream(stream, "too slow")
+            self._maybe_resume()
+        for stream in list(self.retiring):
+            # A closed stream may linger to drain and to see the client hang up,
+            # but only while it makes progress, and never past LINGER when idle.
+            if stream.released:
+                continue
+            idle = now - stream.last_progress
+            if (stream.draining and idle > stall) or (not stream.draining and idle > LINGER):
+                stream.draining = False
+                stream.drop_pending()
+                self._shutdown_stream_socket(stream)
+                if stream.pump_done:
+                    self._release(stream)
+        if self._paused or any(not s.released for s in self.retiring):
+            self._arm_housekeeping()
+
+    # ---- status -----------------------------------------------------------------
+    def stats(self) -> Dict[str, Any]:
+        return {
+            "clients": len(self.streams),
+            "bytes_sent": self.writer.bytes_sent,
+            "bytes_received": self.bytes_from_peer,
+            "uptime": time.monotonic() - self.started,
+        }
+
+    def open_client_ids(self) -> List[int]:
+        return sorted(self.streams)

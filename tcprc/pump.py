@@ -1,0 +1,175 @@
+"""One stream (one client) and the worker thread that copies its socket into DATA frames.
+
+Ownership rules that keep threads and fds from leaking or racing:
+- The pump thread only reads its socket and writes frames; it never closes
+  the socket once it has handed it to the link (`attach`).  The link thread
+  owns closing, after the pump has said it exited.
+- `closed` means no more frames may be sent for this id.  Whoever flips it
+  first (pump on local EOF, link on CLOSE or error) decides whether a CLOSE
+  goes out, so at most one CLOSE is sent per stream and never after DATA.
+"""
+
+import logging
+import socket
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Callable, Deque, Optional, Tuple
+
+from . import protocol
+from .writer import FrameWriter, UplinkClosed
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .link import Link
+
+log = logging.getLogger("tcprc.stream")
+
+READ_CHUNK = protocol.MAX_PAYLOAD
+
+
+class Stream:
+    def __init__(self, client_id: int, peer: str):
+        self.id = client_id
+        self.peer = peer                      # for log lines
+        self.sock: Optional[socket.socket] = None   # set in the link thread only
+        self.thread: Optional[threading.Thread] = None
+        self.closed = False
+        self.cut = False                      # closed by this side: no draining
+        self._close_lock = threading.Lock()
+        self._connected: Optional[socket.socket] = None  # handed over by a connecting pump
+        self._abandoned = False
+        self.pending: Deque[memoryview] = deque()   # bytes for the local socket
+        self.pending_bytes = 0
+        self.last_progress = time.monotonic()
+        self.watching_write = False
+        self.draining = False                 # peer closed; flush pending, then close
+        self.pump_done = False
+        self.released = False
+        self.bytes_to_peer = 0
+        self.bytes_from_peer = 0
+        self.opened = time.monotonic()
+
+    def mark_closed(self) -> bool:
+        """Flip to closed; True for the one caller that did it."""
+        with self._close_lock:
+            if self.closed:
+                return False
+            self.closed = True
+            return True
+
+    def is_open(self) -> bool:
+        return not self.closed
+
+    def hand_over(self, sock: socket.socket) -> bool:
+        """Pump thread: offer the freshly connected socket; False if the link gave up."""
+        with self._close_lock:
+            if self._abandoned:
+                return False
+            self._connected = sock
+            return True
+
+    def take_connected(self) -> Optional[socket.socket]:
+        with self._close_lock:
+            sock, self._connected = self._connected, None
+            return sock
+
+    def abandon(self) -> Optional[socket.socket]:
+        """Link teardown: no socket may be handed over any more; returns one in transit."""
+        with self._close_lock:
+            self._abandoned = True
+            return self._connected
+
+    def queue(self, data: memoryview) -> None:
+        self.pending.append(data)
+        self.pending_bytes += len(data)
+
+    def flush_nowait(self) -> None:
+        """Write queued bytes to the local socket without blocking; raises OSError."""
+        while self.pending:
+            head = self.pending[0]
+            try:
+                sent = self.sock.send(head, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            self.last_progress = time.monotonic()
+            self.pending_bytes -= sent
+            if sent < len(head):
+                self.pending[0] = head[sent:]
+                return
+            self.pending.popleft()
+
+    def drop_pending(self) -> None:
+        self.pending.clear()
+        self.pending_bytes = 0
+
+
+def run_pump(stream: Stream, writer: FrameWriter, link: "Link",
+             connect_to: Optional[Tuple[str, int, float]] = None) -> None:
+    """Body of a pump thread.  `connect_to` = (host, port, timeout) on the device side."""
+    reason = "closed"
+    sock = stream.sock
+    try:
+        if connect_to is not None:
+            host, port, timeout = connect_to
+            try:
+                sock = socket.create_connection((host, port), timeout=timeout)
+            except OSError as exc:
+                reason = "connect to %s:%d failed: %s" % (host, port, exc.strerror or exc)
+                if stream.mark_closed():
+                    writer.send(protocol.CLOSE, stream.id, memoryview(b""))
+                return
+            sock.settimeout(None)
+            tune_stream_socket(sock)
+            if not stream.hand_over(sock):
+                sock.close()   # the link is gone; nobody else will close it
+                reason = ""
+                return
+            link.loop.call_soon(lambda: link.attach(stream))
+        _copy_to_uplink(stream, sock, writer)
+        if stream.mark_closed():
+            writer.send(protocol.CLOSE, stream.id, memoryview(b""))
+        else:
+            reason = ""   # the link or the peer closed it and said why
+    except UplinkClosed:
+        reason = "uplink closed"
+    except OSError as exc:
+        reason = "local socket error: %s" % (exc.strerror or exc)
+        try:
+            if stream.mark_closed():
+                writer.send(protocol.CLOSE, stream.id, memoryview(b""))
+        except UplinkClosed:
+            pass
+    finally:
+        link.loop.call_soon(lambda: link.pump_exited(stream, reason))
+
+
+def _copy_to_uplink(stream: Stream, sock: socket.socket, writer: FrameWriter) -> None:
+    buf = bytearray(READ_CHUNK)
+    view = memoryview(buf)
+    still_open: Callable[[], bool] = stream.is_open
+    while True:
+        count = sock.recv_into(buf)
+        if not count:
+            return
+        if not writer.send(protocol.DATA, stream.id, view[:count], still_open):
+            _discard_until_eof(sock, buf)
+            return
+        stream.bytes_to_peer += count
+
+
+def _discard_until_eof(sock: socket.socket, buf: bytearray) -> None:
+    """Closed by the peer: read until the client hangs up (or the link shuts us down).
+
+    Closing a socket with unread input makes the kernel send RST, which can
+    destroy the last bytes the link wrote to the client; reading to EOF
+    keeps the close graceful.  The link bounds this wait.
+    """
+    while sock.recv_into(buf):
+        pass
+
+
+def tune_stream_socket(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass  # not TCP (tests may use other socket kinds)

@@ -1,0 +1,118 @@
+"""The one way frames leave an uplink: header and payload together under one lock.
+
+Worker threads (pumps) write DATA with blocking sends, which is the
+back-pressure of a congested uplink.  The link thread must never block on
+the uplink (if both ends' link threads blocked writing while nobody read,
+they would deadlock), so its frames (CONNECT, CLOSE, LISTEN) go through
+`post()`: queued, sent at once without waiting if the lock and the socket
+allow, otherwise sent by the next worker that holds the lock, or retried by
+the link thread (on writability when the socket was full, after a moment
+when a worker held the lock).
+"""
+
+import socket
+import threading
+from collections import deque
+from typing import Callable, Deque, Optional
+
+from . import protocol
+
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+
+
+class UplinkClosed(Exception):
+    """Raised to a worker whose frame can no longer be sent."""
+
+
+class FrameWriter:
+    DONE, BUSY, FULL = "done", "busy", "full"
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self._lock = threading.Lock()
+        self._queued: Deque[memoryview] = deque()  # control frames; head may be partly sent
+        self.closed = False
+        self.bytes_sent = 0                       # DATA payload bytes
+
+    # ---- worker threads ---------------------------------------------------------
+    def send(self, command: int, client_id: int, payload: memoryview,
+             still_wanted: Optional[Callable[[], bool]] = None) -> bool:
+        """Send one frame, blocking; False if `still_wanted()` said no under the lock.
+
+        Checking under the lock, after queued control frames went out, keeps a
+        stream's DATA from following the CLOSE that the link thread queued for it.
+        """
+        head = protocol.header(command, client_id, len(payload))
+        with self._lock:
+            if self.closed:
+                raise UplinkClosed()
+            try:
+                self._flush_queued_blocking()
+                if still_wanted is not None and not still_wanted():
+                    return False
+                self._send_all(head, payload)
+                if command == protocol.DATA:
+                    self.bytes_sent += len(payload)
+                # Frames queued while we held the lock would otherwise wait.
+                self._flush_queued_blocking()
+            except OSError as exc:
+                self.closed = True
+                raise UplinkClosed(str(exc)) from exc
+        return True
+
+    def _send_all(self, head: bytes, payload: memoryview) -> None:
+        sent = self._sock.sendmsg([head, payload]) if payload else self._sock.send(head)
+        total = len(head) + len(payload)
+        if sent < total:
+            # Rare: the kernel took part of it.  Finish with sendall.
+            if sent < len(head):
+                self._sock.sendall(head[sent:])
+                self._sock.sendall(payload)
+            else:
+                self._sock.sendall(payload[sent - len(head):])
+
+    def _flush_queued_blocking(self) -> None:
+        while self._queued:
+            self._sock.sendall(self._queued[0])
+            self._queued.popleft()
+
+    # ---- link thread ------------------------------------------------------------
+    def post(self, command: int, client_id: int, payload: bytes = b"") -> str:
+        """Queue a control frame and try to send it without blocking."""
+        if self.closed:
+            return self.DONE
+        self._queued.append(memoryview(protocol.encode(command, client_id, payload)))
+        return self.flush_nowait()
+
+    def flush_nowait(self) -> str:
+        """Send queued frames as far as possible without waiting.
+
+        DONE: nothing left; BUSY: a worker holds the lock (it will most likely
+        send them itself); FULL: the socket took no more, retry when writable.
+        """
+        if not self._queued:
+            return self.DONE
+        if not self._lock.acquire(blocking=False):
+            return self.BUSY
+        try:
+            while self._queued and not self.closed:
+                head = self._queued[0]
+                try:
+                    sent = self._sock.send(head, _DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    self.closed = True
+                    self._queued.clear()
+                    return self.DONE   # the link notices the dead uplink by reading it
+                if sent < len(head):
+                    self._queued[0] = head[sent:]
+                    break
+                self._queued.popleft()
+            return self.FULL if self._queued else self.DONE
+        finally:
+            self._lock.release()
+
+    def close(self) -> None:
+        self.closed = True
+        self._queued.clear()
