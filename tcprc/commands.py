@@ -1,0 +1,358 @@
+"""CommandParser: the one text command language of every channel.
+
+A channel (serial console, control socket) hands it one line and gets back
+the lines to answer: detail lines, then `OK`, or a single `ERROR reason`.
+The parser never raises into its channel.
+"""
+
+import ipaddress
+import logging
+import re
+import shlex
+import sys
+import threading
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from . import tomlwrite
+from .addr import format_hostport, parse_hostport, parse_port
+from .config import SCHEMA, Config, ConfigError, Section, build_config, check_value
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on old interpreters only
+    import tomli as tomllib
+
+log = logging.getLogger("tcprc.commands")
+
+OK = "OK"
+MAX_DETAIL = 1024   # a status value (say a long last_error) never floods a console
+
+# name (lower case) -> (syntax, one-line summary, longer help lines)
+_HELP: Dict[str, Tuple[str, str, Sequence[str]]] = {
+    "tcpremoteconnect": (
+        "TCPRemoteConnect [ServerAddress ServerPort [LocalAddress LocalPort]]",
+        "start (or restart) the tunnel",
+        ("No parameters, or one empty string \"\": use device.server and device.local",
+         "from the configuration. Two: dial ServerAddress:ServerPort, target device.local.",
+         "Four: dial ServerAddress:ServerPort, target LocalAddress:LocalPort",
+         "(an empty LocalAddress \"\" means this device).",
+         "Example: TCPRemoteConnect 203.0.113.5 9000 127.0.0.1 22")),
+    "tcpremotedisconnect": (
+        "TCPRemoteDisconnect", "close the tunnel and all its streams, stay idle", ()),
+    "status": (
+        "status", "uplink state, addresses, clients, bytes each way, uptime, last error", ()),
+    "config": (
+        "config get KEY | config set KEY VALUE | config save",
+        "read, change and save settings",
+        ("KEY is section.key, e.g. device.server; `config get SECTION` lists a section.",
+         "config set changes the running agent: device.* and server.* settings are",
+         "applied at once (a tunnel whose settings did not change stays up); the",
+         "other sections (console, control, log) take effect at the next start.",
+         "Booleans: true/false, yes/no, on/off, 1/0. Lists: several values, or",
+         "comma-separated; \"\" for an empty value or list.",
+         "config save writes the settings to the configuration file (atomically,",
+         "keeping comments and every key that was not set).")),
+    "help": ("help [COMMAND]", "list the commands, or explain one", ()),
+}
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def _valid_address(text: str) -> bool:
+    """An IPv4/IPv6 literal or an RFC 1123 host name."""
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        pass
+    name = text[:-1] if text.endswith(".") else text
+    if not name or len(name) > 253 or name.replace(".", "").isdigit():
+        return False   # all digits: a mistyped IPv4 address, not a name
+    return all(_LABEL.match(label) for label in name.split("."))
+
+
+class CommandError(Exception):
+    """A failure to answer as `ERROR <message>`."""
+
+
+def _one_line(text: Any) -> str:
+    line = " ".join(str(text).split())
+    if len(line) > MAX_DETAIL:
+        line = line[:MAX_DETAIL] + "..."
+    return line
+
+
+def _format_status_value(key: str, value: Any) -> str:
+    if value is None or value == "":
+        return "-"
+    if key == "uptime" and isinstance(value, (int, float)):
+        seconds = int(value)
+        return "%ds (%dd %02d:%02d:%02d)" % (seconds, seconds // 86400, seconds // 3600 % 24,
+                                              seconds // 60 % 60, seconds % 60)
+    return _one_line(value)
+
+
+_STATUS_ORDER = ("state", "server", "listen", "host", "device", "local", "clients",
+                 "bytes_up", "bytes_down", "uptime", "last_error")
+
+
+class CommandParser:
+    """Executes command lines against the running app and its Config."""
+
+    def __init__(self, app: Any, cfg: Config):
+        self.app = app
+        self.cfg = cfg
+        self._changes: Dict[Tuple[str, str], Any] = {}   # what `config set` did, for save
+        self._lock = threading.Lock()                   # channels run in their own threads
+        self._handlers: Dict[str, Callable[[List[str]], List[str]]] = {
+            "tcpremoteconnect": self._connect,
+            "tcpremotedisconnect": self._disconnect,
+            "status": self._status,
+            "config": self._config,
+            "help": self._help,
+        }
+
+    @property
+    def role(self) -> str:
+        return self.cfg.role
+
+    def set_config(self, cfg: Config) -> None:
+        """Adopt a reloaded config (SIGHUP); pending `config set` values are dropped."""
+        with self._lock:
+            self.cfg = cfg
+            self._changes = {}
+
+    def execute(self, line: str) -> List[str]:
+        """Answer one command line; a blank line gets no answer at all."""
+        try:
+            try:
+                words = shlex.split(line)
+            except ValueError as exc:
+                raise CommandError("cannot parse the line: %s" % exc)
+            if not words:
+                return []
+            handler = self._handlers.get(words[0].lower())
+            if handler is None:
+                raise CommandError("unknown command %r (type help for the list)"
+                                   % _one_line(words[0]))
+            return handler(words[1:])
+        except CommandError as exc:
+            return ["ERROR " + _one_line(exc)]
+        except Exception as exc:  # a bug must not take the channel down
+            log.exception("command %r failed", line[:200])
+            return ["ERROR internal error: %s" % _one_line("%s: %s" % (type(exc).__name__, exc))]
+
+    # -- tunnel ----------------------------------------------------------
+
+    def _require_device(self, name: str) -> None:
+        if self.role != "device":
+            raise CommandError("%s is not available on the server" % name)
+
+    def _connect(self, args: List[str]) -> List[str]:
+        self._require_device("TCPRemoteConnect")
+        server = local = None
+        if len(args) in (0, 1) and all(arg == "" for arg in args):
+            pass   # the legacy agents' TCPRemoteConnect(""): stored settings
+        elif len(args) in (2, 4):
+            server = self._endpoint("ServerAddress", args[0], "ServerPort", args[1], False)
+            if len(args) == 4:
+                local = self._endpoint("LocalAddress", args[2], "LocalPort", args[3], True)
+        else:
+            raise CommandError(
+                "TCPRemoteConnect takes 0, 2 or 4 parameters "
+                "(ServerAddress ServerPort [LocalAddress LocalPort]), got %d" % len(args))
+        if local is not None and not local[0]:
+            local = ("127.0.0.1", local[1])   # legacy: an empty LocalAddress is this device
+        try:
+            self.app.connect(server=server, local=local)
+        except ValueError as exc:
+            raise CommandError(str(exc) or "no server address: give ServerAddress ServerPort "
+                               "or set device.server")
+        return [OK]
+
+    @staticmethod
+    def _endpoint(addr_name: str, addr: str, port_name: str, port: str,
+                  allow_empty: bool) -> Tuple[str, int]:
+        try:
+            number = parse_port(port)
+        except ValueError as exc:
+            raise CommandError("%s: %s" % (port_name, exc))
+        if not addr and not allow_empty:
+            raise CommandError("%s is empty" % addr_name)
+        if addr and not _valid_address(addr):
+            raise CommandError("%s %r is neither an IP address nor a host name"
+                               % (addr_name, _one_line(addr)))
+        # Then by the same rules as ADDR:PORT everywhere else.
+        try:
+            return parse_hostport(format_hostport(addr, number), allow_empty_host=allow_empty)
+        except ValueError as exc:
+            raise CommandError("%s %r: %s" % (addr_name, addr, exc))
+
+    def _disconnect(self, args: List[str]) -> List[str]:
+        self._require_device("TCPRemoteDisconnect")
+        if args:
+            raise CommandError("TCPRemoteDisconnect takes no parameters, got %d" % len(args))
+        self.app.disconnect()
+        return [OK]
+
+    def _status(self, args: List[str]) -> List[str]:
+        if args:
+            raise CommandError("status takes no parameters, got %d" % len(args))
+        status = dict(self.app.status())
+        keys = [key for key in _STATUS_ORDER if key in status]
+        keys += sorted(key for key in status if key not in _STATUS_ORDER)
+        return ["%s: %s" % (key, _format_status_value(key, status[key])) for key in keys] + [OK]
+
+    # -- config ------------------------------------------------------------
+
+    def _config(self, args: List[str]) -> List[str]:
+        if not args:
+            raise CommandError("config needs get, set or save (see help config)")
+        action, rest = args[0].lower(), args[1:]
+        with self._lock:
+            if action == "get":
+                return self._config_get(rest)
+            if action == "set":
+                return self._config_set(rest)
+            if action == "save":
+                return self._config_save(rest)
+        raise CommandError("unknown config action %r (get, set or save)" % _one_line(args[0]))
+
+    def _split_key(self, text: str) -> Tuple[str, str]:
+        schema = SCHEMA[self.role]
+        section, dot, key = text.partition(".")
+        if section not in schema:
+            raise CommandError("unknown section %r (known: %s)"
+                               % (_one_line(section), ", ".join(sorted(schema))))
+        if not dot or key not in schema[section]:
+            raise CommandError("unknown key %r (known in [%s]: %s)"
+                               % (_one_line(text), section, ", ".join(sorted(schema[section]))))
+        return section, key
+
+    def _config_get(self, args: List[str]) -> List[str]:
+        if len(args) != 1:
+            raise CommandError("usage: config get KEY (for example config get device.server)")
+        if args[0] in SCHEMA[self.role]:
+            section = args[0]
+            values = getattr(self.cfg, section).as_dict()
+            return ["%s.%s = %s" % (section, key, tomlwrite.format_value(values[key]))
+                    for key in SCHEMA[self.role][section]] + [OK]
+        section, key = self._split_key(args[0])
+        value = getattr(getattr(self.cfg, section), key)
+        return ["%s.%s = %s" % (section, key, tomlwrite.format_value(value)), OK]
+
+    def _config_set(self, args: List[str]) -> List[str]:
+        if len(args) < 2:
+            raise CommandError("usage: config set KEY VALUE (for example config set "
+                               "device.server 203.0.113.5:9000)")
+        section, key = self._split_key(args[0])
+        spec = SCHEMA[self.role][section][key]
+        value = self._convert(args[0], spec.type, args[1:])
+        try:
+            value = check_value(self.role, section, key, value)
+        except ValueError as exc:
+            raise CommandError("%s: %s" % (args[0], exc))
+        updated = Section(dict(getattr(self.cfg, section).as_dict(), **{key: value}))
+        detail: List[str] = []
+        if section == self.role:
+            # The app compares old and new settings, so it gets a new object.
+            try:
+                self.app.apply_settings(updated)
+            except Exception as exc:
+                log.warning("config set %s: could not apply: %s", args[0], exc)
+                raise CommandError("%s: could not apply: %s" % (args[0], exc))
+        else:
+            detail.append("%s.%s takes effect at the next start" % (section, key))
+        self.cfg.sections[section] = updated
+        self._changes[(section, key)] = value
+        log.info("config set %s.%s = %s", section, key, tomlwrite.format_value(value))
+        return detail + [OK]
+
+    @staticmethod
+    def _convert(name: str, kind: type, words: List[str]) -> Any:
+        if kind is list:
+            items = []
+            for word in words:
+                items.extend(part.strip() for part in word.split(",") if part.strip())
+            return items
+        if len(words) != 1:
+            raise CommandError("%s takes one value, got %d (quote a value with spaces)"
+                               % (name, len(words)))
+        word = words[0]
+        try:
+            if kind is bool:
+                if word.lower() in _TRUE:
+                    return True
+                if word.lower() in _FALSE:
+                    return False
+                raise ValueError
+            if kind is int:
+                return int(word, 10)
+            if kind is float:
+                return float(word)
+        except ValueError:
+            kinds = {bool: "true or false", int: "an integer", float: "a number"}
+            raise CommandError("%s must be %s, got %r" % (name, kinds[kind], _one_line(word)))
+        return word
+
+    def _config_save(self, args: List[str]) -> List[str]:
+        if args:
+            raise CommandError("config save takes no parameters, got %d" % len(args))
+        path = self.cfg.path
+        if not path:
+            raise CommandError("no configuration file to save to: the agent was started "
+                               "without -c FILE")
+        try:
+            with open(path, "rb") as handle:
+                old_bytes: Optional[bytes] = handle.read()
+        except FileNotFoundError:
+            old_bytes = None
+        except OSError as exc:
+            raise CommandError("cannot read %s: %s" % (path, exc.strerror or exc))
+        old_text = None
+        if old_bytes is None:
+            base: Dict[str, Any] = {name: dict(table) for name, table in self.cfg.raw.items()}
+        else:
+            # Build on the file as it is now, so edits made since the start survive.
+            try:
+                old_text = old_bytes.decode("utf-8")
+                base = tomllib.loads(old_text)
+            except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+                raise CommandError("%s is not valid TOML any more (%s); not overwritten"
+                                   % (path, _one_line(exc)))
+        for (section, key), value in self._changes.items():
+            base.setdefault(section, {})[key] = value
+        try:
+            build_config(self.role, base, path)   # never save what the next start refuses
+            text = tomlwrite.render(old_text, base, self._changes)
+            tomlwrite.atomic_write(path, text)
+        except ConfigError as exc:
+            raise CommandError("not saved: %s" % exc)
+        except OSError as exc:
+            raise CommandError("cannot write %s: %s" % (path, exc.strerror or exc))
+        log.info("config saved to %s (%d setting(s) changed)", path, len(self._changes))
+        return ["saved %d changed setting(s) to %s" % (len(self._changes), path), OK]
+
+    # -- help --------------------------------------------------------------
+
+    def _help(self, args: List[str]) -> List[str]:
+        if len(args) > 1:
+            raise CommandError("help takes at most one parameter, got %d" % len(args))
+        names = [name for name in _HELP
+                 if self.role == "device" or not name.startswith("tcpremote")]
+        if not args:
+            width = max(len(_HELP[name][0]) for name in names)
+            lines = ["%-*s  %s" % (width, _HELP[name][0], _HELP[name][1]) for name in names]
+            return lines + ["Command names are case-insensitive; help COMMAND for details.", OK]
+        name = args[0].lower()
+        if name not in _HELP:
+            raise CommandError("unknown command %r (type help for the list)" % _one_line(args[0]))
+        syntax, summary, more = _HELP[name]
+        lines = [syntax, "  " + summary] + ["  " + line for line in more]
+        if name not in names:
+            lines.append("  (not available on the server)")
+        return lines + [OK]
