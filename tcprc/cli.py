@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     device.add_argument("-c", "--config", metavar="FILE", help="TOML config (see etc/tcprc.toml)")
     device.add_argument("--server", metavar="ADDR:PORT", help="ServerAddress:ServerPort to dial")
     device.add_argument("--local", metavar="ADDR:PORT", help="LocalAddress:LocalPort of the service")
+    device.add_argument("--console", metavar="PORT",
+                        help="serial console on PORT (/dev/ttyS0, a pty or a pyserial URL)")
     device.set_defaults(func=lambda args: run_agent("device", args))
 
     server = sub.add_parser("server", help="run the server side (devices dial in, clients connect)")
@@ -38,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--listen", metavar="ADDR:PORT", help="ServerAddress:ServerPort for device uplinks")
     server.add_argument("--host", metavar="ADDR:PORT", help="HostAddress:HostPort for clients")
     server.set_defaults(func=lambda args: run_agent("server", args))
+
+    ctl = sub.add_parser("ctl", help="send one command to the running agent (exit 0 OK, 1 ERROR, "
+                                     "2 no agent)")
+    from .control import add_ctl_arguments, ctl_main
+    add_ctl_arguments(ctl)
+    ctl.set_defaults(func=ctl_main)
 
     demo = sub.add_parser("demo", help="run server, device and a service on 127.0.0.1 and show a tunnel")
     demo.add_argument("--megabytes", type=int, default=32, metavar="N",
@@ -81,6 +89,12 @@ def run_agent(role: str, args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print("tcprc: %s" % exc, file=sys.stderr)
         return 2
+    console_port = getattr(args, "console", None)
+    if console_port:
+        from .console import INSTALL_HINT, serial_available
+        if not serial_available():
+            print("tcprc: --console: %s" % INSTALL_HINT, file=sys.stderr)
+            return 2
     setup_logging(cfg)
     threading.stack_size(WORKER_STACK)
     stop = threading.Event()
@@ -92,10 +106,14 @@ def run_agent(role: str, args: argparse.Namespace) -> int:
     except OSError as exc:
         print("tcprc: cannot start the %s: %s" % (role, exc.strerror or exc), file=sys.stderr)
         return 1
+    from .commands import CommandParser
+    from .control import start_channels
+    channels = start_channels(CommandParser(app, cfg), cfg, console_port)
     try:
         while not stop.wait(1.0):
             pass
     finally:
+        channels.close()
         app.close()
     logging.getLogger("tcprc").info("stopped")
     return 0

@@ -1,0 +1,340 @@
+"""Local control socket: `tcprc ctl COMMAND` talks to the running agent.
+
+The agent listens on a Unix socket (mode 0600) and answers each line with the
+CommandParser's lines; the last one is `OK` or starts with `ERROR `. Also
+here: the `ctl` client and `start_channels`, which the agent calls to bring up
+every command channel of its config.
+"""
+
+import argparse
+import errno
+import logging
+import os
+import selectors
+import shlex
+import socket
+import stat
+import sys
+import threading
+from typing import Any, List, Optional
+
+from .config import ConfigError, load_config
+
+log = logging.getLogger("tcprc.control")
+
+MAX_LINE = 4096
+MAX_CLIENTS = 8          # concurrent ctl connections; more are refused at once
+CLIENT_TIMEOUT = 30.0    # an idle ctl connection is dropped after this
+
+
+class ControlError(Exception):
+    """The control socket could not be set up; one line for the log."""
+
+
+class ControlServer:
+    """Serves CommandParser on a Unix socket, one thread per connection."""
+
+    def __init__(self, parser: Any, path: str, client_timeout: float = CLIENT_TIMEOUT):
+        self.parser = parser
+        self.path = path
+        self.client_timeout = client_timeout
+        self._sock: Optional[socket.socket] = None
+        self._inode: Optional[int] = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._clients: List[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self._sock = self._bind()
+        self._thread = threading.Thread(target=self._accept_loop, name="tcprc-control",
+                                        daemon=True)
+        self._thread.start()
+        log.info("control socket %s", self.path)
+
+    def _bind(self) -> socket.socket:
+        path = self.path
+        if len(os.fsencode(path)) >= 108:
+            raise ControlError("control socket path %s is too long (max 107 bytes)" % path)
+        self._clear_stale(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(directory, 0o755, exist_ok=True)
+        except OSError as exc:
+            raise ControlError("cannot create %s for the control socket: %s"
+                               % (directory, exc.strerror or exc))
+        # Bind under a temporary name, restrict it, then rename: the socket is
+        # never reachable with the umask's permissions.
+        tmp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            sock.bind(tmp)
+            os.chmod(tmp, 0o600)
+            sock.listen(MAX_CLIENTS)
+            os.replace(tmp, path)
+            self._inode = os.stat(path).st_ino
+        except OSError as exc:
+            sock.close()
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise ControlError("cannot listen on control socket %s: %s"
+                               % (path, exc.strerror or exc))
+        sock.settimeout(None)
+        return sock
+
+    @staticmethod
+    def _clear_stale(path: str) -> None:
+        """Remove a socket left by a dead agent; refuse to touch anything else."""
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise ControlError("cannot check control socket %s: %s" % (path, exc.strerror))
+        if not stat.S_ISSOCK(mode):
+            raise ControlError("%s exists and is not a socket; not replacing it" % path)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            # Nobody listens: a dead agent's leftover.
+            try:
+                os.unlink(path)
+            except OSError as exc:
+                raise ControlError("cannot remove stale control socket %s: %s"
+                                   % (path, exc.strerror or exc))
+            return
+        finally:
+            probe.close()
+        raise ControlError("control socket %s is in use by another running agent" % path)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        with self._lock:
+            clients = list(self._clients)
+        for thread in clients:
+            thread.join(timeout=10)
+        # Only remove the file if it is still ours (a successor may own the path).
+        try:
+            if self._inode is not None and os.stat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
+        except OSError:
+            pass
+        self._inode = None
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._sock, selectors.EVENT_READ)
+            while not self._stop.is_set():
+                if not selector.select(timeout=0.2):
+                    continue
+                try:
+                    conn, _ = self._sock.accept()
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EINTR):
+                        log.warning("control socket accept failed: %s", exc)
+                        self._stop.wait(0.5)
+                    continue
+                self._spawn(conn)
+
+    def _spawn(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._clients = [t for t in self._clients if t.is_alive()]
+            if len(self._clients) >= MAX_CLIENTS:
+                busy = True
+            else:
+                busy = False
+                thread = threading.Thread(target=self._serve, args=(conn,),
+                                          name="tcprc-control-client", daemon=True)
+                self._clients.append(thread)
+        if busy:
+            try:
+                conn.settimeout(1.0)
+                conn.sendall(b"ERROR busy: too many control connections\n")
+            except OSError:
+                pass
+            conn.close()
+            return
+        thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        # A short poll interval lets close() end an idle connection quickly.
+        conn.settimeout(0.2)
+        buf = bytearray()
+        idle = 0.0
+        try:
+            while not self._stop.is_set():
+                try:
+                    chunk = conn.recv(4096)
+                except socket.timeout:
+                    idle += 0.2
+                    if idle >= self.client_timeout:
+                        return
+                    continue
+                idle = 0.0
+                if not chunk:
+                    return
+                buf += chunk
+                while True:
+                    end = buf.find(b"\n")
+                    if end < 0:
+                        break
+                    line, buf = bytes(buf[:end]), buf[end + 1:]
+                    if len(line) > MAX_LINE:
+                        self._send(conn, ["ERROR line too long (max %d bytes)" % MAX_LINE])
+                        return
+                    self._send(conn, self._answer(line))
+                if len(buf) > MAX_LINE:
+                    self._send(conn, ["ERROR line too long (max %d bytes)" % MAX_LINE])
+                    return
+        except OSError as exc:
+            log.debug("control connection ended: %s", exc)
+        finally:
+            conn.close()
+
+    def _answer(self, line: bytes) -> List[str]:
+        text = line.rstrip(b"\r").decode("utf-8", errors="replace")
+        answer = self.parser.execute(text)
+        return answer or ["ERROR empty command"]
+
+    @staticmethod
+    def _send(conn: socket.socket, lines: List[str]) -> None:
+        conn.settimeout(5.0)
+        conn.sendall("".join(line + "\n" for line in lines).encode("utf-8"))
+        conn.settimeout(0.2)
+
+
+# -- the client: tcprc ctl ---------------------------------------------------
+
+EXIT_OK, EXIT_ERROR, EXIT_NO_AGENT = 0, 1, 2
+
+
+def add_ctl_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        help="config file of the agent (for its [control] socket)")
+    parser.add_argument("--role", choices=("device", "server"), default="device",
+                        help="which agent's config to read (default: device)")
+    parser.add_argument("--socket", metavar="PATH", help="control socket path (overrides -c)")
+    parser.add_argument("--timeout", metavar="S", type=float, default=10.0,
+                        help="seconds to wait for the answer (default: 10)")
+    parser.add_argument("command", nargs="+", metavar="COMMAND",
+                        help="a command and its parameters, e.g. status")
+
+
+def socket_path(args: argparse.Namespace) -> str:
+    """--socket, else [control] socket of -c FILE (or of the role's defaults)."""
+    if args.socket:
+        return args.socket
+    cfg = load_config(args.config, args.role)
+    return cfg.control.socket
+
+
+def send_command(path: str, line: str, timeout: float) -> List[str]:
+    """One command, its answer lines; OSError/ConnectionError if nobody answers."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(line.encode("utf-8") + b"\n")
+        lines: List[str] = []
+        buf = bytearray()
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("the agent closed the connection without an answer")
+            buf += chunk
+            while b"\n" in buf:
+                end = buf.index(b"\n")
+                text = buf[:end].decode("utf-8", errors="replace")
+                del buf[:end + 1]
+                lines.append(text)
+                if text == "OK" or text.startswith("ERROR"):
+                    return lines
+
+
+def ctl_main(args: argparse.Namespace) -> int:
+    """`tcprc ctl`: 0 on OK, 1 on ERROR, 2 when no agent answers."""
+    try:
+        path = socket_path(args)
+    except ConfigError as exc:
+        print("tcprc ctl: %s" % exc, file=sys.stderr)
+        return EXIT_NO_AGENT
+    if not path:
+        print("tcprc ctl: no control socket configured ([control] socket is empty); "
+              "use --socket PATH", file=sys.stderr)
+        return EXIT_NO_AGENT
+    # Quote each word so `ctl TCPRemoteConnect ""` reaches the agent as typed.
+    line = " ".join(shlex.quote(word) for word in args.command)
+    try:
+        lines = send_command(path, line, args.timeout)
+    except socket.timeout:
+        print("tcprc ctl: no answer from the agent on %s within %gs" % (path, args.timeout),
+              file=sys.stderr)
+        return EXIT_NO_AGENT
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        print("tcprc ctl: no agent answers on %s: %s" % (path, reason), file=sys.stderr)
+        return EXIT_NO_AGENT
+    for text in lines:
+        print(text)
+    return EXIT_OK if lines[-1] == "OK" else EXIT_ERROR
+
+
+# -- the agent side: every channel of a config --------------------------------
+
+class Channels:
+    """The command channels of one agent; close() stops them all."""
+
+    def __init__(self) -> None:
+        self.items: List[Any] = []
+
+    def close(self) -> None:
+        for item in reversed(self.items):
+            try:
+                item.close()
+            except Exception:  # one channel's trouble must not keep the others open
+                log.exception("closing %r failed", item)
+        self.items = []
+
+
+def start_channels(parser: Any, cfg: Any, console_port: Optional[str] = None) -> Channels:
+    """Start the control socket and (device) serial console of `cfg`.
+
+    A channel that cannot start is logged and skipped: the tunnel matters more.
+    `console_port` (--console) overrides [console] port; the caller checks
+    pyserial for it beforehand (see console.serial_available).
+    """
+    channels = Channels()
+    path = cfg.control.socket
+    if path:
+        server = ControlServer(parser, path)
+        try:
+            server.start()
+            channels.items.append(server)
+        except ControlError as exc:
+            log.warning("%s; tcprc ctl will not reach this agent", exc)
+    if cfg.role == "device":
+        port = console_port or cfg.console.port
+        if port:
+            from . import console
+            if not console.serial_available():
+                log.error("[console] port %s ignored: %s", port, console.INSTALL_HINT)
+            else:
+                channel = console.SerialConsole(parser, port, cfg.console.baudrate,
+                                                cfg.console.echo, cfg.console.prompt)
+                channel.start()
+                channels.items.append(channel)
+    return channels
