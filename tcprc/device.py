@@ -236,6 +236,7 @@ class DeviceApp:
                 self._totals[0] += stats["bytes_sent"]
                 self._totals[1] += stats["bytes_received"]
                 self._link = None
+                self._state = "idle" if self._server is None or self._closing else "backoff"
                 up_for = time.monotonic() - (self._up_since or time.monotonic())
                 self._up_since = None
                 if link.end_reason and generation == self._generation and not self._closing:

@@ -426,7 +426,7 @@ class Link:
             for stream in list(self.streams.values()):
                 if stream.pending_bytes > limit and now - stream.last_progress > stall:
                     self.noisy.warning(
-                        "%s: client %d (%s) read nothing for %.0f s with %d bytes queued: closed",
+                        "%s: client %d (%s) read nothing for %g s with %d bytes queued: closed",
                         self.name, stream.id, stream.peer, stall, stream.pending_bytes)
                     self.close_stream(stream, "too slow")
             self._maybe_resume()

@@ -1,6 +1,7 @@
 """Shared test helpers: real sockets on 127.0.0.1, real threads and processes, no mocks."""
 
 import hashlib
+import logging
 import os
 import socket
 import struct
@@ -166,6 +167,12 @@ def pattern(count: int, seed: int = 7) -> bytes:
         block = hashlib.sha256(block).digest()
         out += block * 64
     return bytes(out[:count])
+
+
+@pytest.fixture(autouse=True)
+def _log_info(caplog):
+    """Capture tcprc's INFO lines too: uplink and client events are asserted on."""
+    caplog.set_level(logging.INFO, logger="tcprc")
 
 
 @pytest.fixture
