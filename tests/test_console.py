@@ -3,13 +3,15 @@
 import logging
 import os
 import select
+import signal
 import socket
+import subprocess
 import threading
 import time
 
 import pytest
 
-from conftest import Service, wait_for
+from conftest import ROOT, Service, tcprc_command, wait_for
 from tcprc.commands import CommandParser
 from tcprc.config import build_config
 from tcprc.console import LineEditor, SerialConsole, serial_available
@@ -341,3 +343,33 @@ def test_console_close_is_prompt_even_while_waiting_for_a_port(tmp_path):
     console.close()
     assert time.monotonic() - started < 2
     assert not any(t.name == "tcprc-console" for t in threading.enumerate())
+
+
+@needs_serial
+def test_agent_process_with_console_flag(tmp_path):
+    """`tcprc device --console PORT` as the init script would start it."""
+    config = tmp_path / "device.toml"
+    config.write_text('[control]\nsocket = ""\n[console]\nprompt = "gw17> "\n')
+    term = Terminal()
+    log = open(str(tmp_path / "agent.log"), "wb")
+    proc = subprocess.Popen(tcprc_command("device", "-c", str(config), "--console", term.path),
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        term.expect(b"gw17> ", timeout=15)
+        term.type(b"status\r\n")
+        out = term.expect(b"gw17> ")
+        assert b"state: idle\r\n" in out and out.endswith(b"OK\r\ngw17> ")
+        term.type(b"config set device.autostart maybe\r")
+        out = term.expect(b"gw17> ")
+        assert b"ERROR device.autostart must be true or false, got 'maybe'\r\n" in out
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(15) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+            log.close()
+            term.close()
+    assert b"Traceback" not in (tmp_path / "agent.log").read_bytes()
