@@ -32,10 +32,11 @@ _HELP: Dict[str, Tuple[str, str, Sequence[str]]] = {
     "tcpremoteconnect": (
         "TCPRemoteConnect [ServerAddress ServerPort [LocalAddress LocalPort]]",
         "start (or restart) the tunnel",
-        ("No parameters, or one empty string \"\": use device.server and device.local",
-         "from the configuration. Two: dial ServerAddress:ServerPort, target device.local.",
-         "Four: dial ServerAddress:ServerPort, target LocalAddress:LocalPort",
-         "(an empty LocalAddress \"\" means this device).",
+        ("No parameters, or one empty string \"\": use device.server and",
+         "device.local from the configuration.",
+         "Two: dial ServerAddress:ServerPort, clients go to device.local.",
+         "Four: dial ServerAddress:ServerPort, clients go to LocalAddress:LocalPort",
+         "(an empty LocalAddress \"\" means this device, 127.0.0.1).",
          "Example: TCPRemoteConnect 203.0.113.5 9000 127.0.0.1 22")),
     "tcpremotedisconnect": (
         "TCPRemoteDisconnect", "close the tunnel and all its streams, stay idle", ()),
@@ -91,8 +92,12 @@ def _format_status_value(key: str, value: Any) -> str:
         return "-"
     if key == "uptime" and isinstance(value, (int, float)):
         seconds = int(value)
-        return "%ds (%dd %02d:%02d:%02d)" % (seconds, seconds // 86400, seconds // 3600 % 24,
-                                              seconds // 60 % 60, seconds % 60)
+        if seconds < 60:
+            return "%ds" % seconds
+        clock = "%d:%02d:%02d" % (seconds // 3600 % 24, seconds // 60 % 60, seconds % 60)
+        if seconds >= 86400:
+            clock = "%dd %s" % (seconds // 86400, clock)
+        return "%ds (%s)" % (seconds, clock)
     return _one_line(value)
 
 
@@ -345,8 +350,10 @@ class CommandParser:
         names = [name for name in _HELP
                  if self.role == "device" or not name.startswith("tcpremote")]
         if not args:
-            width = max(len(_HELP[name][0]) for name in names)
-            lines = ["%-*s  %s" % (width, _HELP[name][0], _HELP[name][1]) for name in names]
+            # Two lines per command: fits an 80-column serial terminal.
+            lines = []
+            for name in names:
+                lines += [_HELP[name][0], "    " + _HELP[name][1]]
             return lines + ["Command names are case-insensitive; help COMMAND for details.", OK]
         name = args[0].lower()
         if name not in _HELP:

@@ -309,3 +309,18 @@ def test_config_save_recreates_a_deleted_file(agent, tmp_path):
     assert parser.execute("config save")[-1] == "OK"
     again = load_config(str(path), "device")
     assert again.device.server == "10.1.2.3:9000" and again.device.keepalive_idle == 99
+
+
+def test_help_fits_an_80_column_terminal(agent):
+    _, _, parser = agent()
+    for topic in ("", "tcpremoteconnect", "tcpremotedisconnect", "status", "config", "help"):
+        for line in parser.execute("help " + topic):
+            assert len(line) <= 80, line
+
+
+@pytest.mark.parametrize("seconds, text", [
+    (None, "-"), (0, "0s"), (59.9, "59s"), (3723.2, "3723s (1:02:03)"), (90061, "90061s (1d 1:01:01)"),
+])
+def test_uptime_reads_well(seconds, text):
+    from tcprc.commands import _format_status_value
+    assert _format_status_value("uptime", seconds) == text
