@@ -241,3 +241,54 @@ def port_accepts(address: HostPort) -> bool:
             return True
     except OSError:
         return False
+
+
+class Agents:
+    """tcprc processes started by a test, stopped (and checked) at its end."""
+
+    def __init__(self, tmp_path):
+        self.tmp = tmp_path
+        self.procs = []
+
+    def start(self, role, *args, config=""):
+        """Start `tcprc ROLE`; its log goes to a file (a full pipe would block it)."""
+        n = len(self.procs)
+        path = self.tmp / ("%s-%d.toml" % (role, n))
+        sock = self.tmp / ("%s-%d.sock" % (role, n))
+        path.write_text("[control]\nsocket = \"%s\"\n%s" % (sock, config))
+        log = open(str(self.tmp / ("%s-%d.log" % (role, n))), "w+")
+        proc = subprocess.Popen(tcprc_command(role, "-c", str(path), *args), cwd=ROOT,
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        proc.log_file = log
+        proc.control_socket = str(sock)
+        self.procs.append(proc)
+        return proc
+
+    @staticmethod
+    def log(proc) -> str:
+        with open(proc.log_file.name) as handle:
+            return handle.read()
+
+    def stop_all(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+            proc.log_file.close()
+
+
+@pytest.fixture
+def agents(tmp_path):
+    a = Agents(tmp_path)
+    yield a
+    a.stop_all()
+
+
+def start_tunnel(agents, target):
+    listen, host = free_port(), free_port()
+    server = agents.start("server", "--listen", "127.0.0.1:%d" % listen, "--host", "127.0.0.1:%d" % host)
+    wait_for(lambda: port_accepts(("127.0.0.1", listen)) or server.poll() is not None, what="server up")
+    device = agents.start("device", "--server", "127.0.0.1:%d" % listen, "--local", "%s:%d" % target)
+    wait_for(lambda: port_accepts(("127.0.0.1", host)) or device.poll() is not None, what="host port")
+    assert server.poll() is None and device.poll() is None
+    return server, device, ("127.0.0.1", host)
