@@ -248,7 +248,10 @@ def send_command(path: str, line: str, timeout: float) -> List[str]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
-        sock.sendall(line.encode("utf-8") + b"\n")
+        try:
+            sock.sendall(line.encode("utf-8") + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass   # refused before it read us (busy): its answer is still there to read
         lines: List[str] = []
         buf = bytearray()
         while True:
