@@ -223,13 +223,23 @@ class ControlServer:
 EXIT_OK, EXIT_ERROR, EXIT_NO_AGENT = 0, 1, 2
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError("expected seconds between 0 and 3600, got %r" % text)
+    return value
+
+
 def add_ctl_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", metavar="FILE",
                         help="config file of the agent (for its [control] socket)")
     parser.add_argument("--role", choices=("device", "server"), default="device",
                         help="which agent's config to read (default: device)")
     parser.add_argument("--socket", metavar="PATH", help="control socket path (overrides -c)")
-    parser.add_argument("--timeout", metavar="S", type=float, default=10.0,
+    parser.add_argument("--timeout", metavar="S", type=_seconds, default=10.0,
                         help="seconds to wait for the answer (default: 10)")
     parser.add_argument("command", nargs="+", metavar="COMMAND",
                         help="a command and its parameters, e.g. status")

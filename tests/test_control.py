@@ -375,3 +375,18 @@ def test_python38_compatible_imports():
     if "No module named 'tomli'" in result.stderr:
         pytest.skip("Python 3.8 here lacks tomli")
     assert result.returncode == 0, result.stderr
+
+
+def test_ctl_gives_up_on_an_agent_that_never_answers(tmp_path):
+    path = str(tmp_path / "mute.sock")
+    mute = socket.socket(socket.AF_UNIX)
+    mute.bind(path)
+    mute.listen(1)                       # accepts (in the backlog), never answers
+    try:
+        result = run_tcprc("ctl", "--socket", path, "--timeout", "0.5", "status")
+        assert result.returncode == 2
+        assert result.stderr == "tcprc ctl: no answer from the agent on %s within 0.5s\n" % path
+    finally:
+        mute.close()
+    bad = run_tcprc("ctl", "--socket", path, "--timeout", "0", "status")
+    assert bad.returncode == 2 and "--timeout" in bad.stderr
