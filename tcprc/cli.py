@@ -2,12 +2,11 @@
 
 import argparse
 import logging
-import signal
 import sys
 import threading
 from typing import Any, List, Optional
 
-from . import __version__
+from . import __version__, daemon
 from .config import Config, ConfigError, load_config, with_overrides
 
 # Pump threads copy bytes; they never recurse deeply.  A small stack keeps
@@ -33,12 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     device.add_argument("--local", metavar="ADDR:PORT", help="LocalAddress:LocalPort of the service")
     device.add_argument("--console", metavar="PORT",
                         help="serial console on PORT (/dev/ttyS0, a pty or a pyserial URL)")
+    add_service_arguments(device)
     device.set_defaults(func=lambda args: run_agent("device", args))
 
     server = sub.add_parser("server", help="run the server side (devices dial in, clients connect)")
     server.add_argument("-c", "--config", metavar="FILE", help="TOML config (see etc/tcprc-server.toml)")
     server.add_argument("--listen", metavar="ADDR:PORT", help="ServerAddress:ServerPort for device uplinks")
     server.add_argument("--host", metavar="ADDR:PORT", help="HostAddress:HostPort for clients")
+    add_service_arguments(server)
     server.set_defaults(func=lambda args: run_agent("server", args))
 
     ctl = sub.add_parser("ctl", help="send one command to the running agent (exit 0 OK, 1 ERROR, "
@@ -65,14 +66,11 @@ def load_role_config(role: str, args: argparse.Namespace) -> Config:
     return with_overrides(cfg, overrides) if overrides else cfg
 
 
-def setup_logging(cfg: Config) -> None:
-    level = getattr(logging, cfg.log.level.upper())
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("tcprc")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
+def add_service_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--daemon", action="store_true",
+                        help="detach; log to syslog unless [log] target says otherwise")
+    parser.add_argument("--pidfile", metavar="FILE",
+                        help="write and lock FILE; refuse to start while another agent holds it")
 
 
 def make_app(cfg: Config) -> Any:
@@ -95,26 +93,27 @@ def run_agent(role: str, args: argparse.Namespace) -> int:
         if not serial_available():
             print("tcprc: --console: %s" % INSTALL_HINT, file=sys.stderr)
             return 2
-    setup_logging(cfg)
+    service = daemon.Service(args, cfg)   # detach, [log], pidfile, signals
+    if not service.start():
+        return service.status
     threading.stack_size(WORKER_STACK)
     stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
     app = make_app(cfg)
     try:
         app.start()
     except OSError as exc:
-        print("tcprc: cannot start the %s: %s" % (role, exc.strerror or exc), file=sys.stderr)
-        return 1
+        service.stop()
+        return service.fail("tcprc: cannot start the %s: %s" % (role, exc.strerror or exc))
     from .commands import CommandParser
     from .control import start_channels
     channels = start_channels(CommandParser(app, cfg), cfg, console_port)
+    service.ready()
     try:
-        while not stop.wait(1.0):
-            pass
+        service.wait(stop, lambda: service.reload(lambda: load_role_config(role, args), app))
     finally:
+        app.close()        # streams, then uplinks
         channels.close()
-        app.close()
+        service.stop()     # the pidfile last
     logging.getLogger("tcprc").info("stopped")
     return 0
 
