@@ -235,6 +235,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def listening(port: int) -> bool:
+    """A socket LISTENs on `port`, seen in /proc without connecting.
+
+    Probing by connecting would be a client to whatever is behind the port:
+    iperf3's server, for one, then stays busy with the probe's "test".
+    """
+    needle = ":%04X " % port
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as handle:
+                for line in handle:
+                    fields = line.split()
+                    if len(fields) > 3 and (fields[1] + " ").endswith(needle) and fields[3] == "0A":
+                        return True
+        except OSError:
+            continue
+    return False
+
+
 def port_accepts(address: HostPort) -> bool:
     try:
         with socket.create_connection(address, timeout=0.5):
@@ -287,8 +306,8 @@ def agents(tmp_path):
 def start_tunnel(agents, target):
     listen, host = free_port(), free_port()
     server = agents.start("server", "--listen", "127.0.0.1:%d" % listen, "--host", "127.0.0.1:%d" % host)
-    wait_for(lambda: port_accepts(("127.0.0.1", listen)) or server.poll() is not None, what="server up")
+    wait_for(lambda: listening(listen) or server.poll() is not None, what="server up")
     device = agents.start("device", "--server", "127.0.0.1:%d" % listen, "--local", "%s:%d" % target)
-    wait_for(lambda: port_accepts(("127.0.0.1", host)) or device.poll() is not None, what="host port")
+    wait_for(lambda: listening(host) or device.poll() is not None, what="host port")
     assert server.poll() is None and device.poll() is None
     return server, device, ("127.0.0.1", host)

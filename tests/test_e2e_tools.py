@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import free_port, port_accepts, start_tunnel, wait_for
+from conftest import free_port, listening, start_tunnel, wait_for
 
 
 def need(*tools):
@@ -47,7 +47,7 @@ def test_curl_fetches_a_large_file_through_the_tunnel(tmp_path, agents, backgrou
     (tmp_path / "big.bin").write_bytes(data)
     port = free_port()
     background([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=str(tmp_path))
-    wait_for(lambda: port_accepts(("127.0.0.1", port)), what="http.server")
+    wait_for(lambda: listening(port), what="http.server")
     _, _, host = start_tunnel(agents, ("127.0.0.1", port))
     out = tmp_path / "fetched.bin"
     for _ in range(3):   # a few times: each is a new client, opened and closed
@@ -78,7 +78,7 @@ def sshd(tmp_path, background):
         "UsePAM no", "StrictModes no", "PasswordAuthentication no", "PermitRootLogin prohibit-password",
         "KbdInteractiveAuthentication no", ""]))
     background([sshd_bin, "-D", "-e", "-f", str(config)])
-    wait_for(lambda: port_accepts(("127.0.0.1", port)), what="sshd")
+    wait_for(lambda: listening(port), what="sshd")
     return port, user_key
 
 
@@ -102,7 +102,7 @@ def test_iperf3_through_the_tunnel(agents, background, reverse):
     need("iperf3")
     port = free_port()
     background(["iperf3", "-s", "-p", str(port), "-B", "127.0.0.1"])
-    wait_for(lambda: port_accepts(("127.0.0.1", port)), what="iperf3 server")
+    wait_for(lambda: listening(port), what="iperf3 server")
     _, _, host = start_tunnel(agents, ("127.0.0.1", port))
     cmd = ["iperf3", "-c", "127.0.0.1", "-p", str(host[1]), "-t", "2", "-P", "2", "-J"]
     if reverse:
