@@ -113,8 +113,8 @@ class Gateway:
         self.conf.write_text(head + extra + '[control]\nsocket = "%s"\n[log]\nlevel = "%s"\ntarget = "%s"\n'
                              % (self.ctl_socket, level, self.log))
 
-    def init(self, action, shell="dash", env=None, timeout=30):
-        argv = shell_argv(shell) + [str(INIT), action]
+    def init(self, action, shell="dash", env=None, timeout=30, script=INIT):
+        argv = shell_argv(shell) + [str(script), action]
         return subprocess.run(argv, env=dict(self.env, **(env or {})), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, universal_newlines=True, timeout=timeout)
 
@@ -291,13 +291,35 @@ def test_ssd_can_be_turned_off(tmp_path, request):
 
 def test_opts_and_role_reach_the_agent(tmp_path, request):
     gw = make_gateway(tmp_path, request, role="server")
+    # A copy named tcprc-server runs the server role without TCPRC_ROLE.
+    del gw.env["TCPRC_ROLE"]
+    script = tmp_path / "tcprc-server"
+    shutil.copy(str(INIT), str(script))
     listen = gw.conf.read_text().split('listen = "127.0.0.1:')[1].split('"')[0]
     uplink_port = free_port()
-    res = gw.init("start", env={"TCPRC_OPTS": "--listen 127.0.0.1:%d" % uplink_port})
+    res = gw.init("start", env={"TCPRC_OPTS": "--listen 127.0.0.1:%d" % uplink_port}, script=script)
     assert res.returncode == 0, res.stdout
+    assert res.stdout.startswith("tcprc-server: started")
     # The flag wins over the file: the server listens on the TCPRC_OPTS port.
     with socket.create_connection(("127.0.0.1", uplink_port), timeout=5):
         pass
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", int(listen)), timeout=5).close()
-    assert gw.init("stop").returncode == 0
+    assert gw.init("stop", script=script).returncode == 0
+    assert gw.agents() == []
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+@pytest.mark.parametrize("unit,role", [("tcprc.service", "device"), ("tcprc-server.service", "server")])
+def test_systemd_units_verify(tmp_path, unit, role):
+    text = (REPO / "etc" / "systemd" / unit).read_text()
+    lines = text.splitlines()
+    assert "Restart=on-failure" in lines and "NoNewPrivileges=yes" in lines
+    assert "ProtectSystem=strict" in lines and "ExecReload=/bin/kill -HUP $MAINPID" in lines
+    start = [l for l in lines if l.startswith("ExecStart=")]
+    assert start == ["ExecStart=/usr/bin/tcprc %s -c ${TCPRC_CONF} $TCPRC_OPTS" % role]   # foreground
+    # verify wants an existing ExecStart binary: point it at this Python.
+    (tmp_path / unit).write_text(text.replace("/usr/bin/tcprc", sys.executable))
+    res = subprocess.run(["systemd-analyze", "verify", str(tmp_path / unit)], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
+    assert res.returncode == 0 and res.stdout == "", res.stdout
