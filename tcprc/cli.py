@@ -106,10 +106,17 @@ def run_agent(role: str, args: argparse.Namespace) -> int:
         return service.fail("tcprc: cannot start the %s: %s" % (role, exc.strerror or exc))
     from .commands import CommandParser
     from .control import start_channels
-    channels = start_channels(CommandParser(app, cfg), cfg, console_port)
+    commands = CommandParser(app, cfg)
+    channels = start_channels(commands, cfg, console_port)
     service.ready()
+
+    def reload() -> None:
+        service.reload(lambda: load_role_config(role, args), app)
+        if service.cfg is not commands.cfg:   # reloaded: config get/save see the new file
+            commands.set_config(service.cfg)
+
     try:
-        service.wait(stop, lambda: service.reload(lambda: load_role_config(role, args), app))
+        service.wait(stop, reload)
     finally:
         app.close()        # streams, then uplinks
         channels.close()

@@ -390,3 +390,16 @@ def test_ctl_gives_up_on_an_agent_that_never_answers(tmp_path):
         mute.close()
     bad = run_tcprc("ctl", "--socket", path, "--timeout", "0", "status")
     assert bad.returncode == 2 and "--timeout" in bad.stderr
+
+
+def test_sighup_reload_is_what_config_get_shows(agents, tmp_path):
+    agent = agents("device", tmp_path, "[device]\nautostart = false\nkeepalive_idle = 30\n")
+    assert agent.ctl("config", "set", "device.keepalive_idle", "99").returncode == 0
+    path = tmp_path / "device.toml"
+    path.write_text(path.read_text().replace("keepalive_idle = 30", "keepalive_idle = 77"))
+    agent.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: agent.ctl("config", "get", "device.keepalive_idle").stdout
+             == "device.keepalive_idle = 77\nOK\n", what="the reloaded value")
+    # The unsaved `config set` was dropped with the old config: saving now keeps 77.
+    assert agent.ctl("config", "save").returncode == 0
+    assert "keepalive_idle = 77" in path.read_text()
