@@ -350,6 +350,23 @@ class Signals:
             stop_event.wait(self.TICK)
 
 
+def log_uncaught(logger: logging.Logger) -> None:
+    """Send uncaught exceptions (main and worker threads) to the log: detached,
+    stderr is /dev/null and a crash would otherwise leave no trace."""
+    def main_hook(exc_type, exc, tb):
+        logger.critical("unexpected error, exiting", exc_info=(exc_type, exc, tb))
+
+    def thread_hook(args):
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        logger.critical("thread %s: unexpected error", name,
+                        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    sys.excepthook = main_hook
+    threading.excepthook = thread_hook
+
+
 class Service:
     """How one agent runs as a service: --daemon, --pidfile, [log] and signals.
 
@@ -375,6 +392,7 @@ class Service:
         self.signals.install()   # before the slow part: a HUP must not kill us
         if self.detach:
             self.report = detach()
+            log_uncaught(self.log)
         try:
             setup_logging(self.cfg.log.level, self.cfg.log.target, self.detach)
         except OSError as exc:

@@ -133,6 +133,31 @@ def test_setup_logging_file_level_and_reconfigure(tmp_path):
     assert "now visible" in two and "still here" in two and "uplink up" not in two
 
 
+def test_uncaught_errors_reach_the_log():
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("tcprc.test.crash")
+    logger.addHandler(handler)
+    logger.propagate = False
+    saved = sys.excepthook, threading.excepthook
+    try:
+        daemon.log_uncaught(logger)
+        worker = threading.Thread(target=lambda: 1 / 0, name="pump-7")
+        worker.start()
+        worker.join(5)
+        try:
+            raise KeyError("lost")
+        except KeyError:
+            sys.excepthook(*sys.exc_info())
+    finally:
+        sys.excepthook, threading.excepthook = saved
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["thread pump-7: unexpected error",
+                                                 "unexpected error, exiting"]
+    assert records[0].exc_info[0] is ZeroDivisionError and records[1].exc_info[0] is KeyError
+
+
 # -- the real agent
 
 def tcprc(*args, **kwargs):
