@@ -315,10 +315,12 @@ class Signals:
     """SIGTERM/SIGINT ask to stop, SIGHUP to reload.
 
     The handlers only set flags: locks, logging and I/O are not safe inside a
-    handler. wait() in the main thread turns the flags into actions.
+    handler. wait() in the main thread turns the flags into actions; it sleeps
+    in select() on the signal wakeup fd, so a signal acts at once and an idle
+    agent wakes only once per TICK (to see a stop_event set by a thread).
     """
 
-    TICK = 0.2   # worst-case delay between a signal and its action
+    TICK = 1.0
 
     def __init__(self) -> None:
         self.stop_requested = False
@@ -339,15 +341,29 @@ class Signals:
 
     def wait(self, stop_event: threading.Event, on_reload: Callable[[], None]) -> None:
         """Run until a stop signal or until another channel sets stop_event."""
-        while not stop_event.is_set():
-            if self.stop_requested:
-                stop_event.set()
-                break
-            if self.reload_requested:
-                self.reload_requested = False
-                on_reload()
-                continue
-            stop_event.wait(self.TICK)
+        # Made here, not in install(): detach() closes every inherited fd.
+        rfd, wfd = os.pipe()
+        os.set_blocking(rfd, False)
+        os.set_blocking(wfd, False)
+        previous = signal.set_wakeup_fd(wfd)
+        try:
+            while not stop_event.is_set():
+                if self.stop_requested:
+                    stop_event.set()
+                    break
+                if self.reload_requested:
+                    self.reload_requested = False
+                    on_reload()
+                    continue
+                if select.select([rfd], [], [], self.TICK)[0]:
+                    try:
+                        os.read(rfd, 512)
+                    except BlockingIOError:
+                        pass
+        finally:
+            signal.set_wakeup_fd(previous)
+            os.close(rfd)
+            os.close(wfd)
 
 
 def log_uncaught(logger: logging.Logger) -> None:
