@@ -22,12 +22,13 @@ class ConfigError(Exception):
 
 
 def _hostport(allow_empty: bool, bind: bool = False) -> Callable[[Any], Optional[str]]:
-    """ADDR:PORT; `bind` admits port 0 (any free port) for addresses we listen on."""
+    """ADDR:PORT.  Addresses we listen on (`bind`) may omit the host (all
+    interfaces) and use port 0 (any free port); addresses we dial may not."""
     def check(value: Any) -> Optional[str]:
         if value == "" and allow_empty:
             return None
         try:
-            parse_hostport(value, allow_zero_port=bind)
+            parse_hostport(value, allow_empty_host=bind, allow_zero_port=bind)
         except ValueError as exc:
             return str(exc)
         return None
@@ -58,6 +59,13 @@ def _one_of(*choices: str) -> Callable[[Any], Optional[str]]:
             return "must be one of %s, got %r" % (", ".join(choices), value)
         return None
     return check
+
+
+def _wire_address(value: Any) -> Optional[str]:
+    """CONNECT carries the address as ASCII; anything else would be refused by the device."""
+    if not all(33 <= ord(c) < 127 for c in value) or len(value) > 255:
+        return "must be ASCII without spaces, at most 255 characters, got %r" % value
+    return None
 
 
 def _log_target(value: Any) -> Optional[str]:
@@ -117,7 +125,7 @@ SCHEMA: Dict[str, Dict[str, Dict[str, Key]]] = {
             "listen_timeout": Key(float, 10.0, _between(0.1, 3600), "seconds a new uplink may take to send LISTEN"),
             "max_pending": Key(int, 64, _between(1, 4096), "uplinks allowed to wait for their LISTEN at once"),
             "takeover": Key(bool, True, None, "a newer LISTEN replaces the live uplink (false: refuse the newcomer)"),
-            "connect_address": Key(str, "", None, "address sent in CONNECT; empty: the device's own target"),
+            "connect_address": Key(str, "", _wire_address, "address sent in CONNECT; empty: the device's own target"),
             "connect_port": Key(int, 23, _between(0, 65535), "port sent in CONNECT"),
         }, **_LINK_KEYS),
         "control": {

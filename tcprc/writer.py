@@ -50,9 +50,10 @@ class FrameWriter:
                 self._flush_queued_blocking()
                 if still_wanted is not None and not still_wanted():
                     return False
-                self._send_all(head, payload)
+                # Counted first, so a status never lags bytes the peer already has.
                 if command == protocol.DATA:
                     self.bytes_sent += len(payload)
+                self._send_all(head, payload)
                 # Frames queued while we held the lock would otherwise wait.
                 self._flush_queued_blocking()
             except OSError as exc:

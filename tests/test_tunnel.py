@@ -142,7 +142,7 @@ def test_uplink_loss_on_device_side_closes_client_sockets(service):
         conn.close()
         wait_for(lambda: not service.open, what="service sockets closed")
         wait_for(lambda: tunnel.server.host_address is None, what="host port closed")
-        assert tunnel.device.status()["state"] == "idle"
+        wait_for(lambda: tunnel.device.status()["state"] == "idle", what="device idle")
     finally:
         tunnel.close()
 
