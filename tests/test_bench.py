@@ -1,0 +1,95 @@
+"""Smoke test of scripts/bench: tiny sizes, real processes, sane JSON.
+
+Not a measurement: it checks that every variant that is installed runs end to
+end, that the numbers are plausible, and that a missing peer is skipped.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(REPO, "scripts", "bench")
+
+SMALL = ["--quick", "--json", "--seconds", "0.3", "--rounds", "100", "--conn-seconds", "0.3",
+         "--streams", "10"]
+
+
+def run_bench(args, env=None, timeout=90):
+    proc = subprocess.run([sys.executable, BENCH] + args, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=timeout, env=env)
+    return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+
+
+def check_variant(name, r):
+    for key in ("tput_1_gbps", "tput_4_gbps", "tput_1_rev_gbps"):
+        assert 0.001 < r[key] < 1000, (name, key, r[key])
+    assert 0 < r["latency_p50_us"] <= r["latency_p99_us"] < 1e6, (name, r)
+    assert r["conn_per_s"] > 1 and r["conn_errors"] == 0, (name, r)
+    if name == "direct":
+        assert "device_rss_idle_kb" not in r
+        return
+    assert r["device_cpu_s_per_gb"] >= 0
+    assert 500 < r["device_rss_idle_kb"] < 1024 * 1024, (name, r)
+    assert r["device_rss_busy_kb"] >= r["device_rss_idle_kb"] - 1024
+    assert r["device_threads_idle"] >= 1
+    # Whatever the streams cost, it is gone once they closed.
+    assert r["device_threads_after"] <= r["device_threads_idle"]
+
+
+def test_every_installed_variant_runs_with_the_builtin_generator():
+    code, out, err = run_bench(SMALL + ["--no-iperf3"])
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["bulk_tool"] == "built-in generator"
+    assert set(report["ran"]) | set(report["skipped"]) == {"direct", "socat", "ssh", "tcprc"}
+    assert "direct" in report["ran"] and "tcprc" in report["ran"], report["errors"]
+    for name in report["skipped"]:
+        assert "skipping" in err and name in report["skipped"]
+    for name in report["ran"]:
+        check_variant(name, report["results"][name])
+    assert report["settings"]["streams"] == 10
+    assert {"date", "machine", "cpu", "cores"} <= set(report["machine"])
+    ratio = report["ratios"]["tcprc/direct"]["tput_1_gbps"]
+    assert ratio == pytest.approx(report["results"]["tcprc"]["tput_1_gbps"]
+                                  / report["results"]["direct"]["tput_1_gbps"])
+    names = {t["target"] for t in report["targets"]}
+    assert "device RSS idle <= 15 MB (KB)" in names
+    for t in report["targets"]:
+        assert isinstance(t["ok"], bool) and isinstance(t["value"], (int, float))
+
+
+@pytest.mark.skipif(not shutil.which("iperf3"), reason="iperf3 is not installed")
+def test_tcprc_with_iperf3_and_the_text_table():
+    code, out, err = run_bench(["--quick", "--only", "direct,tcprc", "--rounds", "50",
+                                "--conn-seconds", "0.2", "--streams", "5"])
+    assert code == 0, err
+    assert "bulk traffic: iperf3" in out
+    assert "| throughput 1 stream (Gbit/s)" in out and "tcprc / direct" in out
+    row = [line for line in out.splitlines() if line.startswith("| throughput 1 stream (Gbit/s)")][0]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[1]) > 0 and float(cells[2]) > 0 and cells[3].endswith("x")
+
+
+def test_a_missing_peer_is_skipped_with_a_line():
+    # A PATH with only the interpreter: no socat, no ssh, no iperf3.
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable))
+    code, out, err = run_bench(SMALL + ["--only", "direct,socat,ssh"], env=env)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["ran"] == ["direct"]
+    assert "socat is not installed" in report["skipped"]["socat"]
+    assert "is not installed" in report["skipped"]["ssh"]
+    assert "skipping socat relay: socat is not installed" in err
+    assert "iperf3 is not installed: using the built-in generator" in err
+    check_variant("direct", report["results"]["direct"])
+
+
+def test_unknown_variant_is_one_line_and_exit_2():
+    code, out, err = run_bench(["--only", "direct,telnet"])
+    assert code == 2
+    assert err.strip().splitlines() == ["bench: unknown variant telnet (choose from direct, socat, ssh, tcprc)"]
