@@ -25,6 +25,7 @@ from .pump import Stream, run_pump
 from .writer import FrameWriter
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+_TCP_CLOSE = 7   # tcpi_state of a connection the kernel tore down (linux/tcp_states.h)
 
 # How long a stream closed by the peer may take to hand its last bytes to a
 # client and see it hang up, before it is cut.
@@ -66,6 +67,10 @@ def tune_uplink_socket(sock: socket.socket, settings: Any) -> None:
     seconds = float(settings.send_timeout)
     timeval = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    # Keepalive only probes an idle connection; data left unacknowledged this
+    # long (a dead peer behind NAT) makes the kernel drop the uplink too.
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(seconds * 1000))
 
 
 def _shutdown_quietly(sock: socket.socket) -> None:
@@ -202,7 +207,7 @@ class Link:
             return
         if not count:
             partial = self.frames.incomplete_frame()
-            self.fail("closed by peer" + (" in the middle of a frame (%s)" % partial if partial else ""))
+            self.fail(self._eof_reason() + (" in the middle of a frame (%s)" % partial if partial else ""))
             return
         self.frames.filled(count)
         dispatch = self._dispatch
@@ -215,6 +220,21 @@ class Link:
                 handler(client_id, payload)
             if self.end_reason:
                 return
+
+    def _eof_reason(self) -> str:
+        """Why reading the uplink gave EOF: a FIN from the peer, or a dead connection.
+
+        The kernel reports a timed-out or reset connection to one call only;
+        when a pump's send took it, the socket state still tells: CLOSE_WAIT
+        after the peer's FIN, CLOSE after an abort.
+        """
+        if self.writer.error:
+            return "uplink write failed: %s" % self.writer.error
+        try:
+            state = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        except (AttributeError, OSError, IndexError):
+            return "closed by peer"
+        return "connection lost (reset or timed out)" if state == _TCP_CLOSE else "closed by peer"
 
     def _on_uplink_writable(self) -> None:
         self._flush_control()

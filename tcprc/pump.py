@@ -130,8 +130,12 @@ def run_pump(stream: Stream, writer: FrameWriter, link: "Link",
             writer.send(protocol.CLOSE, stream.id, memoryview(b""))
         else:
             reason = ""   # the link or the peer closed it and said why
-    except UplinkClosed:
+    except UplinkClosed as exc:
         reason = "uplink closed"
+        if str(exc):
+            # A send failed (peer gone, or stuck past send_timeout): the uplink is
+            # dead even if reading it has not shown it yet.
+            link.stop("uplink write failed: %s" % exc)
     except OSError as exc:
         reason = "local socket error: %s" % (exc.strerror or exc)
         try:

@@ -32,6 +32,7 @@ class FrameWriter:
         self._lock = threading.Lock()
         self._queued: Deque[memoryview] = deque()  # control frames; head may be partly sent
         self.closed = False
+        self.error = ""                           # why a send failed, for the log
         self.bytes_sent = 0                       # DATA payload bytes
 
     # ---- worker threads ---------------------------------------------------------
@@ -58,7 +59,11 @@ class FrameWriter:
                 self._flush_queued_blocking()
             except OSError as exc:
                 self.closed = True
-                raise UplinkClosed(str(exc)) from exc
+                if isinstance(exc, BlockingIOError):   # SO_SNDTIMEO ran out
+                    self.error = "no progress for the send timeout"
+                else:
+                    self.error = exc.strerror or str(exc)
+                raise UplinkClosed(self.error) from exc
         return True
 
     def _send_all(self, head: bytes, payload: memoryview) -> None:

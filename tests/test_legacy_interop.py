@@ -404,3 +404,29 @@ def test_server_skips_unknown_commands_and_ignores_unexpected_ones(server, caplo
     assert recv_exactly(client, 2) == b"ok"
     assert "skipped unknown command 200" in caplog.text
     client.close()
+
+
+def test_device_drops_an_uplink_whose_server_stops_reading(legacy_server, caplog):
+    """A server that never reads: the pumps' sends stall; after send_timeout the
+    device gives the uplink up and dials again, rather than hanging forever."""
+    source = Service("source")
+    app = DeviceApp(settings("device", server=legacy_server.address, local="%s:%d" % source.address,
+                             send_timeout=1.0, reconnect_min=0.05, reconnect_max=0.2))
+    app.start()
+    try:
+        peer = legacy_server.accept()
+        peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        peer.expect(bytes.fromhex("00000400"))
+        peer.send(CONNECT, 1, protocol.encode_connect_payload("", 0))
+        peer.send(DATA, 1, struct.pack("!Q", 256 << 20))   # then never read again
+        again = legacy_server.accept()
+        again.expect(bytes.fromhex("00000400"))
+        # SO_SNDTIMEO or TCP_USER_TIMEOUT, whichever the kernel applies first.
+        wait_for(lambda: "uplink closed: uplink write failed: " in caplog.text
+                 or "uplink closed: connection lost (reset or timed out)" in caplog.text,
+                 what="the log line")
+        assert "closed by peer" not in caplog.text
+        peer.close()
+    finally:
+        app.close()
+        source.close()
