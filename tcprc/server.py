@@ -12,7 +12,6 @@ newcomer instead.
 import logging
 import socket
 import threading
-import time
 from typing import Any, Dict, Optional, Set, Tuple
 
 from . import protocol

@@ -15,7 +15,8 @@ import time
 import pytest
 
 from tcprc import daemon, protocol
-from test_initscript import REPO, alive, free_port, poll
+from conftest import free_port, wait_for
+from test_initscript import REPO, alive
 
 
 # -- PidFile, in process (flock conflicts between two opens of one process too)
@@ -236,7 +237,7 @@ def test_daemon_detaches_and_second_instance_refuses(agent):
     assert os.readlink("/proc/%d/cwd" % pid) == "/"
     for fd in (0, 1, 2):
         assert os.readlink("/proc/%d/fd/%d" % (pid, fd)) == "/dev/null"
-    poll(lambda: "device agent running (pid %d, detached)" % pid in agent.log_text())
+    wait_for(lambda: "device agent running (pid %d, detached)" % pid in agent.log_text())
 
     res = agent.start()
     assert res.returncode == 1
@@ -245,7 +246,7 @@ def test_daemon_detaches_and_second_instance_refuses(agent):
 
     began = time.monotonic()
     os.kill(pid, signal.SIGTERM)
-    poll(lambda: not alive(pid), timeout=2.0)
+    wait_for(lambda: not alive(pid), timeout=2.0)
     assert time.monotonic() - began < 2.0
     assert not agent.pidfile.exists()
     assert "signal 15: stopping" in agent.log_text()
@@ -289,7 +290,7 @@ def test_foreground_stops_on_signal_with_exit_0(tmp_path, signum):
     pidfile = tmp_path / "fg.pid"
     proc = spawn("device", "-c", str(conf), "--pidfile", str(pidfile))
     try:
-        poll(lambda: daemon.read_pid(str(pidfile)) == proc.pid)
+        wait_for(lambda: daemon.read_pid(str(pidfile)) == proc.pid)
         second = tcprc("device", "-c", str(conf), "--pidfile", str(pidfile))
         assert second.returncode == 1
         assert second.stderr.strip().endswith("already running (pid %d)" % proc.pid), second.stderr
@@ -413,14 +414,14 @@ def test_sighup_reloads_keeps_streams_and_survives_a_broken_config(agent, echo):
         # Same tunnel settings (only the log level differs): the stream lives on.
         agent.write('[device]\nserver = "%s"\nlocal = "%s"\n' % (first.address, local), level="debug")
         os.kill(pid, signal.SIGHUP)
-        poll(lambda: "reloaded %s" % agent.conf in agent.log_text())
+        wait_for(lambda: "reloaded %s" % agent.conf in agent.log_text())
         assert round_trip(uplink, b"after reload") == b"after reload"
         assert not first.pending(0.3)
 
         # A broken file: one line in the log, old config kept, stream alive.
         agent.conf.write_text('[device]\nserver = "%s"\nlocal = 42\n' % second.address)
         os.kill(pid, signal.SIGHUP)
-        line = poll(lambda: [l for l in agent.log_text().splitlines() if "reload failed" in l])
+        line = wait_for(lambda: [l for l in agent.log_text().splitlines() if "reload failed" in l])
         assert len(line) == 1
         assert "keeping the running config: %s: [device] local" % agent.conf in line[0]
         assert round_trip(uplink, b"still here") == b"still here"
@@ -435,7 +436,7 @@ def test_sighup_reloads_keeps_streams_and_survives_a_broken_config(agent, echo):
         # SIGTERM with an open stream: gone within 2 s, pidfile removed.
         began = time.monotonic()
         os.kill(pid, signal.SIGTERM)
-        poll(lambda: not alive(pid), timeout=2.0)
+        wait_for(lambda: not alive(pid), timeout=2.0)
         assert time.monotonic() - began < 2.0
         assert not agent.pidfile.exists()
         uplink.close()

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port, wait_for
+
 REPO = Path(__file__).resolve().parent.parent
 INIT = REPO / "etc" / "init.d" / "tcprc"
 WATCHDOG = REPO / "scripts" / "tcprc-watchdog"
@@ -31,18 +33,6 @@ def shell_argv(name):
     return argv
 
 
-def poll(condition, timeout=10.0, interval=0.02):
-    """The condition's first true value, or AssertionError after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met within %.1f s" % timeout)
-        time.sleep(interval)
-
-
 def alive(pid):
     """True for a running process; a zombie (nobody reaps in here) is dead."""
     try:
@@ -51,12 +41,6 @@ def alive(pid):
     except (OSError, IndexError):
         return False
     return state not in ("Z", "X")
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Gateway:
@@ -218,7 +202,7 @@ def test_start_takes_over_after_kill9(gateway):
     assert gateway.init("start").returncode == 0
     old = gateway.pid()
     os.kill(old, signal.SIGKILL)
-    poll(lambda: not alive(old))
+    wait_for(lambda: not alive(old))
     res = gateway.init("status")
     assert res.returncode == 1 and "dead" in res.stdout, res.stdout
     res = gateway.init("start")
@@ -234,7 +218,7 @@ def test_restart_and_reload(gateway):
     gateway.write_config(level="debug")
     res = gateway.init("reload")
     assert res.returncode == 0, res.stdout
-    poll(lambda: "reloaded %s" % gateway.conf in gateway.log_text())
+    wait_for(lambda: "reloaded %s" % gateway.conf in gateway.log_text())
     assert gateway.agents() == [old]
     res = gateway.init("restart")
     assert res.returncode == 0, res.stdout

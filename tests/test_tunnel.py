@@ -6,7 +6,6 @@ import resource
 import socket
 import struct
 import threading
-import time
 
 import pytest
 

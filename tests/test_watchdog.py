@@ -4,21 +4,13 @@ import fcntl
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
 
-from test_initscript import REPO, WATCHDOG, Gateway, alive, poll, shell_argv
+from conftest import wait_for
+from test_initscript import WATCHDOG, Gateway, alive, shell_argv
 
 
-def ctl_exists():
-    res = subprocess.run([sys.executable, "-m", "tcprc", "ctl", "--help"], cwd=str(REPO),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
-    return res.returncode == 0
-
-
-needs_ctl = pytest.mark.skipif(not ctl_exists(), reason="`tcprc ctl` is not built yet: "
-                               "without it every agent looks hung")
 
 
 @pytest.fixture
@@ -53,7 +45,7 @@ def test_restarts_an_agent_killed_with_sigkill(gateway):
     assert gateway.init("start").returncode == 0
     old = gateway.pid()
     os.kill(old, signal.SIGKILL)
-    poll(lambda: not alive(old))
+    wait_for(lambda: not alive(old))
     res = gateway.watchdog()
     assert res.returncode == 0, res.stderr
     assert "was not running (status 1)" in res.stderr
@@ -61,7 +53,6 @@ def test_restarts_an_agent_killed_with_sigkill(gateway):
     assert new != old and gateway.agents() == [new]
 
 
-@needs_ctl
 def test_leaves_a_healthy_agent_alone(gateway):
     assert gateway.init("start").returncode == 0
     pid = gateway.pid()
@@ -72,7 +63,6 @@ def test_leaves_a_healthy_agent_alone(gateway):
     assert gateway.agents() == [pid]
 
 
-@needs_ctl
 def test_restarts_an_agent_that_does_not_answer(gateway):
     assert gateway.init("start").returncode == 0
     old = gateway.pid()
@@ -84,7 +74,6 @@ def test_restarts_an_agent_that_does_not_answer(gateway):
     assert new != old and not alive(old) and gateway.agents() == [new]
 
 
-@needs_ctl
 def test_agent_without_control_socket_is_not_restarted(gateway):
     gateway.conf.write_text('[device]\nserver = ""\n[control]\nsocket = ""\n[log]\ntarget = "%s"\n'
                             % gateway.log)
@@ -103,7 +92,7 @@ def test_concurrent_runs_start_one_agent(gateway, lock):
             for _ in range(3)]
     outputs = [run.communicate(timeout=30) for run in runs]
     assert all(run.returncode == 0 for run in runs), outputs
-    pid = poll(gateway.pid)
+    pid = wait_for(gateway.pid)
     assert gateway.agents() == [pid]
     assert sum("started it" in err for _, err in outputs) == 1, outputs
     assert not (gateway.run / "wd.lock.d").exists()
