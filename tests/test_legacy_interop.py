@@ -430,3 +430,22 @@ def test_device_drops_an_uplink_whose_server_stops_reading(legacy_server, caplog
     finally:
         app.close()
         source.close()
+
+
+def test_server_survives_garbage_after_listen_and_serves_the_next_device(server, caplog):
+    app = server()
+    peer = legacy_device(app)
+    client = socket.create_connection(app.host_address, timeout=10)
+    assert peer.read_frame()[0] == CONNECT
+    peer.send_raw(os.urandom(300_000))
+    peer.send_raw(protocol.encode(DATA, 1, b"abcdef")[:5])   # and half a frame
+    peer.close()
+    assert is_eof(client)
+    wait_for(lambda: app.host_address is None, what="the garbage uplink to end")
+    # The server is intact: a proper device gets in and carries a client.
+    fresh = legacy_device(app)
+    client2 = socket.create_connection(app.host_address, timeout=10)
+    _, client_id, _ = fresh.read_frame()
+    fresh.send(DATA, client_id, b"alive")
+    assert recv_exactly(client2, 5) == b"alive"
+    client2.close()
