@@ -308,3 +308,21 @@ def test_device_settings_reload_keeps_streams_when_unchanged(tunnel, service):
     conn.sendall(b"b")
     assert recv_exactly(conn, 1) == b"b"
     conn.close()
+
+
+def test_uplink_has_the_configured_keepalive_and_timeouts(service):
+    keys = dict(keepalive_idle=7, keepalive_interval=3, keepalive_count=4, send_timeout=9.0)
+    tunnel = Tunnel(service.address, server_keys=keys, device_keys=keys)
+    try:
+        uplinks = [wait_for(lambda: tunnel.device._link, what="device uplink").sock,
+                   wait_for(lambda: tunnel.server._active, what="server uplink").sock]
+        for sock in uplinks:
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 7
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 3
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 4
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+            if hasattr(socket, "TCP_USER_TIMEOUT"):
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 9000
+    finally:
+        tunnel.close()
