@@ -10,6 +10,7 @@ the link thread (on writability when the socket was full, after a moment
 when a worker held the lock).
 """
 
+import os
 import socket
 import threading
 from collections import deque
@@ -18,6 +19,7 @@ from typing import Callable, Deque, Optional
 from . import protocol
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+_MORE = getattr(socket, "MSG_MORE", 0)
 
 
 class UplinkClosed(Exception):
@@ -44,6 +46,18 @@ class FrameWriter:
         stream's DATA from following the CLOSE that the link thread queued for it.
         """
         head = protocol.header(command, client_id, len(payload))
+        size = len(payload) if command == protocol.DATA else 0
+        return self._locked(lambda: self._send_all(head, payload), size, still_wanted)
+
+    def send_spliced(self, client_id: int, pipe: int, count: int,
+                     still_wanted: Optional[Callable[[], bool]] = None) -> bool:
+        """send() of DATA whose `count` payload bytes wait in the pipe `pipe`:
+        the kernel moves them to the uplink, no copy passes through Python."""
+        head = protocol.header(protocol.DATA, client_id, count)
+        return self._locked(lambda: self._splice_all(head, pipe, count), count, still_wanted)
+
+    def _locked(self, transmit: Callable[[], None], data_bytes: int,
+                still_wanted: Optional[Callable[[], bool]]) -> bool:
         with self._lock:
             if self.closed:
                 raise UplinkClosed()
@@ -52,9 +66,8 @@ class FrameWriter:
                 if still_wanted is not None and not still_wanted():
                     return False
                 # Counted first, so a status never lags bytes the peer already has.
-                if command == protocol.DATA:
-                    self.bytes_sent += len(payload)
-                self._send_all(head, payload)
+                self.bytes_sent += data_bytes
+                transmit()
                 # Frames queued while we held the lock would otherwise wait.
                 self._flush_queued_blocking()
             except OSError as exc:
@@ -65,6 +78,16 @@ class FrameWriter:
                     self.error = exc.strerror or str(exc)
                 raise UplinkClosed(self.error) from exc
         return True
+
+    def _splice_all(self, head: bytes, pipe: int, count: int) -> None:
+        # MSG_MORE holds the header back to leave in one segment with the payload.
+        self._sock.sendall(head, _MORE)
+        fd = self._sock.fileno()
+        while count:
+            moved = os.splice(pipe, fd, count)
+            if not moved:
+                raise OSError("splice to the uplink moved nothing")
+            count -= moved
 
     def _send_all(self, head: bytes, payload: memoryview) -> None:
         sent = self._sock.sendmsg([head, payload]) if payload else self._sock.send(head)

@@ -1,8 +1,29 @@
-"""The fast paths of the pumps (what they buy, measured on real agents)."""
+"""The fast paths of the pumps, and the plain paths they fall back to.
 
+The zero-copy pump is opt-in (TCPRC_SPLICE=1 for the agents, `pump.SPLICE`
+in process); every behaviour here runs on both paths, so neither can rot
+unnoticed.  Idle streams must stay cheap whatever the path.
+"""
+
+import hashlib
+import os
 import socket
+import struct
+import threading
 
-from conftest import Service, recv_exactly, start_tunnel, wait_for
+import pytest
+
+from conftest import Service, Tunnel, pattern, recv_exactly, start_tunnel, wait_for
+from tcprc import protocol, pump
+from tcprc.writer import FrameWriter
+
+PATHS = ["splice", "plain"] if pump.SPLICE_AVAILABLE else ["plain"]
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    monkeypatch.setattr(pump, "SPLICE", request.param == "splice")
+    return request.param
 
 
 def _proc_rss_kb(pid):
@@ -11,6 +32,137 @@ def _proc_rss_kb(pid):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError("no VmRSS for %d" % pid)
+
+
+def _pipes(pid):
+    count = 0
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            if os.readlink("/proc/%d/fd/%s" % (pid, fd)).startswith("pipe:"):
+                count += 1
+        except OSError:
+            pass
+    return count
+
+
+# ---- the writer on its own ----------------------------------------------------------
+@pytest.mark.skipif(not pump.SPLICE_AVAILABLE, reason="no os.splice on this interpreter")
+def test_send_spliced_puts_exactly_one_frame_on_the_wire():
+    near, far = socket.socketpair()
+    read_end, write_end = os.pipe()
+    try:
+        writer = FrameWriter(near)
+        writer.post(protocol.CLOSE, 9)                 # a queued control frame goes first
+        payload = pattern(40000)
+        os.write(write_end, payload)
+        assert writer.send_spliced(7, read_end, len(payload), lambda: True)
+        expected = protocol.encode(protocol.CLOSE, 9) + protocol.encode(protocol.DATA, 7, payload)
+        far.settimeout(5)
+        assert recv_exactly(far, len(expected)) == expected
+        assert writer.bytes_sent == len(payload)
+        # A stream closed meanwhile sends nothing; its bytes stay in the pipe.
+        os.write(write_end, b"late")
+        assert not writer.send_spliced(7, read_end, 4, lambda: False)
+        near.send(b"!")
+        assert far.recv(16) == b"!"
+    finally:
+        for fd in (read_end, write_end):
+            os.close(fd)
+        near.close()
+        far.close()
+
+
+# ---- in process, both paths ---------------------------------------------------------
+def test_bulk_both_ways_is_byte_exact(path):
+    source, sink = Service("source"), Service("sink")
+    t_source, t_sink = Tunnel(source.address), Tunnel(sink.address)
+    try:
+        size = 6 * 1024 * 1024 + 12345          # not a multiple of a frame
+        with t_source.client() as c:
+            c.sendall(struct.pack("!Q", size))
+            got = recv_exactly(c, size)
+        assert hashlib.sha256(got).digest() == hashlib.sha256(pattern(size)).digest()
+        with t_sink.client() as c:
+            c.sendall(struct.pack("!Q", size))
+            c.sendall(pattern(size))
+            assert recv_exactly(c, 32) == hashlib.sha256(pattern(size)).digest()
+        status = t_sink.device.status()
+        assert status["bytes_down"] >= size
+    finally:
+        t_source.close()
+        t_sink.close()
+        source.close()
+        sink.close()
+
+
+def test_many_small_writes_keep_their_order(path, service):
+    t = Tunnel(service.address)
+    try:
+        clients = [t.client() for _ in range(8)]
+        expected = {}
+        for i, c in enumerate(clients):
+            expected[i] = b"".join(b"%d:%d;" % (i, n) for n in range(300))
+
+        def talk(i, c):
+            for n in range(300):
+                c.sendall(b"%d:%d;" % (i, n))
+
+        threads = [threading.Thread(target=talk, args=(i, c)) for i, c in enumerate(clients)]
+        for th in threads:
+            th.start()
+        for i, c in enumerate(clients):
+            assert recv_exactly(c, len(expected[i])) == expected[i]
+        for th in threads:
+            th.join(10)
+        for c in clients:
+            c.close()
+        wait_for(lambda: t.device.status()["clients"] == 0, what="streams closed")
+    finally:
+        t.close()
+
+
+def test_a_stream_closed_by_the_peer_mid_transfer_ends_cleanly(path):
+    # The device's service sends a lot and hangs up: the client gets all of it, then EOF.
+    source = Service("source")
+    t = Tunnel(source.address)
+    try:
+        for _ in range(3):
+            with t.client() as c:
+                c.sendall(struct.pack("!Q", 300000))
+                assert recv_exactly(c, 300000) == pattern(300000)
+                c.settimeout(5)
+                assert c.recv(1) == b""
+        wait_for(lambda: t.server.status()["clients"] == 0, what="server streams released")
+    finally:
+        t.close()
+        source.close()
+
+
+# ---- agent processes: the environment switch -----------------------------------------
+@pytest.mark.parametrize("splice", [True, False])
+def test_agents_honour_tcprc_splice(agents, monkeypatch, splice):
+    if splice:
+        if not pump.SPLICE_AVAILABLE:
+            pytest.skip("no os.splice on this interpreter")
+        monkeypatch.setenv("TCPRC_SPLICE", "1")
+    else:
+        monkeypatch.delenv("TCPRC_SPLICE", raising=False)   # the default
+    svc = Service("echo")
+    try:
+        server, device, host = start_tunnel(agents, svc.address)
+        idle_pipes = _pipes(device.pid)
+        blob = pattern(2 * 1024 * 1024)
+        with socket.create_connection(host, timeout=20) as c:
+            sender = threading.Thread(target=c.sendall, args=(blob,))
+            sender.start()
+            assert recv_exactly(c, len(blob)) == blob
+            sender.join(10)
+            # The device's pump owns a pipe while its stream is open, on the splice path only.
+            extra = _pipes(device.pid) - idle_pipes
+            assert extra == (2 if splice else 0)
+        wait_for(lambda: _pipes(device.pid) == idle_pipes, what="the pump's pipe to close")
+    finally:
+        svc.close()
 
 
 def test_idle_streams_cost_little_device_memory(agents):
