@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 from collections import deque
-from typing import Callable, Deque, Optional
+from typing import Any, Callable, Deque, List, Optional
 
 from . import protocol
 
@@ -48,6 +48,16 @@ class FrameWriter:
         head = protocol.header(command, client_id, len(payload))
         size = len(payload) if command == protocol.DATA else 0
         return self._locked(lambda: self._send_all(head, payload), size, still_wanted)
+
+    def send_data(self, client_id: int, data: memoryview,
+                  still_wanted: Optional[Callable[[], bool]] = None) -> bool:
+        """DATA for `data` of any length: as many frames as it takes, one sendmsg."""
+        parts: List[Any] = []
+        for start in range(0, len(data), protocol.MAX_PAYLOAD):
+            chunk = data[start:start + protocol.MAX_PAYLOAD]
+            parts.append(protocol.header(protocol.DATA, client_id, len(chunk)))
+            parts.append(chunk)
+        return self._locked(lambda: self._sendmsg_all(parts), len(data), still_wanted)
 
     def send_spliced(self, client_id: int, pipe: int, count: int,
                      still_wanted: Optional[Callable[[], bool]] = None) -> bool:
@@ -90,15 +100,17 @@ class FrameWriter:
             count -= moved
 
     def _send_all(self, head: bytes, payload: memoryview) -> None:
-        sent = self._sock.sendmsg([head, payload]) if payload else self._sock.send(head)
-        total = len(head) + len(payload)
-        if sent < total:
-            # Rare: the kernel took part of it.  Finish with sendall.
-            if sent < len(head):
-                self._sock.sendall(head[sent:])
-                self._sock.sendall(payload)
-            else:
-                self._sock.sendall(payload[sent - len(head):])
+        self._sendmsg_all([head, payload] if payload else [head])
+
+    def _sendmsg_all(self, parts: List[Any]) -> None:
+        while parts:
+            sent = self._sock.sendmsg(parts)
+            # Rare (a signal, SO_SNDTIMEO): the kernel took part of it; go on from there.
+            while parts and sent >= len(parts[0]):
+                sent -= len(parts[0])
+                parts.pop(0)
+            if sent:
+                parts[0] = memoryview(parts[0])[sent:]
 
     def _flush_queued_blocking(self) -> None:
         while self._queued:

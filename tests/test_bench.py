@@ -92,4 +92,6 @@ def test_a_missing_peer_is_skipped_with_a_line():
 def test_unknown_variant_is_one_line_and_exit_2():
     code, out, err = run_bench(["--only", "direct,telnet"])
     assert code == 2
-    assert err.strip().splitlines() == ["bench: unknown variant telnet (choose from direct, socat, ssh, tcprc, tcprc-splice)"]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("bench: unknown variant telnet (choose from direct, socat, ssh, tcprc")

@@ -10,6 +10,7 @@ import os
 import socket
 import struct
 import threading
+import time
 
 import pytest
 
@@ -70,6 +71,83 @@ def test_send_spliced_puts_exactly_one_frame_on_the_wire():
             os.close(fd)
         near.close()
         far.close()
+
+
+def _read_frames(sock, total_payload):
+    """Decode DATA frames from `sock` until `total_payload` bytes came: [(id, payload)]."""
+    frames, got = [], 0
+    while got < total_payload:
+        length, command, client_id = protocol.HEADER.unpack(recv_exactly(sock, 4))
+        assert command == protocol.DATA
+        frames.append((client_id, recv_exactly(sock, length)))
+        got += length
+    return frames
+
+
+def test_send_data_cuts_a_long_read_into_whole_frames():
+    near, far = socket.socketpair()
+    try:
+        writer = FrameWriter(near)
+        data = pattern(150000)
+        assert writer.send_data(5, memoryview(data))
+        far.settimeout(5)
+        frames = _read_frames(far, len(data))
+        assert [len(p) for _, p in frames] == [65535, 65535, 18930]
+        assert {cid for cid, _ in frames} == {5}
+        assert b"".join(p for _, p in frames) == data
+        assert writer.bytes_sent == len(data)
+        assert not writer.send_data(5, memoryview(b"late"), lambda: False)
+    finally:
+        near.close()
+        far.close()
+
+
+def test_send_data_resumes_after_a_partial_sendmsg():
+    # A send timeout that runs out while a slow reader drains makes sendmsg
+    # return short; the writer carries on from the exact byte.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    reader = socket.socket()
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    reader.connect(listener.getsockname())
+    sender, _ = listener.accept()
+    listener.close()
+    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 150000))
+    data = pattern(1500000)
+    received = []
+
+    def slow_reader():
+        reader.settimeout(10)
+        buf = bytearray()
+        want = len(data) + 4 * 23
+        while len(buf) < want:
+            chunk = reader.recv(32768)
+            if not chunk:
+                break
+            buf += chunk
+            time.sleep(0.01)
+        received.append(bytes(buf))
+
+    thread = threading.Thread(target=slow_reader)
+    thread.start()
+    try:
+        writer = FrameWriter(sender)
+        assert writer.send_data(3, memoryview(data))
+        thread.join(20)
+        stream = received[0]
+        payload, offset = bytearray(), 0
+        while offset < len(stream):
+            length, command, client_id = protocol.HEADER.unpack_from(stream, offset)
+            assert (command, client_id) == (protocol.DATA, 3)
+            payload += stream[offset + 4:offset + 4 + length]
+            offset += 4 + length
+        assert bytes(payload) == data
+    finally:
+        thread.join(20)
+        sender.close()
+        reader.close()
 
 
 # ---- in process, both paths ---------------------------------------------------------
