@@ -3,6 +3,7 @@
     u16 payload length | u8 command | u8 client id | payload
 """
 
+import mmap
 import struct
 from typing import Iterator, Optional, Tuple
 
@@ -70,7 +71,9 @@ class FrameBuffer:
     def __init__(self, size: int = 256 * 1024):
         if size < HEADER_SIZE + MAX_PAYLOAD:
             raise ValueError("buffer must hold one maximal frame")
-        self._buf = bytearray(size)
+        # Mapped, not a zero-filled bytearray: an idle uplink pays only for
+        # the pages its frames reached (256 KB less RSS on an idle device).
+        self._buf = mmap.mmap(-1, size)
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0

@@ -268,3 +268,18 @@ def test_idle_streams_cost_little_device_memory(agents):
         assert per_stream < 40, "%.1f KB per open stream" % per_stream
     finally:
         svc.close()
+
+
+def test_an_idle_frame_buffer_costs_no_memory():
+    # The uplink's 256 KB decode buffer is mapped lazily: eight idle ones
+    # cost almost nothing, where zero-filled bytearrays would cost 2 MB.
+    before = _proc_rss_kb(os.getpid())
+    buffers = [protocol.FrameBuffer() for _ in range(8)]
+    grown = _proc_rss_kb(os.getpid()) - before
+    assert grown < 512, "%d KB for 8 idle frame buffers" % grown
+    # ...and they still decode.
+    for buf in buffers:
+        frame = protocol.encode(protocol.DATA, 1, b"abc")
+        buf.writable()[:len(frame)] = frame
+        buf.filled(len(frame))
+        assert [(c, i, bytes(p)) for c, i, p in buf.frames()] == [(protocol.DATA, 1, b"abc")]
