@@ -211,7 +211,23 @@ class Link:
             return
         self.frames.filled(count)
         dispatch = self._dispatch
+        # Consecutive DATA frames of one stream (a bulk read holds several)
+        # reach its socket in one sendmsg.
+        run_id = -1
+        run: List[memoryview] = []
         for command, client_id, payload in self.frames.frames():
+            if command == protocol.DATA and (client_id == run_id or not run):
+                run_id = client_id
+                run.append(payload)
+                continue
+            if run:
+                self._on_data_run(run_id, run)
+                run_id, run = -1, []
+                if self.end_reason:
+                    return
+            if command == protocol.DATA:
+                run_id, run = client_id, [payload]
+                continue
             handler = dispatch.get(command)
             if handler is None:
                 self.noisy.warning("%s: skipped unknown command %d for client %d (%d payload bytes)",
@@ -220,6 +236,8 @@ class Link:
                 handler(client_id, payload)
             if self.end_reason:
                 return
+        if run:
+            self._on_data_run(run_id, run)
 
     def _eof_reason(self) -> str:
         """Why reading the uplink gave EOF: a FIN from the peer, or a dead connection.
@@ -262,20 +280,25 @@ class Link:
 
     # ---- frames -----------------------------------------------------------------
     def _on_data(self, client_id: int, payload: memoryview) -> None:
+        self._on_data_run(client_id, [payload])
+
+    def _on_data_run(self, client_id: int, payloads: List[memoryview]) -> None:
+        """DATA frames in a row for one client: their payloads, in order."""
         stream = self.streams.get(client_id)
         if stream is None:
-            self.on_unknown_data(client_id)
+            for _ in payloads:   # the legacy answer: a CLOSE per DATA
+                self.on_unknown_data(client_id)
             return
-        if not payload:
+        payloads = [p for p in payloads if p]
+        if not payloads:
             return
-        size = len(payload)
+        size = sum(map(len, payloads))
         self.bytes_from_peer += size
         stream.bytes_from_peer += size
-        if stream.sock is None or stream.pending:
-            stream.queue(memoryview(bytes(payload)))
-        else:
+        sent = 0
+        if stream.sock is not None and not stream.pending:
             try:
-                sent = stream.sock.send(payload, _DONTWAIT)
+                sent = stream.sock.sendmsg(payloads, (), _DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:
@@ -283,7 +306,12 @@ class Link:
                 return
             if sent == size:
                 return
+        for payload in payloads:   # what the socket did not take waits on the stream
+            if sent >= len(payload):
+                sent -= len(payload)
+                continue
             stream.queue(memoryview(bytes(payload[sent:])))
+            sent = 0
         if stream.sock is not None:
             self._watch_stream_write(stream, True)
         if stream.pending_bytes > self.settings.stream_buffer and not self._paused:

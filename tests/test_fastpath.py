@@ -283,3 +283,110 @@ def test_an_idle_frame_buffer_costs_no_memory():
         buf.writable()[:len(frame)] = frame
         buf.filled(len(frame))
         assert [(c, i, bytes(p)) for c, i, p in buf.frames()] == [(protocol.DATA, 1, b"abc")]
+
+
+# ---- the link hands a run of DATA frames to its socket in one sendmsg ---------------
+class Recorder:
+    """A service that keeps every byte of each connection, read after `delay` seconds."""
+
+    def __init__(self, delay=0.0):
+        self.sock = socket.socket()
+        # Small before listen(), so the accepted socket advertises a small window.
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.sock.settimeout(10)
+        self.address = self.sock.getsockname()
+        self.delay = delay
+        self.done = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        with conn:
+            time.sleep(self.delay)
+            conn.settimeout(10)
+            data = bytearray()
+            while True:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            self.done.append(bytes(data))
+
+    def close(self):
+        self.sock.close()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def raw_device():
+    from test_legacy_interop import LegacyServer
+    from tcprc.device import DeviceApp
+    from conftest import settings
+    made = []
+
+    def start(target):
+        srv = LegacyServer()
+        app = DeviceApp(settings("device", server=srv.address, local="%s:%d" % target,
+                                 reconnect_min=0.05, reconnect_max=0.2))
+        app.start()
+        peer = srv.accept()
+        assert peer.read_frame() == (protocol.LISTEN, 0, b"")
+        made.append((srv, app, peer))
+        return app, peer
+
+    yield start
+    for srv, app, peer in made:
+        app.close()
+        peer.close()
+        srv.close()
+
+
+def _connect_frame(client_id):
+    return protocol.encode(protocol.CONNECT, client_id, protocol.encode_connect_payload("", 0))
+
+
+def test_interleaved_runs_of_two_streams_keep_each_order(raw_device, service):
+    app, peer = raw_device(service.address)
+    peer.send_raw(_connect_frame(1) + _connect_frame(2))
+    wait_for(lambda: service.accepted == 2 and app.status()["clients"] == 2, what="two streams")
+    frames = [(1, b"a1"), (1, b"a2"), (2, b"b1"), (1, b"a3"), (2, b"b2"), (2, b"b3"), (2, b"b4")]
+    peer.send_raw(b"".join(protocol.encode(protocol.DATA, cid, p) for cid, p in frames))
+    echoed = {1: b"", 2: b""}
+    while echoed != {1: b"a1a2a3", 2: b"b1b2b3b4"}:
+        command, cid, payload = peer.read_frame()
+        assert command == protocol.DATA
+        echoed[cid] += payload
+        assert len(echoed[1]) <= 6 and len(echoed[2]) <= 8, echoed
+
+
+def test_a_run_larger_than_the_socket_takes_then_close_arrives_whole(raw_device):
+    # One write: 120 frames (7.8 MB) for a service that reads nothing for a while, then
+    # CLOSE. What sendmsg did not take waits on the stream, in order; the
+    # service gets every byte, then EOF.
+    recorder = Recorder(delay=0.3)
+    try:
+        app, peer = raw_device(recorder.address)
+        peer.send_raw(_connect_frame(4))
+        wait_for(lambda: app.status()["clients"] == 1, what="the stream")
+        data = pattern(120 * 65535 - 777)
+        wire = b"".join(protocol.encode(protocol.DATA, 4, data[i:i + 65535])
+                        for i in range(0, len(data), 65535))
+        peer.send_raw(wire + protocol.encode(protocol.CLOSE, 4))
+        wait_for(lambda: recorder.done, timeout=15, what="the service to see EOF")
+        assert recorder.done[0] == data
+    finally:
+        recorder.close()
+
+
+def test_a_run_for_an_unknown_id_gets_a_close_per_frame(raw_device, service):
+    app, peer = raw_device(service.address)
+    peer.send_raw(b"".join(protocol.encode(protocol.DATA, 9, b"lost%d" % i) for i in range(3)))
+    for _ in range(3):
+        assert peer.read_frame() == (protocol.CLOSE, 9, b"")
+    peer.nothing_for(0.2)
