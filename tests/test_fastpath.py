@@ -243,6 +243,33 @@ def test_agents_honour_tcprc_splice(agents, monkeypatch, splice):
         svc.close()
 
 
+def test_many_bulk_streams_read_one_frame_at_a_time(agents):
+    # With 32 streams or more open a pump reads one frame's worth, so a crowd
+    # of streams whose service has plenty to send (and clients that do not
+    # read) cannot make every pump touch its whole 1 MB buffer.
+    source = Service("source")
+    try:
+        server, device, host = start_tunnel(agents, source.address)
+        clients = [socket.create_connection(host, timeout=10) for _ in range(32)]
+        try:
+            wait_for(lambda: source.accepted == 32, what="32 service connections")
+            time.sleep(0.3)
+            before = _proc_rss_kb(device.pid)
+            for c in clients:
+                c.sendall(struct.pack("!Q", 16 * 1024 * 1024))   # more than the buffers hold
+            time.sleep(1.5)   # the pumps read, send, and stall on the full uplink
+            grown = _proc_rss_kb(device.pid) - before
+        finally:
+            for c in clients:
+                c.close()
+        # One frame each: about 70 KB a stream here; 160 KB and more when every
+        # pump reads as much as its socket holds (up to 1 MB).
+        per_stream = grown / 32.0
+        assert per_stream < 110, "device RSS grew %.0f KB per stalled bulk stream" % per_stream
+    finally:
+        source.close()
+
+
 def test_idle_streams_cost_little_device_memory(agents):
     # Pump buffers are mapped lazily: an open stream that moved a few bytes
     # costs its thread stack and a page, not a 64 KB buffer.
@@ -271,8 +298,8 @@ def test_idle_streams_cost_little_device_memory(agents):
 
 
 def test_an_idle_frame_buffer_costs_no_memory():
-    # The uplink's 256 KB decode buffer is mapped lazily: eight idle ones
-    # cost almost nothing, where zero-filled bytearrays would cost 2 MB.
+    # The uplink's 1 MB decode buffer is mapped lazily: eight idle ones
+    # cost almost nothing, where zero-filled bytearrays would cost 8 MB.
     before = _proc_rss_kb(os.getpid())
     buffers = [protocol.FrameBuffer() for _ in range(8)]
     grown = _proc_rss_kb(os.getpid()) - before
