@@ -65,14 +65,17 @@ def test_every_installed_variant_runs_with_the_builtin_generator():
 
 @pytest.mark.skipif(not shutil.which("iperf3"), reason="iperf3 is not installed")
 def test_tcprc_with_iperf3_and_the_text_table():
-    code, out, err = run_bench(["--quick", "--only", "direct,tcprc", "--rounds", "50",
+    code, out, err = run_bench(["--quick", "--only", "tcprc", "--rounds", "50",
                                 "--conn-seconds", "0.2", "--streams", "5"])
     assert code == 0, err
     assert "bulk traffic: iperf3" in out
-    assert "| throughput 1 stream (Gbit/s)" in out and "tcprc / direct" in out
-    row = [line for line in out.splitlines() if line.startswith("| throughput 1 stream (Gbit/s)")][0]
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert float(cells[1]) > 0 and float(cells[2]) > 0 and cells[3].endswith("x")
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip()
+            for line in out.splitlines() if line.startswith("| ")}
+    for label in ("throughput 1 stream (Gbit/s)", "throughput 4 streams (Gbit/s)",
+                  "throughput 1 stream, reverse (Gbit/s)", "device CPU seconds per GB"):
+        assert float(rows[label]) > 0, (label, out)
+    assert int(rows["device threads after they closed"]) <= int(rows["device threads idle"])
+    assert "targets (tcprc):" in out and "RSS per open stream <= 32 KB" in out
 
 
 def test_a_missing_peer_is_skipped_with_a_line():
