@@ -289,10 +289,13 @@ class Link:
             for _ in payloads:   # the legacy answer: a CLOSE per DATA
                 self.on_unknown_data(client_id)
             return
-        payloads = [p for p in payloads if p]
-        if not payloads:
+        if len(payloads) == 1:
+            size = len(payloads[0])
+        else:
+            payloads = [p for p in payloads if p]
+            size = sum(map(len, payloads))
+        if not size:
             return
-        size = sum(map(len, payloads))
         self.bytes_from_peer += size
         stream.bytes_from_peer += size
         sent = 0

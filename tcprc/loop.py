@@ -125,6 +125,10 @@ class Loop:
             pass
 
     def _run_ready(self) -> None:
+        if not self._ready:
+            # Nothing queued (call_soon appends before it flags or wakes us, so
+            # an item queued right now is seen at the next round): skip the lock.
+            return
         with self._ready_lock:
             batch, self._ready = self._ready, deque()
             self._woken = False

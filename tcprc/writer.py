@@ -52,7 +52,10 @@ class FrameWriter:
     def send_data(self, client_id: int, data: memoryview,
                   still_wanted: Optional[Callable[[], bool]] = None) -> bool:
         """DATA for `data` of any length: as many frames as it takes, one sendmsg."""
-        parts: List[Any] = []
+        if len(data) <= protocol.MAX_PAYLOAD:   # the common case, kept short for latency
+            parts: List[Any] = [protocol.header(protocol.DATA, client_id, len(data)), data]
+            return self._locked(lambda: self._sendmsg_all(parts), len(data), still_wanted)
+        parts = []
         for start in range(0, len(data), protocol.MAX_PAYLOAD):
             chunk = data[start:start + protocol.MAX_PAYLOAD]
             parts.append(protocol.header(protocol.DATA, client_id, len(chunk)))

@@ -417,3 +417,15 @@ def test_a_run_for_an_unknown_id_gets_a_close_per_frame(raw_device, service):
     for _ in range(3):
         assert peer.read_frame() == (protocol.CLOSE, 9, b"")
     peer.nothing_for(0.2)
+
+
+def test_empty_data_frames_alone_or_in_a_run_are_ignored(raw_device, service):
+    app, peer = raw_device(service.address)
+    peer.send_raw(_connect_frame(6))
+    wait_for(lambda: service.accepted == 1 and app.status()["clients"] == 1, what="the stream")
+    peer.send(protocol.DATA, 6, b"")                  # alone: nothing to write
+    peer.send_raw(protocol.encode(protocol.DATA, 6, b"") + protocol.encode(protocol.DATA, 6, b"ok")
+                  + protocol.encode(protocol.DATA, 6, b""))
+    assert peer.read_frame() == (protocol.DATA, 6, b"ok")
+    peer.nothing_for(0.2)
+    assert app.status()["clients"] == 1
