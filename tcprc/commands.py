@@ -5,7 +5,6 @@ the lines to answer: detail lines, then `OK`, or a single `ERROR reason`.
 The parser never raises into its channel.
 """
 
-import ipaddress
 import logging
 import re
 import shlex
@@ -65,6 +64,7 @@ _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 def _valid_address(text: str) -> bool:
     """An IPv4/IPv6 literal or an RFC 1123 host name."""
+    import ipaddress   # only when a command names an address; it costs RSS at start
     try:
         ipaddress.ip_address(text)
         return True

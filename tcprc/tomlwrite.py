@@ -9,7 +9,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
 if sys.version_info >= (3, 11):
@@ -168,6 +167,7 @@ def atomic_write(path: str, text: str, mode: int = 0o600) -> None:
         mode = os.stat(target).st_mode & 0o7777
     except FileNotFoundError:
         pass
+    import tempfile   # here, not at start: it pulls in shutil, random, bz2, lzma
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp",
                                dir=directory)
     try:
