@@ -211,6 +211,17 @@ def test_start_takes_over_after_kill9(gateway):
     assert new != old and gateway.agents() == [new]
 
 
+def test_agent_runs_with_the_small_gateway_malloc_settings(gateway):
+    env = {k: v for k, v in gateway.env.items() if k not in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")}
+    gateway.env = env
+    assert gateway.init("start").returncode == 0
+    with open("/proc/%d/environ" % gateway.pid(), "rb") as handle:
+        environ = handle.read().split(b"\0")
+    assert b"MALLOC_ARENA_MAX=1" in environ
+    assert b"GLIBC_TUNABLES=glibc.pthread.stack_cache_size=0" in environ
+    assert gateway.init("stop").returncode == 0
+
+
 def test_restart_and_reload(gateway):
     assert gateway.init("reload").returncode == 7
     assert gateway.init("start").returncode == 0
