@@ -108,7 +108,7 @@ class Link:
         self._dispatch = {
             protocol.CONNECT: self.on_connect,
             protocol.CLOSE: self._on_close,
-            protocol.DATA: self._on_data,
+            # DATA never gets here: the read loop hands runs of it to _on_data_run.
             protocol.LISTEN: self.on_listen,
         }
 
@@ -186,7 +186,9 @@ class Link:
         pass
 
     def on_stream_closed(self, stream: Stream, reason: str) -> None:
-        self.log.info("%s: client %d (%s) closed: %s", self.name, stream.id, stream.peer, reason)
+        self.log.info("%s: client %d (%s) closed: %s (%d bytes to the peer, %d from it)",
+                      self.name, stream.id, stream.peer, reason, stream.bytes_to_peer,
+                      stream.bytes_from_peer)
 
     # ---- the uplink -------------------------------------------------------------
     def _watch_uplink(self) -> None:
@@ -279,9 +281,6 @@ class Link:
         self._flush_control()
 
     # ---- frames -----------------------------------------------------------------
-    def _on_data(self, client_id: int, payload: memoryview) -> None:
-        self._on_data_run(client_id, [payload])
-
     def _on_data_run(self, client_id: int, payloads: List[memoryview]) -> None:
         """DATA frames in a row for one client: their payloads, in order."""
         stream = self.streams.get(client_id)
@@ -504,6 +503,3 @@ class Link:
             "bytes_received": self.bytes_from_peer,
             "uptime": time.monotonic() - self.started,
         }
-
-    def open_client_ids(self) -> List[int]:
-        return sorted(self.streams)

@@ -41,7 +41,6 @@ class Loop:
         self._woken = False
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._stopping = False
-        self.thread: Optional[threading.Thread] = None
 
     # ---- called from any thread -------------------------------------------------
     def call_soon(self, callback: Callback) -> None:
@@ -85,7 +84,6 @@ class Loop:
         self._stopping = True
 
     def run(self) -> None:
-        self.thread = threading.current_thread()
         while not self._stopping:
             self._run_once()
 

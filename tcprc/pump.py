@@ -67,7 +67,6 @@ class Stream:
         self.released = False
         self.bytes_to_peer = 0
         self.bytes_from_peer = 0
-        self.opened = time.monotonic()
 
     def mark_closed(self) -> bool:
         """Flip to closed; True for the one caller that did it."""

@@ -76,7 +76,7 @@ def test_fifty_concurrent_clients_keep_their_bytes_apart(tunnel):
     assert len(results) == 50 and all(results.values())
 
 
-def test_client_close_closes_service_socket(tunnel, service):
+def test_client_close_closes_service_socket(tunnel, service, caplog):
     """Closing case 7: the client hangs up; the device closes the service socket."""
     conn = tunnel.client()
     assert echo_through(tunnel, b"x") == b"x"
@@ -87,6 +87,8 @@ def test_client_close_closes_service_socket(tunnel, service):
     wait_for(lambda: service.ended >= before + 1, what="service socket closed")
     wait_for(lambda: tunnel.device.status()["clients"] == 0 and tunnel.server.status()["clients"] == 0,
              what="both stream tables empty")
+    # One line per closed client on each side, with what it carried.
+    wait_for(lambda: caplog.text.count("(4 bytes to the peer, 4 from it)") == 2, what="close lines")
 
 
 def test_service_close_closes_client(service):
