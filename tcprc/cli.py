@@ -97,7 +97,6 @@ def run_agent(role: str, args: argparse.Namespace) -> int:
     if not service.start():
         return service.status
     threading.stack_size(WORKER_STACK)
-    stop = threading.Event()
     app = make_app(cfg)
     try:
         app.start()
@@ -116,7 +115,7 @@ def run_agent(role: str, args: argparse.Namespace) -> int:
             commands.set_config(service.cfg)
 
     try:
-        service.wait(stop, reload)
+        service.wait(reload)
     finally:
         app.close()        # streams, then uplinks
         channels.close()

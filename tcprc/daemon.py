@@ -316,10 +316,12 @@ class Signals:
 
     The handlers only set flags: locks, logging and I/O are not safe inside a
     handler. wait() in the main thread turns the flags into actions; it sleeps
-    in select() on the signal wakeup fd, so a signal acts at once and an idle
-    agent wakes only once per TICK (to see a stop_event set by a thread).
+    in select() on the signal wakeup fd, so a signal acts at once.
     """
 
+    # The sleep is bounded all the same: a signal delivered to another thread
+    # wakes select() before its Python handler has run in this one, and the
+    # flag it sets must still act, within a TICK.
     TICK = 1.0
 
     def __init__(self) -> None:
@@ -339,18 +341,17 @@ class Signals:
     def _on_hup(self, signum, frame) -> None:
         self.reload_requested = True
 
-    def wait(self, stop_event: threading.Event, on_reload: Callable[[], None]) -> None:
-        """Run until a stop signal or until another channel sets stop_event."""
+    def wait(self, on_reload: Callable[[], None]) -> None:
+        """Run until a stop signal, reloading on each SIGHUP."""
         # Made here, not in install(): detach() closes every inherited fd.
         rfd, wfd = os.pipe()
         os.set_blocking(rfd, False)
         os.set_blocking(wfd, False)
         previous = signal.set_wakeup_fd(wfd)
         try:
-            while not stop_event.is_set():
-                if self.stop_requested:
-                    stop_event.set()
-                    break
+            # A signal that came before set_wakeup_fd only set its flag: the
+            # flags are checked before every sleep.
+            while not self.stop_requested:
                 if self.reload_requested:
                     self.reload_requested = False
                     on_reload()
@@ -434,8 +435,8 @@ class Service:
         self.log.info("%s agent running (pid %d%s)", self.cfg.role, os.getpid(),
                       ", detached" if self.detach else "")
 
-    def wait(self, stop_event: threading.Event, on_reload: Callable[[], None]) -> None:
-        self.signals.wait(stop_event, on_reload)
+    def wait(self, on_reload: Callable[[], None]) -> None:
+        self.signals.wait(on_reload)
         if self.signals.stop_requested:
             self.log.info("signal %d: stopping", self.signals.stop_signal)
 
