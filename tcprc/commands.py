@@ -8,18 +8,12 @@ The parser never raises into its channel.
 import logging
 import re
 import shlex
-import sys
 import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import tomlwrite
 from .addr import format_hostport, parse_hostport, parse_port
-from .config import SCHEMA, Config, ConfigError, Section, build_config, check_value
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on old interpreters only
-    import tomli as tomllib
+from .config import SCHEMA, Config, ConfigError, Section, build_config, check_value, tomllib
 
 log = logging.getLogger("tcprc.commands")
 

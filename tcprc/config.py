@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from .addr import parse_hostport
 
+# The one place that picks the TOML reader; other modules import it from here.
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on old interpreters only

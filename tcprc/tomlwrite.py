@@ -8,13 +8,9 @@ layout survive `config save`; `atomic_write` replaces the file safely.
 import math
 import os
 import re
-import sys
 from typing import Any, Dict, List, Optional, Tuple
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on old interpreters only
-    import tomli as tomllib
+from .config import tomllib   # tomllib, or tomli before Python 3.11: chosen once, there
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
