@@ -18,6 +18,7 @@ from .config import SCHEMA, Config, ConfigError, Section, build_config, check_va
 log = logging.getLogger("tcprc.commands")
 
 OK = "OK"
+MAX_LINE = 4096     # bytes in one command line, on every channel
 MAX_DETAIL = 1024   # a status value (say a long last_error) never floods a console
 
 # name (lower case) -> (syntax, one-line summary, longer help lines)

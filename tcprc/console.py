@@ -11,6 +11,8 @@ import logging
 import threading
 from typing import Any, List, Optional, Tuple
 
+from .commands import MAX_LINE
+
 try:
     import serial
 except ImportError:  # pragma: no cover - depends on the installation
@@ -19,7 +21,6 @@ except ImportError:  # pragma: no cover - depends on the installation
 log = logging.getLogger("tcprc.console")
 
 INSTALL_HINT = "the serial console needs pyserial: pip install 'tcprc[serial]'"
-MAX_LINE = 4096
 
 CR, LF, BS, DEL, ESC = 0x0D, 0x0A, 0x08, 0x7F, 0x1B
 CTRL_C, CTRL_U = 0x03, 0x15

@@ -18,11 +18,11 @@ import sys
 import threading
 from typing import Any, List, Optional
 
+from .commands import MAX_LINE
 from .config import ConfigError, load_config
 
 log = logging.getLogger("tcprc.control")
 
-MAX_LINE = 4096
 MAX_CLIENTS = 8          # concurrent ctl connections; more are refused at once
 CLIENT_TIMEOUT = 30.0    # an idle ctl connection is dropped after this
 
