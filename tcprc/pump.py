@@ -36,6 +36,8 @@ READ_CHUNK = protocol.MAX_PAYLOAD
 # 64 KB per stream (255 streams: 23 MB at worst, 16 MB with one-frame reads).
 READ_FRAMES = 16
 READ_BUDGET = 32
+# Read size by number of open streams (ids are one byte: at most 256).
+_READ_SIZES = [max(1, min(READ_FRAMES, READ_BUDGET // max(1, n))) * READ_CHUNK for n in range(257)]
 PIPE_SIZE = 256 * 1024
 
 # Zero-copy pumps with os.splice (Linux, Python >= 3.10), opt-in with
@@ -183,11 +185,9 @@ def _copy_to_uplink(stream: Stream, sock: socket.socket, writer: FrameWriter,
     # per-thread malloc arenas that 255 pump threads would otherwise grow.
     # (Unmapped when the last view goes, which may be a traceback's: no close().)
     view = memoryview(mmap.mmap(-1, READ_FRAMES * READ_CHUNK))
-    sizes = [view[:n * READ_CHUNK] for n in range(READ_FRAMES + 1)]
     still_open: Callable[[], bool] = stream.is_open
     while True:
-        frames = READ_BUDGET // max(1, len(open_streams))
-        count = sock.recv_into(sizes[max(1, min(READ_FRAMES, frames))])
+        count = sock.recv_into(view, _READ_SIZES[len(open_streams)])
         if not count:
             return
         if not writer.send_data(stream.id, view[:count], still_open):

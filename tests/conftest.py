@@ -269,7 +269,7 @@ class Agents:
         self.tmp = tmp_path
         self.procs = []
 
-    def start(self, role, *args, config=""):
+    def start(self, role, *args, config="", env=None):
         """Start `tcprc ROLE`; its log goes to a file (a full pipe would block it)."""
         n = len(self.procs)
         path = self.tmp / ("%s-%d.toml" % (role, n))
@@ -277,7 +277,8 @@ class Agents:
         path.write_text("[control]\nsocket = \"%s\"\n%s" % (sock, config))
         log = open(str(self.tmp / ("%s-%d.log" % (role, n))), "w+")
         proc = subprocess.Popen(tcprc_command(role, "-c", str(path), *args), cwd=ROOT,
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, **(env or {})))
         proc.log_file = log
         proc.control_socket = str(sock)
         self.procs.append(proc)
@@ -303,11 +304,12 @@ def agents(tmp_path):
     a.stop_all()
 
 
-def start_tunnel(agents, target):
+def start_tunnel(agents, target, device_env=None):
     listen, host = free_port(), free_port()
     server = agents.start("server", "--listen", "127.0.0.1:%d" % listen, "--host", "127.0.0.1:%d" % host)
     wait_for(lambda: listening(listen) or server.poll() is not None, what="server up")
-    device = agents.start("device", "--server", "127.0.0.1:%d" % listen, "--local", "%s:%d" % target)
+    device = agents.start("device", "--server", "127.0.0.1:%d" % listen, "--local", "%s:%d" % target,
+                          env=device_env)
     wait_for(lambda: listening(host) or device.poll() is not None, what="host port")
     assert server.poll() is None and device.poll() is None
     return server, device, ("127.0.0.1", host)
