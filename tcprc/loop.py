@@ -1,11 +1,15 @@
 """A minimal selector loop: fd callbacks, timers, and call_soon from other threads.
 
 One runs per uplink, in that uplink's own thread (the product card's design).
+It drives select.epoll (select.poll where epoll is missing) itself rather
+than through the selectors module: every DATA frame the uplink delivers
+passes through one round of this loop, and a round without the wrapper's
+key objects and event translation costs less Python per hop.
 """
 
 import heapq
 import itertools
-import selectors
+import select
 import socket
 import threading
 import time
@@ -13,6 +17,33 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 Callback = Callable[[], Any]
+
+_IN, _OUT = select.POLLIN, select.POLLOUT
+# Error and hang-up wake both callbacks, as with the selectors module: the
+# next read or write is what reports them.
+_READABLE = ~_OUT
+_WRITABLE = ~_IN
+
+
+# select.poll is the fallback for kernels or builds without epoll; tests
+# switch this off to keep that path covered.
+USE_EPOLL = hasattr(select, "epoll")
+
+
+class _Poll:
+    """select.poll behind select.epoll's interface (timeout in seconds, -1: none)."""
+
+    def __init__(self) -> None:
+        self._poll = select.poll()
+        self.register = self._poll.register
+        self.modify = self._poll.modify
+        self.unregister = self._poll.unregister
+
+    def poll(self, timeout: float) -> List[Tuple[int, int]]:
+        return self._poll.poll(None if timeout < 0 else timeout * 1000.0)
+
+    def close(self) -> None:
+        pass
 
 
 class Timer:
@@ -29,7 +60,7 @@ class Timer:
 
 class Loop:
     def __init__(self) -> None:
-        self._selector = selectors.DefaultSelector()
+        self._poller: Any = select.epoll() if USE_EPOLL else _Poll()
         self._handlers: Dict[int, Tuple[Optional[Callback], Optional[Callback]]] = {}
         self._timers: List[Tuple[float, int, Timer]] = []
         self._seq = itertools.count()
@@ -39,8 +70,8 @@ class Loop:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._woken = False
-        self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._stopping = False
+        self.set_handlers(self._wake_r, self._drain_wakeups, None)
 
     # ---- called from any thread -------------------------------------------------
     def call_soon(self, callback: Callback) -> None:
@@ -59,18 +90,18 @@ class Loop:
                      on_write: Optional[Callback]) -> None:
         """Watch `sock` for the events that have a callback; None for both forgets it."""
         fd = sock.fileno()
-        mask = (selectors.EVENT_READ if on_read else 0) | (selectors.EVENT_WRITE if on_write else 0)
+        mask = (_IN if on_read else 0) | (_OUT if on_write else 0)
         known = fd in self._handlers
         if not mask:
             if known:
                 del self._handlers[fd]
-                self._selector.unregister(fd)
+                self._poller.unregister(fd)
             return
         self._handlers[fd] = (on_read, on_write)
         if known:
-            self._selector.modify(fd, mask)
+            self._poller.modify(fd, mask)
         else:
-            self._selector.register(fd, mask)
+            self._poller.register(fd, mask)
 
     def forget(self, sock: Any) -> None:
         self.set_handlers(sock, None, None)
@@ -88,32 +119,32 @@ class Loop:
             self._run_once()
 
     def _run_once(self) -> None:
-        timeout = None
+        timeout = -1.0
         if self._ready:
             timeout = 0.0
         elif self._timers:
             timeout = max(0.0, self._timers[0][0] - time.monotonic())
-        for key, events in self._selector.select(timeout):
-            if key.fileobj is self._wake_r:
-                self._drain_wakeups()
-                continue
-            handlers = self._handlers.get(key.fd)
+        handlers = self._handlers
+        for fd, events in self._poller.poll(timeout):
+            callbacks = handlers.get(fd)
             # A previous callback of this round may have forgotten the fd.
-            if handlers is None:
+            if callbacks is None:
                 continue
-            on_read, on_write = handlers
-            if events & selectors.EVENT_WRITE and on_write:
+            on_read, on_write = callbacks
+            if on_write is not None and events & _WRITABLE:
                 on_write()
-            if events & selectors.EVENT_READ and on_read and key.fd in self._handlers:
+            if on_read is not None and events & _READABLE and fd in handlers:
                 on_read()
             if self._stopping:
                 return
-        now = time.monotonic()
-        while self._timers and self._timers[0][0] <= now:
-            timer = heapq.heappop(self._timers)[2]
-            if not timer.cancelled:
-                timer.callback()
-        self._run_ready()
+        if self._timers:
+            now = time.monotonic()
+            while self._timers and self._timers[0][0] <= now:
+                timer = heapq.heappop(self._timers)[2]
+                if not timer.cancelled:
+                    timer.callback()
+        if self._ready:
+            self._run_ready()
 
     def _drain_wakeups(self) -> None:
         try:
@@ -123,10 +154,8 @@ class Loop:
             pass
 
     def _run_ready(self) -> None:
-        if not self._ready:
-            # Nothing queued (call_soon appends before it flags or wakes us, so
-            # an item queued right now is seen at the next round): skip the lock.
-            return
+        # Unlocked checks of _ready are safe: call_soon appends before it
+        # flags or wakes us, so an item queued right now is seen next round.
         with self._ready_lock:
             batch, self._ready = self._ready, deque()
             self._woken = False
@@ -135,7 +164,8 @@ class Loop:
 
     def close(self) -> None:
         """Run what other threads queued, then release the selector and wake pipe."""
-        self._run_ready()
-        self._selector.close()
+        if self._ready:
+            self._run_ready()
+        self._poller.close()
         self._wake_r.close()
         self._wake_w.close()

@@ -14,12 +14,14 @@ import os
 import socket
 import threading
 from collections import deque
-from typing import Any, Callable, Deque, List, Optional
+from typing import Any, Callable, Deque, List, Optional, Tuple
 
 from . import protocol
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _MORE = getattr(socket, "MSG_MORE", 0)
+_pack_header = protocol.HEADER.pack
+_DATA, _MAX_PAYLOAD = protocol.DATA, protocol.MAX_PAYLOAD
 
 
 class UplinkClosed(Exception):
@@ -45,44 +47,49 @@ class FrameWriter:
         Checking under the lock, after queued control frames went out, keeps a
         stream's DATA from following the CLOSE that the link thread queued for it.
         """
-        head = protocol.header(command, client_id, len(payload))
+        parts: List[Any] = [protocol.header(command, client_id, len(payload))]
+        if payload:
+            parts.append(payload)
         size = len(payload) if command == protocol.DATA else 0
-        return self._locked(lambda: self._send_all(head, payload), size, still_wanted)
+        return self._locked(self._sendmsg_all, parts, size, still_wanted)
 
     def send_data(self, client_id: int, data: memoryview,
                   still_wanted: Optional[Callable[[], bool]] = None) -> bool:
         """DATA for `data` of any length: as many frames as it takes, one sendmsg."""
-        if len(data) <= protocol.MAX_PAYLOAD:   # the common case, kept short for latency
-            parts: List[Any] = [protocol.header(protocol.DATA, client_id, len(data)), data]
-            return self._locked(lambda: self._sendmsg_all(parts), len(data), still_wanted)
-        parts = []
-        for start in range(0, len(data), protocol.MAX_PAYLOAD):
-            chunk = data[start:start + protocol.MAX_PAYLOAD]
-            parts.append(protocol.header(protocol.DATA, client_id, len(chunk)))
-            parts.append(chunk)
-        return self._locked(lambda: self._sendmsg_all(parts), len(data), still_wanted)
+        size = len(data)
+        if size <= _MAX_PAYLOAD:   # the common case, kept short for latency
+            parts: List[Any] = [_pack_header(size, _DATA, client_id), data]
+        else:
+            parts = []
+            for start in range(0, size, _MAX_PAYLOAD):
+                chunk = data[start:start + _MAX_PAYLOAD]
+                parts.append(_pack_header(len(chunk), _DATA, client_id))
+                parts.append(chunk)
+        return self._locked(self._sendmsg_all, parts, size, still_wanted)
 
     def send_spliced(self, client_id: int, pipe: int, count: int,
                      still_wanted: Optional[Callable[[], bool]] = None) -> bool:
         """send() of DATA whose `count` payload bytes wait in the pipe `pipe`:
         the kernel moves them to the uplink, no copy passes through Python."""
         head = protocol.header(protocol.DATA, client_id, count)
-        return self._locked(lambda: self._splice_all(head, pipe, count), count, still_wanted)
+        return self._locked(self._splice_all, (head, pipe, count), count, still_wanted)
 
-    def _locked(self, transmit: Callable[[], None], data_bytes: int,
+    def _locked(self, transmit: Callable[[Any], None], what: Any, data_bytes: int,
                 still_wanted: Optional[Callable[[], bool]]) -> bool:
         with self._lock:
             if self.closed:
                 raise UplinkClosed()
             try:
-                self._flush_queued_blocking()
+                if self._queued:
+                    self._flush_queued_blocking()
                 if still_wanted is not None and not still_wanted():
                     return False
                 # Counted first, so a status never lags bytes the peer already has.
                 self.bytes_sent += data_bytes
-                transmit()
+                transmit(what)
                 # Frames queued while we held the lock would otherwise wait.
-                self._flush_queued_blocking()
+                if self._queued:
+                    self._flush_queued_blocking()
             except OSError as exc:
                 self.closed = True
                 if isinstance(exc, BlockingIOError):   # SO_SNDTIMEO ran out
@@ -92,7 +99,8 @@ class FrameWriter:
                 raise UplinkClosed(self.error) from exc
         return True
 
-    def _splice_all(self, head: bytes, pipe: int, count: int) -> None:
+    def _splice_all(self, what: Tuple[bytes, int, int]) -> None:
+        head, pipe, count = what
         # MSG_MORE holds the header back to leave in one segment with the payload.
         self._sock.sendall(head, _MORE)
         fd = self._sock.fileno()
@@ -102,18 +110,21 @@ class FrameWriter:
                 raise OSError("splice to the uplink moved nothing")
             count -= moved
 
-    def _send_all(self, head: bytes, payload: memoryview) -> None:
-        self._sendmsg_all([head, payload] if payload else [head])
-
     def _sendmsg_all(self, parts: List[Any]) -> None:
-        while parts:
-            sent = self._sock.sendmsg(parts)
-            # Rare (a signal, SO_SNDTIMEO): the kernel took part of it; go on from there.
+        sent = self._sock.sendmsg(parts)
+        if len(parts) == 2 and sent == len(parts[0]) + len(parts[1]):
+            return   # the common case, all of one frame
+        while True:
+            # Several frames, or a short send (a signal, SO_SNDTIMEO): drop
+            # what the kernel took and go on from the exact byte.
             while parts and sent >= len(parts[0]):
                 sent -= len(parts[0])
                 parts.pop(0)
+            if not parts:
+                return
             if sent:
                 parts[0] = memoryview(parts[0])[sent:]
+            sent = self._sock.sendmsg(parts)
 
     def _flush_queued_blocking(self) -> None:
         while self._queued:
