@@ -21,6 +21,7 @@ from . import protocol
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _MORE = getattr(socket, "MSG_MORE", 0)
 _pack_header = protocol.HEADER.pack
+HEADER_SIZE = protocol.HEADER_SIZE
 _DATA, _MAX_PAYLOAD = protocol.DATA, protocol.MAX_PAYLOAD
 
 
@@ -57,15 +58,33 @@ class FrameWriter:
                   still_wanted: Optional[Callable[[], bool]] = None) -> bool:
         """DATA for `data` of any length: as many frames as it takes, one sendmsg."""
         size = len(data)
-        if size <= _MAX_PAYLOAD:   # the common case, kept short for latency
-            parts: List[Any] = [_pack_header(size, _DATA, client_id), data]
-        else:
-            parts = []
+        if size > _MAX_PAYLOAD:
+            parts: List[Any] = []
             for start in range(0, size, _MAX_PAYLOAD):
                 chunk = data[start:start + _MAX_PAYLOAD]
                 parts.append(_pack_header(len(chunk), _DATA, client_id))
                 parts.append(chunk)
-        return self._locked(self._sendmsg_all, parts, size, still_wanted)
+            return self._locked(self._sendmsg_all, parts, size, still_wanted)
+        # One frame: _locked's steps written out, because every interactive
+        # keystroke and answer takes this path and each call adds latency.
+        parts = [_pack_header(size, _DATA, client_id), data]
+        with self._lock:
+            if self.closed:
+                raise UplinkClosed()
+            try:
+                if self._queued:
+                    self._flush_queued_blocking()
+                if still_wanted is not None and not still_wanted():
+                    return False
+                self.bytes_sent += size
+                sent = self._sock.sendmsg(parts)
+                if sent != size + HEADER_SIZE:
+                    self._sendmsg_all(parts, sent)   # a short send: the rest
+                if self._queued:
+                    self._flush_queued_blocking()
+            except OSError as exc:
+                raise self._failed(exc) from exc
+        return True
 
     def send_spliced(self, client_id: int, pipe: int, count: int,
                      still_wanted: Optional[Callable[[], bool]] = None) -> bool:
@@ -91,13 +110,17 @@ class FrameWriter:
                 if self._queued:
                     self._flush_queued_blocking()
             except OSError as exc:
-                self.closed = True
-                if isinstance(exc, BlockingIOError):   # SO_SNDTIMEO ran out
-                    self.error = "no progress for the send timeout"
-                else:
-                    self.error = exc.strerror or str(exc)
-                raise UplinkClosed(self.error) from exc
+                raise self._failed(exc) from exc
         return True
+
+    def _failed(self, exc: OSError) -> "UplinkClosed":
+        """A send failed: the uplink is done; the error says why, for the log."""
+        self.closed = True
+        if isinstance(exc, BlockingIOError):   # SO_SNDTIMEO ran out
+            self.error = "no progress for the send timeout"
+        else:
+            self.error = exc.strerror or str(exc)
+        return UplinkClosed(self.error)
 
     def _splice_all(self, what: Tuple[bytes, int, int]) -> None:
         head, pipe, count = what
@@ -110,13 +133,12 @@ class FrameWriter:
                 raise OSError("splice to the uplink moved nothing")
             count -= moved
 
-    def _sendmsg_all(self, parts: List[Any]) -> None:
-        sent = self._sock.sendmsg(parts)
-        if len(parts) == 2 and sent == len(parts[0]) + len(parts[1]):
-            return   # the common case, all of one frame
+    def _sendmsg_all(self, parts: List[Any], sent: Optional[int] = None) -> None:
+        """sendmsg until all of `parts` is out; `sent`: what a first call already took
+        (the kernel takes part of it on a signal or when SO_SNDTIMEO runs out)."""
+        if sent is None:
+            sent = self._sock.sendmsg(parts)
         while True:
-            # Several frames, or a short send (a signal, SO_SNDTIMEO): drop
-            # what the kernel took and go on from the exact byte.
             while parts and sent >= len(parts[0]):
                 sent -= len(parts[0])
                 parts.pop(0)

@@ -105,9 +105,8 @@ def test_send_data_cuts_a_long_read_into_whole_frames():
         far.close()
 
 
-def test_send_data_resumes_after_a_partial_sendmsg():
-    # A send timeout that runs out while a slow reader drains makes sendmsg
-    # return short; the writer carries on from the exact byte.
+def _slow_pair(timeout_us):
+    """A connected pair with small buffers; the sender's sends time out after `timeout_us`."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
@@ -117,7 +116,57 @@ def test_send_data_resumes_after_a_partial_sendmsg():
     sender, _ = listener.accept()
     listener.close()
     sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
-    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 150000))
+    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, timeout_us))
+    return sender, reader
+
+
+def _payloads_of(stream, client_id):
+    frames, offset = [], 0
+    while offset < len(stream):
+        length, command, cid = protocol.HEADER.unpack_from(stream, offset)
+        assert (command, cid) == (protocol.DATA, client_id)
+        frames.append(bytes(stream[offset + 4:offset + 4 + length]))
+        offset += 4 + length
+    return frames
+
+
+def test_single_frame_send_data_resumes_after_a_short_sendmsg():
+    # The one-frame path has its own sendmsg: a reader this slow makes a
+    # 64 KB frame outlast the 50 ms send timeout, so the kernel takes part.
+    sender, reader = _slow_pair(50000)
+    frames = [pattern(65535, seed=n) for n in range(3)]
+    received = []
+
+    def slow_reader():
+        reader.settimeout(10)
+        buf, want = bytearray(), 3 * (65535 + 4)
+        while len(buf) < want:
+            chunk = reader.recv(8192)
+            if not chunk:
+                break
+            buf += chunk
+            time.sleep(0.02)
+        received.append(bytes(buf))
+
+    thread = threading.Thread(target=slow_reader)
+    thread.start()
+    try:
+        writer = FrameWriter(sender)
+        for frame in frames:
+            assert writer.send_data(9, memoryview(frame))
+        thread.join(20)
+        assert _payloads_of(received[0], 9) == frames
+        assert writer.bytes_sent == 3 * 65535
+    finally:
+        thread.join(20)
+        sender.close()
+        reader.close()
+
+
+def test_send_data_resumes_after_a_partial_sendmsg():
+    # A send timeout that runs out while a slow reader drains makes sendmsg
+    # return short; the writer carries on from the exact byte.
+    sender, reader = _slow_pair(150000)
     data = pattern(1500000)
     received = []
 
@@ -139,14 +188,7 @@ def test_send_data_resumes_after_a_partial_sendmsg():
         writer = FrameWriter(sender)
         assert writer.send_data(3, memoryview(data))
         thread.join(20)
-        stream = received[0]
-        payload, offset = bytearray(), 0
-        while offset < len(stream):
-            length, command, client_id = protocol.HEADER.unpack_from(stream, offset)
-            assert (command, client_id) == (protocol.DATA, 3)
-            payload += stream[offset + 4:offset + 4 + length]
-            offset += 4 + length
-        assert bytes(payload) == data
+        assert b"".join(_payloads_of(received[0], 3)) == data
     finally:
         thread.join(20)
         sender.close()
