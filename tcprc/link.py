@@ -199,9 +199,8 @@ class Link:
                                self._on_uplink_writable if self._watch_uplink_write else None)
 
     def _on_uplink_readable(self) -> None:
-        view = self.frames.writable()
         try:
-            count = self.sock.recv_into(view, 0, _DONTWAIT)
+            count = self.frames.receive(self.sock, _DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -211,7 +210,10 @@ class Link:
             partial = self.frames.incomplete_frame()
             self.fail(self._eof_reason() + (" in the middle of a frame (%s)" % partial if partial else ""))
             return
-        self.frames.filled(count)
+        sole = self.frames.sole_data()
+        if sole is not None:
+            self._on_data_run(sole[0], [sole[1]])
+            return
         dispatch = self._dispatch
         # Consecutive DATA frames of one stream (a bulk read holds several)
         # reach its socket in one sendmsg.

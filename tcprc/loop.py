@@ -115,36 +115,34 @@ class Loop:
         self._stopping = True
 
     def run(self) -> None:
+        # One function with local names: every DATA frame costs a round.
+        poll, handlers, timers = self._poller.poll, self._handlers, self._timers
         while not self._stopping:
-            self._run_once()
-
-    def _run_once(self) -> None:
-        timeout = -1.0
-        if self._ready:
-            timeout = 0.0
-        elif self._timers:
-            timeout = max(0.0, self._timers[0][0] - time.monotonic())
-        handlers = self._handlers
-        for fd, events in self._poller.poll(timeout):
-            callbacks = handlers.get(fd)
-            # A previous callback of this round may have forgotten the fd.
-            if callbacks is None:
-                continue
-            on_read, on_write = callbacks
-            if on_write is not None and events & _WRITABLE:
-                on_write()
-            if on_read is not None and events & _READABLE and fd in handlers:
-                on_read()
-            if self._stopping:
-                return
-        if self._timers:
-            now = time.monotonic()
-            while self._timers and self._timers[0][0] <= now:
-                timer = heapq.heappop(self._timers)[2]
-                if not timer.cancelled:
-                    timer.callback()
-        if self._ready:
-            self._run_ready()
+            timeout = -1.0
+            if self._ready:
+                timeout = 0.0
+            elif timers:
+                timeout = max(0.0, timers[0][0] - time.monotonic())
+            for fd, events in poll(timeout):
+                callbacks = handlers.get(fd)
+                # A previous callback of this round may have forgotten the fd.
+                if callbacks is None:
+                    continue
+                on_read, on_write = callbacks
+                if on_write is not None and events & _WRITABLE:
+                    on_write()
+                if on_read is not None and events & _READABLE and fd in handlers:
+                    on_read()
+                if self._stopping:
+                    return
+            if timers:
+                now = time.monotonic()
+                while timers and timers[0][0] <= now:
+                    timer = heapq.heappop(timers)[2]
+                    if not timer.cancelled:
+                        timer.callback()
+            if self._ready:
+                self._run_ready()
 
     def _drain_wakeups(self) -> None:
         try:

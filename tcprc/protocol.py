@@ -5,7 +5,7 @@
 
 import mmap
 import struct
-from typing import Iterator, Optional, Tuple
+from typing import Any, Iterator, Optional, Tuple
 
 HEADER = struct.Struct("!HBB")
 HEADER_SIZE = HEADER.size
@@ -61,8 +61,8 @@ def decode_connect_payload(payload: bytes) -> Tuple[str, int]:
 class FrameBuffer:
     """Incremental decoder over one reusable buffer.
 
-    The owner receives into `writable()` and reports the byte count to
-    `filled()`; `frames()` then yields (command, client id, payload view) for
+    The owner calls `receive(sock)` (or receives into `writable()` and
+    reports the byte count to `filled()`); `frames()` then yields (command, client id, payload view) for
     every complete frame.  Payload views point into the buffer and are only
     valid until the next `writable()` call.  The buffer never grows: it holds
     at least one maximal frame, and a partial frame is moved to its start.
@@ -89,6 +89,19 @@ class FrameBuffer:
             self._start, self._end = 0, pending
         return self._view[self._end:]
 
+    def receive(self, sock: Any, flags: int = 0) -> int:
+        """recv_into the free space and keep what came; 0 when the peer closed.
+
+        Raises what recv_into raises.
+        """
+        if self._start == self._end:   # all consumed: the whole buffer is free
+            self._start = self._end = 0
+            count = sock.recv_into(self._view, 0, flags)
+        else:
+            count = sock.recv_into(self.writable(), 0, flags)
+        self._end += count
+        return count
+
     def filled(self, count: int) -> None:
         self._end += count
 
@@ -105,6 +118,22 @@ class FrameBuffer:
                 return
             self._start = begin + length
             yield command, client_id, view[begin:begin + length]
+
+    def sole_data(self) -> Optional[Tuple[int, memoryview]]:
+        """(client id, payload) when the buffer holds exactly one whole DATA frame,
+        which is then consumed; None, consuming nothing, otherwise.
+
+        The interactive case (a keystroke, an answer) in one step, without
+        the generator that frames() needs for the general case.
+        """
+        start = self._start
+        if self._end - start < HEADER_SIZE:
+            return None
+        length, command, client_id = HEADER.unpack_from(self._view, start)
+        if command != DATA or self._end - start != HEADER_SIZE + length:
+            return None
+        self._start = self._end
+        return client_id, self._view[start + HEADER_SIZE:self._end]
 
     def incomplete_frame(self) -> Optional[str]:
         """Describe the partial frame left over, for the log when the uplink ends."""

@@ -104,3 +104,40 @@ def test_incomplete_frame_is_described():
 def test_buffer_must_hold_a_maximal_frame():
     with pytest.raises(ValueError):
         FrameBuffer(1000)
+
+
+def test_receive_reads_a_real_socket_across_chunks_and_reports_eof():
+    import socket
+    a, b = socket.socketpair()
+    try:
+        frames = [(DATA, 3, b"x" * 70), (CLOSE, 3, b""), (DATA, 4, b"y" * 65535), (DATA, 5, b"z")]
+        a.sendall(b"".join(protocol.encode(*f) for f in frames))
+        a.close()
+        # Room for one maximal frame only: the receives must compact as they go.
+        buf, out = FrameBuffer(protocol.HEADER_SIZE + protocol.MAX_PAYLOAD), []
+        while buf.receive(b):
+            out.extend((c, i, bytes(p)) for c, i, p in buf.frames())
+        assert out == frames and buf.pending() == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_sole_data_takes_exactly_one_whole_data_frame_or_nothing():
+    def loaded(wire):
+        buf = FrameBuffer()
+        buf.writable()[:len(wire)] = wire
+        buf.filled(len(wire))
+        return buf
+
+    one = protocol.encode(DATA, 7, b"hello")
+    buf = loaded(one)
+    client_id, payload = buf.sole_data()
+    assert (client_id, bytes(payload)) == (7, b"hello") and buf.pending() == 0
+    # Anything else is left whole for frames(): two frames, a partial one, a CLOSE.
+    for wire in (one + one, one + one[:3], one[:-1], protocol.encode(CLOSE, 7), b"\x00"):
+        buf = loaded(wire)
+        assert buf.sole_data() is None
+        assert buf.pending() == len(wire)
+    buf = loaded(one + one)
+    assert [(i, bytes(p)) for _, i, p in buf.frames()] == [(7, b"hello"), (7, b"hello")]
