@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Set
 
 from . import protocol
 from .loop import Loop
-from .pump import Stream, run_pump
+from .pump import PumpThread, Stream, run_pump
 from .writer import FrameWriter
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
@@ -352,10 +352,8 @@ class Link:
     def open_stream(self, stream: Stream, connect_to: Any = None) -> None:
         """Register a new stream and start its pump thread."""
         self.streams[stream.id] = stream
-        thread = threading.Thread(target=run_pump, args=(stream, self.writer, self, connect_to),
-                                  name="tcprc-pump-%d" % stream.id, daemon=True)
-        stream.thread = thread
-        thread.start()
+        stream.thread = PumpThread("tcprc-pump-%d" % stream.id, run_pump,
+                                   (stream, self.writer, self, connect_to))
 
     def attach(self, stream: Stream) -> None:
         """Link thread: a device-side pump connected its socket."""
