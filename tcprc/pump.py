@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Callable, Deque, Optional, Sized, Tuple
+from typing import TYPE_CHECKING, Callable, Deque, Optional, Sized, Tuple, Union
 
 from . import protocol
 from .writer import FrameWriter, UplinkClosed
@@ -104,7 +104,10 @@ class Stream:
         self._close_lock = threading.Lock()
         self._connected: Optional[socket.socket] = None  # handed over by a connecting pump
         self._abandoned = False
-        self.pending: Deque[memoryview] = deque()   # bytes for the local socket
+        # Bytes for the local socket, when it took less than it was given.  A
+        # deque allocates a 64-slot block at once, so a stream only gets one
+        # while it has something queued: () otherwise.
+        self.pending: Union[Deque[memoryview], Tuple[()]] = ()
         self.pending_bytes = 0
         self.last_progress = time.monotonic()
         self.watching_write = False
@@ -145,6 +148,8 @@ class Stream:
             return self._connected
 
     def queue(self, data: memoryview) -> None:
+        if not self.pending:
+            self.pending = deque()
         self.pending.append(data)
         self.pending_bytes += len(data)
 
@@ -162,9 +167,10 @@ class Stream:
                 self.pending[0] = head[sent:]
                 return
             self.pending.popleft()
+        self.pending = ()
 
     def drop_pending(self) -> None:
-        self.pending.clear()
+        self.pending = ()
         self.pending_bytes = 0
 
 
