@@ -302,7 +302,10 @@ class Link:
         sent = 0
         if stream.sock is not None and not stream.pending:
             try:
-                sent = stream.sock.sendmsg(payloads, (), _DONTWAIT)
+                if len(payloads) == 1:   # send() has less to set up than sendmsg()
+                    sent = stream.sock.send(payloads[0], _DONTWAIT)
+                else:
+                    sent = stream.sock.sendmsg(payloads, (), _DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:
