@@ -13,7 +13,7 @@ import time
 from typing import Any, Dict, Optional, Set, Tuple
 
 from . import protocol
-from .addr import format_hostport, parse_hostport
+from .addr import connect_tcp, format_hostport, parse_hostport
 from .link import Link
 from .pump import Stream
 
@@ -207,7 +207,7 @@ class DeviceApp:
         """Dial and serve one uplink; True if it stayed up long enough to count as healthy."""
         name = "uplink %s" % format_hostport(*server)
         try:
-            sock = socket.create_connection(server, timeout=settings.connect_timeout)
+            sock = connect_tcp(server[0], server[1], settings.connect_timeout)
         except OSError as exc:
             with self._cond:
                 self._last_error = "connect to %s failed: %s" % (format_hostport(*server),

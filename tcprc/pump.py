@@ -22,6 +22,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Callable, Deque, Optional, Sized, Tuple, Union
 
 from . import protocol
+from .addr import connect_tcp
 from .writer import FrameWriter, UplinkClosed
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -183,7 +184,7 @@ def run_pump(stream: Stream, writer: FrameWriter, link: "Link",
         if connect_to is not None:
             host, port, timeout = connect_to
             try:
-                sock = socket.create_connection((host, port), timeout=timeout)
+                sock = connect_tcp(host, port, timeout)
             except OSError as exc:
                 reason = "connect to %s:%d failed: %s" % (host, port, exc.strerror or exc)
                 if stream.mark_closed():
