@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 from collections import deque
-from typing import Any, Callable, Deque, List, Optional, Tuple
+from typing import Any, Callable, Deque, List, Optional
 
 from . import protocol
 
@@ -52,49 +52,35 @@ class FrameWriter:
         if payload:
             parts.append(payload)
         size = len(payload) if command == protocol.DATA else 0
-        return self._locked(self._sendmsg_all, parts, size, still_wanted)
+        return self._locked(still_wanted, size, parts, HEADER_SIZE + len(payload))
 
     def send_data(self, client_id: int, data: memoryview,
                   still_wanted: Optional[Callable[[], bool]] = None) -> bool:
         """DATA for `data` of any length: as many frames as it takes, one sendmsg."""
         size = len(data)
-        if size > _MAX_PAYLOAD:
-            parts: List[Any] = []
-            for start in range(0, size, _MAX_PAYLOAD):
-                chunk = data[start:start + _MAX_PAYLOAD]
-                parts.append(_pack_header(len(chunk), _DATA, client_id))
-                parts.append(chunk)
-            return self._locked(self._sendmsg_all, parts, size, still_wanted)
-        # One frame: _locked's steps written out, because every interactive
-        # keystroke and answer takes this path and each call adds latency.
-        parts = [_pack_header(size, _DATA, client_id), data]
-        with self._lock:
-            if self.closed:
-                raise UplinkClosed()
-            try:
-                if self._queued:
-                    self._flush_queued_blocking()
-                if still_wanted is not None and not still_wanted():
-                    return False
-                self.bytes_sent += size
-                sent = self._sock.sendmsg(parts)
-                if sent != size + HEADER_SIZE:
-                    self._sendmsg_all(parts, sent)   # a short send: the rest
-                if self._queued:
-                    self._flush_queued_blocking()
-            except OSError as exc:
-                raise self._failed(exc) from exc
-        return True
+        if size <= _MAX_PAYLOAD:   # the common case, kept short for latency
+            return self._locked(still_wanted, size, [_pack_header(size, _DATA, client_id), data],
+                                HEADER_SIZE + size)
+        parts: List[Any] = []
+        for start in range(0, size, _MAX_PAYLOAD):
+            chunk = data[start:start + _MAX_PAYLOAD]
+            parts.append(_pack_header(len(chunk), _DATA, client_id))
+            parts.append(chunk)
+        return self._locked(still_wanted, size, parts, HEADER_SIZE * (len(parts) // 2) + size)
 
     def send_spliced(self, client_id: int, pipe: int, count: int,
                      still_wanted: Optional[Callable[[], bool]] = None) -> bool:
         """send() of DATA whose `count` payload bytes wait in the pipe `pipe`:
         the kernel moves them to the uplink, no copy passes through Python."""
         head = protocol.header(protocol.DATA, client_id, count)
-        return self._locked(self._splice_all, (head, pipe, count), count, still_wanted)
+        return self._locked(still_wanted, count,
+                            transmit=lambda: self._splice_all(head, pipe, count))
 
-    def _locked(self, transmit: Callable[[Any], None], what: Any, data_bytes: int,
-                still_wanted: Optional[Callable[[], bool]]) -> bool:
+    def _locked(self, still_wanted: Optional[Callable[[], bool]], data_bytes: int,
+                parts: Optional[List[Any]] = None, wire_bytes: int = 0,
+                transmit: Optional[Callable[[], None]] = None) -> bool:
+        """Under the lock: queued control frames, then `parts` (`wire_bytes` long,
+        with one sendmsg unless the kernel takes less) or what `transmit` sends."""
         with self._lock:
             if self.closed:
                 raise UplinkClosed()
@@ -105,7 +91,12 @@ class FrameWriter:
                     return False
                 # Counted first, so a status never lags bytes the peer already has.
                 self.bytes_sent += data_bytes
-                transmit(what)
+                if transmit is not None:
+                    transmit()
+                else:
+                    sent = self._sock.sendmsg(parts)
+                    if sent != wire_bytes:
+                        self._sendmsg_all(parts, sent)
                 # Frames queued while we held the lock would otherwise wait.
                 if self._queued:
                     self._flush_queued_blocking()
@@ -122,8 +113,7 @@ class FrameWriter:
             self.error = exc.strerror or str(exc)
         return UplinkClosed(self.error)
 
-    def _splice_all(self, what: Tuple[bytes, int, int]) -> None:
-        head, pipe, count = what
+    def _splice_all(self, head: bytes, pipe: int, count: int) -> None:
         # MSG_MORE holds the header back to leave in one segment with the payload.
         self._sock.sendall(head, _MORE)
         fd = self._sock.fileno()
@@ -133,11 +123,9 @@ class FrameWriter:
                 raise OSError("splice to the uplink moved nothing")
             count -= moved
 
-    def _sendmsg_all(self, parts: List[Any], sent: Optional[int] = None) -> None:
-        """sendmsg until all of `parts` is out; `sent`: what a first call already took
-        (the kernel takes part of it on a signal or when SO_SNDTIMEO runs out)."""
-        if sent is None:
-            sent = self._sock.sendmsg(parts)
+    def _sendmsg_all(self, parts: List[Any], sent: int) -> None:
+        """Finish a sendmsg of `parts` that took only `sent` bytes (a signal, or
+        SO_SNDTIMEO running out while the peer drains): on from the exact byte."""
         while True:
             while parts and sent >= len(parts[0]):
                 sent -= len(parts[0])
