@@ -105,8 +105,10 @@ def test_send_data_cuts_a_long_read_into_whole_frames():
         far.close()
 
 
-def _slow_pair(timeout_us):
-    """A connected pair with small buffers; the sender's sends time out after `timeout_us`."""
+def _through_a_slow_reader(timeout_us, chunk, pause, want, send):
+    """Run `send(writer)` into a reader that takes `chunk` bytes per `pause`
+    seconds, with small buffers and a send timeout of `timeout_us`, so
+    sendmsg returns short; the bytes the reader got, once it has `want`."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
@@ -117,7 +119,27 @@ def _slow_pair(timeout_us):
     listener.close()
     sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
     sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, timeout_us))
-    return sender, reader
+    received = bytearray()
+
+    def read_slowly():
+        reader.settimeout(10)
+        while len(received) < want:
+            data = reader.recv(chunk)
+            if not data:
+                break
+            received.extend(data)
+            time.sleep(pause)
+
+    thread = threading.Thread(target=read_slowly)
+    thread.start()
+    try:
+        send(FrameWriter(sender))
+        thread.join(20)
+        return bytes(received)
+    finally:
+        thread.join(20)
+        sender.close()
+        reader.close()
 
 
 def _payloads_of(stream, client_id):
@@ -131,68 +153,27 @@ def _payloads_of(stream, client_id):
 
 
 def test_single_frame_send_data_resumes_after_a_short_sendmsg():
-    # The one-frame path has its own sendmsg: a reader this slow makes a
-    # 64 KB frame outlast the 50 ms send timeout, so the kernel takes part.
-    sender, reader = _slow_pair(50000)
+    # A reader this slow makes a 64 KB frame outlast the 50 ms send timeout,
+    # so the kernel takes part of the one-frame sendmsg.
     frames = [pattern(65535, seed=n) for n in range(3)]
-    received = []
+    counted = []
 
-    def slow_reader():
-        reader.settimeout(10)
-        buf, want = bytearray(), 3 * (65535 + 4)
-        while len(buf) < want:
-            chunk = reader.recv(8192)
-            if not chunk:
-                break
-            buf += chunk
-            time.sleep(0.02)
-        received.append(bytes(buf))
-
-    thread = threading.Thread(target=slow_reader)
-    thread.start()
-    try:
-        writer = FrameWriter(sender)
+    def send(writer):
         for frame in frames:
             assert writer.send_data(9, memoryview(frame))
-        thread.join(20)
-        assert _payloads_of(received[0], 9) == frames
-        assert writer.bytes_sent == 3 * 65535
-    finally:
-        thread.join(20)
-        sender.close()
-        reader.close()
+        counted.append(writer.bytes_sent)
+
+    wire = _through_a_slow_reader(50000, 8192, 0.02, 3 * (65535 + 4), send)
+    assert _payloads_of(wire, 9) == frames
+    assert counted == [3 * 65535]
 
 
 def test_send_data_resumes_after_a_partial_sendmsg():
-    # A send timeout that runs out while a slow reader drains makes sendmsg
-    # return short; the writer carries on from the exact byte.
-    sender, reader = _slow_pair(150000)
+    # The same for one send_data of many frames (one sendmsg for all of them).
     data = pattern(1500000)
-    received = []
-
-    def slow_reader():
-        reader.settimeout(10)
-        buf = bytearray()
-        want = len(data) + 4 * 23
-        while len(buf) < want:
-            chunk = reader.recv(32768)
-            if not chunk:
-                break
-            buf += chunk
-            time.sleep(0.01)
-        received.append(bytes(buf))
-
-    thread = threading.Thread(target=slow_reader)
-    thread.start()
-    try:
-        writer = FrameWriter(sender)
-        assert writer.send_data(3, memoryview(data))
-        thread.join(20)
-        assert b"".join(_payloads_of(received[0], 3)) == data
-    finally:
-        thread.join(20)
-        sender.close()
-        reader.close()
+    wire = _through_a_slow_reader(150000, 32768, 0.01, len(data) + 4 * 23,
+                                  lambda writer: writer.send_data(3, memoryview(data)))
+    assert b"".join(_payloads_of(wire, 3)) == data
 
 
 # ---- in process, both paths ---------------------------------------------------------
@@ -321,25 +302,39 @@ def test_idle_streams_cost_little_device_memory(agents):
     svc = Service("echo")
     try:
         server, device, host = start_tunnel(agents, svc.address)
-        warm = socket.create_connection(host, timeout=10)
-        warm.sendall(b"w")
-        assert recv_exactly(warm, 1) == b"w"
-        warm.close()
-        wait_for(lambda: svc.ended == 1, what="warm-up stream closed")
+        _warm_up(host, svc)
         before = _proc_rss_kb(device.pid)
-        socks = [socket.create_connection(host, timeout=10) for _ in range(100)]
-        try:
-            for s in socks:
-                s.sendall(b"x" * 64)
-            for s in socks:
-                assert recv_exactly(s, 64) == b"x" * 64
-            per_stream = (_proc_rss_kb(device.pid) - before) / 100.0
-        finally:
-            for s in socks:
-                s.close()
+        socks = _open_echoing(host, 100)
+        per_stream = (_proc_rss_kb(device.pid) - before) / 100.0
+        for s in socks:
+            s.close()
         assert per_stream < 40, "%.1f KB per open stream" % per_stream
     finally:
         svc.close()
+
+
+def _warm_up(host, svc):
+    """One stream there and back and closed: first-use costs are paid before measuring."""
+    warm = socket.create_connection(host, timeout=10)
+    warm.sendall(b"w")
+    assert recv_exactly(warm, 1) == b"w"
+    warm.close()
+    wait_for(lambda: svc.ended == 1, what="warm-up stream closed")
+
+
+def _open_echoing(host, count):
+    """`count` open streams, each having carried 64 bytes there and back."""
+    socks = [socket.create_connection(host, timeout=10) for _ in range(count)]
+    try:
+        for s in socks:
+            s.sendall(b"x" * 64)
+        for s in socks:
+            assert recv_exactly(s, 64) == b"x" * 64
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
 
 
 def _threads(pid):
@@ -355,23 +350,12 @@ def test_device_memory_returns_near_idle_after_200_streams(agents):
     deployed = {"MALLOC_ARENA_MAX": "1", "GLIBC_TUNABLES": "glibc.pthread.stack_cache_size=0"}
     try:
         server, device, host = start_tunnel(agents, svc.address, device_env=deployed)
-        warm = socket.create_connection(host, timeout=10)
-        warm.sendall(b"w")
-        assert recv_exactly(warm, 1) == b"w"
-        warm.close()
-        wait_for(lambda: svc.ended == 1, what="warm-up stream closed")
+        _warm_up(host, svc)
         idle_threads = wait_for(lambda: _threads(device.pid) <= 3 and _threads(device.pid),
                                 what="the warm-up pump to exit")
         idle = _proc_rss_kb(device.pid)
-        socks = [socket.create_connection(host, timeout=10) for _ in range(200)]
-        try:
-            for s in socks:
-                s.sendall(b"x" * 64)
-            for s in socks:
-                assert recv_exactly(s, 64) == b"x" * 64
-        finally:
-            for s in socks:
-                s.close()
+        for s in _open_echoing(host, 200):
+            s.close()
         wait_for(lambda: _threads(device.pid) == idle_threads, what="every pump to exit")
         left = _proc_rss_kb(device.pid) - idle
         assert left < 800, "200 closed streams left %d KB behind" % left
