@@ -10,12 +10,14 @@ import hashlib
 import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from conftest import Service, Tunnel, pattern, recv_exactly, start_tunnel, wait_for
+from conftest import ROOT, Service, Tunnel, pattern, recv_exactly, start_tunnel, wait_for
 from tcprc import loop, protocol, pump
 from tcprc.writer import FrameWriter
 
@@ -344,8 +346,14 @@ def _threads(pid):
 def test_device_memory_returns_near_idle_after_200_streams(agents):
     # What 200 streams leave behind once closed is the interpreter's
     # allocator keeping the pages their Python objects used, so each stream
-    # must allocate few of them (a pump once kept 17 slices of its buffer:
-    # 1.2 MB stayed behind).  The malloc settings are those deployed.
+    # must allocate few of them.  As deployed: byte-compiled modules (a
+    # start that compiles them leaves free pages the streams then reuse,
+    # which would hide the cost) and the deployed malloc settings.  Before
+    # the pumps were trimmed: 1.7 MB (3.11) and 2.3 MB (3.8) stayed behind;
+    # now about 0.6 and 1.0 MB (up to 3.10 frames come from malloc).
+    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(ROOT, "tcprc")],
+                   check=True, stdout=subprocess.DEVNULL, timeout=120)
+    limit = 900 if sys.version_info >= (3, 11) else 1300
     svc = Service("echo")
     deployed = {"MALLOC_ARENA_MAX": "1", "GLIBC_TUNABLES": "glibc.pthread.stack_cache_size=0"}
     try:
@@ -358,7 +366,7 @@ def test_device_memory_returns_near_idle_after_200_streams(agents):
             s.close()
         wait_for(lambda: _threads(device.pid) == idle_threads, what="every pump to exit")
         left = _proc_rss_kb(device.pid) - idle
-        assert left < 800, "200 closed streams left %d KB behind" % left
+        assert left < limit, "200 closed streams left %d KB behind" % left
     finally:
         svc.close()
 
