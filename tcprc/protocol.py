@@ -7,6 +7,8 @@ import mmap
 import struct
 from typing import Any, Iterator, Optional, Tuple
 
+from .buffers import KEEP, Pages
+
 HEADER = struct.Struct("!HBB")
 HEADER_SIZE = HEADER.size
 MAX_PAYLOAD = 0xFFFF
@@ -72,9 +74,11 @@ class FrameBuffer:
         if size < HEADER_SIZE + MAX_PAYLOAD:
             raise ValueError("buffer must hold one maximal frame")
         # Mapped, not a zero-filled bytearray: an idle uplink pays only for
-        # the pages its frames reached.  1 MB: a bulk read holds 16 frames.
+        # the pages its frames reached, and only until traffic calms down
+        # (buffers.Pages).  1 MB: a bulk read holds 16 frames.
         self._buf = mmap.mmap(-1, size)
         self._view = memoryview(self._buf)
+        self._pages = Pages(self._buf)
         self._start = 0
         self._end = 0
 
@@ -100,6 +104,8 @@ class FrameBuffer:
         else:
             count = sock.recv_into(self.writable(), 0, flags)
         self._end += count
+        if self._end > KEEP or self._pages.wide:
+            self._pages.note(self._end)
         return count
 
     def filled(self, count: int) -> None:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable, Deque, Optional, Sized, Tuple, Union
 
 from . import protocol
 from .addr import connect_tcp
+from .buffers import KEEP, Pages
 from .writer import FrameWriter, UplinkClosed
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -232,10 +233,12 @@ def _copy_to_uplink(stream: Stream, sock: socket.socket, writer: FrameWriter,
                 os.close(pipe[1])
     # An anonymous mapping, not a bytearray: its pages cost RSS only once a
     # read reaches them (an interactive stream touches one page, not 64 KB),
-    # and they go back to the kernel on close instead of fragmenting the
-    # per-thread malloc arenas that 255 pump threads would otherwise grow.
+    # and they go back to the kernel when the stream calms down or closes,
+    # instead of fragmenting the malloc arenas that 255 pump threads would
+    # otherwise grow.
     # (Unmapped when the last view goes, which may be a traceback's: no close().)
-    view = memoryview(mmap.mmap(-1, READ_FRAMES * READ_CHUNK))
+    mapping = mmap.mmap(-1, READ_FRAMES * READ_CHUNK)
+    view, pages = memoryview(mapping), Pages(mapping)
     still_open: Callable[[], bool] = stream.is_open
     while True:
         count = sock.recv_into(view, _READ_SIZES[len(open_streams)])
@@ -245,6 +248,8 @@ def _copy_to_uplink(stream: Stream, sock: socket.socket, writer: FrameWriter,
             _discard_until_eof(sock, view)
             return
         stream.bytes_to_peer += count
+        if count > KEEP or pages.wide:
+            pages.note(count)   # sent: nothing in the buffer is live
 
 
 def _open_pipe() -> Optional[Tuple[int, int]]:

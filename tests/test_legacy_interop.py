@@ -229,7 +229,10 @@ def test_device_survives_garbage_and_truncation_then_reconnects(device_on, legac
     peer.close()
     again = legacy_server.accept()                     # the device dials again by itself
     again.expect(bytes.fromhex("00000400"))
-    assert "in the middle of a frame" in caplog.text or "closed by peer" in caplog.text
+    # The garbage may hold DATA or CONNECT frames the device answers with a
+    # CLOSE; the emulated peer never reads those, so its close can be a reset.
+    assert any(reason in caplog.text for reason in
+               ("in the middle of a frame", "closed by peer", "reset")), caplog.text
     again.send(CONNECT, 1, protocol.encode_connect_payload("", 23))
     again.send(DATA, 1, b"fine")
     again.expect(bytes.fromhex("0004030166696e65"))
