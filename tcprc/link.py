@@ -414,6 +414,10 @@ class Link:
             self._watch_stream_write(stream, False)
             stream.sock.close()
         self._maybe_resume()
+        if not self.streams and not self.retiring and not self._closing:
+            # The last stream is gone: the uplink buffer's bulk pages can go
+            # too, once the frames of this read are handled.
+            self.loop.call_soon(self.frames.calm)
 
     def _shutdown_stream_socket(self, stream: Stream) -> None:
         if stream.sock is None:

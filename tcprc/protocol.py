@@ -3,11 +3,10 @@
     u16 payload length | u8 command | u8 client id | payload
 """
 
-import mmap
 import struct
 from typing import Any, Iterator, Optional, Tuple
 
-from .buffers import KEEP, Pages
+from .buffers import KEEP, Pages, anonymous
 
 HEADER = struct.Struct("!HBB")
 HEADER_SIZE = HEADER.size
@@ -76,7 +75,7 @@ class FrameBuffer:
         # Mapped, not a zero-filled bytearray: an idle uplink pays only for
         # the pages its frames reached, and only until traffic calms down
         # (buffers.Pages).  1 MB: a bulk read holds 16 frames.
-        self._buf = mmap.mmap(-1, size)
+        self._buf = anonymous(size)
         self._view = memoryview(self._buf)
         self._pages = Pages(self._buf)
         self._start = 0
@@ -107,6 +106,15 @@ class FrameBuffer:
         if self._end > KEEP or self._pages.wide:
             self._pages.note(self._end)
         return count
+
+    def calm(self) -> None:
+        """Traffic stopped (the last stream closed): when nothing is held past
+        the first KEEP bytes, give the pages there back now.  Not while
+        payload views of the last read are in use: they may lie there."""
+        if self._start == self._end:
+            self._start = self._end = 0
+        if self._pages.wide and self._end <= KEEP:
+            self._pages.release()
 
     def filled(self, count: int) -> None:
         self._end += count

@@ -13,7 +13,6 @@ import _thread
 import errno
 import fcntl
 import logging
-import mmap
 import os
 import socket
 import threading
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, Callable, Deque, Optional, Sized, Tuple, Union
 
 from . import protocol
 from .addr import connect_tcp
-from .buffers import KEEP, Pages
+from .buffers import KEEP, Pages, anonymous
 from .writer import FrameWriter, UplinkClosed
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -237,7 +236,7 @@ def _copy_to_uplink(stream: Stream, sock: socket.socket, writer: FrameWriter,
     # instead of fragmenting the malloc arenas that 255 pump threads would
     # otherwise grow.
     # (Unmapped when the last view goes, which may be a traceback's: no close().)
-    mapping = mmap.mmap(-1, READ_FRAMES * READ_CHUNK)
+    mapping = anonymous(READ_FRAMES * READ_CHUNK)
     view, pages = memoryview(mapping), Pages(mapping)
     still_open: Callable[[], bool] = stream.is_open
     while True:

@@ -339,6 +339,38 @@ def _open_echoing(host, count):
     return socks
 
 
+def test_buffers_give_their_far_pages_back_when_traffic_calms(agents):
+    # An ssh session that copied a file, then stays open for hours: after a
+    # bulk burst, the device's uplink buffer and the stream's pump buffer
+    # (1 MB each) keep only their first 64 KB once small reads follow.
+    svc = Service("echo")
+    try:
+        server, device, host = start_tunnel(agents, svc.address)
+        conn = socket.create_connection(host, timeout=10)
+
+        def ping(times):
+            for _ in range(times):
+                conn.sendall(b"p")
+                assert recv_exactly(conn, 1) == b"p"
+
+        ping(5)
+        calm = _proc_rss_kb(device.pid)
+        bulk = pattern(8 * 1024 * 1024)
+        sender = threading.Thread(target=conn.sendall, args=(bulk,))
+        sender.start()
+        assert recv_exactly(conn, len(bulk)) == bulk
+        sender.join(10)
+        after_bulk = _proc_rss_kb(device.pid)
+        assert after_bulk - calm > 1000, "the bulk burst touched only %d KB" % (after_bulk - calm)
+        ping(40)
+        after_calm = _proc_rss_kb(device.pid)
+        assert after_bulk - after_calm > 1000, \
+            "RSS %d KB after the burst, %d KB after 40 small round trips" % (after_bulk, after_calm)
+        conn.close()
+    finally:
+        svc.close()
+
+
 def _threads(pid):
     return len(os.listdir("/proc/%d/task" % pid))
 

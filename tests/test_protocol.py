@@ -141,3 +141,25 @@ def test_sole_data_takes_exactly_one_whole_data_frame_or_nothing():
         assert buf.pending() == len(wire)
     buf = loaded(one + one)
     assert [(i, bytes(p)) for _, i, p in buf.frames()] == [(7, b"hello"), (7, b"hello")]
+
+
+def test_pages_go_back_only_after_enough_small_reads():
+    # Private anonymous pages read as zeros once given back (MADV_DONTNEED).
+    from tcprc import buffers
+    mapping = buffers.anonymous(4 * buffers.KEEP)
+    pages = buffers.Pages(mapping)
+    mapping[buffers.KEEP:buffers.KEEP + 3] = b"abc"
+    mapping[0:3] = b"xyz"
+    pages.note(2 * buffers.KEEP)
+    assert pages.wide
+    for _ in range(buffers.QUIET_READS - 1):
+        pages.note(100)
+    assert pages.wide and mapping[buffers.KEEP:buffers.KEEP + 3] == b"abc"
+    pages.note(2 * buffers.KEEP)          # a big read again: the count starts over
+    for _ in range(buffers.QUIET_READS - 1):
+        pages.note(100)
+    assert mapping[buffers.KEEP:buffers.KEEP + 3] == b"abc"
+    pages.note(100)
+    assert not pages.wide
+    assert mapping[buffers.KEEP:buffers.KEEP + 3] == b"\0\0\0"   # given back
+    assert mapping[0:3] == b"xyz"                                 # the first KEEP bytes stay
