@@ -371,6 +371,32 @@ def test_buffers_give_their_far_pages_back_when_traffic_calms(agents):
         svc.close()
 
 
+def test_the_uplink_buffer_gives_its_bulk_pages_back_when_the_last_stream_closes(agents):
+    # After a bulk burst the uplink may carry nothing more for hours: the
+    # last stream's close is when the device's uplink buffer calms down.
+    # (The pump's buffer goes with its stream; this is the other 1 MB.)
+    svc = Service("echo")
+    try:
+        server, device, host = start_tunnel(agents, svc.address)
+        _warm_up(host, svc)
+        idle_threads = wait_for(lambda: _threads(device.pid) <= 3 and _threads(device.pid),
+                                what="the warm-up pump to exit")
+        calm = _proc_rss_kb(device.pid)
+        conn = socket.create_connection(host, timeout=10)
+        bulk = pattern(8 * 1024 * 1024)
+        sender = threading.Thread(target=conn.sendall, args=(bulk,))
+        sender.start()
+        assert recv_exactly(conn, len(bulk)) == bulk
+        sender.join(10)
+        peak = _proc_rss_kb(device.pid)
+        conn.close()
+        wait_for(lambda: _threads(device.pid) == idle_threads, what="the pump to exit")
+        wait_for(lambda: _proc_rss_kb(device.pid) - calm < 400, timeout=5,
+                 what="RSS back within 400 KB of %d KB (it peaked at %d KB)" % (calm, peak))
+    finally:
+        svc.close()
+
+
 def _threads(pid):
     return len(os.listdir("/proc/%d/task" % pid))
 
