@@ -257,12 +257,8 @@ def test_agents_honour_tcprc_splice(agents, monkeypatch, splice):
     try:
         server, device, host = start_tunnel(agents, svc.address)
         idle_pipes = _pipes(device.pid)
-        blob = pattern(2 * 1024 * 1024)
         with socket.create_connection(host, timeout=20) as c:
-            sender = threading.Thread(target=c.sendall, args=(blob,))
-            sender.start()
-            assert recv_exactly(c, len(blob)) == blob
-            sender.join(10)
+            _echo_burst(c, 2 * 1024 * 1024)
             # The device's pump owns a pipe while its stream is open, on the splice path only.
             extra = _pipes(device.pid) - idle_pipes
             assert extra == (2 if splice else 0)
@@ -324,6 +320,22 @@ def _warm_up(host, svc):
     wait_for(lambda: svc.ended == 1, what="warm-up stream closed")
 
 
+def _warm_and_idle(host, svc, device):
+    """_warm_up, then wait for its pump to exit; the device's idle thread count."""
+    _warm_up(host, svc)
+    return wait_for(lambda: _threads(device.pid) <= 3 and _threads(device.pid),
+                    what="the warm-up pump to exit")
+
+
+def _echo_burst(conn, size):
+    """`size` bytes through an echo service, sent and read back at once."""
+    bulk = pattern(size)
+    sender = threading.Thread(target=conn.sendall, args=(bulk,))
+    sender.start()
+    assert recv_exactly(conn, size) == bulk
+    sender.join(10)
+
+
 def _open_echoing(host, count):
     """`count` open streams, each having carried 64 bytes there and back."""
     socks = [socket.create_connection(host, timeout=10) for _ in range(count)]
@@ -355,11 +367,7 @@ def test_buffers_give_their_far_pages_back_when_traffic_calms(agents):
 
         ping(5)
         calm = _proc_rss_kb(device.pid)
-        bulk = pattern(8 * 1024 * 1024)
-        sender = threading.Thread(target=conn.sendall, args=(bulk,))
-        sender.start()
-        assert recv_exactly(conn, len(bulk)) == bulk
-        sender.join(10)
+        _echo_burst(conn, 8 * 1024 * 1024)
         after_bulk = _proc_rss_kb(device.pid)
         assert after_bulk - calm > 1000, "the bulk burst touched only %d KB" % (after_bulk - calm)
         ping(40)
@@ -378,16 +386,10 @@ def test_the_uplink_buffer_gives_its_bulk_pages_back_when_the_last_stream_closes
     svc = Service("echo")
     try:
         server, device, host = start_tunnel(agents, svc.address)
-        _warm_up(host, svc)
-        idle_threads = wait_for(lambda: _threads(device.pid) <= 3 and _threads(device.pid),
-                                what="the warm-up pump to exit")
+        idle_threads = _warm_and_idle(host, svc, device)
         calm = _proc_rss_kb(device.pid)
         conn = socket.create_connection(host, timeout=10)
-        bulk = pattern(8 * 1024 * 1024)
-        sender = threading.Thread(target=conn.sendall, args=(bulk,))
-        sender.start()
-        assert recv_exactly(conn, len(bulk)) == bulk
-        sender.join(10)
+        _echo_burst(conn, 8 * 1024 * 1024)
         peak = _proc_rss_kb(device.pid)
         conn.close()
         wait_for(lambda: _threads(device.pid) == idle_threads, what="the pump to exit")
@@ -416,9 +418,7 @@ def test_device_memory_returns_near_idle_after_200_streams(agents):
     deployed = {"MALLOC_ARENA_MAX": "1", "GLIBC_TUNABLES": "glibc.pthread.stack_cache_size=0"}
     try:
         server, device, host = start_tunnel(agents, svc.address, device_env=deployed)
-        _warm_up(host, svc)
-        idle_threads = wait_for(lambda: _threads(device.pid) <= 3 and _threads(device.pid),
-                                what="the warm-up pump to exit")
+        idle_threads = _warm_and_idle(host, svc, device)
         idle = _proc_rss_kb(device.pid)
         for s in _open_echoing(host, 200):
             s.close()
