@@ -63,10 +63,12 @@ class FrameBuffer:
     """Incremental decoder over one reusable buffer.
 
     The owner calls `receive(sock)` (or receives into `writable()` and
-    reports the byte count to `filled()`); `frames()` then yields (command, client id, payload view) for
-    every complete frame.  Payload views point into the buffer and are only
-    valid until the next `writable()` call.  The buffer never grows: it holds
-    at least one maximal frame, and a partial frame is moved to its start.
+    reports the byte count to `filled()`); `frames()` then yields (command,
+    client id, payload view) for every complete frame, and `sole_data()`
+    takes the common case of exactly one DATA frame.  Payload views point
+    into the buffer and are only valid until the next `receive()`,
+    `writable()` or `calm()` call.  The buffer never grows: it holds at
+    least one maximal frame, and a partial frame is moved to its start.
     """
 
     def __init__(self, size: int = 1024 * 1024):

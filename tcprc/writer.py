@@ -21,7 +21,7 @@ from . import protocol
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _MORE = getattr(socket, "MSG_MORE", 0)
 _pack_header = protocol.HEADER.pack
-HEADER_SIZE = protocol.HEADER_SIZE
+_HEADER_SIZE = protocol.HEADER_SIZE
 _DATA, _MAX_PAYLOAD = protocol.DATA, protocol.MAX_PAYLOAD
 
 
@@ -52,7 +52,7 @@ class FrameWriter:
         if payload:
             parts.append(payload)
         size = len(payload) if command == protocol.DATA else 0
-        return self._locked(still_wanted, size, parts, HEADER_SIZE + len(payload))
+        return self._locked(still_wanted, size, parts, _HEADER_SIZE + len(payload))
 
     def send_data(self, client_id: int, data: memoryview,
                   still_wanted: Optional[Callable[[], bool]] = None) -> bool:
@@ -60,13 +60,13 @@ class FrameWriter:
         size = len(data)
         if size <= _MAX_PAYLOAD:   # the common case, kept short for latency
             return self._locked(still_wanted, size, [_pack_header(size, _DATA, client_id), data],
-                                HEADER_SIZE + size)
+                                _HEADER_SIZE + size)
         parts: List[Any] = []
         for start in range(0, size, _MAX_PAYLOAD):
             chunk = data[start:start + _MAX_PAYLOAD]
             parts.append(_pack_header(len(chunk), _DATA, client_id))
             parts.append(chunk)
-        return self._locked(still_wanted, size, parts, HEADER_SIZE * (len(parts) // 2) + size)
+        return self._locked(still_wanted, size, parts, _HEADER_SIZE * (len(parts) // 2) + size)
 
     def send_spliced(self, client_id: int, pipe: int, count: int,
                      still_wanted: Optional[Callable[[], bool]] = None) -> bool:
