@@ -1,4 +1,4 @@
-"""The uplink frame codec of PROTOCOL.md: a 4-byte big-endian header, then the payload.
+"""The uplink frame codec of docs/protocol.md: a 4-byte big-endian header, then the payload.
 
     u16 payload length | u8 command | u8 client id | payload
 """
