@@ -6,6 +6,7 @@ import socket
 import stat
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -102,6 +103,81 @@ def test_idle_connections_are_dropped(tmp_path):
             assert sock.recv(1) == b""        # closed by the agent, not by our timeout
     finally:
         server.close()
+
+
+class Drip(threading.Thread):
+    """A client sending `data` every 50 ms: until the agent hangs up, at most `life` s."""
+
+    def __init__(self, path, data, life=15.0):
+        super().__init__(daemon=True)
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(path)
+        self.data, self.life = data, life
+        self.stop = threading.Event()
+        self.cut = None          # seconds after the start when the agent hung up
+
+    def run(self):
+        started = time.monotonic()
+        try:
+            while not self.stop.is_set() and time.monotonic() - started < self.life:
+                try:
+                    self.sock.send(self.data)
+                except OSError:
+                    self.cut = time.monotonic() - started
+                    return
+                self.stop.wait(0.05)
+        finally:
+            self.sock.close()
+
+
+@pytest.fixture
+def short_timeout(tmp_path):
+    """A control socket whose clients get 1 s for each command."""
+    cfg = build_config("device", {}, "test")
+    app = DeviceApp(cfg.device)
+    server = ControlServer(CommandParser(app, cfg), str(tmp_path / "c.sock"), client_timeout=1.0)
+    server.start()
+    yield server
+    server.close()
+
+
+def test_slow_drip_connections_cannot_keep_the_socket_busy(short_timeout):
+    """Eight clients sending a byte at a time, never a newline: the ninth gets in."""
+    drips = [Drip(short_timeout.path, b"s") for _ in range(control.MAX_CLIENTS)]
+    try:
+        for drip in drips:
+            drip.start()
+        # Before the fix each byte restarted the idle clock: busy for the drips' whole life.
+        wait_for(lambda: send_command(short_timeout.path, "status", 2)[-1] == "OK",
+                 timeout=5, what="a ninth client answered")
+        wait_for(lambda: all(d.cut is not None for d in drips), timeout=5, what="drips cut")
+    finally:
+        for drip in drips:
+            drip.stop.set()
+        for drip in drips:
+            drip.join(5)
+
+
+def test_blank_lines_are_no_activity_but_commands_are(short_timeout):
+    blank = Drip(short_timeout.path, b"\n")
+    blank.start()
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:     # a command every 0.1 s for 2 s
+            sock.settimeout(5)
+            sock.connect(short_timeout.path)
+            answers = b""
+            for _ in range(20):
+                sock.sendall(b"help\n")
+                while not answers.endswith(b"OK\n"):
+                    chunk = sock.recv(65536)
+                    assert chunk, "the agent hung up on a client that sends commands"
+                    answers += chunk
+                answers = b""
+                time.sleep(0.1)     # pacing the client, not synchronisation
+        wait_for(lambda: blank.cut is not None, timeout=5, what="the blank-line client cut")
+    finally:
+        blank.stop.set()
+        blank.join(5)
 
 
 def test_too_many_clients_are_refused_not_queued(served):
