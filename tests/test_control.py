@@ -5,6 +5,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import threading
 import time
 
@@ -398,6 +399,51 @@ def test_config_save_survives_a_restart(agents, tmp_path):
     assert 'device.allow = ["127.0.0.1:80", "127.0.0.1:502"]' in out
     assert "device.keepalive_idle = 45" in out and "device.autostart = false" in out
     assert agent.ctl("status").stdout.startswith("state: idle")   # autostart stayed off
+
+
+KILLED_SAVE = """
+import os, signal, sys
+from tcprc import tomlwrite
+os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)   # die mid-save, file written
+tomlwrite.atomic_write(sys.argv[1], "[device]\\nautostart = false\\n")
+"""
+
+
+def test_stale_save_temp_files_are_removed_at_start(agents, tmp_path):
+    config = tmp_path / "device.toml"
+    config.write_text('[control]\nsocket = "%s"\n' % (tmp_path / "device.sock"))
+    killed = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(config)], cwd=ROOT, timeout=30)
+    assert killed.returncode == -signal.SIGKILL
+    left = [n for n in os.listdir(str(tmp_path)) if n.endswith(".tmp")]
+    assert len(left) == 1 and left[0].startswith(".device.toml."), left
+    hour_ago = time.time() - 3600
+    planted = {".device.toml.abc_1234.tmp": hour_ago,
+               ".device.toml.zzzzzzzz.tmp": time.time() + 86400}   # the clock was set back
+    keep = {".device.toml.fresh000.tmp": None,                     # maybe a save under way
+            ".device.toml.abcd1234.tmp.bak": hour_ago, ".device.toml.abc1234.tmp": hour_ago,
+            "device.toml.abcd1234.tmp": hour_ago, ".other.toml.abcd1234.tmp": hour_ago,
+            ".device.toml.ABCD1234.tmp": hour_ago}
+    for name, mtime in list(planted.items()) + list(keep.items()):
+        (tmp_path / name).write_text("x")
+        if mtime is not None:
+            os.utime(str(tmp_path / name), (mtime, mtime))
+    os.utime(str(tmp_path / left[0]), (hour_ago, hour_ago))
+    os.mkdir(str(tmp_path / ".device.toml.dir00000.tmp"))
+    os.symlink(str(tmp_path / "device.toml.abcd1234.tmp"), str(tmp_path / ".device.toml.link0000.tmp"))
+    os.utime(str(tmp_path / ".device.toml.link0000.tmp"), (hour_ago, hour_ago),
+             follow_symlinks=False)
+    keep.update({".device.toml.dir00000.tmp": None, ".device.toml.link0000.tmp": None})
+
+    agent = agents("device", tmp_path, "")
+    names = set(os.listdir(str(tmp_path)))
+    assert not names & (set(planted) | {left[0]}), sorted(names)
+    assert set(keep) <= names, sorted(names)
+    assert config.read_text().startswith("[control]")          # the config itself untouched
+    assert agent.ctl("status").returncode == 0
+    status, log = agent.stop()
+    assert status == 0
+    lines = [line for line in log.splitlines() if "stale temporary" in line]
+    assert len(lines) == 1 and "removed 3 " in lines[0], log
 
 
 def test_ctl_on_the_server_role(agents, tmp_path):
