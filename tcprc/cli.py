@@ -81,6 +81,18 @@ def make_app(cfg: Config) -> Any:
     return ServerApp(cfg.server)
 
 
+def remove_stale_save_temps(config_path: str) -> None:
+    """A `config save` killed mid-write leaves its temporary file: clear them."""
+    from .tomlwrite import remove_stale_temps
+    removed, failed = remove_stale_temps(config_path)
+    log = logging.getLogger("tcprc")
+    if removed:
+        log.info("removed %d stale temporary file(s) of an interrupted config save of %s",
+                 len(removed), config_path)
+    if failed:
+        log.warning("cannot remove stale temporary file %s (%d in all)", failed[0], len(failed))
+
+
 def run_agent(role: str, args: argparse.Namespace) -> int:
     try:
         cfg = load_role_config(role, args)
@@ -96,6 +108,8 @@ def run_agent(role: str, args: argparse.Namespace) -> int:
     service = daemon.Service(args, cfg)   # detach, [log], pidfile, signals
     if not service.start():
         return service.status
+    if args.config:
+        remove_stale_save_temps(args.config)
     threading.stack_size(WORKER_STACK)
     app = make_app(cfg)
     try:

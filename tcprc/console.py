@@ -35,10 +35,15 @@ class LineEditor:
 
     CR, LF and CRLF end a line; backspace and DEL erase one character (a whole
     UTF-8 sequence); Ctrl-U erases the line; Ctrl-C abandons it; ANSI escape
-    sequences (arrow keys) are ignored. A line longer than `max_line` bytes is
-    dropped as it arrives, so memory stays bounded, and reported at its end.
+    sequences (arrow keys) are ignored. A control byte (CR, Ctrl-C, BS, DEL,
+    another ESC...) or a non-ASCII byte cuts an unfinished escape sequence
+    short and then counts as typed, and a sequence ends after MAX_ESCAPE
+    bytes: a stray ESC or a mangled key never swallows the Enter after it.
+    A line longer than `max_line` bytes is dropped as it arrives, so memory
+    stays bounded, and reported at its end.
     """
 
+    MAX_ESCAPE = 16       # bytes, ESC included; real keys send at most about 8
     TOO_LONG = object()   # returned in place of a line that was over the cap
     CANCELLED = object()  # Ctrl-C: nothing to run, but a fresh prompt
 
@@ -49,6 +54,7 @@ class LineEditor:
         self._too_long = False
         self._after_cr = False
         self._escape = 0          # 0: none, 1: after ESC, 2: inside CSI/SS3
+        self._escape_len = 0
 
     def feed(self, data: bytes) -> Tuple[bytes, List[Any]]:
         """Returns (bytes to echo, completed lines: str, TOO_LONG or CANCELLED)."""
@@ -57,8 +63,10 @@ class LineEditor:
         for byte in data:
             after_cr, self._after_cr = self._after_cr, False
             if self._escape:
-                self._skip_escape(byte)
-                continue
+                if 0x20 <= byte < DEL:
+                    self._skip_escape(byte)
+                    continue
+                self._escape = 0   # no escape sequence holds this byte: it was typed
             if byte in (CR, LF):
                 if byte == LF and after_cr:
                     continue      # the LF of a CRLF
@@ -79,7 +87,7 @@ class LineEditor:
                 lines.append(self.CANCELLED)
                 out += b"^C\r\n"
             elif byte == ESC:
-                self._escape = 1
+                self._escape, self._escape_len = 1, 1
             elif byte < 0x20:
                 byte = 0x20 if byte == 0x09 else -1   # tab types a space, the rest is noise
                 if byte > 0:
@@ -106,9 +114,10 @@ class LineEditor:
             self._buf.pop()
 
     def _skip_escape(self, byte: int) -> None:
+        self._escape_len += 1
         if self._escape == 1:
             self._escape = 2 if byte in (ord("["), ord("O")) else 0
-        elif 0x40 <= byte <= 0x7E:
+        elif 0x40 <= byte <= 0x7E or self._escape_len >= self.MAX_ESCAPE:
             self._escape = 0
 
     def _finish(self) -> Any:

@@ -16,6 +16,7 @@ import socket
 import stat
 import sys
 import threading
+import time
 from typing import Any, List, Optional
 
 from .commands import MAX_LINE
@@ -24,7 +25,7 @@ from .config import ConfigError, load_config
 log = logging.getLogger("tcprc.control")
 
 MAX_CLIENTS = 8          # concurrent ctl connections; more are refused at once
-CLIENT_TIMEOUT = 30.0    # an idle ctl connection is dropped after this
+CLIENT_TIMEOUT = 30.0    # a ctl connection without a complete command for this long is dropped
 
 
 class ControlError(Exception):
@@ -175,17 +176,20 @@ class ControlServer:
         # A short poll interval lets close() end an idle connection quickly.
         conn.settimeout(0.2)
         buf = bytearray()
-        idle = 0.0
+        # Only a complete command restarts the clock: a client dripping bytes
+        # without a newline must not hold one of the MAX_CLIENTS slots forever.
+        deadline = time.monotonic() + self.client_timeout
         try:
             while not self._stop.is_set():
+                if time.monotonic() >= deadline:
+                    if buf:   # at most MAX_CLIENTS lines per client_timeout
+                        log.info("control connection closed: no complete command in %gs",
+                                 self.client_timeout)
+                    return
                 try:
                     chunk = conn.recv(4096)
                 except socket.timeout:
-                    idle += 0.2
-                    if idle >= self.client_timeout:
-                        return
                     continue
-                idle = 0.0
                 if not chunk:
                     return
                 buf += chunk
@@ -198,6 +202,8 @@ class ControlServer:
                         self._send(conn, ["ERROR line too long (max %d bytes)" % MAX_LINE])
                         return
                     self._send(conn, self._answer(line))
+                    if line.strip():   # blank lines are no activity either
+                        deadline = time.monotonic() + self.client_timeout
                 if len(buf) > MAX_LINE:
                     self._send(conn, ["ERROR line too long (max %d bytes)" % MAX_LINE])
                     return

@@ -72,6 +72,61 @@ def test_arrow_keys_and_tabs():
     assert editor.feed(b"help\tstatus\r")[1] == ["help status"]
 
 
+@pytest.mark.parametrize("ending", [b"\r", b"\n", b"\r\n"])
+def test_escape_then_enter_ends_the_line(ending):
+    editor = LineEditor()
+    echo, lines = editor.feed(b"status\x1b" + ending)
+    assert lines == ["status"] and echo == b"status\r\n"     # the lone ESC is dropped
+    assert editor.feed(b"help\r")[1] == ["help"]
+
+
+def test_enter_inside_an_unfinished_escape_sequence_ends_the_line():
+    # The issue: a mangled key (F2 is ESC [ 1 2 ~) without its final byte, Enter,
+    # then `status` retyped. The old editor took the CR as part of the sequence and
+    # the retyped `s` as its final byte: the line ran as `statustatus`.
+    editor = LineEditor()
+    assert editor.feed(b"\x1b[12\rstatus\r")[1] == ["", "status"]
+    # With `status` typed before the key, the Enter runs the line as shown on the
+    # screen (the sequence is dropped as arrow keys are), the retyped one runs again.
+    echo, lines = editor.feed(b"status\x1b[12\rstatus\r")
+    assert lines == ["status", "status"]
+    assert echo == b"status\r\nstatus\r\n"
+
+
+@pytest.mark.parametrize("typed, expected", [
+    (b"garbage\x1b[1;5\x03help\r", [LineEditor.CANCELLED, "help"]),   # Ctrl-C
+    (b"garbage\x1b[1;5\x15help\r", ["help"]),                          # Ctrl-U
+    (b"helpx\x1b[1;5\x08\r", ["help"]),                                 # BS
+    (b"helpx\x1b[1;5\x7f\r", ["help"]),                                 # DEL
+    (b"help\x1b[1;5\n", ["help"]),                                      # LF
+])
+def test_control_bytes_inside_an_escape_sequence_act_as_typed(typed, expected):
+    assert LineEditor().feed(typed)[1] == expected
+
+
+def test_a_second_escape_starts_a_new_sequence():
+    editor = LineEditor()
+    assert editor.feed(b"sta\x1b[1\x1b[Atus\x1b\x1bOBx\x7f\r")[1] == ["status"]
+
+
+def test_non_ascii_byte_ends_an_escape_sequence():
+    editor = LineEditor()
+    assert editor.feed("\x1b[1caf\u00e9\r".encode("utf-8"))[1] == ["af\u00e9"]
+    assert editor.feed("\x1b[1\u00e9\r".encode("utf-8"))[1] == ["\u00e9"]
+
+
+def test_an_endless_escape_sequence_stops_swallowing_input():
+    editor = LineEditor()
+    cap = LineEditor.MAX_ESCAPE
+    # ESC, '[' and parameter bytes that never reach a final byte: after `cap`
+    # bytes the editor stops skipping, and what follows is typed again.
+    echo, lines = editor.feed(b"\x1b[" + b"1" * (cap - 2) + b"234")
+    assert echo == b"234" and lines == []
+    assert editor.feed(b"\r")[1] == ["234"]
+    # A sequence of exactly the cap still ends with its final byte.
+    assert editor.feed(b"\x1b[" + b"1" * (cap - 3) + b"~ok\r")[1] == ["ok"]
+
+
 def test_no_echo_when_disabled():
     editor = LineEditor(echo=False)
     assert editor.feed(b"status\x7fs\r") == (b"", ["status"])
@@ -220,6 +275,35 @@ def test_console_typing_byte_by_byte_with_backspace(bench):
     out = term.expect(PROMPT)
     assert b"x\b \b" in out and b"z\b \b" in out
     assert b"state: idle" in out and out.endswith(b"OK\r\n" + PROMPT)
+
+
+@needs_serial
+def test_console_enter_after_a_mangled_key_is_not_lost(bench):
+    """The issue's keystrokes, each its own write: `statustatus` ran before the fix."""
+    term = bench["terminal"]
+    term.type(b"\x1b[12")                                  # a mangled F2 key
+    term.type(b"\r")
+    assert term.expect(PROMPT) == b"\r\n" + PROMPT        # the Enter: a blank line
+    term.type(b"status")
+    term.type(b"\r")
+    out = term.expect(PROMPT)
+    assert out.startswith(b"status\r\nstate: idle\r\n") and out.endswith(b"OK\r\n" + PROMPT)
+    # `status` already typed when the key came: that Enter runs it as the screen shows.
+    for keys in (b"status", b"\x1b[12", b"\r"):
+        term.type(keys)
+    out = term.expect(PROMPT)
+    assert out.startswith(b"status\r\nstate: idle\r\n") and out.endswith(b"OK\r\n" + PROMPT)
+    assert term.command("status")[-1] == "OK"
+    assert bytes(term.buf) == b""
+
+
+@needs_serial
+def test_console_escape_then_enter_runs_the_line(bench):
+    term = bench["terminal"]
+    term.type(b"status\x1b")
+    term.type(b"\r")
+    out = term.expect(PROMPT)
+    assert out.startswith(b"status\r\nstate: idle\r\n") and out.endswith(b"OK\r\n" + PROMPT)
 
 
 @needs_serial

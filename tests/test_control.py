@@ -5,7 +5,9 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
@@ -102,6 +104,81 @@ def test_idle_connections_are_dropped(tmp_path):
             assert sock.recv(1) == b""        # closed by the agent, not by our timeout
     finally:
         server.close()
+
+
+class Drip(threading.Thread):
+    """A client sending `data` every 50 ms: until the agent hangs up, at most `life` s."""
+
+    def __init__(self, path, data, life=15.0):
+        super().__init__(daemon=True)
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(path)
+        self.data, self.life = data, life
+        self.stop = threading.Event()
+        self.cut = None          # seconds after the start when the agent hung up
+
+    def run(self):
+        started = time.monotonic()
+        try:
+            while not self.stop.is_set() and time.monotonic() - started < self.life:
+                try:
+                    self.sock.send(self.data)
+                except OSError:
+                    self.cut = time.monotonic() - started
+                    return
+                self.stop.wait(0.05)
+        finally:
+            self.sock.close()
+
+
+@pytest.fixture
+def short_timeout(tmp_path):
+    """A control socket whose clients get 1 s for each command."""
+    cfg = build_config("device", {}, "test")
+    app = DeviceApp(cfg.device)
+    server = ControlServer(CommandParser(app, cfg), str(tmp_path / "c.sock"), client_timeout=1.0)
+    server.start()
+    yield server
+    server.close()
+
+
+def test_slow_drip_connections_cannot_keep_the_socket_busy(short_timeout):
+    """Eight clients sending a byte at a time, never a newline: the ninth gets in."""
+    drips = [Drip(short_timeout.path, b"s") for _ in range(control.MAX_CLIENTS)]
+    try:
+        for drip in drips:
+            drip.start()
+        # Before the fix each byte restarted the idle clock: busy for the drips' whole life.
+        wait_for(lambda: send_command(short_timeout.path, "status", 2)[-1] == "OK",
+                 timeout=5, what="a ninth client answered")
+        wait_for(lambda: all(d.cut is not None for d in drips), timeout=5, what="drips cut")
+    finally:
+        for drip in drips:
+            drip.stop.set()
+        for drip in drips:
+            drip.join(5)
+
+
+def test_blank_lines_are_no_activity_but_commands_are(short_timeout):
+    blank = Drip(short_timeout.path, b"\n")
+    blank.start()
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:     # a command every 0.1 s for 2 s
+            sock.settimeout(5)
+            sock.connect(short_timeout.path)
+            answers = b""
+            for _ in range(20):
+                sock.sendall(b"help\n")
+                while not answers.endswith(b"OK\n"):
+                    chunk = sock.recv(65536)
+                    assert chunk, "the agent hung up on a client that sends commands"
+                    answers += chunk
+                answers = b""
+                time.sleep(0.1)     # pacing the client, not synchronisation
+        wait_for(lambda: blank.cut is not None, timeout=5, what="the blank-line client cut")
+    finally:
+        blank.stop.set()
+        blank.join(5)
 
 
 def test_too_many_clients_are_refused_not_queued(served):
@@ -322,6 +399,51 @@ def test_config_save_survives_a_restart(agents, tmp_path):
     assert 'device.allow = ["127.0.0.1:80", "127.0.0.1:502"]' in out
     assert "device.keepalive_idle = 45" in out and "device.autostart = false" in out
     assert agent.ctl("status").stdout.startswith("state: idle")   # autostart stayed off
+
+
+KILLED_SAVE = """
+import os, signal, sys
+from tcprc import tomlwrite
+os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)   # die mid-save, file written
+tomlwrite.atomic_write(sys.argv[1], "[device]\\nautostart = false\\n")
+"""
+
+
+def test_stale_save_temp_files_are_removed_at_start(agents, tmp_path):
+    config = tmp_path / "device.toml"
+    config.write_text('[control]\nsocket = "%s"\n' % (tmp_path / "device.sock"))
+    killed = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(config)], cwd=ROOT, timeout=30)
+    assert killed.returncode == -signal.SIGKILL
+    left = [n for n in os.listdir(str(tmp_path)) if n.endswith(".tmp")]
+    assert len(left) == 1 and left[0].startswith(".device.toml."), left
+    hour_ago = time.time() - 3600
+    planted = {".device.toml.abc_1234.tmp": hour_ago,
+               ".device.toml.zzzzzzzz.tmp": time.time() + 86400}   # the clock was set back
+    keep = {".device.toml.fresh000.tmp": None,                     # maybe a save under way
+            ".device.toml.abcd1234.tmp.bak": hour_ago, ".device.toml.abc1234.tmp": hour_ago,
+            "device.toml.abcd1234.tmp": hour_ago, ".other.toml.abcd1234.tmp": hour_ago,
+            ".device.toml.ABCD1234.tmp": hour_ago}
+    for name, mtime in list(planted.items()) + list(keep.items()):
+        (tmp_path / name).write_text("x")
+        if mtime is not None:
+            os.utime(str(tmp_path / name), (mtime, mtime))
+    os.utime(str(tmp_path / left[0]), (hour_ago, hour_ago))
+    os.mkdir(str(tmp_path / ".device.toml.dir00000.tmp"))
+    os.symlink(str(tmp_path / "device.toml.abcd1234.tmp"), str(tmp_path / ".device.toml.link0000.tmp"))
+    os.utime(str(tmp_path / ".device.toml.link0000.tmp"), (hour_ago, hour_ago),
+             follow_symlinks=False)
+    keep.update({".device.toml.dir00000.tmp": None, ".device.toml.link0000.tmp": None})
+
+    agent = agents("device", tmp_path, "")
+    names = set(os.listdir(str(tmp_path)))
+    assert not names & (set(planted) | {left[0]}), sorted(names)
+    assert set(keep) <= names, sorted(names)
+    assert config.read_text().startswith("[control]")          # the config itself untouched
+    assert agent.ctl("status").returncode == 0
+    status, log = agent.stop()
+    assert status == 0
+    lines = [line for line in log.splitlines() if "stale temporary" in line]
+    assert len(lines) == 1 and "removed 3 " in lines[0], log
 
 
 def test_ctl_on_the_server_role(agents, tmp_path):

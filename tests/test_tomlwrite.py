@@ -128,3 +128,19 @@ def test_atomic_write_failure_leaves_old_file(tmp_path):
         tomlwrite.atomic_write(str(path), 12345)  # not text: the write fails
     assert path.read_text() == "a = 1\n"
     assert os.listdir(tmp_path) == ["c.toml"]
+
+
+def test_stale_temps_are_found_beside_the_target_of_a_symlinked_config(tmp_path):
+    real_dir, link_dir = tmp_path / "real", tmp_path / "etc"
+    real_dir.mkdir()
+    link_dir.mkdir()
+    (real_dir / "gw.toml").write_text("")
+    os.symlink(str(real_dir / "gw.toml"), str(link_dir / "tcprc.toml"))
+    old = 1000000000
+    for path in (real_dir / ".gw.toml.k3j_0q9z.tmp", link_dir / ".tcprc.toml.k3j_0q9z.tmp"):
+        path.write_text("half a config")
+        os.utime(str(path), (old, old))
+    removed, failed = tomlwrite.remove_stale_temps(str(link_dir / "tcprc.toml"))
+    # atomic_write writes beside the file the link points to, so that is where to look.
+    assert removed == [".gw.toml.k3j_0q9z.tmp"] and failed == []
+    assert sorted(os.listdir(str(link_dir))) == [".tcprc.toml.k3j_0q9z.tmp", "tcprc.toml"]
