@@ -113,7 +113,7 @@ def test_a_flood_of_idle_connections_cannot_lock_a_device_out(server, keys):
         client.sendall(b"through")
         assert recv_exactly(client, 7) == b"through"
         client.close()
-        assert flood.reopened > 0, "the flood's connections were dropped to make room"
+        wait_for(lambda: flood.reopened > 0, what="the flood's connections dropped to make room")
         assert flood.is_alive(), "the flood still ran while the device got in"
     finally:
         flood.stopping.set()
@@ -137,6 +137,8 @@ def test_over_its_cap_a_source_loses_its_own_oldest_waiting_connection(server, c
     second.sendall(protocol.encode(LISTEN, 0))
     wait_for(lambda: app.host_address, what="the LISTEN")
     fourth = dial(app.listen_address)
+    wait_for(lambda: lines_about(caplog, "uplink from %s:%d accepted" % (ATTACKER, fourth.getsockname()[1])),
+             what="the fourth accepted")
     assert not is_eof(second, timeout=0.2) and not is_eof(third, timeout=0.2)
     for sock in (second, third, fourth, other):
         sock.close()
@@ -178,8 +180,7 @@ def test_one_hammering_source_logs_a_bounded_number_of_lines(server, caplog):
     noisy = lines_about(caplog, ATTACKER)
     # A burst of 10, then 1 line a second; suppressed lines are counted, not lost.
     assert len(noisy) <= 10 + elapsed + 1, (len(noisy), elapsed)
-    assert any("similar lines from this source suppressed" in line for line in noisy) \
-        or len(noisy) < 10
+    assert any("similar lines from this source suppressed" in line for line in noisy)
     device.close()
 
 
