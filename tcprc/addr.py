@@ -1,7 +1,7 @@
 """ADDR:PORT strings, parsed and printed the same way everywhere."""
 
 import socket
-from typing import Tuple
+from typing import List, Tuple
 
 
 def parse_hostport(text: str, allow_empty_host: bool = True,
@@ -60,3 +60,73 @@ def connect_tcp(host: str, port: int, timeout: float) -> socket.socket:
     except UnicodeEncodeError:
         name = host
     return socket.create_connection((name, port), timeout=timeout)
+
+
+# ---- networks (CIDR), for the server's allow_from ---------------------------------
+# Plain ints from inet_pton: the ipaddress module would cost a gateway ~300 KB.
+Network = Tuple[int, int, int]      # (bits: 32 or 128, network as int, prefix length)
+_MAPPED = 0xFFFF << 32              # ::ffff:0:0/96, IPv4 addresses seen on an IPv6 socket
+
+
+def _ip_int(text: str) -> Tuple[int, int]:
+    """(bits, value) of an IP address; an IPv4-mapped IPv6 address counts as IPv4."""
+    text = text.partition("%")[0]    # fe80::1%eth0: the scope is not part of the address
+    family, bits = (socket.AF_INET6, 128) if ":" in text else (socket.AF_INET, 32)
+    try:
+        value = int.from_bytes(socket.inet_pton(family, text), "big")
+    except (OSError, ValueError):
+        raise ValueError("%r is not an IP address" % text) from None
+    if bits == 128 and value >> 32 == 0xFFFF:
+        return 32, value & 0xFFFFFFFF
+    return bits, value
+
+
+def parse_network(text: str) -> Network:
+    """"10.0.0.0/8", "2001:db8::/32" or a bare address (one host); ValueError if bad."""
+    addr, sep, prefix_text = text.strip().partition("/")
+    mapped = ":" in addr
+    bits, value = _ip_int(addr)
+    mapped = mapped and bits == 32
+    full = 128 if mapped else bits
+    if not sep:
+        prefix = full
+    elif prefix_text.isdigit() and int(prefix_text) <= full:
+        prefix = int(prefix_text)
+    else:
+        raise ValueError("%r: the prefix length must be 0..%d" % (text, full))
+    if mapped:   # ::ffff:10.0.0.0/104 is 10.0.0.0/8
+        if prefix < 96:
+            raise ValueError("%r: an IPv4-mapped network needs a prefix of at least 96" % text)
+        prefix -= 96
+    host_bits = (1 << (bits - prefix)) - 1
+    if value & host_bits:
+        raise ValueError("%r has host bits set (did you mean %s/%d?)"
+                         % (text, _ip_text(bits, value & ~host_bits), prefix))
+    return bits, value, prefix
+
+
+def _ip_text(bits: int, value: int) -> str:
+    family = socket.AF_INET if bits == 32 else socket.AF_INET6
+    return socket.inet_ntop(family, value.to_bytes(bits // 8, "big"))
+
+
+def address_in(host: str, networks: List[Network]) -> bool:
+    """Is `host` (an accepted peer's address) inside one of `networks`?"""
+    try:
+        bits, value = _ip_int(host)
+    except ValueError:
+        return False
+    for net_bits, network, prefix in networks:
+        if net_bits == bits and value >> (bits - prefix) == network >> (bits - prefix):
+            return True
+    return False
+
+
+def source_key(host: str) -> Tuple[int, int]:
+    """What counts as one source for per-source limits: an IPv4 address or an IPv6 /64
+    (one IPv6 host usually holds a whole /64)."""
+    try:
+        bits, value = _ip_int(host)
+    except ValueError:
+        return 0, hash(host)
+    return (32, value) if bits == 32 else (128, value >> 64)

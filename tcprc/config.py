@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
-from .addr import parse_hostport
+from .addr import parse_hostport, parse_network
 
 # The one place that picks the TOML reader; other modules import it from here.
 if sys.version_info >= (3, 11):
@@ -45,6 +45,19 @@ def _hostport_list(value: Any) -> Optional[str]:
         problem = _hostport(False)(item)
         if problem:
             return problem
+    return None
+
+
+def _network_list(value: Any) -> Optional[str]:
+    if not value:
+        return "must name at least one network (CIDR), got an empty list"
+    for item in value:
+        if not isinstance(item, str):
+            return "every entry must be a string \"ADDR/PREFIX\", got %r" % (item,)
+        try:
+            parse_network(item)
+        except ValueError as exc:
+            return str(exc)
     return None
 
 
@@ -125,7 +138,9 @@ SCHEMA: Dict[str, Dict[str, Dict[str, Key]]] = {
             "listen": Key(str, "0.0.0.0:9000", _hostport(False, bind=True), "ServerAddress:ServerPort where devices dial in"),
             "host": Key(str, "127.0.0.1:2222", _hostport(False, bind=True), "HostAddress:HostPort where clients connect"),
             "listen_timeout": Key(float, 10.0, _between(0.1, 3600), "seconds a new uplink may take to send LISTEN"),
-            "max_pending": Key(int, 64, _between(1, 4096), "uplinks allowed to wait for their LISTEN at once"),
+            "max_pending": Key(int, 64, _between(1, 4096), "uplinks allowed to wait for their LISTEN at once; when full, the one waiting longest is dropped"),
+            "max_pending_per_source": Key(int, 4, _between(1, 4096), "of those, from one source address (an IPv6 /64); over it, that source's oldest is dropped"),
+            "allow_from": Key(list, ["0.0.0.0/0", "::/0"], _network_list, "networks (CIDR) devices may dial in from; the legacy protocol has no authentication"),
             "takeover": Key(bool, True, None, "a newer LISTEN replaces the live uplink (false: refuse the newcomer)"),
             "connect_address": Key(str, "", _wire_address, "address sent in CONNECT; empty: the device's own target"),
             "connect_port": Key(int, 23, _between(0, 65535), "port sent in CONNECT"),

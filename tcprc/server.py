@@ -7,16 +7,23 @@ the server noticing (a dead cellular NAT mapping) reconnects at once
 instead of being locked out until TCP gives up, the classic `ssh -R`
 "remote port forwarding failed" trap.  `takeover = false` refuses the
 newcomer instead.
+
+The legacy protocol has no authentication: whoever reaches the uplink port
+can LISTEN.  `allow_from` limits who may dial in; connections waiting for
+their LISTEN are capped per source and overall, and the one waiting longest
+makes room for a newcomer (a real device LISTENs within milliseconds), so a
+flood of idle connections cannot lock a device out.  Every line about the
+uplink port is rate-limited per source.
 """
 
 import logging
 import socket
 import threading
-from typing import Any, Dict, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from . import protocol
-from .addr import format_hostport, parse_hostport
-from .link import LimitedLog, Link
+from .addr import address_in, format_hostport, parse_hostport, parse_network, source_key
+from .link import LimitedLog, Link, SourceLog
 from .loop import Loop
 from .pump import Stream, tune_stream_socket
 
@@ -61,9 +68,14 @@ class ClientIds:
 class ServerLink(Link):
     role = "server"
 
-    def __init__(self, sock: socket.socket, settings: Any, name: str, app: "ServerApp"):
+    def __init__(self, sock: socket.socket, settings: Any, name: str, app: "ServerApp",
+                 host: str = ""):
         super().__init__(sock, settings, name)
         self.app = app
+        self.host = host                   # the source address, for allow_from
+        self.source = source_key(host)     # what per-source limits count
+        self.noisy = app.uplink_log.of(self.source)
+        self.evicted = False
         self.listening = False
         self.host_sock: Optional[socket.socket] = None
         self.ids = ClientIds()
@@ -79,12 +91,26 @@ class ServerLink(Link):
         if not self.listening:
             self.fail("no LISTEN within %.1f s" % self.settings.listen_timeout)
 
+    def evict(self, reason: str) -> None:
+        """Thread-safe: drop this uplink unless its LISTEN got in first."""
+        def drop() -> None:
+            if not self.listening:
+                self.evicted = True
+                self.fail(reason)
+        self.loop.call_soon(drop)
+
+    def log_closed(self) -> None:
+        level = logging.WARNING if self.evicted else logging.INFO
+        self.app.uplink_log.log(self.source, level, "%s: uplink closed: %s",
+                                self.name, self.end_reason or "stopped")
+
     def on_listen(self, client_id: int, payload: memoryview) -> None:
         if self.listening:
             self.noisy.warning("%s: repeated LISTEN ignored", self.name)
             return
         self.listening = True
         self._listen_timer.cancel()
+        self.app.listened(self)
         try:
             self.host_sock = self.app.claim_host(self)
         except OSError as exc:
@@ -94,8 +120,8 @@ class ServerLink(Link):
             self.fail("host port %s belongs to a live uplink (takeover = false)" % self.settings.host)
             return
         self.loop.set_handlers(self.host_sock, self._accept, None)
-        self.log.info("%s: LISTEN: clients accepted on %s", self.name,
-                      format_hostport(*self.host_sock.getsockname()[:2]))
+        self.app.uplink_log.info(self.source, "%s: LISTEN: clients accepted on %s", self.name,
+                                 format_hostport(*self.host_sock.getsockname()[:2]))
 
     def _before_listen(self, what: str) -> bool:
         if self.listening:
@@ -159,6 +185,10 @@ class ServerApp:
         self._thread: Optional[threading.Thread] = None
         self._last_error = ""
         self._totals = [0, 0]
+        self._pending: Dict[ServerLink, None] = {}   # waiting for LISTEN, oldest first
+        self._allow = [parse_network(n) for n in settings.allow_from]
+        self.uplink_log = SourceLog(log)
+        self._accept_errors = LimitedLog(log)
 
     # ---- lifecycle --------------------------------------------------------------
     def start(self) -> None:
@@ -169,6 +199,15 @@ class ServerApp:
         self._thread = threading.Thread(target=self._loop.run, name="tcprc-server", daemon=True)
         self._thread.start()
         log.info("waiting for devices on %s", format_hostport(*self.listen_address))
+        self._warn_if_open()
+
+    def _warn_if_open(self) -> None:
+        wide = [n for n, (_, _, prefix) in zip(self.settings.allow_from, self._allow) if prefix == 0]
+        if wide:
+            log.warning("legacy uplinks are accepted from anywhere (allow_from %s): the legacy "
+                        "protocol has no authentication, whoever reaches %s can take the tunnel "
+                        "and its clients; narrow [server] allow_from or firewall the port",
+                        ", ".join(wide), format_hostport(*self.listen_address))
 
     def close(self) -> None:
         self._loop.call_soon(self._loop.stop)
@@ -191,7 +230,16 @@ class ServerApp:
                         settings.listen, self.settings.listen)
         changed = settings.host != self.settings.host or settings.connect_port != self.settings.connect_port \
             or settings.connect_address != self.settings.connect_address
+        allow_changed = settings.allow_from != self.settings.allow_from
         self.settings = settings
+        if allow_changed:
+            self._allow = [parse_network(n) for n in settings.allow_from]
+            self._warn_if_open()
+            with self._lock:
+                links = list(self._links)
+            for link in links:
+                if not address_in(link.host, self._allow):
+                    link.stop("source no longer in allow_from")
         if changed:
             with self._lock:
                 active = self._active
@@ -222,23 +270,49 @@ class ServerApp:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            log.warning("accept on the uplink port failed: %s", exc.strerror or exc)
+            self._accept_errors.warning("accept on the uplink port failed: %s", exc.strerror or exc)
             return
         who = format_hostport(*peer[:2])
-        with self._lock:
-            waiting = sum(1 for link in self._links if not link.listening)
-        if waiting >= self.settings.max_pending:
-            log.warning("uplink from %s refused: %d connections already wait for their LISTEN",
-                        who, waiting)
+        if not address_in(peer[0], self._allow):
             sock.close()
+            self.uplink_log.warning(source_key(peer[0]), "uplink from %s refused: not in allow_from", who)
             return
         sock.setblocking(True)
-        link = ServerLink(sock, self.settings, "uplink %s" % who, self)
+        link = ServerLink(sock, self.settings, "uplink %s" % who, self, peer[0])
         thread = threading.Thread(target=self._serve, args=(link,), name="tcprc-uplink", daemon=True)
         with self._lock:
+            victims = self._make_room(link.source)
             self._links.add(link)
-        log.info("uplink from %s accepted", who)
+            self._pending[link] = None
+        for victim, reason in victims:
+            victim.evict(reason)
+        self.uplink_log.info(link.source, "uplink from %s accepted", who)
         thread.start()
+
+    def _make_room(self, source: Any) -> List[Tuple[ServerLink, str]]:
+        """Under the lock: the waiting uplinks to drop so one more may wait.
+
+        The one waiting longest goes, never the newcomer: a device sends LISTEN
+        at once, so an old waiter is the least likely to be one.  Over the
+        per-source cap, the source's own oldest goes (a device behind the same
+        NAT still gets in); over the global cap, the oldest of all.
+        """
+        victims = []
+        mine = [link for link in self._pending if link.source == source]
+        while len(mine) >= self.settings.max_pending_per_source:
+            victims.append((mine.pop(0), "dropped for a newer connection from the same source "
+                            "(max_pending_per_source = %d)" % self.settings.max_pending_per_source))
+            del self._pending[victims[-1][0]]
+        while len(self._pending) >= self.settings.max_pending:
+            oldest = next(iter(self._pending))
+            victims.append((oldest, "dropped for a newer connection (max_pending = %d)"
+                            % self.settings.max_pending))
+            del self._pending[oldest]
+        return victims
+
+    def listened(self, link: ServerLink) -> None:
+        with self._lock:
+            self._pending.pop(link, None)
 
     def _serve(self, link: ServerLink) -> None:
         try:
@@ -246,6 +320,7 @@ class ServerApp:
         finally:
             with self._lock:
                 self._links.discard(link)
+                self._pending.pop(link, None)
                 if link.listening and link.end_reason:
                     self._last_error = "%s: %s" % (link.name, link.end_reason)
 
@@ -256,8 +331,11 @@ class ServerApp:
                 current = self._active
             if current is not None:
                 if not self.settings.takeover:
+                    self.uplink_log.warning(link.source, "%s: LISTEN refused: the tunnel belongs to %s "
+                                            "(takeover = false)", link.name, current.name)
                     return None
-                log.warning("%s replaces %s as the tunnel's uplink", link.name, current.name)
+                self.uplink_log.warning(link.source, "%s: LISTEN takes over the tunnel from %s",
+                                        link.name, current.name)
                 current.stop("replaced by %s" % link.name)
                 current.wait_stopped(5)
             sock = bind_listener(parse_hostport(self.settings.host, allow_zero_port=True))
