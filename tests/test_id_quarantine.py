@@ -171,13 +171,15 @@ def fill(app, count):
 def cycle(app, device, n):
     """A client on the last free id: accepted once the old stream's frames are
     dealt with, then it must see only its own bytes and not be hung up."""
-    client = wait_for(lambda: round_trip(app, b"ping%03d" % n), what="client %d accepted" % n)
+    client = wait_for(lambda: round_trip(app, b"ping%03d" % n), what="client %d accepted" % n,
+                      interval=0.002)
     wait_for(device.settled, what="the device's late frames for the old stream")
     # The device's stale frames went up the uplink before this echo.
     client.sendall(b"pong%03d" % n)
     assert recv_exactly(client, 7) == b"pong%03d" % n
     client.close()
-    wait_for(lambda: app.status()["clients"] == 254, what="client %d gone" % n)
+    # Polled tightly: the next client comes as soon as the id is free here.
+    wait_for(lambda: app.status()["clients"] == 254, what="client %d gone" % n, interval=0.001)
 
 
 def test_lua_device_answering_close_late_never_reaches_the_next_client(server_app, devices, caplog):
