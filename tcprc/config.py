@@ -144,6 +144,7 @@ SCHEMA: Dict[str, Dict[str, Dict[str, Key]]] = {
             "takeover": Key(bool, True, None, "a newer LISTEN replaces the live uplink (false: refuse the newcomer)"),
             "connect_address": Key(str, "", _wire_address, "address sent in CONNECT; empty: the device's own target"),
             "connect_port": Key(int, 23, _between(0, 65535), "port sent in CONNECT"),
+            "id_quarantine": Key(float, 10.0, _between(0.1, 600), "seconds at most a client id the server closed waits for the device's answering CLOSE before reuse, once the device is seen to answer (legacy Lua agents do); otherwise a few uplink round trips"),
         }, **_LINK_KEYS),
         "control": {
             "socket": Key(str, "/run/tcprc/tcprc-server.sock", None, "Unix socket for `tcprc ctl`; empty: none"),

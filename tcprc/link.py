@@ -261,6 +261,12 @@ class Link:
     def on_unknown_data(self, client_id: int) -> None:
         pass
 
+    def on_unknown_close(self, client_id: int) -> None:
+        self.log.debug("%s: CLOSE for unknown client %d ignored", self.name, client_id)
+
+    def on_close_answered(self, client_id: int) -> None:
+        pass
+
     def on_stream_closed(self, stream: Stream, reason: str) -> None:
         self.log.info("%s: client %d (%s) closed: %s (%d bytes to the peer, %d from it)",
                       self.name, stream.id, stream.peer, reason, stream.bytes_to_peer,
@@ -405,10 +411,14 @@ class Link:
     def _on_close(self, client_id: int, payload: memoryview) -> None:
         stream = self.streams.pop(client_id, None)
         if stream is None:
-            self.log.debug("%s: CLOSE for unknown client %d ignored", self.name, client_id)
+            self.on_unknown_close(client_id)
             return
-        stream.mark_closed()
-        self.on_stream_closed(stream, "closed by peer")
+        if stream.mark_closed():
+            self.on_stream_closed(stream, "closed by peer")
+        else:
+            # Our pump sent CLOSE and its pump_exited is still queued: the peer answers it.
+            self.on_close_answered(client_id)
+            self.on_stream_closed(stream, "closed; the peer answered")
         self.retiring.add(stream)
         if stream.sock is None:
             return   # still connecting: attach() finishes the close

@@ -18,7 +18,9 @@ uplink port is rate-limited per source.
 
 import logging
 import socket
+import struct
 import threading
+import time
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from . import protocol
@@ -30,6 +32,11 @@ from .pump import Stream, tune_stream_socket
 log = logging.getLogger("tcprc.server")
 
 MAX_CLIENTS = 255
+SCORE_LIMIT = 3
+# A held id's grace: a floor for the device's own delay in reading our CLOSE,
+# plus this many smoothed round trips of the uplink.
+GRACE_FLOOR = 0.05
+GRACE_RTTS = 4
 HostPort = Tuple[str, int]
 
 
@@ -50,19 +57,80 @@ def bind_listener(address: HostPort, backlog: int = 128) -> socket.socket:
 
 
 class ClientIds:
-    """Ids 1..255, handed out round-robin so a just-closed id is reused as late as possible."""
+    """Ids 1..255, handed out round-robin so a just-closed id is reused as late as possible.
 
-    def __init__(self) -> None:
+    An id this side closed first is held: a legacy Lua device answers our
+    CLOSE with its own, maybe after DATA it still had for the old stream, and
+    that must not reach the id's next client.  A device seen to answer holds
+    the id until its CLOSE comes (at most `quarantine` seconds); one not seen
+    to (a tcprc device never answers) only for the `grace` given at close, the
+    time DATA it sent before reading our CLOSE may take to arrive.
+    """
+
+    def __init__(self, quarantine: float = 10.0) -> None:
         self._next = 1
+        # After a failed allocate: seconds until a held id frees, when a client
+        # should wait that long; 0.0: refuse it.
+        self.wait = 0.0
+        self.quarantine = quarantine
+        self._held: Dict[int, Tuple[float, float]] = {}   # id -> (closed at, grace)
+        # Answers seen minus ids reused unanswered, within +-SCORE_LIMIT: one CLOSE
+        # that merely crossed ours does not turn a tcprc device into an answerer.
+        self._score = 0
 
-    def allocate(self, in_use: Dict[int, Any]) -> Optional[int]:
+    @property
+    def answering(self) -> bool:
+        return self._score > 0
+
+    def hold(self, client_id: int, now: float, grace: float) -> None:
+        self._held[client_id] = (now, grace)
+
+    def answer(self, client_id: int, closing: bool = False) -> bool:
+        """The device's CLOSE for an id not open here: True when it answers ours.
+
+        `closing`: our CLOSE went out but the stream is still winding up.
+        An answer after the hold ran out still counts, until the id is reused.
+        """
+        if self._held.pop(client_id, None) is None and not closing:
+            return False
+        self._score = min(self._score + 1, SCORE_LIMIT)
+        return True
+
+    def is_held(self, client_id: int) -> bool:
+        return client_id in self._held
+
+    def allocate(self, in_use: Dict[int, Any], now: Optional[float] = None) -> Optional[int]:
+        """A free id, or None (then `wait` says whether to wait or refuse)."""
+        self.wait = 0.0
         if len(in_use) >= MAX_CLIENTS:
             return None
-        while True:
+        if now is None:
+            now = time.monotonic()
+        answering = self._score > 0
+        soonest = 0.0
+        for _ in range(MAX_CLIENTS):
             candidate = self._next
             self._next = candidate % MAX_CLIENTS + 1
-            if candidate not in in_use:
-                return candidate
+            if candidate in in_use:
+                continue
+            held = self._held.get(candidate)
+            if held is not None:
+                closed_at, grace = held
+                left = closed_at + (max(grace, self.quarantine) if answering else grace) - now
+                if left > 0:
+                    soonest = left if not soonest else min(soonest, left)
+                    continue
+                del self._held[candidate]   # a CLOSE for it from now on is the new client's
+                self._score = max(self._score - 1, -SCORE_LIMIT)
+            return candidate
+        # Only held ids are free: a grace of a few round trips is worth waiting
+        # for; an answering device's quarantine is not.
+        if not answering:
+            self.wait = soonest
+        return None
+
+    def held_count(self) -> int:
+        return len(self._held)
 
 
 class ServerLink(Link):
@@ -78,7 +146,8 @@ class ServerLink(Link):
         self.evicted = False
         self.listening = False
         self.host_sock: Optional[socket.socket] = None
-        self.ids = ClientIds()
+        self.ids = ClientIds(settings.id_quarantine)
+        self._accept_paused = False
         self.refusals = LimitedLog(self.log)
         self.connect_payload = protocol.encode_connect_payload(settings.connect_address,
                                                                settings.connect_port)
@@ -136,9 +205,54 @@ class ServerLink(Link):
     def on_unknown_data(self, client_id: int) -> None:
         # Late DATA for a client this side closed: the device gets our CLOSE anyway.
         if not self._before_listen("DATA"):
-            self.log.debug("%s: DATA for unknown client %d dropped", self.name, client_id)
+            self.log.debug("%s: DATA for unknown client %d dropped%s", self.name, client_id,
+                           " (held until the device's CLOSE)" if self.ids.is_held(client_id) else "")
+
+    # ---- ids this side closed: held until the device's CLOSE ---------------------
+    def on_unknown_close(self, client_id: int) -> None:
+        if self.ids.answer(client_id):
+            self.log.debug("%s: CLOSE for client %d answers ours: the id is free", self.name, client_id)
+        else:
+            super().on_unknown_close(client_id)
+
+    def on_close_answered(self, client_id: int) -> None:
+        self.ids.answer(client_id, closing=True)
+
+    def pump_exited(self, stream: Stream, reason: str) -> None:
+        ours = self.streams.get(stream.id) is stream   # still listed: its pump sent CLOSE
+        super().pump_exited(stream, reason)
+        if ours:
+            self.ids.hold(stream.id, time.monotonic(), self._grace())
+
+    def close_stream(self, stream: Stream, reason: str, notify_peer: bool = True) -> None:
+        ours = notify_peer and self.streams.get(stream.id) is stream
+        super().close_stream(stream, reason, notify_peer)
+        if ours:
+            self.ids.hold(stream.id, time.monotonic(), self._grace())
+
+    def _grace(self) -> float:
+        """How long DATA the device sent before it read our CLOSE may still arrive."""
+        try:
+            info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+            rtt = struct.unpack_from("=I", info, 68)[0] / 1e6   # tcpi_rtt, microseconds
+        except (AttributeError, OSError, struct.error):
+            rtt = 0.0
+        return GRACE_FLOOR + GRACE_RTTS * rtt
+
+    def _resume_accept(self) -> None:
+        self._accept_paused = False
+        if self.host_sock is not None and not self.end_reason:
+            self.loop.set_handlers(self.host_sock, self._accept, None)
 
     def _accept(self) -> None:
+        client_id = self.ids.allocate(self.streams)
+        if client_id is None and self.ids.wait:
+            # Clients wait in the backlog until the first id's grace ends.
+            if not self._accept_paused:
+                self._accept_paused = True
+                self.loop.forget(self.host_sock)
+                self.loop.call_later(self.ids.wait, self._resume_accept)
+            return
         try:
             client, peer = self.host_sock.accept()
         except (BlockingIOError, InterruptedError):
@@ -147,10 +261,11 @@ class ServerLink(Link):
             self.refusals.warning("%s: accept failed: %s", self.name, exc.strerror or exc)
             return
         who = format_hostport(*peer[:2])
-        client_id = self.ids.allocate(self.streams)
         if client_id is None:
-            self.refusals.warning("%s: refused client %s: all %d client ids of this tunnel are in use",
-                                  self.name, who, MAX_CLIENTS)
+            held = self.ids.held_count()
+            self.refusals.warning("%s: refused client %s: all %d client ids of this tunnel are in use%s",
+                                  self.name, who, MAX_CLIENTS,
+                                  " (%d closed, awaiting the device's CLOSE)" % held if held else "")
             client.close()
             return
         client.setblocking(True)
