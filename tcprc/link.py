@@ -182,8 +182,8 @@ class Link:
     def on_listen(self, client_id: int, payload: memoryview) -> None:
         self.noisy.warning("%s: ignored LISTEN: not expected on this side", self.name)
 
-    def on_unknown_data(self, client_id: int) -> None:
-        pass
+    def on_unknown_data(self, client_id: int, payloads: List[memoryview]) -> None:
+        """DATA frames in a row for an id with no stream; the views die with this call."""
 
     def on_stream_closed(self, stream: Stream, reason: str) -> None:
         self.log.info("%s: client %d (%s) closed: %s (%d bytes to the peer, %d from it)",
@@ -287,8 +287,7 @@ class Link:
         """DATA frames in a row for one client: their payloads, in order."""
         stream = self.streams.get(client_id)
         if stream is None:
-            for _ in payloads:   # the legacy answer: a CLOSE per DATA
-                self.on_unknown_data(client_id)
+            self.on_unknown_data(client_id, payloads)
             return
         if len(payloads) == 1:
             size = len(payloads[0])

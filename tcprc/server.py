@@ -12,7 +12,7 @@ newcomer instead.
 import logging
 import socket
 import threading
-from typing import Any, Dict, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from . import protocol
 from .addr import format_hostport, parse_hostport
@@ -107,7 +107,7 @@ class ServerLink(Link):
         if not self._before_listen("CONNECT"):
             super().on_connect(client_id, payload)
 
-    def on_unknown_data(self, client_id: int) -> None:
+    def on_unknown_data(self, client_id: int, payloads: List[memoryview]) -> None:
         # Late DATA for a client this side closed: the device gets our CLOSE anyway.
         if not self._before_listen("DATA"):
             self.log.debug("%s: DATA for unknown client %d dropped", self.name, client_id)
