@@ -157,7 +157,7 @@ class DeviceLink(Link):
         if not self._early:
             return
         now = time.monotonic()
-        if self._paused:
+        if self._paused or self._control_full:
             # Not reading: the CONNECT may be waiting unread; give it time after reading resumes.
             for entry in self._early.values():
                 entry[1] = max(entry[1], now + EARLY_WAIT / 4)

@@ -6,10 +6,12 @@ so every byte the device sends is checked as it appears on the wire.
 """
 
 import socket
+import threading
+import time
 
 import pytest
 
-from conftest import Service, pattern, run_tcprc, wait_for
+from conftest import Service, pattern, recv_exactly, run_tcprc, settings, wait_for
 from test_legacy_interop import LegacyServer, RawPeer  # noqa: F401  (fixtures below use them)
 from test_legacy_interop import device_on, legacy_server  # noqa: F401  (pytest fixtures)
 from tcprc import device, protocol
@@ -142,3 +144,151 @@ def test_early_data_over_its_bounds_is_refused_at_once(device_on, service, monke
         _connect(peer, n)
         assert _read_data(peer, n, share) == pattern(share, seed=n)
     assert service.accepted == 4
+
+
+# ---- item: a server that never reads and sends DATA for unknown ids ----------------------
+def _rss_kb(pid):
+    with open("/proc/%d/status" % pid) as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS for pid %d" % pid)
+
+
+def _unread(local, remote):
+    """(send queue, receive queue) bytes of the TCP socket `local` -> `remote`."""
+    want = "%08X:%04X %08X:%04X" % (0x0100007F, local[1], 0x0100007F, remote[1])
+    with open("/proc/net/tcp") as handle:
+        for line in handle:
+            fields = line.split()
+            if len(fields) > 4 and " ".join(fields[1:3]) == want:
+                tx, rx = fields[4].split(":")
+                return int(tx, 16), int(rx, 16)
+    raise AssertionError("no socket %s:%d -> %s:%d" % (local + remote))
+
+
+# Two ways to make a device answer frames: DATA for ids with no CONNECT, and
+# CONNECTs it must refuse (malformed: a one-byte payload); and megabytes of
+# them.  Each refused CONNECT whose CLOSE left is answered again, one small
+# send each until the socket buffers fill: the second attack costs more CPU.
+ATTACKS = {
+    "unknown-data": (lambda n: protocol.encode(DATA, n, b"x"), 20),
+    "refused-connect": (lambda n: protocol.encode(CONNECT, n, b"\x00"), 8),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_a_server_that_never_reads_cannot_grow_device_memory(agents, legacy_server, attack):
+    svc = Service("echo")
+    try:
+        proc = agents.start("device", "--server", legacy_server.address,
+                            "--local", "%s:%d" % svc.address,
+                            config="[device]\nreconnect_min = 0.05\nreconnect_max = 0.2\n")
+        peer = legacy_server.accept()
+        peer.expect(bytes.fromhex("00000400"))
+        # Warm up: one stream there and back, and one hold-and-refuse.
+        _connect(peer, 1)
+        peer.send(DATA, 1, b"w")
+        assert peer.read_frame() == (DATA, 1, b"w")
+        peer.send(CLOSE, 1)
+        wait_for(lambda: svc.ended == 1, what="the warm-up stream to close")
+        peer.send(DATA, 2, b"z")
+        assert peer.read_frame() == (CLOSE, 2, b"")
+        base = _rss_kb(proc.pid)
+        # From here on the server reads nothing: megabytes of 5-byte frames.
+        frame, megabytes = ATTACKS[attack]
+        chunk = b"".join(frame(n) for n in range(3, 256)) * 800
+        peer.sock.settimeout(120)
+        peak = base
+        for _ in range(megabytes):
+            peer.sock.sendall(chunk)
+            peak = max(peak, _rss_kb(proc.pid))
+            assert peak - base < 100 * 1024, "device RSS %d KB -> %d KB" % (base, peak)
+        device_end, server_end = peer.sock.getpeername(), peer.sock.getsockname()
+        # Read all of it: nothing left in our send queue nor in its receive queue.
+        wait_for(lambda: _unread(server_end, device_end)[0] == 0
+                 and _unread(device_end, server_end)[1] == 0,
+                 timeout=120, what="the device to read all of it")
+        after = _rss_kb(proc.pid)
+        print("device RSS: idle %d KB, peak %d KB, after %d KB" % (base, peak, after))
+        assert max(peak, after) - base < 8 * 1024, (base, peak, after)
+        # Still working: the control socket answers, and with the hostile server
+        # gone it dials again and carries a stream.
+        status = run_tcprc("ctl", "--role", "device", "-c",
+                           proc.control_socket.replace(".sock", ".toml"), "status")
+        assert status.returncode == 0 and "state: up" in status.stdout, status
+        peer.close()
+        again = legacy_server.accept()
+        again.expect(bytes.fromhex("00000400"))
+        _connect(again, 1)
+        again.send(DATA, 1, b"alive")
+        assert again.read_frame() == (DATA, 1, b"alive")
+        assert proc.poll() is None
+    finally:
+        svc.close()
+
+
+def _stays(condition, seconds):
+    """`condition` holds all along a window of `seconds` (a check of absence)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert condition()
+        time.sleep(0.02)
+    return True
+
+
+def test_link_stops_reading_while_its_control_frames_pile_up(service):
+    from tcprc.device import DeviceLink
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # inherited by accept
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    uplink = socket.create_connection(listener.getsockname())
+    uplink.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    peer = RawPeer(listener.accept()[0])
+    listener.close()
+    link = DeviceLink(uplink, settings("device", local="%s:%d" % service.address),
+                      "test uplink", service.address, set())
+    thread = threading.Thread(target=link.run, daemon=True)
+    thread.start()
+    try:
+        peer.expect(bytes.fromhex("00000400"))
+        # 200 KB of control frames the peer does not read (the link thread's
+        # own way to send; CONNECT because CLOSEs for one id coalesce).
+        piled = threading.Event()
+
+        def pile():
+            for n in range(200):
+                link.post(CONNECT, n % 256, bytes(1000))
+            piled.set()
+        link.loop.call_soon(pile)
+        wait_for(piled.is_set, what="the frames to be queued")
+        _connect(peer, 1)
+        peer.send(DATA, 1, b"ping")
+        _stays(lambda: service.accepted == 0, 0.5)     # not read while they pile up
+        for n in range(200):                            # the peer reads: they drain...
+            assert peer.read_frame() == (CONNECT, n % 256, bytes(1000))
+        assert peer.read_frame() == (DATA, 1, b"ping")  # ...and the link reads again
+        assert service.accepted == 1
+    finally:
+        link.stop("test over")
+        assert link.wait_stopped(10)
+        peer.close()
+
+
+def test_writer_keeps_one_unsent_close_per_id():
+    from tcprc.writer import FrameWriter
+    near, far = socket.socketpair()
+    try:
+        writer = FrameWriter(near)
+        assert [writer.post(CLOSE, 5) for _ in range(3)] == [True, False, False]
+        assert writer.post(CLOSE, 6) and writer.post(CONNECT, 5, b"\0\0\0\0")
+        assert writer.queued_bytes() == 4 + 4 + 8
+        assert writer.flush_nowait() == FrameWriter.DONE and writer.queued_bytes() == 0
+        assert writer.post(CLOSE, 5)                   # the first one left: news again
+        writer.flush_nowait()
+        far.settimeout(5)
+        assert recv_exactly(far, 20) == bytes.fromhex("00000205 00000206 000401050000000000000205")
+    finally:
+        near.close()
+        far.close()
