@@ -3,6 +3,16 @@
 Target policy: a CONNECT reaches only the configured local target (an empty
 address means it) or a target listed in `allow`; anything else is refused
 with CLOSE, so a server cannot steer the device into its private network.
+
+Early DATA: the Java server starts reading a new client before it writes
+that client's CONNECT, so a client that speaks first can have DATA on the
+uplink ahead of its CONNECT.  DATA for an id never seen is held (bounded)
+and handed to the stream when the CONNECT comes; only when none comes is
+it dropped and answered with one CLOSE.  An id this side closed stays quiet
+for a while: its late DATA is dropped without another CLOSE, and if that
+CLOSE refused early DATA, a CONNECT that was already in flight for it is
+stale and opens nothing (the Java server answers our CLOSE with its own,
+which ends the quiet time; a tcprc server does not, hence the bound).
 """
 
 import logging
@@ -10,7 +20,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Dict, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from . import protocol
 from .addr import connect_tcp, format_hostport, parse_hostport
@@ -21,6 +31,16 @@ log = logging.getLogger("tcprc.device")
 
 HostPort = Tuple[str, int]
 
+# Early DATA is held this long for its CONNECT (the Java server writes it a
+# moment after the DATA), and at most this much per id and in all.  The
+# wait only runs while the uplink is read: a paused link has not yet read
+# the CONNECT.
+EARLY_WAIT = 2.0
+EARLY_PER_ID = 64 * 1024
+EARLY_TOTAL = 256 * 1024
+# How long an id closed here stays quiet without the server's CLOSE for it.
+QUIET = 10.0
+
 
 class DeviceLink(Link):
     role = "device"
@@ -30,11 +50,24 @@ class DeviceLink(Link):
         super().__init__(sock, settings, name)
         self.target = target
         self.allowed = allowed
+        # Per client id, so at most 256 entries each; cleared at teardown.
+        self._early: Dict[int, List[Any]] = {}         # id -> [bytearray, deadline]
+        self._early_bytes = 0
+        self._early_sweep_armed = False
+        self._quiet: Dict[int, Tuple[float, bool]] = {}  # id -> (closed at, refused early DATA)
 
     def on_start(self) -> None:
         self.post(protocol.LISTEN, 0)
 
+    def on_teardown(self) -> None:
+        self._early.clear()
+        self._early_bytes = 0
+        self._quiet.clear()
+
     def on_connect(self, client_id: int, payload: memoryview) -> None:
+        early = self._take_early(client_id)
+        if early is None:
+            return
         old = self.streams.get(client_id)
         if old is not None:
             # Legacy rule: a CONNECT on a busy id replaces the stream, silently.
@@ -57,12 +90,98 @@ class DeviceLink(Link):
             return
         peer = format_hostport(host, port)
         self.log.info("%s: client %d: connecting to %s", self.name, client_id, peer)
-        self.open_stream(Stream(client_id, peer),
-                         connect_to=(host, port, self.settings.connect_timeout))
+        stream = Stream(client_id, peer)
+        self._give_early(stream, early)
+        self.open_stream(stream, connect_to=(host, port, self.settings.connect_timeout))
 
-    def on_unknown_data(self, client_id: int) -> None:
-        self.log.debug("%s: DATA for unknown client %d: answered CLOSE", self.name, client_id)
+    # ---- DATA before CONNECT, and ids closed here -----------------------------------
+    def _take_early(self, client_id: int) -> Optional[bytearray]:
+        """On CONNECT: the DATA held for `client_id` (maybe empty); None if the CONNECT is stale."""
+        quiet = self._quiet.pop(client_id, None)
+        if quiet is not None and quiet[1] and time.monotonic() - quiet[0] < QUIET:
+            # Sent before the server saw our CLOSE: its client is gone already.
+            self._quiet[client_id] = quiet
+            self.log.debug("%s: stale CONNECT for client %d (refused before, no CLOSE from "
+                           "the server yet): ignored", self.name, client_id)
+            return None
+        return self._drop_early(client_id) or bytearray()
+
+    def _give_early(self, stream: Stream, early: bytearray) -> None:
+        # Queued ahead of any later DATA; written once the connect completes (attach).
+        if early:
+            stream.queue(memoryview(early))
+            stream.bytes_from_peer += len(early)
+            self.bytes_from_peer += len(early)
+
+    def on_unknown_data(self, client_id: int, payloads: List[memoryview]) -> None:
+        quiet = self._quiet.get(client_id)
+        if quiet is not None:
+            if time.monotonic() - quiet[0] < QUIET:
+                return   # late DATA for an id closed here: it has its CLOSE
+            del self._quiet[client_id]
+        size = sum(map(len, payloads))
+        entry = self._early.get(client_id)
+        held = len(entry[0]) if entry is not None else 0
+        if held + size > EARLY_PER_ID or self._early_bytes + size > EARLY_TOTAL:
+            self._refuse_early(client_id, "more DATA before its CONNECT than the device holds")
+            return
+        if entry is None:
+            entry = self._early[client_id] = [bytearray(), time.monotonic() + EARLY_WAIT]
+            self._arm_early_sweep(EARLY_WAIT)
+        for payload in payloads:
+            entry[0] += payload
+        self._early_bytes += size
+
+    def _drop_early(self, client_id: int) -> Optional[bytearray]:
+        entry = self._early.pop(client_id, None)
+        if entry is None:
+            return None
+        self._early_bytes -= len(entry[0])
+        return entry[0]
+
+    def _refuse_early(self, client_id: int, why: str) -> None:
+        self._drop_early(client_id)
+        self.noisy.warning("%s: client %d: %s: answered CLOSE", self.name, client_id, why)
         self.post(protocol.CLOSE, client_id)
+        self._quiet[client_id] = (time.monotonic(), True)
+
+    def _arm_early_sweep(self, delay: float) -> None:
+        # One timer for all held ids: a timer per hold would pile up in the
+        # loop's heap when a server holds and closes ids in a fast cycle.
+        if not self._early_sweep_armed:
+            self._early_sweep_armed = True
+            self.loop.call_later(delay, self._early_sweep)
+
+    def _early_sweep(self) -> None:
+        self._early_sweep_armed = False
+        if not self._early:
+            return
+        now = time.monotonic()
+        if self._paused or self._control_full:
+            # Not reading: the CONNECT may be waiting unread; give it time after reading resumes.
+            for entry in self._early.values():
+                entry[1] = max(entry[1], now + EARLY_WAIT / 4)
+        else:
+            for client_id in [c for c, entry in self._early.items() if entry[1] <= now]:
+                self._refuse_early(client_id, "DATA with no CONNECT for %g s" % EARLY_WAIT)
+        if self._early:
+            self._arm_early_sweep(max(0.01, min(e[1] for e in self._early.values()) - now))
+
+    def post(self, command: int, client_id: int, payload: bytes = b"") -> None:
+        if command == protocol.CLOSE:
+            self._quiet[client_id] = (time.monotonic(), False)
+        super().post(command, client_id, payload)
+
+    def pump_exited(self, stream: Stream, reason: str) -> None:
+        if self.streams.get(stream.id) is stream:
+            self._quiet[stream.id] = (time.monotonic(), False)   # its pump sent the CLOSE
+        super().pump_exited(stream, reason)
+
+    def _on_close(self, client_id: int, payload: memoryview) -> None:
+        # The server's CLOSE ends the quiet time, and any wait for a CONNECT.
+        self._quiet.pop(client_id, None)
+        self._drop_early(client_id)
+        super()._on_close(client_id, payload)
 
 
 class Backoff:

@@ -10,6 +10,10 @@ the stream.  Past `stream_buffer` bytes the link stops reading the uplink
 (TCP then slows the peer down, stalling every stream of the tunnel, as the
 legacy protocol must); a stream over its buffer that makes no progress for
 `stall_timeout` seconds is closed with a log line, and reading resumes.
+Reading also stops while the control frames this side owes the peer (its
+answers) pile up past writer.QUEUE_LIMIT: a peer that never reads cannot
+make them grow without end.  The two reasons to pause are kept apart, so
+the end of one does not resume reading while the other holds.
 """
 
 import logging
@@ -22,7 +26,7 @@ from typing import Any, Dict, List, Optional, Set
 from . import protocol
 from .loop import Loop
 from .pump import PumpThread, Stream, run_pump
-from .writer import FrameWriter
+from .writer import QUEUE_LIMIT, FrameWriter
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _TCP_CLOSE = 7   # tcpi_state of a connection the kernel tore down (linux/tcp_states.h)
@@ -172,7 +176,8 @@ class Link:
         self.end_reason = ""
         self.bytes_from_peer = 0
         self.started = time.monotonic()
-        self._paused = False
+        self._paused = False                   # a stream is over its buffer
+        self._control_full = False             # our control frames are over QUEUE_LIMIT
         self._closing = False
         self._watch_uplink_write = False
         self._flush_retry_armed = False
@@ -258,8 +263,8 @@ class Link:
     def on_listen(self, client_id: int, payload: memoryview) -> None:
         self.noisy.warning("%s: ignored LISTEN: not expected on this side", self.name)
 
-    def on_unknown_data(self, client_id: int) -> None:
-        pass
+    def on_unknown_data(self, client_id: int, payloads: List[memoryview]) -> None:
+        """DATA frames in a row for an id with no stream; the views die with this call."""
 
     def on_unknown_close(self, client_id: int) -> None:
         self.log.debug("%s: CLOSE for unknown client %d ignored", self.name, client_id)
@@ -277,7 +282,8 @@ class Link:
         if self._closing:
             return
         self.loop.set_handlers(self.sock,
-                               None if self._paused else self._on_uplink_readable,
+                               None if self._paused or self._control_full
+                               else self._on_uplink_readable,
                                self._on_uplink_writable if self._watch_uplink_write else None)
 
     def _on_uplink_readable(self) -> None:
@@ -345,14 +351,23 @@ class Link:
 
     def post(self, command: int, client_id: int, payload: bytes = b"") -> None:
         """Send a control frame from the link thread without ever blocking on the uplink."""
-        self.writer.post(command, client_id, payload)
-        self._flush_control()
+        # A frame already queued has its flush under way (writability or the retry).
+        if self.writer.post(command, client_id, payload):
+            self._flush_control()
 
     def _flush_control(self) -> None:
         state = self.writer.flush_nowait()
         want_write = state == FrameWriter.FULL
-        if want_write != self._watch_uplink_write:
+        # Whatever drains the queue (this, or a worker's send) ends in a call
+        # here: on writability when FULL, from the retry when BUSY.
+        full = self.writer.queued_bytes() > QUEUE_LIMIT
+        if want_write != self._watch_uplink_write or full != self._control_full:
+            if full and not self._control_full:
+                self.noisy.warning("%s: the peer does not read our control frames "
+                                   "(%d bytes queued): stopped reading the uplink",
+                                   self.name, self.writer.queued_bytes())
             self._watch_uplink_write = want_write
+            self._control_full = full
             self._watch_uplink()
         if state == FrameWriter.BUSY and not self._flush_retry_armed:
             # A worker holds the lock and flushes queued frames when done; this
@@ -369,8 +384,7 @@ class Link:
         """DATA frames in a row for one client: their payloads, in order."""
         stream = self.streams.get(client_id)
         if stream is None:
-            for _ in payloads:   # the legacy answer: a CLOSE per DATA
-                self.on_unknown_data(client_id)
+            self.on_unknown_data(client_id, payloads)
             return
         if len(payloads) == 1:
             size = len(payloads[0])

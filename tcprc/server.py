@@ -202,7 +202,7 @@ class ServerLink(Link):
         if not self._before_listen("CONNECT"):
             super().on_connect(client_id, payload)
 
-    def on_unknown_data(self, client_id: int) -> None:
+    def on_unknown_data(self, client_id: int, payloads: List[memoryview]) -> None:
         # Late DATA for a client this side closed: the device gets our CLOSE anyway.
         if not self._before_listen("DATA"):
             self.log.debug("%s: DATA for unknown client %d dropped%s", self.name, client_id,

@@ -8,13 +8,18 @@ they would deadlock), so its frames (CONNECT, CLOSE, LISTEN) go through
 allow, otherwise sent by the next worker that holds the lock, or retried by
 the link thread (on writability when the socket was full, after a moment
 when a worker held the lock).
+
+The queue is bounded by its owner, not here: a CLOSE already waiting for an
+id is not queued twice, and the link stops reading the uplink while
+`queued_bytes()` is over QUEUE_LIMIT (a peer that never reads but keeps
+asking for answers would otherwise grow it without end).
 """
 
 import os
 import socket
 import threading
 from collections import deque
-from typing import Any, Callable, Deque, List, Optional
+from typing import Any, Callable, Deque, List, Optional, Set
 
 from . import protocol
 
@@ -23,6 +28,10 @@ _MORE = getattr(socket, "MSG_MORE", 0)
 _pack_header = protocol.HEADER.pack
 _HEADER_SIZE = protocol.HEADER_SIZE
 _DATA, _MAX_PAYLOAD = protocol.DATA, protocol.MAX_PAYLOAD
+_CLOSE = protocol.CLOSE
+
+# Control frames waiting to be sent: past this the link stops reading.
+QUEUE_LIMIT = 16 * 1024
 
 
 class UplinkClosed(Exception):
@@ -35,7 +44,13 @@ class FrameWriter:
     def __init__(self, sock: socket.socket):
         self._sock = sock
         self._lock = threading.Lock()
-        self._queued: Deque[memoryview] = deque()  # control frames; head may be partly sent
+        self._queued: Deque[bytes] = deque()     # control frames, whole
+        self._head_sent = 0                       # bytes of _queued[0] already sent
+        self._queued_closes: Set[int] = set()     # ids with a CLOSE in _queued
+        # Each counter has one writer (post: the link thread; the flushes:
+        # whoever holds the lock), so their difference needs no lock.
+        self._posted_bytes = 0
+        self._flushed_bytes = 0
         self.closed = False
         self.error = ""                           # why a send failed, for the log
         self.bytes_sent = 0                       # DATA payload bytes
@@ -138,16 +153,36 @@ class FrameWriter:
 
     def _flush_queued_blocking(self) -> None:
         while self._queued:
-            self._sock.sendall(self._queued[0])
-            self._queued.popleft()
+            head = self._queued[0]
+            self._sock.sendall(memoryview(head)[self._head_sent:])
+            self._sent_head(head)
+
+    def _sent_head(self, head: bytes) -> None:
+        """Under the lock: `head`, the first queued frame, is all on the wire."""
+        self._queued.popleft()
+        self._head_sent = 0
+        self._flushed_bytes += len(head)
+        if head[2] == _CLOSE:   # a later CLOSE for this id is news again
+            self._queued_closes.discard(head[3])
 
     # ---- link thread ------------------------------------------------------------
-    def post(self, command: int, client_id: int, payload: bytes = b"") -> str:
-        """Queue a control frame and try to send it without blocking."""
+    def post(self, command: int, client_id: int, payload: bytes = b"") -> bool:
+        """Queue a control frame for flush_nowait(); False if nothing new was queued
+        (closed, or a CLOSE for this id already waits: one unsent CLOSE says it all)."""
         if self.closed:
-            return self.DONE
-        self._queued.append(memoryview(protocol.encode(command, client_id, payload)))
-        return self.flush_nowait()
+            return False
+        if command == _CLOSE:
+            if client_id in self._queued_closes:
+                return False
+            self._queued_closes.add(client_id)
+        frame = protocol.encode(command, client_id, payload)
+        self._posted_bytes += len(frame)
+        self._queued.append(frame)
+        return True
+
+    def queued_bytes(self) -> int:
+        """Bytes of control frames not yet (wholly) sent."""
+        return self._posted_bytes - self._flushed_bytes
 
     def flush_nowait(self) -> str:
         """Send queued frames as far as possible without waiting.
@@ -163,17 +198,16 @@ class FrameWriter:
             while self._queued and not self.closed:
                 head = self._queued[0]
                 try:
-                    sent = self._sock.send(head, _DONTWAIT)
+                    sent = self._sock.send(memoryview(head)[self._head_sent:], _DONTWAIT)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError:
-                    self.closed = True
-                    self._queued.clear()
+                    self.close()
                     return self.DONE   # the link notices the dead uplink by reading it
-                if sent < len(head):
-                    self._queued[0] = head[sent:]
+                self._head_sent += sent
+                if self._head_sent < len(head):
                     break
-                self._queued.popleft()
+                self._sent_head(head)
             return self.FULL if self._queued else self.DONE
         finally:
             self._lock.release()
@@ -181,3 +215,5 @@ class FrameWriter:
     def close(self) -> None:
         self.closed = True
         self._queued.clear()
+        self._queued_closes.clear()
+        self._flushed_bytes = self._posted_bytes
