@@ -127,7 +127,7 @@ SCHEMA: Dict[str, Dict[str, Dict[str, Key]]] = {
             "listen_timeout": Key(float, 10.0, _between(0.1, 3600), "seconds a new uplink may take to send LISTEN"),
             "max_pending": Key(int, 64, _between(1, 4096), "uplinks allowed to wait for their LISTEN at once"),
             "takeover": Key(bool, True, None, "a newer LISTEN replaces the live uplink (false: refuse the newcomer)"),
-            "connect_address": Key(str, "", _wire_address, "address sent in CONNECT; empty: the device's own target"),
+            "connect_address": Key(str, "127.0.0.1", _wire_address, "address sent in CONNECT: a legacy device dials exactly it (with connect_port: 127.0.0.1:23 by default); a tcprc device takes \"\" or this default as its own `local`"),
             "connect_port": Key(int, 23, _between(0, 65535), "port sent in CONNECT"),
         }, **_LINK_KEYS),
         "control": {

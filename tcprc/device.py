@@ -3,6 +3,18 @@
 Target policy: a CONNECT reaches only the configured local target (an empty
 address means it) or a target listed in `allow`; anything else is refused
 with CLOSE, so a server cannot steer the device into its private network.
+The check is on resolved addresses: a CONNECT to `localhost:L` reaches a
+`local` of 127.0.0.1:L; a name or spelling that resolves to another
+address or port is refused; of a name with several addresses, only the
+allowed ones are dialed.  The lookups run in the stream's pump thread,
+which dials exactly the address it checked; a CONNECT naming its target
+as configured (or an empty address) needs no extra lookup.
+
+The legacy default target, a loopback address on port 23 (telnet on the
+device itself), is what a tcprc server sends by default and what legacy
+servers send when told nothing else.  When it is neither `local` nor in
+`allow`, it is taken as a request for the default target, like an empty
+address: the device dials its own `local`, so this grants nothing new.
 """
 
 import logging
@@ -10,16 +22,44 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Dict, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from . import protocol
-from .addr import connect_tcp, format_hostport, parse_hostport
+from .addr import (SockAddr, connect_resolved, connect_tcp, format_hostport, parse_hostport,
+                   resolve_tcp, sockaddr_key)
 from .link import Link
-from .pump import Stream
+from .pump import REFUSED, Stream, TargetRefused
 
 log = logging.getLogger("tcprc.device")
 
 HostPort = Tuple[str, int]
+
+
+LEGACY_DEFAULT_PORT = 23
+# A server that hangs up this soon after LISTEN, having sent nothing, refused us.
+REFUSED_WITHIN = 10.0
+
+
+def _is_loopback(address: str) -> bool:
+    """A loopback address as written (no lookup): 127.x.x.x, ::1 or localhost."""
+    if address in ("localhost", "::1"):
+        return True
+    try:
+        return socket.inet_pton(socket.AF_INET, address)[0] == 127
+    except OSError:
+        return False
+
+
+def allowed_only(wanted: List[SockAddr], targets: List[HostPort]) -> List[SockAddr]:
+    """The resolved addresses in `wanted` that one of `targets` resolves to, in order."""
+    permitted = set()
+    for host, port in targets:
+        if any(sockaddr[1] == port for _, sockaddr in wanted):   # other ports: no lookup
+            try:
+                permitted.update(map(sockaddr_key, resolve_tcp(host, port)))
+            except OSError:
+                pass   # an allowed name that does not resolve allows nothing
+    return [item for item in wanted if sockaddr_key(item) in permitted]
 
 
 class DeviceLink(Link):
@@ -30,9 +70,20 @@ class DeviceLink(Link):
         super().__init__(sock, settings, name)
         self.target = target
         self.allowed = allowed
+        self.refused = False
 
     def on_start(self) -> None:
         self.post(protocol.LISTEN, 0)
+
+    def on_silent_close(self) -> str:
+        up = time.monotonic() - self.started
+        if up >= REFUSED_WITHIN:
+            return super().on_silent_close()
+        # A legacy server has nothing to say before a client comes; closing
+        # at once is how a server turns a device away.
+        self.refused = True
+        return ("refused by the server: it closed the uplink %.1f s after LISTEN, before any "
+                "frame (another device may hold its tunnel, or this one is not let in)" % up)
 
     def on_connect(self, client_id: int, payload: memoryview) -> None:
         old = self.streams.get(client_id)
@@ -50,15 +101,44 @@ class DeviceLink(Link):
         elif (address, port) == self.target or (address, port) in self.allowed:
             host = address
         else:
-            self.noisy.warning("%s: refused client %d: CONNECT to %s is not the configured "
-                               "target %s nor in [device] allow", self.name, client_id,
-                               format_hostport(address, port), format_hostport(*self.target))
-            self.post(protocol.CLOSE, client_id)
+            # Needs name lookups: the pump thread does them, never this one.
+            self.open_stream(Stream(client_id, format_hostport(address, port)),
+                             connect_to=lambda: self._dial_checked(client_id, address, port))
             return
         peer = format_hostport(host, port)
         self.log.info("%s: client %d: connecting to %s", self.name, client_id, peer)
         self.open_stream(Stream(client_id, peer),
                          connect_to=(host, port, self.settings.connect_timeout))
+
+    def _dial_checked(self, client_id: int, address: str, port: int) -> socket.socket:
+        """Pump thread: resolve the CONNECT's target and dial it only where the policy allows."""
+        requested = format_hostport(address, port)
+        try:
+            wanted = resolve_tcp(address, port)
+        except OSError as exc:
+            raise TargetRefused("CONNECT to %s: the name does not resolve (%s)"
+                                % (requested, exc.strerror or exc)) from None
+        chosen = allowed_only(wanted, [self.target] + sorted(self.allowed))
+        timeout = self.settings.connect_timeout
+        if chosen:
+            self.log.info("%s: client %d: connecting to %s (%s)", self.name, client_id,
+                          requested, format_hostport(*chosen[0][1][:2]))
+            return connect_resolved(chosen, timeout)
+        if port == LEGACY_DEFAULT_PORT and _is_loopback(address):
+            self.log.info("%s: client %d: %s is the legacy default target: connecting to %s",
+                          self.name, client_id, requested, format_hostport(*self.target))
+            return connect_tcp(self.target[0], self.target[1], timeout)
+        raise TargetRefused("CONNECT to %s (%s) is not the configured target %s nor in "
+                            "[device] allow" % (requested, ", ".join(
+                                format_hostport(*item[1][:2]) for item in wanted),
+                                format_hostport(*self.target)))
+
+    def on_stream_closed(self, stream: Stream, reason: str) -> None:
+        if reason.startswith(REFUSED):   # rate-limited: the server picks what it names
+            self.noisy.warning("%s: refused client %d: %s", self.name, stream.id,
+                               reason[len(REFUSED):])
+        else:
+            super().on_stream_closed(stream, reason)
 
     def on_unknown_data(self, client_id: int) -> None:
         self.log.debug("%s: DATA for unknown client %d: answered CLOSE", self.name, client_id)
@@ -241,5 +321,8 @@ class DeviceApp:
                 up_for = time.monotonic() - (self._up_since or time.monotonic())
                 self._up_since = None
                 if link.end_reason and generation == self._generation and not self._closing:
-                    self._last_error = "uplink lost: %s" % link.end_reason
+                    self._last_error = link.end_reason if link.refused else \
+                        "uplink lost: %s" % link.end_reason
+        if link.refused:
+            log.warning("%s: %s", name, link.end_reason)
         return up_for >= settings.healthy_after
