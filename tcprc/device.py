@@ -71,6 +71,7 @@ class DeviceLink(Link):
         self.target = target
         self.allowed = allowed
         self.refused = False
+        self._port_23_configured = any(p == LEGACY_DEFAULT_PORT for _, p in [target] + list(allowed))
 
     def on_start(self) -> None:
         self.post(protocol.LISTEN, 0)
@@ -96,7 +97,10 @@ class DeviceLink(Link):
             self.noisy.warning("%s: refused client %d: %s", self.name, client_id, exc)
             self.post(protocol.CLOSE, client_id)
             return
-        if not address:
+        if not address or (port == LEGACY_DEFAULT_PORT and not self._port_23_configured
+                           and _is_loopback(address)):
+            # The legacy default cannot resolve to a target on another port:
+            # straight to `local`, with no lookup (a default server's CONNECT).
             host, port = self.target
         elif (address, port) == self.target or (address, port) in self.allowed:
             host = address

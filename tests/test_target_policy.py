@@ -91,17 +91,18 @@ def served(peer, client_id, address, port):
 
 
 # ---------------------------------------------------------------- item 2: the default CONNECT
-def test_default_server_reaches_a_tcprc_device_whose_local_is_not_port_23(service, caplog):
-    # The quick start: server with defaults, device --local 127.0.0.1:<svc>.
+def test_default_server_reaches_a_tcprc_device_whose_local_is_not_port_23(service):
+    # The quick start: server with defaults (its CONNECT names 127.0.0.1:23,
+    # test_server_full_use_case_against_legacy_device checks the bytes),
+    # device --local 127.0.0.1:<svc>.
     tunnel = Tunnel(service.address)
     try:
         with tunnel.client(timeout=10) as client:
             client.sendall(b"quick start")
             assert recv_exactly(client, 11) == b"quick start"
+        assert service.accepted == 1
     finally:
         tunnel.close()
-    assert "127.0.0.1:23 is the legacy default target: connecting to %s:%d" % service.address \
-        in caplog.text
 
 
 def test_legacy_default_target_goes_to_local_only(legacy, service, caplog):
@@ -116,6 +117,14 @@ def test_legacy_default_target_goes_to_local_only(legacy, service, caplog):
         assert not served(peer, client_id, address, port), (address, port)
     assert service.accepted == 4
     assert "refused client 10: CONNECT to 10.0.0.1:23" in caplog.text
+
+
+def test_legacy_default_target_with_a_port_23_elsewhere_is_checked_resolved(legacy, service):
+    # With a target on port 23 configured, the stand-in needs the resolved check first.
+    peer = legacy("%s:%d" % service.address, allow=["10.9.9.9:23"])
+    assert served(peer, 1, "127.0.0.1", 23)
+    assert not served(peer, 2, "10.0.0.1", 23)
+    assert service.accepted == 1
 
 
 def test_port_23_listed_in_allow_is_dialed_as_such(legacy, service):
