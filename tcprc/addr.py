@@ -1,7 +1,7 @@
 """ADDR:PORT strings, parsed and printed the same way everywhere."""
 
 import socket
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 
 def parse_hostport(text: str, allow_empty_host: bool = True,
@@ -130,3 +130,41 @@ def source_key(host: str) -> Tuple[int, int]:
     except ValueError:
         return 0, hash(host)
     return (32, value) if bits == 32 else (128, value >> 64)
+
+
+SockAddr = Tuple[int, Tuple]   # (family, sockaddr) as getaddrinfo gives them
+
+
+def resolve_tcp(host: str, port: int) -> List[SockAddr]:
+    """Every (family, sockaddr) `host:port` resolves to, in getaddrinfo's order.
+
+    Raises OSError (socket.gaierror) when it does not resolve.
+    """
+    try:
+        name = host.encode("ascii")   # no idna codec, as in connect_tcp
+    except UnicodeEncodeError:
+        name = host
+    return [(family, sockaddr) for family, _, _, _, sockaddr
+            in socket.getaddrinfo(name, port, 0, socket.SOCK_STREAM)]
+
+
+def sockaddr_key(item: SockAddr) -> Tuple:
+    """What makes two resolved addresses the same endpoint: family, address,
+    port and, for IPv6, the scope (fe80::1 on eth0 is not fe80::1 on eth1)."""
+    family, sockaddr = item
+    return (family,) + tuple(sockaddr[:2]) + (tuple(sockaddr[3:4]) if family == socket.AF_INET6 else ())
+
+
+def connect_resolved(candidates: List[SockAddr], timeout: float) -> socket.socket:
+    """Connect to the first of `candidates` that answers; no name lookup here."""
+    error: Optional[OSError] = None
+    for family, sockaddr in candidates:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error if error is not None else OSError("no address to connect to")

@@ -142,7 +142,7 @@ SCHEMA: Dict[str, Dict[str, Dict[str, Key]]] = {
             "max_pending_per_source": Key(int, 4, _between(1, 4096), "of those, from one source address (an IPv6 /64); over it, that source's oldest is dropped"),
             "allow_from": Key(list, ["0.0.0.0/0", "::/0"], _network_list, "networks (CIDR) devices may dial in from; the legacy protocol has no authentication"),
             "takeover": Key(bool, True, None, "a newer LISTEN replaces the live uplink (false: refuse the newcomer)"),
-            "connect_address": Key(str, "", _wire_address, "address sent in CONNECT; empty: the device's own target"),
+            "connect_address": Key(str, "127.0.0.1", _wire_address, "address sent in CONNECT: a legacy device dials exactly it (with connect_port: 127.0.0.1:23 by default); a tcprc device takes \"\" or this default as its own `local`"),
             "connect_port": Key(int, 23, _between(0, 65535), "port sent in CONNECT"),
             "id_quarantine": Key(float, 10.0, _between(0.1, 600), "seconds at most a client id the server closed waits for the device's answering CLOSE before reuse, once the device is seen to answer (legacy Lua agents do); otherwise a few uplink round trips"),
         }, **_LINK_KEYS),

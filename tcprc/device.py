@@ -13,6 +13,19 @@ for a while: its late DATA is dropped without another CLOSE, and if that
 CLOSE refused early DATA, a CONNECT that was already in flight for it is
 stale and opens nothing (the Java server answers our CLOSE with its own,
 which ends the quiet time; a tcprc server does not, hence the bound).
+
+The check is on resolved addresses: a CONNECT to `localhost:L` reaches a
+`local` of 127.0.0.1:L; a name or spelling that resolves to another
+address or port is refused; of a name with several addresses, only the
+allowed ones are dialed.  The lookups run in the stream's pump thread,
+which dials exactly the address it checked; a CONNECT naming its target
+as configured (or an empty address) needs no extra lookup.
+
+The legacy default target, a loopback address on port 23 (telnet on the
+device itself), is what a tcprc server sends by default and what legacy
+servers send when told nothing else.  When it is neither `local` nor in
+`allow`, it is taken as a request for the default target, like an empty
+address: the device dials its own `local`, so this grants nothing new.
 """
 
 import logging
@@ -23,9 +36,10 @@ import time
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from . import protocol
-from .addr import connect_tcp, format_hostport, parse_hostport
+from .addr import (SockAddr, connect_resolved, connect_tcp, format_hostport, parse_hostport,
+                   resolve_tcp, sockaddr_key)
 from .link import Link
-from .pump import Stream
+from .pump import REFUSED, Stream, TargetRefused
 
 log = logging.getLogger("tcprc.device")
 
@@ -42,6 +56,33 @@ EARLY_TOTAL = 256 * 1024
 QUIET = 10.0
 
 
+LEGACY_DEFAULT_PORT = 23
+# A server that hangs up this soon after LISTEN, having sent nothing, refused us.
+REFUSED_WITHIN = 10.0
+
+
+def _is_loopback(address: str) -> bool:
+    """A loopback address as written (no lookup): 127.x.x.x, ::1 or localhost."""
+    if address in ("localhost", "::1"):
+        return True
+    try:
+        return socket.inet_pton(socket.AF_INET, address)[0] == 127
+    except OSError:
+        return False
+
+
+def allowed_only(wanted: List[SockAddr], targets: List[HostPort]) -> List[SockAddr]:
+    """The resolved addresses in `wanted` that one of `targets` resolves to, in order."""
+    permitted = set()
+    for host, port in targets:
+        if any(sockaddr[1] == port for _, sockaddr in wanted):   # other ports: no lookup
+            try:
+                permitted.update(map(sockaddr_key, resolve_tcp(host, port)))
+            except OSError:
+                pass   # an allowed name that does not resolve allows nothing
+    return [item for item in wanted if sockaddr_key(item) in permitted]
+
+
 class DeviceLink(Link):
     role = "device"
 
@@ -55,6 +96,8 @@ class DeviceLink(Link):
         self._early_bytes = 0
         self._early_sweep_armed = False
         self._quiet: Dict[int, Tuple[float, bool]] = {}  # id -> (closed at, refused early DATA)
+        self.refused = False
+        self._port_23_configured = any(p == LEGACY_DEFAULT_PORT for _, p in [target] + list(allowed))
 
     def on_start(self) -> None:
         self.post(protocol.LISTEN, 0)
@@ -63,6 +106,16 @@ class DeviceLink(Link):
         self._early.clear()
         self._early_bytes = 0
         self._quiet.clear()
+
+    def on_silent_close(self) -> str:
+        up = time.monotonic() - self.started
+        if up >= REFUSED_WITHIN:
+            return super().on_silent_close()
+        # A legacy server has nothing to say before a client comes; closing
+        # at once is how a server turns a device away.
+        self.refused = True
+        return ("refused by the server: it closed the uplink %.1f s after LISTEN, before any "
+                "frame (another device may hold its tunnel, or this one is not let in)" % up)
 
     def on_connect(self, client_id: int, payload: memoryview) -> None:
         early = self._take_early(client_id)
@@ -78,21 +131,54 @@ class DeviceLink(Link):
             self.noisy.warning("%s: refused client %d: %s", self.name, client_id, exc)
             self.post(protocol.CLOSE, client_id)
             return
-        if not address:
+        if not address or (port == LEGACY_DEFAULT_PORT and not self._port_23_configured
+                           and _is_loopback(address)):
+            # The legacy default cannot resolve to a target on another port:
+            # straight to `local`, with no lookup (a default server's CONNECT).
             host, port = self.target
         elif (address, port) == self.target or (address, port) in self.allowed:
             host = address
         else:
-            self.noisy.warning("%s: refused client %d: CONNECT to %s is not the configured "
-                               "target %s nor in [device] allow", self.name, client_id,
-                               format_hostport(address, port), format_hostport(*self.target))
-            self.post(protocol.CLOSE, client_id)
+            # Needs name lookups: the pump thread does them, never this one.
+            stream = Stream(client_id, format_hostport(address, port))
+            self._give_early(stream, early)
+            self.open_stream(stream, connect_to=lambda: self._dial_checked(client_id, address, port))
             return
         peer = format_hostport(host, port)
         self.log.info("%s: client %d: connecting to %s", self.name, client_id, peer)
         stream = Stream(client_id, peer)
         self._give_early(stream, early)
         self.open_stream(stream, connect_to=(host, port, self.settings.connect_timeout))
+
+    def _dial_checked(self, client_id: int, address: str, port: int) -> socket.socket:
+        """Pump thread: resolve the CONNECT's target and dial it only where the policy allows."""
+        requested = format_hostport(address, port)
+        try:
+            wanted = resolve_tcp(address, port)
+        except OSError as exc:
+            raise TargetRefused("CONNECT to %s: the name does not resolve (%s)"
+                                % (requested, exc.strerror or exc)) from None
+        chosen = allowed_only(wanted, [self.target] + sorted(self.allowed))
+        timeout = self.settings.connect_timeout
+        if chosen:
+            self.log.info("%s: client %d: connecting to %s (%s)", self.name, client_id,
+                          requested, format_hostport(*chosen[0][1][:2]))
+            return connect_resolved(chosen, timeout)
+        if port == LEGACY_DEFAULT_PORT and _is_loopback(address):
+            self.log.info("%s: client %d: %s is the legacy default target: connecting to %s",
+                          self.name, client_id, requested, format_hostport(*self.target))
+            return connect_tcp(self.target[0], self.target[1], timeout)
+        raise TargetRefused("CONNECT to %s (%s) is not the configured target %s nor in "
+                            "[device] allow" % (requested, ", ".join(
+                                format_hostport(*item[1][:2]) for item in wanted),
+                                format_hostport(*self.target)))
+
+    def on_stream_closed(self, stream: Stream, reason: str) -> None:
+        if reason.startswith(REFUSED):   # rate-limited: the server picks what it names
+            self.noisy.warning("%s: refused client %d: %s", self.name, stream.id,
+                               reason[len(REFUSED):])
+        else:
+            super().on_stream_closed(stream, reason)
 
     # ---- DATA before CONNECT, and ids closed here -----------------------------------
     def _take_early(self, client_id: int) -> Optional[bytearray]:
@@ -360,5 +446,8 @@ class DeviceApp:
                 up_for = time.monotonic() - (self._up_since or time.monotonic())
                 self._up_since = None
                 if link.end_reason and generation == self._generation and not self._closing:
-                    self._last_error = "uplink lost: %s" % link.end_reason
+                    self._last_error = link.end_reason if link.refused else \
+                        "uplink lost: %s" % link.end_reason
+        if link.refused:
+            log.warning("%s: %s", name, link.end_reason)
         return up_for >= settings.healthy_after

@@ -30,6 +30,10 @@ from .writer import QUEUE_LIMIT, FrameWriter
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _TCP_CLOSE = 7   # tcpi_state of a connection the kernel tore down (linux/tcp_states.h)
+_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)   # Linux only
+# struct tcp_info: tcpi_bytes_received (Linux >= 4.1) is the u64 at offset 128.
+_TCPI_BYTES_RECEIVED = 128
+_TCPI_SIZE = _TCPI_BYTES_RECEIVED + 8
 
 # How long a stream closed by the peer may take to hand its last bytes to a
 # client and see it hang up, before it is cut.
@@ -307,6 +311,7 @@ class Link:
         # reach its socket in one sendmsg.
         run_id = -1
         run: List[memoryview] = []
+        acked = False
         for command, client_id, payload in self.frames.frames():
             if command == protocol.DATA and (client_id == run_id or not run):
                 run_id = client_id
@@ -320,6 +325,8 @@ class Link:
             if command == protocol.DATA:
                 run_id, run = client_id, [payload]
                 continue
+            if not acked:
+                acked = self._ack_now()
             handler = dispatch.get(command)
             if handler is None:
                 self.noisy.warning("%s: skipped unknown command %d for client %d (%d payload bytes)",
@@ -341,10 +348,35 @@ class Link:
         if self.writer.error:
             return "uplink write failed: %s" % self.writer.error
         try:
-            state = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-        except (AttributeError, OSError, IndexError):
+            info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_SIZE)
+        except (AttributeError, OSError):
             return "closed by peer"
-        return "connection lost (reset or timed out)" if state == _TCP_CLOSE else "closed by peer"
+        if info[:1] == bytes([_TCP_CLOSE]):
+            return "connection lost (reset or timed out)"
+        # The peer's FIN counts as one byte there: 1 means it sent nothing else.
+        if len(info) >= _TCPI_SIZE and struct.unpack_from("Q", info, _TCPI_BYTES_RECEIVED)[0] <= 1:
+            return self.on_silent_close()
+        return "closed by peer"
+
+    def on_silent_close(self) -> str:
+        """The reason when the peer hung up without ever sending a byte."""
+        return "closed by peer"
+
+    def _ack_now(self) -> bool:
+        """ACK what was read at once, not after the delayed-ACK timer (40 ms or more).
+
+        No answer follows a control frame soon (CONNECT waits for the service,
+        CLOSE for nothing), and a peer with Nagle on, as the Java server is,
+        holds its next small frame until that ACK: every back-to-back client
+        would wait for the timer.  DATA is left alone (the fast path): its
+        answer, if any, carries the ACK.
+        """
+        if _TCP_QUICKACK is not None:
+            try:
+                self.sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+            except OSError:
+                pass
+        return True
 
     def _on_uplink_writable(self) -> None:
         self._flush_control()

@@ -175,18 +175,32 @@ class Stream:
         self.pending_bytes = 0
 
 
+class TargetRefused(OSError):
+    """The device's target policy refused what a CONNECT named."""
+
+
+REFUSED = "refused: "   # how a pump's exit reason starts after a TargetRefused
+
+
 def run_pump(stream: Stream, writer: FrameWriter, link: "Link",
-             connect_to: Optional[Tuple[str, int, float]] = None) -> None:
-    """Body of a pump thread.  `connect_to` = (host, port, timeout) on the device side."""
+             connect_to: Union[None, Tuple[str, int, float], Callable[[], socket.socket]] = None) -> None:
+    """Body of a pump thread.  `connect_to`, on the device side: (host, port,
+    timeout), or a function that returns the connected socket (raises OSError)."""
     reason = "closed"
     sock = stream.sock
     try:
         if connect_to is not None:
-            host, port, timeout = connect_to
             try:
-                sock = connect_tcp(host, port, timeout)
+                if callable(connect_to):
+                    sock = connect_to()
+                else:
+                    host, port, timeout = connect_to
+                    sock = connect_tcp(host, port, timeout)
             except OSError as exc:
-                reason = "connect to %s:%d failed: %s" % (host, port, exc.strerror or exc)
+                if isinstance(exc, TargetRefused):
+                    reason = REFUSED + str(exc)
+                else:
+                    reason = "connect to %s failed: %s" % (stream.peer, exc.strerror or exc)
                 if stream.mark_closed():
                     writer.send(protocol.CLOSE, stream.id, memoryview(b""))
                 return

@@ -56,6 +56,18 @@ def test_data_before_connect_reaches_the_service_in_order(device_on, service):
     assert app.status()["bytes_down"] == len(want)
 
 
+def test_data_before_a_connect_that_names_the_target_by_another_name(device_on, service):
+    # The Java server given `localhost:PORT` for a device whose local is
+    # 127.0.0.1:PORT: the CONNECT is checked by name lookup in the pump
+    # thread, and the held DATA must still reach the service first.
+    app, peer = device_on()
+    peer.send(DATA, 6, b"hello ")
+    peer.send(CONNECT, 6, protocol.encode_connect_payload("localhost", service.address[1]))
+    peer.send(DATA, 6, b"world")
+    assert _read_data(peer, 6, 11) == b"hello world"
+    assert service.accepted == 1
+
+
 def test_speaks_first_client_gets_its_answer(device_on, service):
     # The SSH-like case: the client's banner is DATA ahead of the CONNECT; the
     # echo service answers it like a server would.

@@ -294,8 +294,9 @@ def test_server_full_use_case_against_legacy_device(server):
     app = server()
     peer = legacy_device(app)
     client = socket.create_connection(app.host_address, timeout=10)
-    # CONNECT client 1 with the default target: empty address, port 23.
-    peer.expect(bytes.fromhex("0004010100000017"))
+    # CONNECT client 1 with the default target, explicit (a legacy device cannot
+    # dial an empty address): 127.0.0.1:23, exactly as PROTOCOL.md's example.
+    peer.expect(bytes.fromhex("000d01010009") + b"127.0.0.1" + bytes.fromhex("0017"))
     client.sendall(b"hello")
     peer.expect(bytes.fromhex("00050301") + b"hello")
     peer.send(DATA, 1, b"world")
@@ -303,7 +304,7 @@ def test_server_full_use_case_against_legacy_device(server):
     client.close()                                     # closing case 7
     peer.expect(bytes.fromhex("00000201"))
     client2 = socket.create_connection(app.host_address, timeout=10)
-    peer.expect(bytes.fromhex("0004010200000017"))     # next id in turn
+    peer.expect(bytes.fromhex("000d01020009") + b"127.0.0.1" + bytes.fromhex("0017"))  # next id
     peer.send(DATA, 2, b"bye")
     peer.send(CLOSE, 2)                                # closing case 6
     assert recv_until_eof_exact(client2) == b"bye"

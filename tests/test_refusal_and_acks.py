@@ -1,0 +1,83 @@
+"""A device that a server turns away says so; control frames are ACKed at once."""
+
+import socket
+
+from conftest import Service, recv_exactly, settings, wait_for
+from test_legacy_interop import LegacyServer
+from tcprc import protocol
+from tcprc.device import DeviceApp
+from tcprc.protocol import CLOSE, CONNECT, DATA
+from tcprc.server import ServerApp
+
+
+def test_a_device_refused_by_a_server_without_takeover_says_so(service, caplog):
+    server = ServerApp(settings("server", listen="127.0.0.1:0", host="127.0.0.1:0", takeover=False))
+    server.start()
+    address = "%s:%d" % server.listen_address
+    keys = dict(server=address, local="%s:%d" % service.address, reconnect_min=5, reconnect_max=5)
+    first = DeviceApp(settings("device", **keys))
+    first.start()
+    second = None
+    try:
+        wait_for(lambda: server.host_address, what="the first device's LISTEN")
+        second = DeviceApp(settings("device", **keys))
+        second.start()
+        status = wait_for(lambda: second.status()["last_error"] and second.status(),
+                          what="the second device's uplink to end")
+        assert status["last_error"].startswith("refused by the server: it closed the uplink ")
+        assert "after LISTEN, before any frame" in status["last_error"]
+        assert "WARNING" in [r.levelname for r in caplog.records
+                             if r.getMessage().endswith(status["last_error"])]
+        assert first.status()["state"] == "up" and first.status()["last_error"] == ""
+    finally:
+        if second is not None:
+            second.close()
+        first.close()
+        server.close()
+
+
+def test_an_uplink_lost_after_frames_is_not_called_a_refusal(service):
+    legacy = LegacyServer()
+    app = DeviceApp(settings("device", server=legacy.address, local="%s:%d" % service.address,
+                             reconnect_min=5, reconnect_max=5))
+    app.start()
+    try:
+        peer = legacy.accept()
+        peer.expect(bytes.fromhex("00000400"))
+        peer.send(CONNECT, 1, protocol.encode_connect_payload("", 0))
+        peer.send(DATA, 1, b"x")
+        peer.expect(bytes.fromhex("0001030178"))
+        peer.close()
+        error = wait_for(lambda: app.status()["last_error"], what="the uplink to end")
+        assert error == "uplink lost: closed by peer"
+    finally:
+        app.close()
+        legacy.close()
+
+
+def test_control_frames_are_acked_at_once_for_a_server_with_nagle(service):
+    # The Java server writes with Nagle on: a small frame waits until the
+    # previous one is ACKed.  A CLOSE the device does not answer must not wait
+    # for its delayed ACK (40 ms or more), or every next client waits too.
+    legacy = LegacyServer()   # its sockets keep Nagle on, like the Java server's
+    app = DeviceApp(settings("device", server=legacy.address, local="%s:%d" % service.address))
+    app.start()
+    try:
+        peer = legacy.accept()
+        peer.expect(bytes.fromhex("00000400"))
+        uplink = wait_for(lambda: app._link, what="the device's link").sock
+        for client_id in range(1, 4):
+            peer.send(CONNECT, client_id, protocol.encode_connect_payload("", 0))
+            peer.send(DATA, client_id, b"ping")
+            peer.expect(bytes([0, 4, DATA, client_id]) + b"ping")
+            # The device answered DATA at once: its socket now delays ACKs
+            # (interactive mode), as on a real session.
+            ended = service.ended
+            peer.send(CLOSE, client_id)
+            wait_for(lambda: service.ended > ended, what="the service socket closed on CLOSE")
+            # The device acted on the CLOSE; it ACKed it then, not on a timer:
+            # the kernel shows it left delayed-ACK mode (TCP_QUICKACK reads 1).
+            assert uplink.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 1
+    finally:
+        app.close()
+        legacy.close()
