@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from support import ROOT
 from tcprc.addr import connect_tcp, format_hostport, parse_hostport
 
 

@@ -8,7 +8,10 @@ import time
 
 import pytest
 
-from conftest import ROOT, free_port, port_accepts, recv_exactly, run_tcprc, start_tunnel, wait_for
+from support import ROOT
+from support.agents import run_tcprc, start_tunnel
+from support.net import free_port, port_accepts, recv_exactly
+from support.waiting import wait_for
 from tcprc.config import SCHEMA, ConfigError, load_config
 
 

@@ -11,7 +11,10 @@ import time
 
 import pytest
 
-from conftest import ROOT, Service, tcprc_command, wait_for
+from support import ROOT
+from support.agents import tcprc_command
+from support.services import Service
+from support.waiting import wait_for
 from tcprc.commands import CommandParser
 from tcprc.config import build_config
 from tcprc.console import LineEditor, SerialConsole, serial_available

@@ -11,7 +11,9 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_tcprc, tcprc_command, wait_for
+from support import ROOT
+from support.agents import run_tcprc, tcprc_command
+from support.waiting import wait_for
 from tcprc import control
 from tcprc.commands import CommandParser
 from tcprc.config import build_config

@@ -14,9 +14,11 @@ import time
 
 import pytest
 
+from support.gateway import REPO, alive
+from support.net import free_port, recv_exactly
+from support.services import Service
+from support.waiting import wait_for
 from tcprc import daemon, protocol
-from conftest import free_port, wait_for
-from test_initscript import REPO, alive
 
 
 # -- PidFile, in process (flock conflicts between two opens of one process too)
@@ -346,48 +348,11 @@ class Uplinks:
         self.listener.close()
 
 
-def recv_exactly(sock, size):
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise EOFError("uplink closed")
-        data += chunk
-    return data
-
-
 @pytest.fixture
 def echo():
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(4)
-    stop = threading.Event()
-
-    def serve(conn):
-        with conn:
-            while True:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                conn.sendall(data)
-
-    def loop():
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    yield listener.getsockname()
-    stop.set()
-    thread.join(5)
-    listener.close()
+    svc = Service("echo")
+    yield svc.address
+    svc.close()
 
 
 def round_trip(uplink, payload):

@@ -11,7 +11,9 @@ import sys
 
 import pytest
 
-from conftest import free_port, listening, start_tunnel, wait_for
+from support.agents import start_tunnel
+from support.net import free_port, listening
+from support.waiting import wait_for
 
 
 def need(*tools):

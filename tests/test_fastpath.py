@@ -17,7 +17,14 @@ import time
 
 import pytest
 
-from conftest import ROOT, Service, Tunnel, pattern, recv_exactly, start_tunnel, wait_for
+from support import ROOT
+from support import procfs
+from support.agents import start_tunnel
+from support.net import recv_exactly
+from support.peers import LegacyServer
+from support.services import Service, pattern
+from support.tunnel import Tunnel, settings
+from support.waiting import wait_for
 from tcprc import loop, protocol, pump
 from tcprc.writer import FrameWriter
 
@@ -30,25 +37,6 @@ def path(request, monkeypatch):
     monkeypatch.setattr(pump, "SPLICE", request.param == "splice")
     monkeypatch.setattr(loop, "USE_EPOLL", loop.USE_EPOLL and request.param != "poll")
     return request.param
-
-
-def _proc_rss_kb(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS for %d" % pid)
-
-
-def _pipes(pid):
-    count = 0
-    for fd in os.listdir("/proc/%d/fd" % pid):
-        try:
-            if os.readlink("/proc/%d/fd/%s" % (pid, fd)).startswith("pipe:"):
-                count += 1
-        except OSError:
-            pass
-    return count
 
 
 # ---- the writer on its own ----------------------------------------------------------
@@ -256,13 +244,13 @@ def test_agents_honour_tcprc_splice(agents, monkeypatch, splice):
     svc = Service("echo")
     try:
         server, device, host = start_tunnel(agents, svc.address)
-        idle_pipes = _pipes(device.pid)
+        idle_pipes = procfs.pipes(device.pid)
         with socket.create_connection(host, timeout=20) as c:
             _echo_burst(c, 2 * 1024 * 1024)
             # The device's pump owns a pipe while its stream is open, on the splice path only.
-            extra = _pipes(device.pid) - idle_pipes
+            extra = procfs.pipes(device.pid) - idle_pipes
             assert extra == (2 if splice else 0)
-        wait_for(lambda: _pipes(device.pid) == idle_pipes, what="the pump's pipe to close")
+        wait_for(lambda: procfs.pipes(device.pid) == idle_pipes, what="the pump's pipe to close")
     finally:
         svc.close()
 
@@ -278,11 +266,11 @@ def test_many_bulk_streams_read_one_frame_at_a_time(agents):
         try:
             wait_for(lambda: source.accepted == 32, what="32 service connections")
             time.sleep(0.3)
-            before = _proc_rss_kb(device.pid)
+            before = procfs.rss_kb(device.pid)
             for c in clients:
                 c.sendall(struct.pack("!Q", 16 * 1024 * 1024))   # more than the buffers hold
             time.sleep(1.5)   # the pumps read, send, and stall on the full uplink
-            grown = _proc_rss_kb(device.pid) - before
+            grown = procfs.rss_kb(device.pid) - before
         finally:
             for c in clients:
                 c.close()
@@ -301,9 +289,9 @@ def test_idle_streams_cost_little_device_memory(agents):
     try:
         server, device, host = start_tunnel(agents, svc.address)
         _warm_up(host, svc)
-        before = _proc_rss_kb(device.pid)
+        before = procfs.rss_kb(device.pid)
         socks = _open_echoing(host, 100)
-        per_stream = (_proc_rss_kb(device.pid) - before) / 100.0
+        per_stream = (procfs.rss_kb(device.pid) - before) / 100.0
         for s in socks:
             s.close()
         assert per_stream < 40, "%.1f KB per open stream" % per_stream
@@ -323,7 +311,7 @@ def _warm_up(host, svc):
 def _warm_and_idle(host, svc, device):
     """_warm_up, then wait for its pump to exit; the device's idle thread count."""
     _warm_up(host, svc)
-    return wait_for(lambda: _threads(device.pid) <= 3 and _threads(device.pid),
+    return wait_for(lambda: procfs.threads(device.pid) <= 3 and procfs.threads(device.pid),
                     what="the warm-up pump to exit")
 
 
@@ -366,12 +354,12 @@ def test_buffers_give_their_far_pages_back_when_traffic_calms(agents):
                 assert recv_exactly(conn, 1) == b"p"
 
         ping(5)
-        calm = _proc_rss_kb(device.pid)
+        calm = procfs.rss_kb(device.pid)
         _echo_burst(conn, 8 * 1024 * 1024)
-        after_bulk = _proc_rss_kb(device.pid)
+        after_bulk = procfs.rss_kb(device.pid)
         assert after_bulk - calm > 1000, "the bulk burst touched only %d KB" % (after_bulk - calm)
         ping(40)
-        after_calm = _proc_rss_kb(device.pid)
+        after_calm = procfs.rss_kb(device.pid)
         assert after_bulk - after_calm > 1000, \
             "RSS %d KB after the burst, %d KB after 40 small round trips" % (after_bulk, after_calm)
         conn.close()
@@ -387,20 +375,16 @@ def test_the_uplink_buffer_gives_its_bulk_pages_back_when_the_last_stream_closes
     try:
         server, device, host = start_tunnel(agents, svc.address)
         idle_threads = _warm_and_idle(host, svc, device)
-        calm = _proc_rss_kb(device.pid)
+        calm = procfs.rss_kb(device.pid)
         conn = socket.create_connection(host, timeout=10)
         _echo_burst(conn, 8 * 1024 * 1024)
-        peak = _proc_rss_kb(device.pid)
+        peak = procfs.rss_kb(device.pid)
         conn.close()
-        wait_for(lambda: _threads(device.pid) == idle_threads, what="the pump to exit")
-        wait_for(lambda: _proc_rss_kb(device.pid) - calm < 400, timeout=5,
+        wait_for(lambda: procfs.threads(device.pid) == idle_threads, what="the pump to exit")
+        wait_for(lambda: procfs.rss_kb(device.pid) - calm < 400, timeout=5,
                  what="RSS back within 400 KB of %d KB (it peaked at %d KB)" % (calm, peak))
     finally:
         svc.close()
-
-
-def _threads(pid):
-    return len(os.listdir("/proc/%d/task" % pid))
 
 
 def test_device_memory_returns_near_idle_after_200_streams(agents):
@@ -419,11 +403,11 @@ def test_device_memory_returns_near_idle_after_200_streams(agents):
     try:
         server, device, host = start_tunnel(agents, svc.address, device_env=deployed)
         idle_threads = _warm_and_idle(host, svc, device)
-        idle = _proc_rss_kb(device.pid)
+        idle = procfs.rss_kb(device.pid)
         for s in _open_echoing(host, 200):
             s.close()
-        wait_for(lambda: _threads(device.pid) == idle_threads, what="every pump to exit")
-        left = _proc_rss_kb(device.pid) - idle
+        wait_for(lambda: procfs.threads(device.pid) == idle_threads, what="every pump to exit")
+        left = procfs.rss_kb(device.pid) - idle
         assert left < limit, "200 closed streams left %d KB behind" % left
     finally:
         svc.close()
@@ -432,9 +416,9 @@ def test_device_memory_returns_near_idle_after_200_streams(agents):
 def test_an_idle_frame_buffer_costs_no_memory():
     # The uplink's 1 MB decode buffer is mapped lazily: eight idle ones
     # cost almost nothing, where zero-filled bytearrays would cost 8 MB.
-    before = _proc_rss_kb(os.getpid())
+    before = procfs.rss_kb(os.getpid())
     buffers = [protocol.FrameBuffer() for _ in range(8)]
-    grown = _proc_rss_kb(os.getpid()) - before
+    grown = procfs.rss_kb(os.getpid()) - before
     assert grown < 512, "%d KB for 8 idle frame buffers" % grown
     # ...and they still decode.
     for buf in buffers:
@@ -484,9 +468,7 @@ class Recorder:
 
 @pytest.fixture
 def raw_device():
-    from test_legacy_interop import LegacyServer
     from tcprc.device import DeviceApp
-    from conftest import settings
     made = []
 
     def start(target):

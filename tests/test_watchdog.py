@@ -7,10 +7,8 @@ import subprocess
 
 import pytest
 
-from conftest import wait_for
-from test_initscript import WATCHDOG, Gateway, alive, shell_argv
-
-
+from support.gateway import WATCHDOG, Gateway, alive, shell_argv
+from support.waiting import wait_for
 
 
 @pytest.fixture
