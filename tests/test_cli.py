@@ -20,6 +20,7 @@ def write(path, text):
     return str(path)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("role, content, args, expected", [
     ("server", None, [], r"missing\.toml: no such file"),
     ("server", "[server\nlisten=", [], r"bad\.toml: invalid TOML"),
@@ -86,6 +87,7 @@ def test_integer_values_are_accepted_for_seconds(tmp_path):
     assert cfg.device.connect_timeout == 3.0 and isinstance(cfg.device.connect_timeout, float)
 
 
+@pytest.mark.e2e
 def test_processes_carry_a_client_and_stop_on_sigterm(agents, service):
     server, device, host = start_tunnel(agents, service.address)
     with socket.create_connection(host, timeout=10) as conn:
@@ -102,6 +104,7 @@ def test_processes_carry_a_client_and_stop_on_sigterm(agents, service):
     assert "LISTEN: clients accepted on 127.0.0.1:%d" % host[1] in err   # the server's log
 
 
+@pytest.mark.e2e
 def test_sigint_stops_cleanly(agents, service):
     server, device, host = start_tunnel(agents, service.address)
     device.send_signal(signal.SIGINT)
@@ -110,6 +113,7 @@ def test_sigint_stops_cleanly(agents, service):
     wait_for(lambda: not port_accepts(host), what="host port closed after the device left")
 
 
+@pytest.mark.e2e
 def test_server_reports_a_port_in_use(agents):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -121,6 +125,7 @@ def test_server_reports_a_port_in_use(agents):
     assert "cannot start the server" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.e2e
 def test_device_started_before_its_server_finds_it(agents, service):
     listen, host = free_port(), free_port()
     device = agents.start("device", "--server", "127.0.0.1:%d" % listen, "--local", "%s:%d" % service.address,
@@ -134,6 +139,7 @@ def test_device_started_before_its_server_finds_it(agents, service):
     assert device.poll() is None and server.poll() is None
 
 
+@pytest.mark.e2e
 def test_version_and_help():
     result = run_tcprc("--version")
     assert result.returncode == 0 and result.stdout.startswith("tcprc ")
@@ -143,6 +149,7 @@ def test_version_and_help():
         assert word in result.stdout
 
 
+@pytest.mark.e2e
 def test_demo_runs(tmp_path):
     result = run_tcprc("demo", "--megabytes", "4", timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr

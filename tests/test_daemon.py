@@ -40,6 +40,7 @@ def test_pidfile_locks_and_refuses_a_second_owner(tmp_path):
     second.release()
 
 
+@pytest.mark.e2e
 def test_pidfile_of_a_dead_agent_is_taken_over(tmp_path):
     path = tmp_path / "a.pid"
     dead = subprocess.Popen(["true"])
@@ -224,6 +225,7 @@ def proc_stat(pid):
         return handle.read().rsplit(")", 1)[1].split()
 
 
+@pytest.mark.e2e
 def test_daemon_detaches_and_second_instance_refuses(agent):
     agent.write('[device]\nserver = ""\n')
     res = agent.start()
@@ -254,6 +256,7 @@ def test_daemon_detaches_and_second_instance_refuses(agent):
     assert "signal 15: stopping" in agent.log_text()
 
 
+@pytest.mark.e2e
 def test_daemon_takes_over_a_stale_pidfile(agent):
     agent.write('[device]\nserver = ""\n')
     dead = subprocess.Popen(["true"])
@@ -285,6 +288,7 @@ def test_daemon_start_errors_reach_the_caller(tmp_path, request):
     assert not server.pidfile.exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_foreground_stops_on_signal_with_exit_0(tmp_path, signum):
     conf = tmp_path / "device.toml"
@@ -365,6 +369,7 @@ def round_trip(uplink, payload):
     return got
 
 
+@pytest.mark.e2e
 def test_sighup_reloads_keeps_streams_and_survives_a_broken_config(agent, echo):
     first, second = Uplinks(), Uplinks()
     try:

@@ -15,6 +15,8 @@ from support.agents import start_tunnel
 from support.net import free_port, listening
 from support.waiting import wait_for
 
+pytestmark = pytest.mark.e2e   # real processes throughout
+
 
 def need(*tools):
     for tool in tools:

@@ -233,6 +233,7 @@ def test_a_stream_closed_by_the_peer_mid_transfer_ends_cleanly(path):
 
 
 # ---- agent processes: the environment switch -----------------------------------------
+@pytest.mark.e2e
 @pytest.mark.parametrize("splice", [True, False])
 def test_agents_honour_tcprc_splice(agents, monkeypatch, splice):
     if splice:
@@ -255,6 +256,8 @@ def test_agents_honour_tcprc_splice(agents, monkeypatch, splice):
         svc.close()
 
 
+@pytest.mark.e2e
+@pytest.mark.memory
 def test_many_bulk_streams_read_one_frame_at_a_time(agents):
     # With 32 streams or more open a pump reads one frame's worth, so a crowd
     # of streams whose service has plenty to send (and clients that do not
@@ -282,6 +285,8 @@ def test_many_bulk_streams_read_one_frame_at_a_time(agents):
         source.close()
 
 
+@pytest.mark.e2e
+@pytest.mark.memory
 def test_idle_streams_cost_little_device_memory(agents):
     # Pump buffers are mapped lazily: an open stream that moved a few bytes
     # costs its thread stack and a page, not a 64 KB buffer.
@@ -339,6 +344,8 @@ def _open_echoing(host, count):
     return socks
 
 
+@pytest.mark.e2e
+@pytest.mark.memory
 def test_buffers_give_their_far_pages_back_when_traffic_calms(agents):
     # An ssh session that copied a file, then stays open for hours: after a
     # bulk burst, the device's uplink buffer and the stream's pump buffer
@@ -367,6 +374,8 @@ def test_buffers_give_their_far_pages_back_when_traffic_calms(agents):
         svc.close()
 
 
+@pytest.mark.e2e
+@pytest.mark.memory
 def test_the_uplink_buffer_gives_its_bulk_pages_back_when_the_last_stream_closes(agents):
     # After a bulk burst the uplink may carry nothing more for hours: the
     # last stream's close is when the device's uplink buffer calms down.
@@ -387,6 +396,8 @@ def test_the_uplink_buffer_gives_its_bulk_pages_back_when_the_last_stream_closes
         svc.close()
 
 
+@pytest.mark.e2e
+@pytest.mark.memory
 def test_device_memory_returns_near_idle_after_200_streams(agents):
     # What 200 streams leave behind once closed is the interpreter's
     # allocator keeping the pages their Python objects used, so each stream
@@ -413,6 +424,7 @@ def test_device_memory_returns_near_idle_after_200_streams(agents):
         svc.close()
 
 
+@pytest.mark.memory
 def test_an_idle_frame_buffer_costs_no_memory():
     # The uplink's 1 MB decode buffer is mapped lazily: eight idle ones
     # cost almost nothing, where zero-filled bytearrays would cost 8 MB.
@@ -569,6 +581,7 @@ def test_an_error_escaping_a_pump_reaches_threading_excepthook(monkeypatch):
     assert seen == [(RuntimeError, "boom", "tcprc-pump-7")]
 
 
+@pytest.mark.memory
 def test_a_running_pump_thread_allocates_little():
     # threading.Thread allocates about 3 KB of objects per running thread
     # (traced here); a pump thread must stay well under half of that.
@@ -586,6 +599,7 @@ def test_a_running_pump_thread_allocates_little():
     assert per_thread < 1500, "%.0f bytes per pump thread" % per_thread
 
 
+@pytest.mark.memory
 def test_a_stream_that_never_queues_allocates_no_queue():
     # Most streams never hold bytes back from their socket; a deque would
     # cost each of them a 528-byte block (with one, a Stream traced 1178 B).
@@ -605,6 +619,7 @@ def test_a_stream_that_never_queues_allocates_no_queue():
     assert not stream.pending and stream.pending_bytes == 0
 
 
+@pytest.mark.memory
 def test_pump_threads_are_os_threads_that_end():
     gate, tids, lock = threading.Event(), [], threading.Lock()
 

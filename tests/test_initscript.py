@@ -18,6 +18,8 @@ from support.gateway import INIT, REPO, Gateway, alive
 from support.net import free_port
 from support.waiting import wait_for
 
+pytestmark = pytest.mark.e2e   # real processes throughout
+
 
 @pytest.fixture
 def gateway(tmp_path):

@@ -6,6 +6,8 @@ import socket
 import struct
 import threading
 
+import pytest
+
 from support import procfs
 from support.net import is_eof, raise_fd_limit, recv_exactly, recv_until_eof
 from support.services import Service, pattern
@@ -239,6 +241,7 @@ def test_slow_client_is_closed_after_stall_and_others_carry_on(caplog):
         source.close()
 
 
+@pytest.mark.memory
 def test_no_thread_or_fd_leak_after_500_connect_close_cycles(tunnel, service):
     echo_through(tunnel, b"warm-up")
     wait_for(lambda: tunnel.server.status()["clients"] == 0, what="warm-up closed")
@@ -257,6 +260,7 @@ def test_no_thread_or_fd_leak_after_500_connect_close_cycles(tunnel, service):
              what="fds back to %d (now %d)" % (fds, procfs.open_fds(os.getpid())))
 
 
+@pytest.mark.memory
 def test_no_leak_after_tunnel_closes(service):
     threads, fds = procfs.threads(os.getpid()), procfs.open_fds(os.getpid())
     tunnel = Tunnel(service.address)

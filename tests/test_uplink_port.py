@@ -256,6 +256,7 @@ def test_takeover_line_names_both_sources(server, caplog):
     device.close()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("entry, problem", [
     ("10.0.0.1/8", "'10.0.0.1/8' has host bits set (did you mean 10.0.0.0/8?)"),
     ("10.0.0.0/33", "'10.0.0.0/33': the prefix length must be 0..32"),
@@ -273,6 +274,7 @@ def test_a_bad_allow_from_entry_stops_the_start_in_one_line(tmp_path, entry, pro
     assert problem in lines[0], lines[0]
 
 
+@pytest.mark.e2e
 def test_an_empty_allow_from_is_refused(tmp_path):
     path = tmp_path / "server.toml"
     path.write_text("[server]\nallow_from = []\n")

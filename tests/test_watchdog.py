@@ -10,6 +10,8 @@ import pytest
 from support.gateway import WATCHDOG, Gateway, alive, shell_argv
 from support.waiting import wait_for
 
+pytestmark = pytest.mark.e2e   # real processes throughout
+
 
 @pytest.fixture
 def gateway(tmp_path):
