@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from support import ROOT
 from tcprc.addr import connect_tcp, format_hostport, parse_hostport
 
 
@@ -24,6 +24,7 @@ def test_bad_addresses_are_refused_with_a_reason(bad):
         parse_hostport(bad)
 
 
+@pytest.mark.e2e
 def test_dialing_an_ascii_host_does_not_load_the_idna_codec():
     # A str host makes getaddrinfo load encodings.idna, unicodedata and
     # stringprep (about 400 KB of RSS); the device dials without them.

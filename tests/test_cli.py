@@ -1,6 +1,5 @@
-"""`tcprc server` and `tcprc device` as real processes; config and command-line errors."""
+"""`tcprc server` and `tcprc device` as real processes; command-line errors (config files: test_config.py)."""
 
-import os
 import re
 import signal
 import socket
@@ -8,8 +7,9 @@ import time
 
 import pytest
 
-from conftest import ROOT, free_port, port_accepts, recv_exactly, run_tcprc, start_tunnel, wait_for
-from tcprc.config import SCHEMA, ConfigError, load_config
+from support.agents import run_tcprc, start_tunnel
+from support.net import free_port, port_accepts, recv_exactly
+from support.waiting import wait_for
 
 
 def write(path, text):
@@ -17,6 +17,7 @@ def write(path, text):
     return str(path)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("role, content, args, expected", [
     ("server", None, [], r"missing\.toml: no such file"),
     ("server", "[server\nlisten=", [], r"bad\.toml: invalid TOML"),
@@ -50,39 +51,7 @@ def test_config_errors_are_one_line_and_exit_2(tmp_path, role, content, args, ex
     assert "Traceback" not in result.stderr
 
 
-def test_config_directory_and_binary_file_are_reported(tmp_path):
-    with pytest.raises(ConfigError, match="is a directory"):
-        load_config(str(tmp_path), "device")
-    binary = tmp_path / "bin.toml"
-    binary.write_bytes(b"\xff\xfe\x00garbage")
-    with pytest.raises(ConfigError, match="bin.toml: "):
-        load_config(str(binary), "device")
-
-
-def test_empty_file_means_defaults(tmp_path):
-    cfg = load_config(write(tmp_path / "empty.toml", ""), "device")
-    assert cfg.device.local == "127.0.0.1:23" and cfg.device.server == ""
-    assert cfg.device.reconnect_min == 1.0 and cfg.device.reconnect_max == 60.0
-    cfg = load_config(write(tmp_path / "empty2.toml", ""), "server")
-    assert cfg.server.takeover is True and cfg.server.host == "127.0.0.1:2222"
-
-
-@pytest.mark.parametrize("role, sample", [("device", "etc/tcprc.toml"), ("server", "etc/tcprc-server.toml")])
-def test_samples_are_valid_and_document_every_key(role, sample):
-    path = os.path.join(ROOT, sample)
-    load_config(path, role)
-    text = open(path).read()
-    for section, keys in SCHEMA[role].items():
-        assert "[%s]" % section in text
-        for key in keys:
-            assert re.search(r"^#.*\n%s = " % key, text, re.M), "%s: %s.%s undocumented" % (sample, section, key)
-
-
-def test_integer_values_are_accepted_for_seconds(tmp_path):
-    cfg = load_config(write(tmp_path / "c.toml", "[device]\nconnect_timeout = 3\n"), "device")
-    assert cfg.device.connect_timeout == 3.0 and isinstance(cfg.device.connect_timeout, float)
-
-
+@pytest.mark.e2e
 def test_processes_carry_a_client_and_stop_on_sigterm(agents, service):
     server, device, host = start_tunnel(agents, service.address)
     with socket.create_connection(host, timeout=10) as conn:
@@ -99,6 +68,7 @@ def test_processes_carry_a_client_and_stop_on_sigterm(agents, service):
     assert "LISTEN: clients accepted on 127.0.0.1:%d" % host[1] in err   # the server's log
 
 
+@pytest.mark.e2e
 def test_sigint_stops_cleanly(agents, service):
     server, device, host = start_tunnel(agents, service.address)
     device.send_signal(signal.SIGINT)
@@ -107,6 +77,7 @@ def test_sigint_stops_cleanly(agents, service):
     wait_for(lambda: not port_accepts(host), what="host port closed after the device left")
 
 
+@pytest.mark.e2e
 def test_server_reports_a_port_in_use(agents):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -118,6 +89,7 @@ def test_server_reports_a_port_in_use(agents):
     assert "cannot start the server" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.e2e
 def test_device_started_before_its_server_finds_it(agents, service):
     listen, host = free_port(), free_port()
     device = agents.start("device", "--server", "127.0.0.1:%d" % listen, "--local", "%s:%d" % service.address,
@@ -131,6 +103,7 @@ def test_device_started_before_its_server_finds_it(agents, service):
     assert device.poll() is None and server.poll() is None
 
 
+@pytest.mark.e2e
 def test_version_and_help():
     result = run_tcprc("--version")
     assert result.returncode == 0 and result.stdout.startswith("tcprc ")
@@ -140,6 +113,7 @@ def test_version_and_help():
         assert word in result.stdout
 
 
+@pytest.mark.e2e
 def test_demo_runs(tmp_path):
     result = run_tcprc("demo", "--megabytes", "4", timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from conftest import free_port, wait_for
+from support.net import free_port
+from support.waiting import wait_for
 from tcprc.commands import CommandParser
 from tcprc.config import build_config, load_config
 from tcprc.device import DeviceApp

@@ -11,7 +11,10 @@ import time
 
 import pytest
 
-from conftest import ROOT, Service, tcprc_command, wait_for
+from support import ROOT
+from support.agents import tcprc_command
+from support.services import Service
+from support.waiting import wait_for
 from tcprc.commands import CommandParser
 from tcprc.config import build_config
 from tcprc.console import LineEditor, SerialConsole, serial_available
@@ -429,6 +432,7 @@ def test_console_close_is_prompt_even_while_waiting_for_a_port(tmp_path):
     assert not any(t.name == "tcprc-console" for t in threading.enumerate())
 
 
+@pytest.mark.e2e
 @needs_serial
 def test_agent_process_with_console_flag(tmp_path):
     """`tcprc device --console PORT` as the init script would start it."""

@@ -11,7 +11,9 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_tcprc, tcprc_command, wait_for
+from support import ROOT
+from support.agents import run_tcprc, tcprc_command
+from support.waiting import wait_for
 from tcprc import control
 from tcprc.commands import CommandParser
 from tcprc.config import build_config
@@ -197,6 +199,7 @@ def test_too_many_clients_are_refused_not_queued(served):
     wait_for(lambda: send_command(served.path, "status", 5)[-1] == "OK", what="capacity back")
 
 
+@pytest.mark.memory
 def test_close_joins_threads_and_removes_the_socket(tmp_path):
     cfg = build_config("device", {}, "test")
     app = DeviceApp(cfg.device)
@@ -331,6 +334,7 @@ def tunnel_server():
     server.close()
 
 
+@pytest.mark.e2e
 def test_ctl_against_an_idle_device_then_a_real_tunnel(agents, tmp_path, tunnel_server, service):
     agent = agents("device", tmp_path, "")       # no server, no autostart: waits idle
     result = agent.ctl("status")
@@ -354,6 +358,7 @@ def test_ctl_against_an_idle_device_then_a_real_tunnel(agents, tmp_path, tunnel_
     wait_for(lambda: tunnel_server.host_address is None, what="tunnel closed")
 
 
+@pytest.mark.e2e
 def test_ctl_exit_status_and_output(agents, tmp_path):
     agent = agents("device", tmp_path, "")
     bad = agent.ctl("TCPRemoteConnect", "127.0.0.1", "99999", "127.0.0.1", "22")
@@ -374,6 +379,7 @@ def test_ctl_exit_status_and_output(agents, tmp_path):
     assert after.returncode == 2 and "no agent answers" in after.stderr
 
 
+@pytest.mark.e2e
 def test_ctl_with_a_broken_config_is_one_line(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("[control\n")
@@ -382,6 +388,7 @@ def test_ctl_with_a_broken_config_is_one_line(tmp_path):
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
+@pytest.mark.e2e
 def test_config_save_survives_a_restart(agents, tmp_path):
     agent = agents("device", tmp_path, "# the gateway in hall 3\n[device]\nautostart = false\n")
     assert agent.ctl("config", "set", "device.server", "192.0.2.7:9100").returncode == 0
@@ -409,6 +416,7 @@ tomlwrite.atomic_write(sys.argv[1], "[device]\\nautostart = false\\n")
 """
 
 
+@pytest.mark.e2e
 def test_stale_save_temp_files_are_removed_at_start(agents, tmp_path):
     config = tmp_path / "device.toml"
     config.write_text('[control]\nsocket = "%s"\n' % (tmp_path / "device.sock"))
@@ -446,6 +454,7 @@ def test_stale_save_temp_files_are_removed_at_start(agents, tmp_path):
     assert len(lines) == 1 and "removed 3 " in lines[0], log
 
 
+@pytest.mark.e2e
 def test_ctl_on_the_server_role(agents, tmp_path):
     agent = agents("server", tmp_path, '[server]\nlisten = "127.0.0.1:0"\nhost = "127.0.0.1:0"\n')
     result = agent.ctl("status", role="server")
@@ -471,6 +480,7 @@ def without_pyserial(tmp_path):
     return dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker.parent), ROOT]))
 
 
+@pytest.mark.e2e
 def test_console_flag_without_pyserial_says_how_to_install(tmp_path):
     env = without_pyserial(tmp_path)
     result = run_tcprc("device", "--console", "/dev/ttyS0", env=env)
@@ -479,6 +489,7 @@ def test_console_flag_without_pyserial_says_how_to_install(tmp_path):
                             "pip install 'tcprc[serial]'\n"
 
 
+@pytest.mark.e2e
 def test_console_port_in_config_without_pyserial_keeps_the_agent_running(agents, tmp_path):
     agent = agents("device", tmp_path, '[console]\nport = "/dev/ttyS0"\n',
                    env=without_pyserial(tmp_path))
@@ -487,6 +498,7 @@ def test_console_port_in_config_without_pyserial_keeps_the_agent_running(agents,
     assert code == 0 and "pip install 'tcprc[serial]'" in err
 
 
+@pytest.mark.e2e
 def test_python38_compatible_imports():
     py38 = "/root/.pyenv/versions/3.8.18/bin/python3.8"
     if not os.path.exists(py38):
@@ -499,6 +511,7 @@ def test_python38_compatible_imports():
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.e2e
 def test_ctl_gives_up_on_an_agent_that_never_answers(tmp_path):
     path = str(tmp_path / "mute.sock")
     mute = socket.socket(socket.AF_UNIX)
@@ -514,6 +527,7 @@ def test_ctl_gives_up_on_an_agent_that_never_answers(tmp_path):
     assert bad.returncode == 2 and "--timeout" in bad.stderr
 
 
+@pytest.mark.e2e
 def test_sighup_reload_is_what_config_get_shows(agents, tmp_path):
     agent = agents("device", tmp_path, "[device]\nautostart = false\nkeepalive_idle = 30\n")
     assert agent.ctl("config", "set", "device.keepalive_idle", "99").returncode == 0

@@ -14,9 +14,11 @@ import time
 
 import pytest
 
+from support.gateway import REPO, alive
+from support.net import free_port, recv_exactly
+from support.services import Service
+from support.waiting import wait_for
 from tcprc import daemon, protocol
-from conftest import free_port, wait_for
-from test_initscript import REPO, alive
 
 
 # -- PidFile, in process (flock conflicts between two opens of one process too)
@@ -38,6 +40,7 @@ def test_pidfile_locks_and_refuses_a_second_owner(tmp_path):
     second.release()
 
 
+@pytest.mark.e2e
 def test_pidfile_of_a_dead_agent_is_taken_over(tmp_path):
     path = tmp_path / "a.pid"
     dead = subprocess.Popen(["true"])
@@ -222,6 +225,7 @@ def proc_stat(pid):
         return handle.read().rsplit(")", 1)[1].split()
 
 
+@pytest.mark.e2e
 def test_daemon_detaches_and_second_instance_refuses(agent):
     agent.write('[device]\nserver = ""\n')
     res = agent.start()
@@ -252,6 +256,7 @@ def test_daemon_detaches_and_second_instance_refuses(agent):
     assert "signal 15: stopping" in agent.log_text()
 
 
+@pytest.mark.e2e
 def test_daemon_takes_over_a_stale_pidfile(agent):
     agent.write('[device]\nserver = ""\n')
     dead = subprocess.Popen(["true"])
@@ -283,6 +288,7 @@ def test_daemon_start_errors_reach_the_caller(tmp_path, request):
     assert not server.pidfile.exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_foreground_stops_on_signal_with_exit_0(tmp_path, signum):
     conf = tmp_path / "device.toml"
@@ -346,48 +352,11 @@ class Uplinks:
         self.listener.close()
 
 
-def recv_exactly(sock, size):
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise EOFError("uplink closed")
-        data += chunk
-    return data
-
-
 @pytest.fixture
 def echo():
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(4)
-    stop = threading.Event()
-
-    def serve(conn):
-        with conn:
-            while True:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                conn.sendall(data)
-
-    def loop():
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    yield listener.getsockname()
-    stop.set()
-    thread.join(5)
-    listener.close()
+    svc = Service("echo")
+    yield svc.address
+    svc.close()
 
 
 def round_trip(uplink, payload):
@@ -400,6 +369,7 @@ def round_trip(uplink, payload):
     return got
 
 
+@pytest.mark.e2e
 def test_sighup_reloads_keeps_streams_and_survives_a_broken_config(agent, echo):
     first, second = Uplinks(), Uplinks()
     try:

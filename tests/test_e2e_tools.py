@@ -11,7 +11,11 @@ import sys
 
 import pytest
 
-from conftest import free_port, listening, start_tunnel, wait_for
+from support.agents import start_tunnel
+from support.net import free_port, listening
+from support.waiting import wait_for
+
+pytestmark = pytest.mark.e2e   # real processes throughout
 
 
 def need(*tools):

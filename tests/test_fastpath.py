@@ -17,9 +17,15 @@ import time
 
 import pytest
 
-from conftest import ROOT, Service, Tunnel, pattern, recv_exactly, start_tunnel, wait_for
+from support import ROOT
+from support import procfs
+from support.agents import start_tunnel
+from support.net import recv_exactly
+from support.peers import LegacyServer
+from support.services import Service, pattern
+from support.tunnel import Tunnel, settings
+from support.waiting import wait_for
 from tcprc import loop, protocol, pump
-from tcprc.writer import FrameWriter
 
 # "poll": the plain pumps, with the link loops on select.poll instead of epoll.
 PATHS = (["splice"] if pump.SPLICE_AVAILABLE else []) + ["plain", "poll"]
@@ -30,152 +36,6 @@ def path(request, monkeypatch):
     monkeypatch.setattr(pump, "SPLICE", request.param == "splice")
     monkeypatch.setattr(loop, "USE_EPOLL", loop.USE_EPOLL and request.param != "poll")
     return request.param
-
-
-def _proc_rss_kb(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS for %d" % pid)
-
-
-def _pipes(pid):
-    count = 0
-    for fd in os.listdir("/proc/%d/fd" % pid):
-        try:
-            if os.readlink("/proc/%d/fd/%s" % (pid, fd)).startswith("pipe:"):
-                count += 1
-        except OSError:
-            pass
-    return count
-
-
-# ---- the writer on its own ----------------------------------------------------------
-@pytest.mark.skipif(not pump.SPLICE_AVAILABLE, reason="no os.splice on this interpreter")
-def test_send_spliced_puts_exactly_one_frame_on_the_wire():
-    near, far = socket.socketpair()
-    read_end, write_end = os.pipe()
-    try:
-        writer = FrameWriter(near)
-        writer.post(protocol.CLOSE, 9)                 # a queued control frame goes first
-        payload = pattern(40000)
-        os.write(write_end, payload)
-        assert writer.send_spliced(7, read_end, len(payload), lambda: True)
-        expected = protocol.encode(protocol.CLOSE, 9) + protocol.encode(protocol.DATA, 7, payload)
-        far.settimeout(5)
-        assert recv_exactly(far, len(expected)) == expected
-        assert writer.bytes_sent == len(payload)
-        # A stream closed meanwhile sends nothing; its bytes stay in the pipe.
-        os.write(write_end, b"late")
-        assert not writer.send_spliced(7, read_end, 4, lambda: False)
-        near.send(b"!")
-        assert far.recv(16) == b"!"
-    finally:
-        for fd in (read_end, write_end):
-            os.close(fd)
-        near.close()
-        far.close()
-
-
-def _read_frames(sock, total_payload):
-    """Decode DATA frames from `sock` until `total_payload` bytes came: [(id, payload)]."""
-    frames, got = [], 0
-    while got < total_payload:
-        length, command, client_id = protocol.HEADER.unpack(recv_exactly(sock, 4))
-        assert command == protocol.DATA
-        frames.append((client_id, recv_exactly(sock, length)))
-        got += length
-    return frames
-
-
-def test_send_data_cuts_a_long_read_into_whole_frames():
-    near, far = socket.socketpair()
-    try:
-        writer = FrameWriter(near)
-        data = pattern(150000)
-        assert writer.send_data(5, memoryview(data))
-        far.settimeout(5)
-        frames = _read_frames(far, len(data))
-        assert [len(p) for _, p in frames] == [65535, 65535, 18930]
-        assert {cid for cid, _ in frames} == {5}
-        assert b"".join(p for _, p in frames) == data
-        assert writer.bytes_sent == len(data)
-        assert not writer.send_data(5, memoryview(b"late"), lambda: False)
-    finally:
-        near.close()
-        far.close()
-
-
-def _through_a_slow_reader(timeout_us, chunk, pause, want, send):
-    """Run `send(writer)` into a reader that takes `chunk` bytes per `pause`
-    seconds, with small buffers and a send timeout of `timeout_us`, so
-    sendmsg returns short; the bytes the reader got, once it has `want`."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    reader = socket.socket()
-    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-    reader.connect(listener.getsockname())
-    sender, _ = listener.accept()
-    listener.close()
-    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
-    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, timeout_us))
-    received = bytearray()
-
-    def read_slowly():
-        reader.settimeout(10)
-        while len(received) < want:
-            data = reader.recv(chunk)
-            if not data:
-                break
-            received.extend(data)
-            time.sleep(pause)
-
-    thread = threading.Thread(target=read_slowly)
-    thread.start()
-    try:
-        send(FrameWriter(sender))
-        thread.join(20)
-        return bytes(received)
-    finally:
-        thread.join(20)
-        sender.close()
-        reader.close()
-
-
-def _payloads_of(stream, client_id):
-    frames, offset = [], 0
-    while offset < len(stream):
-        length, command, cid = protocol.HEADER.unpack_from(stream, offset)
-        assert (command, cid) == (protocol.DATA, client_id)
-        frames.append(bytes(stream[offset + 4:offset + 4 + length]))
-        offset += 4 + length
-    return frames
-
-
-def test_single_frame_send_data_resumes_after_a_short_sendmsg():
-    # A reader this slow makes a 64 KB frame outlast the 50 ms send timeout,
-    # so the kernel takes part of the one-frame sendmsg.
-    frames = [pattern(65535, seed=n) for n in range(3)]
-    counted = []
-
-    def send(writer):
-        for frame in frames:
-            assert writer.send_data(9, memoryview(frame))
-        counted.append(writer.bytes_sent)
-
-    wire = _through_a_slow_reader(50000, 8192, 0.02, 3 * (65535 + 4), send)
-    assert _payloads_of(wire, 9) == frames
-    assert counted == [3 * 65535]
-
-
-def test_send_data_resumes_after_a_partial_sendmsg():
-    # The same for one send_data of many frames (one sendmsg for all of them).
-    data = pattern(1500000)
-    wire = _through_a_slow_reader(150000, 32768, 0.01, len(data) + 4 * 23,
-                                  lambda writer: writer.send_data(3, memoryview(data)))
-    assert b"".join(_payloads_of(wire, 3)) == data
 
 
 # ---- in process, both paths ---------------------------------------------------------
@@ -245,6 +105,7 @@ def test_a_stream_closed_by_the_peer_mid_transfer_ends_cleanly(path):
 
 
 # ---- agent processes: the environment switch -----------------------------------------
+@pytest.mark.e2e
 @pytest.mark.parametrize("splice", [True, False])
 def test_agents_honour_tcprc_splice(agents, monkeypatch, splice):
     if splice:
@@ -256,17 +117,19 @@ def test_agents_honour_tcprc_splice(agents, monkeypatch, splice):
     svc = Service("echo")
     try:
         server, device, host = start_tunnel(agents, svc.address)
-        idle_pipes = _pipes(device.pid)
+        idle_pipes = procfs.pipes(device.pid)
         with socket.create_connection(host, timeout=20) as c:
             _echo_burst(c, 2 * 1024 * 1024)
             # The device's pump owns a pipe while its stream is open, on the splice path only.
-            extra = _pipes(device.pid) - idle_pipes
+            extra = procfs.pipes(device.pid) - idle_pipes
             assert extra == (2 if splice else 0)
-        wait_for(lambda: _pipes(device.pid) == idle_pipes, what="the pump's pipe to close")
+        wait_for(lambda: procfs.pipes(device.pid) == idle_pipes, what="the pump's pipe to close")
     finally:
         svc.close()
 
 
+@pytest.mark.e2e
+@pytest.mark.memory
 def test_many_bulk_streams_read_one_frame_at_a_time(agents):
     # With 32 streams or more open a pump reads one frame's worth, so a crowd
     # of streams whose service has plenty to send (and clients that do not
@@ -278,11 +141,11 @@ def test_many_bulk_streams_read_one_frame_at_a_time(agents):
         try:
             wait_for(lambda: source.accepted == 32, what="32 service connections")
             time.sleep(0.3)
-            before = _proc_rss_kb(device.pid)
+            before = procfs.rss_kb(device.pid)
             for c in clients:
                 c.sendall(struct.pack("!Q", 16 * 1024 * 1024))   # more than the buffers hold
             time.sleep(1.5)   # the pumps read, send, and stall on the full uplink
-            grown = _proc_rss_kb(device.pid) - before
+            grown = procfs.rss_kb(device.pid) - before
         finally:
             for c in clients:
                 c.close()
@@ -294,6 +157,8 @@ def test_many_bulk_streams_read_one_frame_at_a_time(agents):
         source.close()
 
 
+@pytest.mark.e2e
+@pytest.mark.memory
 def test_idle_streams_cost_little_device_memory(agents):
     # Pump buffers are mapped lazily: an open stream that moved a few bytes
     # costs its thread stack and a page, not a 64 KB buffer.
@@ -301,9 +166,9 @@ def test_idle_streams_cost_little_device_memory(agents):
     try:
         server, device, host = start_tunnel(agents, svc.address)
         _warm_up(host, svc)
-        before = _proc_rss_kb(device.pid)
+        before = procfs.rss_kb(device.pid)
         socks = _open_echoing(host, 100)
-        per_stream = (_proc_rss_kb(device.pid) - before) / 100.0
+        per_stream = (procfs.rss_kb(device.pid) - before) / 100.0
         for s in socks:
             s.close()
         assert per_stream < 40, "%.1f KB per open stream" % per_stream
@@ -323,7 +188,7 @@ def _warm_up(host, svc):
 def _warm_and_idle(host, svc, device):
     """_warm_up, then wait for its pump to exit; the device's idle thread count."""
     _warm_up(host, svc)
-    return wait_for(lambda: _threads(device.pid) <= 3 and _threads(device.pid),
+    return wait_for(lambda: procfs.threads(device.pid) <= 3 and procfs.threads(device.pid),
                     what="the warm-up pump to exit")
 
 
@@ -351,6 +216,8 @@ def _open_echoing(host, count):
     return socks
 
 
+@pytest.mark.e2e
+@pytest.mark.memory
 def test_buffers_give_their_far_pages_back_when_traffic_calms(agents):
     # An ssh session that copied a file, then stays open for hours: after a
     # bulk burst, the device's uplink buffer and the stream's pump buffer
@@ -366,12 +233,12 @@ def test_buffers_give_their_far_pages_back_when_traffic_calms(agents):
                 assert recv_exactly(conn, 1) == b"p"
 
         ping(5)
-        calm = _proc_rss_kb(device.pid)
+        calm = procfs.rss_kb(device.pid)
         _echo_burst(conn, 8 * 1024 * 1024)
-        after_bulk = _proc_rss_kb(device.pid)
+        after_bulk = procfs.rss_kb(device.pid)
         assert after_bulk - calm > 1000, "the bulk burst touched only %d KB" % (after_bulk - calm)
         ping(40)
-        after_calm = _proc_rss_kb(device.pid)
+        after_calm = procfs.rss_kb(device.pid)
         assert after_bulk - after_calm > 1000, \
             "RSS %d KB after the burst, %d KB after 40 small round trips" % (after_bulk, after_calm)
         conn.close()
@@ -379,6 +246,8 @@ def test_buffers_give_their_far_pages_back_when_traffic_calms(agents):
         svc.close()
 
 
+@pytest.mark.e2e
+@pytest.mark.memory
 def test_the_uplink_buffer_gives_its_bulk_pages_back_when_the_last_stream_closes(agents):
     # After a bulk burst the uplink may carry nothing more for hours: the
     # last stream's close is when the device's uplink buffer calms down.
@@ -387,22 +256,20 @@ def test_the_uplink_buffer_gives_its_bulk_pages_back_when_the_last_stream_closes
     try:
         server, device, host = start_tunnel(agents, svc.address)
         idle_threads = _warm_and_idle(host, svc, device)
-        calm = _proc_rss_kb(device.pid)
+        calm = procfs.rss_kb(device.pid)
         conn = socket.create_connection(host, timeout=10)
         _echo_burst(conn, 8 * 1024 * 1024)
-        peak = _proc_rss_kb(device.pid)
+        peak = procfs.rss_kb(device.pid)
         conn.close()
-        wait_for(lambda: _threads(device.pid) == idle_threads, what="the pump to exit")
-        wait_for(lambda: _proc_rss_kb(device.pid) - calm < 400, timeout=5,
+        wait_for(lambda: procfs.threads(device.pid) == idle_threads, what="the pump to exit")
+        wait_for(lambda: procfs.rss_kb(device.pid) - calm < 400, timeout=5,
                  what="RSS back within 400 KB of %d KB (it peaked at %d KB)" % (calm, peak))
     finally:
         svc.close()
 
 
-def _threads(pid):
-    return len(os.listdir("/proc/%d/task" % pid))
-
-
+@pytest.mark.e2e
+@pytest.mark.memory
 def test_device_memory_returns_near_idle_after_200_streams(agents):
     # What 200 streams leave behind once closed is the interpreter's
     # allocator keeping the pages their Python objects used, so each stream
@@ -419,22 +286,23 @@ def test_device_memory_returns_near_idle_after_200_streams(agents):
     try:
         server, device, host = start_tunnel(agents, svc.address, device_env=deployed)
         idle_threads = _warm_and_idle(host, svc, device)
-        idle = _proc_rss_kb(device.pid)
+        idle = procfs.rss_kb(device.pid)
         for s in _open_echoing(host, 200):
             s.close()
-        wait_for(lambda: _threads(device.pid) == idle_threads, what="every pump to exit")
-        left = _proc_rss_kb(device.pid) - idle
+        wait_for(lambda: procfs.threads(device.pid) == idle_threads, what="every pump to exit")
+        left = procfs.rss_kb(device.pid) - idle
         assert left < limit, "200 closed streams left %d KB behind" % left
     finally:
         svc.close()
 
 
+@pytest.mark.memory
 def test_an_idle_frame_buffer_costs_no_memory():
     # The uplink's 1 MB decode buffer is mapped lazily: eight idle ones
     # cost almost nothing, where zero-filled bytearrays would cost 8 MB.
-    before = _proc_rss_kb(os.getpid())
+    before = procfs.rss_kb(os.getpid())
     buffers = [protocol.FrameBuffer() for _ in range(8)]
-    grown = _proc_rss_kb(os.getpid()) - before
+    grown = procfs.rss_kb(os.getpid()) - before
     assert grown < 512, "%d KB for 8 idle frame buffers" % grown
     # ...and they still decode.
     for buf in buffers:
@@ -484,9 +352,7 @@ class Recorder:
 
 @pytest.fixture
 def raw_device():
-    from test_legacy_interop import LegacyServer
     from tcprc.device import DeviceApp
-    from conftest import settings
     made = []
 
     def start(target):
@@ -562,80 +428,3 @@ def test_empty_data_frames_alone_or_in_a_run_are_ignored(raw_device, service):
     assert peer.read_frame() == (protocol.DATA, 6, b"ok")
     peer.nothing_for(0.2)
     assert app.status()["clients"] == 1
-
-
-# ---- pump threads -------------------------------------------------------------------
-def test_pump_thread_joins_with_a_bound_and_reports_its_end():
-    release = threading.Event()
-    thread = pump.PumpThread("tcprc-pump-test", release.wait, (10,))
-    assert thread.is_alive()
-    assert thread.join(0.05) is False
-    release.set()
-    assert thread.join(5) is True
-    assert not thread.is_alive()
-
-
-def test_an_error_escaping_a_pump_reaches_threading_excepthook(monkeypatch):
-    seen = []
-    monkeypatch.setattr(threading, "excepthook",
-                        lambda args: seen.append((args.exc_type, str(args.exc_value), args.thread.name)))
-
-    def broken():
-        raise RuntimeError("boom")
-
-    thread = pump.PumpThread("tcprc-pump-7", broken, ())
-    assert thread.join(5)
-    assert seen == [(RuntimeError, "boom", "tcprc-pump-7")]
-
-
-def test_a_running_pump_thread_allocates_little():
-    # threading.Thread allocates about 3 KB of objects per running thread
-    # (traced here); a pump thread must stay well under half of that.
-    import tracemalloc
-    gate = threading.Event()
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        threads = [pump.PumpThread("p%d" % n, gate.wait, (10,)) for n in range(50)]
-        per_thread = (tracemalloc.get_traced_memory()[0] - base) / 50.0
-    finally:
-        gate.set()
-        tracemalloc.stop()
-    assert all(t.join(5) for t in threads)
-    assert per_thread < 1500, "%.0f bytes per pump thread" % per_thread
-
-
-def test_a_stream_that_never_queues_allocates_no_queue():
-    # Most streams never hold bytes back from their socket; a deque would
-    # cost each of them a 528-byte block (with one, a Stream traced 1178 B).
-    import tracemalloc
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        streams = [pump.Stream(n % 256, "127.0.0.1:%d" % (10000 + n)) for n in range(200)]
-        per_stream = (tracemalloc.get_traced_memory()[0] - base) / 200.0
-    finally:
-        tracemalloc.stop()
-    assert per_stream < 700, "%.0f bytes per idle Stream" % per_stream
-    stream = streams[0]
-    stream.queue(memoryview(b"abc"))
-    assert stream.pending and stream.pending_bytes == 3
-    stream.drop_pending()
-    assert not stream.pending and stream.pending_bytes == 0
-
-
-def test_pump_threads_are_os_threads_that_end():
-    gate, tids, lock = threading.Event(), [], threading.Lock()
-
-    def body():
-        with lock:
-            tids.append(threading.get_native_id())
-        gate.wait(10)
-
-    threads = [pump.PumpThread("p%d" % n, body, ()) for n in range(20)]
-    wait_for(lambda: len(tids) == 20, what="20 pump threads running")
-    assert all(os.path.exists("/proc/self/task/%d" % tid) for tid in tids)
-    gate.set()
-    assert all(t.join(5) for t in threads)
-    wait_for(lambda: not any(os.path.exists("/proc/self/task/%d" % tid) for tid in tids),
-             what="the 20 threads to end")

@@ -8,7 +8,6 @@ Emulated devices here are bare sockets written frame by frame in the test.
 
 import fcntl
 import logging
-import resource
 import socket
 import struct
 import termios
@@ -16,112 +15,18 @@ import threading
 
 import pytest
 
-from conftest import Tunnel, recv_exactly, settings, wait_for
-from tcprc import protocol
-from tcprc.protocol import CLOSE, CONNECT, DATA, LISTEN
-from tcprc.server import ClientIds, ServerApp
-
-STALE = b"STALE!!!"
-
-
-def _raise_fd_limit(need):
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < need:
-        if hard != resource.RLIM_INFINITY and hard < need:
-            pytest.skip("needs %d file descriptors, hard limit is %d" % (need, hard))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
-
-
-class RawDevice:
-    """A legacy device spoken by hand, with an echo service behind every client.
-
-    answer=True plays the Lua agent: `delay` seconds after a CLOSE from the
-    server it sends DATA for the old stream (`STALE`), then its own CLOSE.
-    answer=False plays a device that never answers but reads our CLOSE `delay`
-    seconds late, with DATA of the old stream sent just before.
-    """
-
-    def __init__(self, app, answer=True, delay=0.15):
-        self.sock = socket.create_connection(app.listen_address, timeout=10)
-        self.answer = answer
-        self.delay = delay
-        self.lock = threading.Lock()
-        self.connects = []
-        self.pending = 0       # CLOSEs from the server whose stale frames are not sent yet
-        self.answered = 0
-        self.timers = []
-        self.send(LISTEN, 0)
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def send(self, command, client_id, payload=b""):
-        with self.lock:
-            self.sock.sendall(protocol.encode(command, client_id, payload))
-
-    def _read(self):
-        try:
-            while True:
-                length, command, client_id = struct.unpack("!HBB", recv_exactly(self.sock, 4))
-                payload = recv_exactly(self.sock, length)
-                if command == CONNECT:
-                    with self.lock:
-                        self.connects.append(client_id)
-                elif command == DATA:
-                    self.send(DATA, client_id, payload)      # the echo service
-                elif command == CLOSE:
-                    with self.lock:
-                        self.pending += 1
-                    if self.answer:
-                        timer = threading.Timer(self.delay, self._answer, (client_id,))
-                        self.timers.append(timer)
-                        timer.start()
-                    else:
-                        # Busy elsewhere: the old stream's last DATA leaves before our
-                        # CLOSE is read (emulated device lag, not synchronisation).
-                        threading.Event().wait(self.delay)
-                        self.send(DATA, client_id, STALE)
-                        with self.lock:
-                            self.pending -= 1
-        except (OSError, EOFError):
-            pass
-
-    def _answer(self, client_id):
-        try:
-            self.send(DATA, client_id, STALE)
-            self.send(CLOSE, client_id)
-        except OSError:
-            pass
-        with self.lock:
-            self.pending -= 1
-            self.answered += 1
-
-    def settled(self):
-        with self.lock:
-            return self.pending == 0
-
-    def close(self):
-        for timer in self.timers:
-            timer.cancel()
-        self.sock.close()
-        self.reader.join(5)
+from support.net import raise_fd_limit, recv_exactly
+from support.peers import STALE, RawDevice
+from support.tunnel import Tunnel
+from support.waiting import wait_for
+from tcprc.server import ClientIds
 
 
 @pytest.fixture
-def server_app():
-    apps = []
-
-    def start(**keys):
-        # Loopback only: no start-up warning about uplinks from anywhere.
-        base = dict(listen="127.0.0.1:0", host="127.0.0.1:0", allow_from=["127.0.0.0/8"])
-        base.update(keys)
-        app = ServerApp(settings("server", **base))
-        app.start()
-        apps.append(app)
-        return app
-
-    yield start
-    for app in apps:
-        app.close()
+def server_app(server):
+    # Loopback only: no start-up warning about uplinks from anywhere.
+    server.base["allow_from"] = ["127.0.0.0/8"]
+    return server
 
 
 @pytest.fixture
@@ -184,7 +89,7 @@ def cycle(app, device, n):
 
 
 def test_lua_device_answering_close_late_never_reaches_the_next_client(server_app, devices, caplog):
-    _raise_fd_limit(4096)
+    raise_fd_limit(4096)
     caplog.set_level(logging.DEBUG, logger="tcprc")
     app = server_app()
     device = start(app, devices, answer=True, delay=0.15)   # later than the short grace
@@ -209,7 +114,7 @@ def test_lua_device_answering_close_late_never_reaches_the_next_client(server_ap
 
 
 def test_answer_read_before_the_pump_exited_counts_as_the_device_close(server_app, devices, caplog):
-    _raise_fd_limit(4096)
+    raise_fd_limit(4096)
     app = server_app()
     device = start(app, devices, answer=True, delay=0.0)
     clients = fill(app, 254)                                 # ids 1..254
@@ -242,7 +147,7 @@ def test_answer_read_before_the_pump_exited_counts_as_the_device_close(server_ap
 
 def test_data_in_flight_from_a_silent_device_is_dropped_and_the_client_waits(server_app, devices,
                                                                                 caplog):
-    _raise_fd_limit(4096)
+    raise_fd_limit(4096)
     caplog.set_level(logging.DEBUG, logger="tcprc")
     app = server_app()
     device = start(app, devices, answer=False, delay=0.01)  # within the grace

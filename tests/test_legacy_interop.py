@@ -1,7 +1,10 @@
 """Each tcprc side against a byte-level emulation of the legacy peer (PROTOCOL.md).
 
 The emulated peer is a bare socket written and read frame by frame in the
-test, so every byte tcprc sends is checked as it appears on the wire.
+test, so every byte tcprc sends is checked as it appears on the wire.  Each
+half runs over the peer pairs of support.peers.PAIRS that put its end under
+test (ids like "tcprc-device/legacy-server"), so another implementation of a
+side joins the same assertions by adding a pair there.
 """
 
 import hashlib
@@ -11,65 +14,16 @@ import struct
 
 import pytest
 
-from conftest import Service, is_eof, pattern, recv_exactly, settings, wait_for
+from support.net import is_eof, recv_exactly, recv_until_eof
+from support.peers import LegacyServer, RawPeer, legacy_device, pairs
+from support.services import Service, pattern
+from support.tunnel import Apps
+from support.waiting import wait_for
 from tcprc import protocol
-from tcprc.device import DeviceApp
 from tcprc.protocol import CLOSE, CONNECT, DATA, LISTEN
-from tcprc.server import ServerApp
-
-
-class RawPeer:
-    """One end of an uplink, spoken by hand."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.sock.settimeout(10)
-
-    def send(self, command, client_id, payload=b""):
-        self.sock.sendall(protocol.encode(command, client_id, payload))
-
-    def send_raw(self, data):
-        self.sock.sendall(data)
-
-    def read_frame(self):
-        length, command, client_id = struct.unpack("!HBB", recv_exactly(self.sock, 4))
-        return command, client_id, recv_exactly(self.sock, length)
-
-    def expect(self, wire: bytes):
-        """The next bytes on the wire, exactly."""
-        assert recv_exactly(self.sock, len(wire)) == wire
-
-    def nothing_for(self, seconds):
-        self.sock.settimeout(seconds)
-        try:
-            data = self.sock.recv(1)
-        except socket.timeout:
-            return True
-        finally:
-            self.sock.settimeout(10)
-        raise AssertionError("unexpected bytes %r" % data)
-
-    def close(self):
-        self.sock.close()
 
 
 # ---------------------------------------------------------------- tcprc device vs legacy server
-class LegacyServer:
-    def __init__(self):
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(8)
-        self.listener.settimeout(10)
-        self.address = "%s:%d" % self.listener.getsockname()
-
-    def accept(self) -> RawPeer:
-        conn, _ = self.listener.accept()
-        return RawPeer(conn)
-
-    def close(self):
-        self.listener.close()
-
-
 @pytest.fixture
 def legacy_server():
     srv = LegacyServer()
@@ -77,24 +31,26 @@ def legacy_server():
     srv.close()
 
 
-@pytest.fixture
-def device_on(legacy_server, service):
-    apps = []
+@pytest.fixture(params=pairs("device"), ids=lambda pair: pair.id)
+def device_app(request):
+    """device_app(**keys): the device under test, started; closed at the end."""
+    apps = Apps(request.param.app, "device")
+    yield apps
+    apps.close()
 
+
+@pytest.fixture
+def device_on(device_app, legacy_server, service):
     def start(**keys):
         base = dict(server=legacy_server.address, local="%s:%d" % service.address,
                     reconnect_min=0.05, reconnect_max=0.2)
         base.update(keys)
-        app = DeviceApp(settings("device", **base))
-        app.start()
-        apps.append(app)
+        app = device_app(**base)
         peer = legacy_server.accept()
         peer.expect(bytes.fromhex("00000400"))        # LISTEN, exactly
         return app, peer
 
-    yield start
-    for app in apps:
-        app.close()
+    return start
 
 
 def test_device_full_use_case_against_legacy_server(device_on, service):
@@ -114,11 +70,10 @@ def test_device_full_use_case_against_legacy_server(device_on, service):
     peer.expect(bytes.fromhex("00000208"))            # CLOSE 8, exactly
 
 
-def test_device_splits_large_service_output_into_frames_of_at_most_65535(legacy_server):
+def test_device_splits_large_service_output_into_frames_of_at_most_65535(device_app, legacy_server):
     source = Service("source")
-    app = DeviceApp(settings("device", server=legacy_server.address, local="%s:%d" % source.address))
-    app.start()
     try:
+        device_app(server=legacy_server.address, local="%s:%d" % source.address)
         peer = legacy_server.accept()
         peer.expect(bytes.fromhex("00000400"))
         size = 3 << 20
@@ -134,7 +89,6 @@ def test_device_splits_large_service_output_into_frames_of_at_most_65535(legacy_
             got += payload
         assert hashlib.sha256(got).digest() == hashlib.sha256(pattern(size)).digest()
     finally:
-        app.close()
         source.close()
 
 
@@ -168,12 +122,11 @@ def test_device_refuses_targets_outside_its_policy(device_on, service, caplog):
     peer.expect(bytes.fromhex("000203066f6b"))
 
 
-def test_device_allows_listed_targets(legacy_server, service):
+def test_device_allows_listed_targets(device_app, legacy_server, service):
     other = Service("echo")
-    app = DeviceApp(settings("device", server=legacy_server.address, local="%s:%d" % service.address,
-                             allow=["%s:%d" % other.address]))
-    app.start()
     try:
+        device_app(server=legacy_server.address, local="%s:%d" % service.address,
+                   allow=["%s:%d" % other.address])
         peer = legacy_server.accept()
         peer.expect(bytes.fromhex("00000400"))
         peer.send(CONNECT, 9, protocol.encode_connect_payload(*other.address))
@@ -181,7 +134,6 @@ def test_device_allows_listed_targets(legacy_server, service):
         peer.expect(bytes.fromhex("000103097a"))
         assert other.accepted == 1 and service.accepted == 0
     finally:
-        app.close()
         other.close()
 
 
@@ -266,28 +218,12 @@ def test_device_refuses_connect_when_service_is_down(device_on, service):
 
 
 # ---------------------------------------------------------------- legacy device vs tcprc server
-@pytest.fixture
-def server():
-    apps = []
-
-    def start(**keys):
-        base = dict(listen="127.0.0.1:0", host="127.0.0.1:0")
-        base.update(keys)
-        app = ServerApp(settings("server", **base))
-        app.start()
-        apps.append(app)
-        return app
-
-    yield start
-    for app in apps:
-        app.close()
-
-
-def legacy_device(app) -> RawPeer:
-    peer = RawPeer(socket.create_connection(app.listen_address))
-    peer.send(LISTEN, 0)
-    wait_for(lambda: app.host_address, what="host port open")
-    return peer
+@pytest.fixture(params=pairs("server"), ids=lambda pair: pair.id)
+def server(request):
+    """server(**keys): the server under test, on free 127.0.0.1 ports; closed at the end."""
+    apps = Apps(request.param.app, "server", listen="127.0.0.1:0", host="127.0.0.1:0")
+    yield apps
+    apps.close()
 
 
 def test_server_full_use_case_against_legacy_device(server):
@@ -307,17 +243,8 @@ def test_server_full_use_case_against_legacy_device(server):
     peer.expect(bytes.fromhex("000d01020009") + b"127.0.0.1" + bytes.fromhex("0017"))  # next id
     peer.send(DATA, 2, b"bye")
     peer.send(CLOSE, 2)                                # closing case 6
-    assert recv_until_eof_exact(client2) == b"bye"
+    assert recv_until_eof(client2) == b"bye"
     client2.close()
-
-
-def recv_until_eof_exact(sock):
-    data = b""
-    while True:
-        chunk = sock.recv(4096)
-        if not chunk:
-            return data
-        data += chunk
 
 
 def test_server_sends_configured_connect_target(server):
@@ -411,14 +338,13 @@ def test_server_skips_unknown_commands_and_ignores_unexpected_ones(server, caplo
     client.close()
 
 
-def test_device_drops_an_uplink_whose_server_stops_reading(legacy_server, caplog):
+def test_device_drops_an_uplink_whose_server_stops_reading(device_app, legacy_server, caplog):
     """A server that never reads: the pumps' sends stall; after send_timeout the
     device gives the uplink up and dials again, rather than hanging forever."""
     source = Service("source")
-    app = DeviceApp(settings("device", server=legacy_server.address, local="%s:%d" % source.address,
-                             send_timeout=1.0, reconnect_min=0.05, reconnect_max=0.2))
-    app.start()
     try:
+        device_app(server=legacy_server.address, local="%s:%d" % source.address,
+                   send_timeout=1.0, reconnect_min=0.05, reconnect_max=0.2)
         peer = legacy_server.accept()
         peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         peer.expect(bytes.fromhex("00000400"))
@@ -435,7 +361,6 @@ def test_device_drops_an_uplink_whose_server_stops_reading(legacy_server, caplog
         assert "closed by peer" not in caplog.text
         peer.close()
     finally:
-        app.close()
         source.close()
 
 

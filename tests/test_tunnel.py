@@ -2,15 +2,17 @@
 
 import hashlib
 import os
-import resource
 import socket
 import struct
 import threading
 
 import pytest
 
-from conftest import (Service, Tunnel, is_eof, pattern, recv_exactly, recv_until_eof, settings,
-                      wait_for)
+from support import procfs
+from support.net import is_eof, raise_fd_limit, recv_exactly, recv_until_eof
+from support.services import Service, pattern
+from support.tunnel import Tunnel, settings
+from support.waiting import wait_for
 from tcprc.server import ServerApp
 
 
@@ -174,16 +176,8 @@ def test_backoff_doubles_to_the_cap_with_jitter():
     assert backoff.next_delay() <= 1.0
 
 
-def _raise_fd_limit(need):
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < need:
-        if hard != resource.RLIM_INFINITY and hard < need:
-            pytest.skip("needs %d file descriptors, hard limit is %d" % (need, hard))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
-
-
 def test_255_clients_then_the_256th_is_refused_cleanly(tunnel, caplog):
-    _raise_fd_limit(4096)
+    raise_fd_limit(4096)
     clients = []
     try:
         for n in range(255):
@@ -247,20 +241,12 @@ def test_slow_client_is_closed_after_stall_and_others_carry_on(caplog):
         source.close()
 
 
-def _open_fds():
-    return len(os.listdir("/proc/self/fd"))
-
-
-def _threads():
-    """Every thread of this process, pumps included (they are not threading.Threads)."""
-    return len(os.listdir("/proc/self/task"))
-
-
+@pytest.mark.memory
 def test_no_thread_or_fd_leak_after_500_connect_close_cycles(tunnel, service):
     echo_through(tunnel, b"warm-up")
     wait_for(lambda: tunnel.server.status()["clients"] == 0, what="warm-up closed")
     wait_for(lambda: not service.open, what="service idle")
-    threads, fds = _threads(), _open_fds()
+    threads, fds = procfs.threads(os.getpid()), procfs.open_fds(os.getpid())
     for n in range(500):
         with tunnel.client() as conn:
             if n % 2:
@@ -268,14 +254,15 @@ def test_no_thread_or_fd_leak_after_500_connect_close_cycles(tunnel, service):
                 assert recv_exactly(conn, 1) == b"x"
     wait_for(lambda: tunnel.server.status()["clients"] == 0 and tunnel.device.status()["clients"] == 0,
              what="all streams closed")
-    wait_for(lambda: _threads() <= threads, timeout=15,
-             what="threads back to %d (now %d)" % (threads, _threads()))
-    wait_for(lambda: _open_fds() <= fds, timeout=15,
-             what="fds back to %d (now %d)" % (fds, _open_fds()))
+    wait_for(lambda: procfs.threads(os.getpid()) <= threads, timeout=15,
+             what="threads back to %d (now %d)" % (threads, procfs.threads(os.getpid())))
+    wait_for(lambda: procfs.open_fds(os.getpid()) <= fds, timeout=15,
+             what="fds back to %d (now %d)" % (fds, procfs.open_fds(os.getpid())))
 
 
+@pytest.mark.memory
 def test_no_leak_after_tunnel_closes(service):
-    threads, fds = _threads(), _open_fds()
+    threads, fds = procfs.threads(os.getpid()), procfs.open_fds(os.getpid())
     tunnel = Tunnel(service.address)
     clients = [tunnel.client() for _ in range(20)]
     for c in clients:
@@ -286,9 +273,9 @@ def test_no_leak_after_tunnel_closes(service):
         c.close()
     wait_for(lambda: not service.open, what="service sockets closed")
     # the service's own per-connection threads end too
-    wait_for(lambda: _threads() <= threads, timeout=15,
-             what="threads back to %d (now %d)" % (threads, _threads()))
-    wait_for(lambda: _open_fds() <= fds, timeout=15, what="fds back")
+    wait_for(lambda: procfs.threads(os.getpid()) <= threads, timeout=15,
+             what="threads back to %d (now %d)" % (threads, procfs.threads(os.getpid())))
+    wait_for(lambda: procfs.open_fds(os.getpid()) <= fds, timeout=15, what="fds back")
 
 
 def test_status_counts_bytes_and_clients(tunnel):

@@ -13,12 +13,15 @@ import time
 
 import pytest
 
-from conftest import Service, is_eof, recv_exactly, run_tcprc, settings, wait_for
+from support.agents import run_tcprc
+from support.net import is_eof, recv_exactly
+from support.services import Service
+from support.tunnel import settings
+from support.waiting import wait_for
 from tcprc import protocol
 from tcprc.addr import address_in, parse_network
 from tcprc.device import DeviceApp
 from tcprc.protocol import CONNECT, DATA, LISTEN
-from tcprc.server import ServerApp
 
 ATTACKER = "127.0.0.2"
 
@@ -29,23 +32,6 @@ def dial(address, source=ATTACKER):
     sock.settimeout(10)
     sock.connect(address)
     return sock
-
-
-@pytest.fixture
-def server():
-    apps = []
-
-    def start(**keys):
-        base = {"listen": "127.0.0.1:0", "host": "127.0.0.1:0"}
-        base.update(keys)
-        app = ServerApp(settings("server", **base))
-        app.start()
-        apps.append(app)
-        return app
-
-    yield start
-    for app in apps:
-        app.close()
 
 
 def lines_about(caplog, text):
@@ -270,6 +256,7 @@ def test_takeover_line_names_both_sources(server, caplog):
     device.close()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("entry, problem", [
     ("10.0.0.1/8", "'10.0.0.1/8' has host bits set (did you mean 10.0.0.0/8?)"),
     ("10.0.0.0/33", "'10.0.0.0/33': the prefix length must be 0..32"),
@@ -287,6 +274,7 @@ def test_a_bad_allow_from_entry_stops_the_start_in_one_line(tmp_path, entry, pro
     assert problem in lines[0], lines[0]
 
 
+@pytest.mark.e2e
 def test_an_empty_allow_from_is_refused(tmp_path):
     path = tmp_path / "server.toml"
     path.write_text("[server]\nallow_from = []\n")

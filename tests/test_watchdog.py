@@ -7,10 +7,10 @@ import subprocess
 
 import pytest
 
-from conftest import wait_for
-from test_initscript import WATCHDOG, Gateway, alive, shell_argv
+from support.gateway import WATCHDOG, Gateway, alive, shell_argv
+from support.waiting import wait_for
 
-
+pytestmark = pytest.mark.e2e   # real processes throughout
 
 
 @pytest.fixture

@@ -1,0 +1,234 @@
+"""The four ways from a client to the service: direct, socat, ssh -R, tcprc."""
+
+import getpass
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Callable, Dict, List, Optional
+
+from .base import LOCAL, REPO, BenchError, Procs, free_port, listening, note, read_line, wait_for
+from .procfs import sample
+
+VARIANTS = ("direct", "socat", "ssh", "tcprc")
+# Only on request (--only): tcprc with its opt-in zero-copy pumps (TCPRC_SPLICE=1).
+EXTRA = ("tcprc-splice", "baseline")
+LABELS = {"direct": "direct", "socat": "socat relay", "ssh": "ssh -R", "tcprc": "tcprc",
+          "tcprc-splice": "tcprc, splice", "baseline": "tcprc baseline"}
+
+
+class Tunnel:
+    def __init__(self, entry: int, device: Optional[int] = None,
+                 server: Optional[int] = None, close: Callable[[], None] = lambda: None,
+                 log: str = ""):
+        self.entry = entry
+        self.device = device     # pid of the process next to the service
+        self.server = server     # pid of the process clients connect to
+        self.close = close
+        self.log = log           # the relay's log file, quoted when a test fails
+
+    def log_tail(self, lines: int = 8) -> str:
+        try:
+            with open(self.log) as f:
+                tail = f.read().splitlines()[-lines:]
+        except OSError:
+            return ""
+        return "".join("\n    " + line for line in tail)
+
+
+def _wait_entry(port: int, procs: List[subprocess.Popen], what: str, timeout: float = 15) -> None:
+    def ready() -> bool:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise BenchError("%s exited with status %d" % (what, proc.returncode))
+        return listening(port)
+    wait_for(ready, timeout, "%s to accept on port %d" % (what, port))
+
+
+class Direct:
+    name = "direct"
+
+    def missing(self) -> Optional[str]:
+        return None
+
+    def open(self, procs: Procs, target: int) -> Tunnel:
+        return Tunnel(target)
+
+    def close(self) -> None:
+        pass
+
+
+class Socat:
+    name = "socat"
+
+    def missing(self) -> Optional[str]:
+        return None if shutil.which("socat") else "socat is not installed"
+
+    def open(self, procs: Procs, target: int) -> Tunnel:
+        entry = free_port()
+        proc = procs.start(["socat", "TCP-LISTEN:%d,bind=%s,reuseaddr,fork,backlog=512" % (entry, LOCAL),
+                            "TCP:%s:%d" % (LOCAL, target)])
+        _wait_entry(entry, [proc], "socat")
+        return Tunnel(entry, device=proc.pid, server=proc.pid, close=lambda: procs.stop(proc))
+
+    def close(self) -> None:
+        pass
+
+
+class SshR:
+    """A private sshd on 127.0.0.1 (own host key, one authorized key) and `ssh -N -R`."""
+    name = "ssh"
+
+    def __init__(self) -> None:
+        self.dir: Optional[str] = None
+        self.sshd: Optional[subprocess.Popen] = None
+        self.port = 0
+
+    def missing(self) -> Optional[str]:
+        for tool in ("ssh", "ssh-keygen"):
+            if not shutil.which(tool):
+                return "%s is not installed" % tool
+        if not self._sshd_path():
+            return "sshd (openssh-server) is not installed"
+        return None
+
+    @staticmethod
+    def _sshd_path() -> Optional[str]:
+        found = shutil.which("sshd")
+        for path in ([found] if found else []) + ["/usr/sbin/sshd", "/usr/local/sbin/sshd"]:
+            if path and os.access(path, os.X_OK):
+                return os.path.abspath(path)   # sshd re-execs itself: needs an absolute path
+        return None
+
+    def _start_sshd(self, procs: Procs) -> None:
+        self.dir = tempfile.mkdtemp(prefix="tcprc-bench-ssh-")
+        d = self.dir
+        for key in ("host_key", "user_key"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", os.path.join(d, key)],
+                           check=True, timeout=30, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        shutil.copy(os.path.join(d, "user_key.pub"), os.path.join(d, "authorized_keys"))
+        if os.geteuid() == 0:
+            os.makedirs("/run/sshd", exist_ok=True)   # privilege separation directory
+        self.port = free_port()
+        config = os.path.join(d, "sshd_config")
+        with open(config, "w") as f:
+            f.write("\n".join([
+                "Port %d" % self.port, "ListenAddress %s" % LOCAL,
+                "HostKey %s" % os.path.join(d, "host_key"),
+                "AuthorizedKeysFile %s" % os.path.join(d, "authorized_keys"),
+                "PidFile none", "UsePAM no", "StrictModes no",
+                "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+                "PubkeyAuthentication yes", "PermitRootLogin prohibit-password",
+                "AllowTcpForwarding yes", "GatewayPorts no", "LogLevel ERROR", "",
+            ]))
+        self.sshd = procs.start([self._sshd_path(), "-D", "-e", "-f", config])
+        _wait_entry(self.port, [self.sshd], "sshd")
+
+    def open(self, procs: Procs, target: int) -> Tunnel:
+        if self.sshd is None:
+            self._start_sshd(procs)
+        entry = free_port()
+        err = open(os.path.join(self.dir, "ssh-%d.err" % entry), "w+")
+        proc = procs.start([
+            "ssh", "-F", "/dev/null", "-i", os.path.join(self.dir, "user_key"), "-p", str(self.port),
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes", "-o", "LogLevel=ERROR",
+            "-N", "-R", "%s:%d:%s:%d" % (LOCAL, entry, LOCAL, target),
+            "%s@%s" % (getpass.getuser(), LOCAL)], stderr=err)
+        try:
+            _wait_entry(entry, [proc], "ssh -R")
+        except BenchError as exc:
+            err.seek(0)
+            raise BenchError("%s: %s" % (exc, err.read().strip()[-300:]))
+        finally:
+            err.close()
+        return Tunnel(entry, device=proc.pid, server=self.sshd.pid, close=lambda: procs.stop(proc))
+
+    def close(self) -> None:
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Tcprc:
+    """`python -m tcprc server` + `python -m tcprc device` from this checkout."""
+    name = "tcprc"
+
+    def __init__(self, python: str = sys.executable, extra_env: Optional[Dict[str, str]] = None,
+                 repo: str = REPO):
+        self.dir: Optional[str] = None
+        self.python = python
+        self.repo = repo
+        self.env = dict(os.environ)
+        self.env["PYTHONPATH"] = repo + os.pathsep + self.env.get("PYTHONPATH", "")
+        # As deployed: etc/init.d/tcprc and the systemd units set these.
+        self.env.setdefault("MALLOC_ARENA_MAX", "1")
+        self.env.setdefault("GLIBC_TUNABLES", "glibc.pthread.stack_cache_size=0")
+        self.env.update(extra_env or {})
+
+    def interpreter_rss_kb(self) -> float:
+        """RSS of this Python alone, same environment, doing nothing: what tcprc builds on.
+
+        The idle device's RSS minus this is tcprc's own cost; the rest is the
+        interpreter and whatever its site-packages run at start-up.
+        """
+        proc = subprocess.Popen([self.python, "-c", "import sys, time\nprint(1, flush=True)\ntime.sleep(60)"],
+                                env=self.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            read_line(proc, 30)
+            return sample(proc.pid)["rss_kb"]
+        finally:
+            proc.kill()
+            proc.wait(10)
+
+    def missing(self) -> Optional[str]:
+        # As deployed: pip byte-compiles what it installs.  A checkout run with
+        # PYTHONDONTWRITEBYTECODE set would otherwise compile every module at
+        # each start, which costs time and about 1 MB of the RSS measured.
+        # (__pycache__ is ignored by git.)
+        compiled = subprocess.run([self.python, "-m", "compileall", "-q", os.path.join(self.repo, "tcprc")],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        if compiled.returncode != 0:
+            note("could not byte-compile %s: tcprc compiles its modules at each start" % self.repo)
+        probe = subprocess.run([self.python, "-c", "import tcprc.cli, tcprc.device, tcprc.server"],
+                               env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               timeout=30)
+        return None if probe.returncode == 0 else "the tcprc package does not import from %s with %s" % (
+            self.repo, self.python)
+
+    def open(self, procs: Procs, target: int) -> Tunnel:
+        if self.dir is None:
+            self.dir = tempfile.mkdtemp(prefix="tcprc-bench-")
+        listen, host = free_port(), free_port()
+        paths = {}
+        for role in ("server", "device"):
+            paths[role] = os.path.join(self.dir, "%s-%d.toml" % (role, host))
+            with open(paths[role], "w") as f:
+                # As deployed, with a control socket (in our temp dir, not /run).
+                f.write('[control]\nsocket = "%s"\n' % os.path.join(self.dir, "%s-%d.sock" % (role, host)))
+        log = open(os.path.join(self.dir, "tcprc-%d.log" % host), "w+")
+        server = procs.start([self.python, "-m", "tcprc", "server", "-c", paths["server"],
+                              "--listen", "%s:%d" % (LOCAL, listen), "--host", "%s:%d" % (LOCAL, host)],
+                             env=self.env, stderr=log, cwd=self.repo)
+        device = None
+        try:
+            _wait_entry(listen, [server], "tcprc server")
+            device = procs.start([self.python, "-m", "tcprc", "device", "-c", paths["device"],
+                                  "--server", "%s:%d" % (LOCAL, listen),
+                                  "--local", "%s:%d" % (LOCAL, target)],
+                                 env=self.env, stderr=log, cwd=self.repo)
+            _wait_entry(host, [server, device], "tcprc device")
+        except BenchError as exc:
+            log.seek(0)
+            raise BenchError("%s: %s" % (exc, log.read().strip()[-300:]))
+        finally:
+            log.close()
+
+        def close() -> None:
+            procs.stop(device)
+            procs.stop(server)
+        return Tunnel(host, device=device.pid, server=server.pid, close=close, log=log.name)
+
+    def close(self) -> None:
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)

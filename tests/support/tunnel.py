@@ -1,0 +1,68 @@
+"""tcprc apps in this process: validated settings, a whole tunnel, app starters."""
+
+import socket
+from typing import Any, Callable, Dict, List, Optional
+
+from tcprc.config import build_config
+
+from .net import HostPort
+from .waiting import wait_for
+
+
+def settings(role: str, **keys: Any) -> Any:
+    """A validated settings section for `role`, from keyword overrides."""
+    return getattr(build_config(role, {role: keys}, "test"), role)
+
+
+class Tunnel:
+    """A ServerApp and a DeviceApp in this process, joined over 127.0.0.1."""
+
+    def __init__(self, target: HostPort, server_keys: Optional[Dict[str, Any]] = None,
+                 device_keys: Optional[Dict[str, Any]] = None):
+        from tcprc.device import DeviceApp
+        from tcprc.server import ServerApp
+        keys = {"listen": "127.0.0.1:0", "host": "127.0.0.1:0"}
+        keys.update(server_keys or {})
+        self.server = ServerApp(settings("server", **keys))
+        self.server.start()
+        dkeys = {"server": "%s:%d" % self.server.listen_address,
+                 "local": "%s:%d" % target, "reconnect_min": 0.05, "reconnect_max": 0.5}
+        dkeys.update(device_keys or {})
+        self.device = DeviceApp(settings("device", **dkeys))
+        self.device.start()
+        wait_for(lambda: self.server.host_address, what="the device's LISTEN")
+
+    @property
+    def host(self) -> HostPort:
+        return self.server.host_address
+
+    def client(self, timeout: float = 30.0) -> socket.socket:
+        return socket.create_connection(self.host, timeout=timeout)
+
+    def close(self) -> None:
+        self.device.close()
+        self.server.close()
+
+
+class Apps:
+    """Apps started by a test (each from `base` keys plus its own), closed at its end."""
+
+    def __init__(self, make: Callable[[Any], Any], role: str, **base: Any):
+        self.make, self.role, self.base = make, role, base
+        self.started: List[Any] = []
+
+    def __call__(self, **keys: Any) -> Any:
+        app = self.make(settings(self.role, **dict(self.base, **keys)))
+        app.start()
+        self.started.append(app)
+        return app
+
+    def close(self) -> None:
+        for app in self.started:
+            app.close()
+
+
+def server_apps(**base: Any) -> Apps:
+    """ServerApps listening on free ports of 127.0.0.1 unless told otherwise."""
+    from tcprc.server import ServerApp
+    return Apps(ServerApp, "server", **dict({"listen": "127.0.0.1:0", "host": "127.0.0.1:0"}, **base))
