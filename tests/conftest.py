@@ -8,8 +8,9 @@ import logging
 import pytest
 
 from support.agents import Agents
+from support.peers import LegacyServer
 from support.services import Service
-from support.tunnel import Tunnel, server_apps
+from support.tunnel import Apps, Tunnel, server_apps
 
 
 @pytest.fixture(autouse=True)
@@ -44,4 +45,30 @@ def server():
     """server(**keys): a started ServerApp on free 127.0.0.1 ports, closed at the end."""
     apps = server_apps()
     yield apps
+    apps.close()
+
+
+@pytest.fixture
+def legacy_server():
+    """An emulated legacy server: a listener whose uplinks the test speaks by hand."""
+    srv = LegacyServer()
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def tcprc_device_on(legacy_server, service):
+    """tcprc_device_on(**keys): a tcprc DeviceApp dialing `legacy_server`, its
+    target the echo `service`; returns (app, the server's RawPeer) after LISTEN."""
+    from tcprc.device import DeviceApp
+    apps = Apps(DeviceApp, "device", server=legacy_server.address,
+                local="%s:%d" % service.address, reconnect_min=0.05, reconnect_max=0.2)
+
+    def start(**keys):
+        app = apps(**keys)
+        peer = legacy_server.accept()
+        peer.expect(bytes.fromhex("00000400"))        # LISTEN, exactly
+        return app, peer
+
+    yield start
     apps.close()

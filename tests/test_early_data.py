@@ -1,7 +1,7 @@
 """The device against a server that sends DATA before CONNECT (the Java server
 does, PROTOCOL.md), or DATA for ids with no CONNECT at all, or never reads.
 
-The server is a raw socket spoken frame by frame (test_legacy_interop.RawPeer),
+The server is a raw socket spoken frame by frame (support.peers.RawPeer),
 so every byte the device sends is checked as it appears on the wire.
 """
 
@@ -11,9 +11,12 @@ import time
 
 import pytest
 
-from conftest import Service, pattern, recv_exactly, run_tcprc, settings, wait_for
-from test_legacy_interop import LegacyServer, RawPeer  # noqa: F401  (fixtures below use them)
-from test_legacy_interop import device_on, legacy_server  # noqa: F401  (pytest fixtures)
+from support.agents import run_tcprc
+from support.net import recv_exactly
+from support.peers import RawPeer
+from support.services import Service, pattern
+from support.tunnel import settings
+from support.waiting import wait_for
 from tcprc import device, protocol
 from tcprc.protocol import CLOSE, CONNECT, DATA
 
@@ -41,8 +44,8 @@ def short_wait(monkeypatch):
 
 
 # ---- item: DATA before its CONNECT ------------------------------------------------------
-def test_data_before_connect_reaches_the_service_in_order(device_on, service):
-    app, peer = device_on()
+def test_data_before_connect_reaches_the_service_in_order(tcprc_device_on, service):
+    app, peer = tcprc_device_on()
     first = b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"
     bulk = pattern(60000)                              # several early frames, under the bound
     peer.send(DATA, 5, first)
@@ -56,11 +59,11 @@ def test_data_before_connect_reaches_the_service_in_order(device_on, service):
     assert app.status()["bytes_down"] == len(want)
 
 
-def test_data_before_a_connect_that_names_the_target_by_another_name(device_on, service):
+def test_data_before_a_connect_that_names_the_target_by_another_name(tcprc_device_on, service):
     # The Java server given `localhost:PORT` for a device whose local is
     # 127.0.0.1:PORT: the CONNECT is checked by name lookup in the pump
     # thread, and the held DATA must still reach the service first.
-    app, peer = device_on()
+    app, peer = tcprc_device_on()
     peer.send(DATA, 6, b"hello ")
     peer.send(CONNECT, 6, protocol.encode_connect_payload("localhost", service.address[1]))
     peer.send(DATA, 6, b"world")
@@ -68,10 +71,10 @@ def test_data_before_a_connect_that_names_the_target_by_another_name(device_on, 
     assert service.accepted == 1
 
 
-def test_speaks_first_client_gets_its_answer(device_on, service):
+def test_speaks_first_client_gets_its_answer(tcprc_device_on, service):
     # The SSH-like case: the client's banner is DATA ahead of the CONNECT; the
     # echo service answers it like a server would.
-    app, peer = device_on()
+    app, peer = tcprc_device_on()
     for n in range(1, 21):
         peer.send(DATA, n, b"SSH-2.0-client-%d\r\n" % n)
         _connect(peer, n)
@@ -84,8 +87,8 @@ def test_speaks_first_client_gets_its_answer(device_on, service):
     assert answers == {n: b"SSH-2.0-client-%d\r\n" % n for n in range(1, 21)}
 
 
-def test_data_without_connect_gets_one_close_after_the_wait(device_on, service, short_wait):
-    app, peer = device_on()
+def test_data_without_connect_gets_one_close_after_the_wait(tcprc_device_on, service, short_wait):
+    app, peer = tcprc_device_on()
     peer.send_raw(b"".join(protocol.encode(DATA, 9, b"lost%d" % i) for i in range(3)))
     peer.nothing_for(short_wait / 2)                  # held, not answered at once
     assert peer.read_frame() == (CLOSE, 9, b"")
@@ -94,8 +97,8 @@ def test_data_without_connect_gets_one_close_after_the_wait(device_on, service, 
     assert service.accepted == 0
 
 
-def test_connect_after_our_close_is_stale_until_the_servers_close(device_on, service, short_wait):
-    app, peer = device_on()
+def test_connect_after_our_close_is_stale_until_the_servers_close(tcprc_device_on, service, short_wait):
+    app, peer = tcprc_device_on()
     peer.send(DATA, 9, b"early")
     assert peer.read_frame() == (CLOSE, 9, b"")
     _connect(peer, 9)                                 # was in flight: its client is gone
@@ -109,8 +112,8 @@ def test_connect_after_our_close_is_stale_until_the_servers_close(device_on, ser
     assert service.accepted == 1
 
 
-def test_late_data_for_an_id_closed_here_gets_no_second_close(device_on, service, short_wait):
-    app, peer = device_on()
+def test_late_data_for_an_id_closed_here_gets_no_second_close(tcprc_device_on, service, short_wait):
+    app, peer = tcprc_device_on()
     _connect(peer, 4)
     peer.send(DATA, 4, b"a")
     assert peer.read_frame() == (DATA, 4, b"a")
@@ -127,8 +130,8 @@ def test_late_data_for_an_id_closed_here_gets_no_second_close(device_on, service
     assert peer.read_frame() == (DATA, 4, b"b")
 
 
-def test_servers_close_drops_held_data(device_on, service, short_wait):
-    app, peer = device_on()
+def test_servers_close_drops_held_data(tcprc_device_on, service, short_wait):
+    app, peer = tcprc_device_on()
     peer.send(DATA, 7, b"gone")
     peer.send(CLOSE, 7)                               # the client left before its CONNECT
     peer.nothing_for(short_wait * 3)                  # nothing to answer
@@ -137,9 +140,9 @@ def test_servers_close_drops_held_data(device_on, service, short_wait):
     assert peer.read_frame() == (DATA, 7, b"new")     # the dropped bytes do not reappear
 
 
-def test_early_data_over_its_bounds_is_refused_at_once(device_on, service, monkeypatch):
+def test_early_data_over_its_bounds_is_refused_at_once(tcprc_device_on, service, monkeypatch):
     monkeypatch.setattr(device, "EARLY_WAIT", 60.0, raising=False)   # any CLOSE now comes from a bound
-    app, peer = device_on()
+    app, peer = tcprc_device_on()
     # Per id: more than EARLY_PER_ID.
     peer.send(DATA, 3, pattern(65535))
     peer.send(DATA, 3, b"!!")

@@ -2,8 +2,9 @@
 
 import socket
 
-from conftest import Service, recv_exactly, settings, wait_for
-from test_legacy_interop import LegacyServer
+from support.peers import LegacyServer
+from support.tunnel import settings
+from support.waiting import wait_for
 from tcprc import protocol
 from tcprc.device import DeviceApp
 from tcprc.protocol import CLOSE, CONNECT, DATA

@@ -104,13 +104,3 @@ def pattern(count: int, seed: int = 7) -> bytes:
         block = hashlib.sha256(block).digest()
         out += block * 64
     return bytes(out[:count])
-
-
-def pattern(count: int, seed: int = 7) -> bytes:
-    """Deterministic, incompressible-looking bytes."""
-    out = bytearray()
-    block = seed.to_bytes(8, "big")
-    while len(out) < count:
-        block = hashlib.sha256(block).digest()
-        out += block * 64
-    return bytes(out[:count])
