@@ -6,8 +6,9 @@ import sys
 import threading
 from typing import Any, List, Optional
 
-from . import __version__, daemon
-from .config import Config, ConfigError, load_config, with_overrides
+from . import __version__
+from .ops import service as daemon
+from .ops.config import Config, ConfigError, load_config, with_overrides
 
 # Pump threads copy bytes; they never recurse deeply.  A small stack keeps
 # 255 idle streams cheap on a 64 MB gateway.
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ctl = sub.add_parser("ctl", help="send one command to the running agent (exit 0 OK, 1 ERROR, "
                                      "2 no agent)")
-    from .control import add_ctl_arguments, ctl_main
+    from .ops.control import add_ctl_arguments, ctl_main
     add_ctl_arguments(ctl)
     ctl.set_defaults(func=ctl_main)
 
@@ -83,7 +84,7 @@ def make_app(cfg: Config) -> Any:
 
 def remove_stale_save_temps(config_path: str) -> None:
     """A `config save` killed mid-write leaves its temporary file: clear them."""
-    from .tomlwrite import remove_stale_temps
+    from .ops.tomlwrite import remove_stale_temps
     removed, failed = remove_stale_temps(config_path)
     log = logging.getLogger("tcprc")
     if removed:
@@ -101,7 +102,7 @@ def run_agent(role: str, args: argparse.Namespace) -> int:
         return 2
     console_port = getattr(args, "console", None)
     if console_port:
-        from .console import INSTALL_HINT, serial_available
+        from .ops.console import INSTALL_HINT, serial_available
         if not serial_available():
             print("tcprc: --console: %s" % INSTALL_HINT, file=sys.stderr)
             return 2
@@ -117,8 +118,8 @@ def run_agent(role: str, args: argparse.Namespace) -> int:
     except OSError as exc:
         service.stop()
         return service.fail("tcprc: cannot start the %s: %s" % (role, exc.strerror or exc))
-    from .commands import CommandParser
-    from .control import start_channels
+    from .ops.commands import CommandParser
+    from .ops.control import start_channels
     commands = CommandParser(app, cfg)
     channels = start_channels(commands, cfg, console_port)
     service.ready()

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 
-from tcprc.config import build_config
+from tcprc.ops.config import build_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HostPort = Tuple[str, int]

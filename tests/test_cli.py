@@ -9,7 +9,7 @@ import time
 import pytest
 
 from conftest import ROOT, free_port, port_accepts, recv_exactly, run_tcprc, start_tunnel, wait_for
-from tcprc.config import SCHEMA, ConfigError, load_config
+from tcprc.ops.config import SCHEMA, ConfigError, load_config
 
 
 def write(path, text):

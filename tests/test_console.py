@@ -12,9 +12,9 @@ import time
 import pytest
 
 from conftest import ROOT, Service, tcprc_command, wait_for
-from tcprc.commands import CommandParser
-from tcprc.config import build_config
-from tcprc.console import LineEditor, SerialConsole, serial_available
+from tcprc.ops.commands import CommandParser
+from tcprc.ops.config import build_config
+from tcprc.ops.console import LineEditor, SerialConsole, serial_available
 from tcprc.device import DeviceApp
 from tcprc.server import ServerApp
 

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from tcprc import daemon, protocol
+from tcprc import protocol
+from tcprc.ops import service as daemon
 from conftest import free_port, wait_for
 from test_initscript import REPO, alive
 

@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
-from .addr import parse_hostport, parse_network
+from ..addr import parse_hostport, parse_network
 
 # The one place that picks the TOML reader; other modules import it from here.
 if sys.version_info >= (3, 11):

@@ -12,7 +12,7 @@ import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import tomlwrite
-from .addr import format_hostport, parse_hostport, parse_port
+from ..addr import format_hostport, parse_hostport, parse_port
 from .config import SCHEMA, Config, ConfigError, Section, build_config, check_value, tomllib
 
 log = logging.getLogger("tcprc.commands")
