@@ -7,8 +7,9 @@ import threading
 from typing import Any, List, Optional
 
 from . import __version__
-from .ops import service as daemon
-from .ops.config import Config, ConfigError, load_config, with_overrides
+from .errors import ConfigError
+from .ops.config import Config, load_config, with_overrides
+from .ops.service import Service
 
 # Pump threads copy bytes; they never recurse deeply.  A small stack keeps
 # 255 idle streams cheap on a 64 MB gateway.
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ctl = sub.add_parser("ctl", help="send one command to the running agent (exit 0 OK, 1 ERROR, "
                                      "2 no agent)")
-    from .ops.control import add_ctl_arguments, ctl_main
+    from .ops.ctl import add_ctl_arguments, ctl_main
     add_ctl_arguments(ctl)
     ctl.set_defaults(func=ctl_main)
 
@@ -106,7 +107,7 @@ def run_agent(role: str, args: argparse.Namespace) -> int:
         if not serial_available():
             print("tcprc: --console: %s" % INSTALL_HINT, file=sys.stderr)
             return 2
-    service = daemon.Service(args, cfg)   # detach, [log], pidfile, signals
+    service = Service(args, cfg)   # detach, [log], pidfile, signals
     if not service.start():
         return service.status
     if args.config:
@@ -119,7 +120,7 @@ def run_agent(role: str, args: argparse.Namespace) -> int:
         service.stop()
         return service.fail("tcprc: cannot start the %s: %s" % (role, exc.strerror or exc))
     from .ops.commands import CommandParser
-    from .ops.control import start_channels
+    from .ops.channels import start_channels
     commands = CommandParser(app, cfg)
     channels = start_channels(commands, cfg, console_port)
     service.ready()

@@ -15,7 +15,9 @@ from conftest import ROOT, run_tcprc, tcprc_command, wait_for
 from tcprc.ops import control
 from tcprc.ops.commands import CommandParser
 from tcprc.ops.config import build_config
-from tcprc.ops.control import ControlError, ControlServer, send_command
+from tcprc.errors import ControlError
+from tcprc.ops.control import ControlServer
+from tcprc.ops.ctl import send_command
 from tcprc.device import DeviceApp
 from tcprc.server import ServerApp
 

@@ -244,9 +244,10 @@ def test_stop_kills_an_agent_that_ignores_sigterm(tmp_path, request, shell):
     # A hung agent: detached and pidfile-locked by tcprc.ops, deaf to SIGTERM.
     hung = gw._script("tcprc-hung", 'exec "%s" -c "%s" tcprc "$@"' % (sys.executable, "; ".join([
         "import signal, sys, time",
-        "from tcprc.ops import service as daemon",
-        "report = daemon.detach()",
-        "daemon.PidFile(sys.argv[sys.argv.index('--pidfile') + 1]).acquire()",
+        "from tcprc.ops.detach import detach",
+        "from tcprc.ops.pidfile import PidFile",
+        "report = detach()",
+        "PidFile(sys.argv[sys.argv.index('--pidfile') + 1]).acquire()",
         "signal.signal(signal.SIGTERM, signal.SIG_IGN)",
         "report.ok()",
         "time.sleep(60)"])))

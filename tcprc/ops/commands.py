@@ -13,7 +13,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import tomlwrite
 from ..addr import format_hostport, parse_hostport, parse_port
-from .config import SCHEMA, Config, ConfigError, Section, build_config, check_value, tomllib
+from ..errors import CommandError, ConfigError
+from .config import SCHEMA, Config, Section, build_config, check_value, tomllib
 
 log = logging.getLogger("tcprc.commands")
 
@@ -69,10 +70,6 @@ def _valid_address(text: str) -> bool:
     if not name or len(name) > 253 or name.replace(".", "").isdigit():
         return False   # all digits: a mistyped IPv4 address, not a name
     return all(_LABEL.match(label) for label in name.split("."))
-
-
-class CommandError(Exception):
-    """A failure to answer as `ERROR <message>`."""
 
 
 def _one_line(text: Any) -> str:

@@ -12,16 +12,13 @@ import sys
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from ..addr import parse_hostport, parse_network
+from ..errors import ConfigError
 
 # The one place that picks the TOML reader; other modules import it from here.
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on old interpreters only
     import tomli as tomllib
-
-
-class ConfigError(Exception):
-    """A configuration problem, already phrased as one line for the user."""
 
 
 def _hostport(allow_empty: bool, bind: bool = False) -> Callable[[Any], Optional[str]]:
