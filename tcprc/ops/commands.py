@@ -9,7 +9,7 @@ import logging
 import re
 import shlex
 import threading
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from . import tomlwrite
 from ..addr import format_hostport, parse_hostport, parse_port
@@ -21,35 +21,6 @@ log = logging.getLogger("tcprc.commands")
 OK = "OK"
 MAX_LINE = 4096     # bytes in one command line, on every channel
 MAX_DETAIL = 1024   # a status value (say a long last_error) never floods a console
-
-# name (lower case) -> (syntax, one-line summary, longer help lines)
-_HELP: Dict[str, Tuple[str, str, Sequence[str]]] = {
-    "tcpremoteconnect": (
-        "TCPRemoteConnect [ServerAddress ServerPort [LocalAddress LocalPort]]",
-        "start (or restart) the tunnel",
-        ("No parameters, or one empty string \"\": use device.server and",
-         "device.local from the configuration.",
-         "Two: dial ServerAddress:ServerPort, clients go to device.local.",
-         "Four: dial ServerAddress:ServerPort, clients go to LocalAddress:LocalPort",
-         "(an empty LocalAddress \"\" means this device, 127.0.0.1).",
-         "Example: TCPRemoteConnect 203.0.113.5 9000 127.0.0.1 22")),
-    "tcpremotedisconnect": (
-        "TCPRemoteDisconnect", "close the tunnel and all its streams, stay idle", ()),
-    "status": (
-        "status", "uplink state, addresses, clients, bytes each way, uptime, last error", ()),
-    "config": (
-        "config get KEY | config set KEY VALUE | config save",
-        "read, change and save settings",
-        ("KEY is section.key, e.g. device.server; `config get SECTION` lists a section.",
-         "config set changes the running agent: device.* and server.* settings are",
-         "applied at once (a tunnel whose settings did not change stays up); the",
-         "other sections (console, control, log) take effect at the next start.",
-         "Booleans: true/false, yes/no, on/off, 1/0. Lists: several values, or",
-         "comma-separated; \"\" for an empty value or list.",
-         "config save writes the settings to the configuration file (atomically,",
-         "keeping comments and every key that was not set).")),
-    "help": ("help [COMMAND]", "list the commands, or explain one", ()),
-}
 
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
@@ -104,14 +75,7 @@ class CommandParser:
         self.app = app
         self.cfg = cfg
         self._changes: Dict[Tuple[str, str], Any] = {}   # what `config set` did, for save
-        self._lock = threading.Lock()                   # channels run in their own threads
-        self._handlers: Dict[str, Callable[[List[str]], List[str]]] = {
-            "tcpremoteconnect": self._connect,
-            "tcpremotedisconnect": self._disconnect,
-            "status": self._status,
-            "config": self._config,
-            "help": self._help,
-        }
+        self._lock = threading.Lock()                   # guards cfg and _changes
 
     @property
     def role(self) -> str:
@@ -132,11 +96,13 @@ class CommandParser:
                 raise CommandError("cannot parse the line: %s" % exc)
             if not words:
                 return []
-            handler = self._handlers.get(words[0].lower())
-            if handler is None:
+            command = _BY_NAME.get(words[0].lower())
+            if command is None:
                 raise CommandError("unknown command %r (type help for the list)"
                                    % _one_line(words[0]))
-            return handler(words[1:])
+            if self.role not in command.roles:
+                raise CommandError("%s is not available on the %s" % (command.name, self.role))
+            return command.handler(self, words[1:])
         except CommandError as exc:
             return ["ERROR " + _one_line(exc)]
         except Exception as exc:  # a bug must not take the channel down
@@ -145,12 +111,7 @@ class CommandParser:
 
     # -- tunnel ----------------------------------------------------------
 
-    def _require_device(self, name: str) -> None:
-        if self.role != "device":
-            raise CommandError("%s is not available on the server" % name)
-
     def _connect(self, args: List[str]) -> List[str]:
-        self._require_device("TCPRemoteConnect")
         server = local = None
         if len(args) in (0, 1) and all(arg == "" for arg in args):
             pass   # the legacy agents' TCPRemoteConnect(""): stored settings
@@ -190,7 +151,6 @@ class CommandParser:
             raise CommandError("%s %r: %s" % (addr_name, addr, exc))
 
     def _disconnect(self, args: List[str]) -> List[str]:
-        self._require_device("TCPRemoteDisconnect")
         if args:
             raise CommandError("TCPRemoteDisconnect takes no parameters, got %d" % len(args))
         self.app.disconnect()
@@ -339,19 +299,63 @@ class CommandParser:
     def _help(self, args: List[str]) -> List[str]:
         if len(args) > 1:
             raise CommandError("help takes at most one parameter, got %d" % len(args))
-        names = [name for name in _HELP
-                 if self.role == "device" or not name.startswith("tcpremote")]
         if not args:
             # Two lines per command: fits an 80-column serial terminal.
             lines = []
-            for name in names:
-                lines += [_HELP[name][0], "    " + _HELP[name][1]]
+            for command in COMMANDS:
+                if self.role in command.roles:
+                    lines += [command.syntax, "    " + command.summary]
             return lines + ["Command names are case-insensitive; help COMMAND for details.", OK]
-        name = args[0].lower()
-        if name not in _HELP:
+        command = _BY_NAME.get(args[0].lower())
+        if command is None:
             raise CommandError("unknown command %r (type help for the list)" % _one_line(args[0]))
-        syntax, summary, more = _HELP[name]
-        lines = [syntax, "  " + summary] + ["  " + line for line in more]
-        if name not in names:
-            lines.append("  (not available on the server)")
+        lines = [command.syntax, "  " + command.summary] + ["  " + line for line in command.help]
+        if self.role not in command.roles:
+            lines.append("  (not available on the %s)" % self.role)
         return lines + [OK]
+
+
+class Command(NamedTuple):
+    """One command: what help shows, who may run it, and the method that runs it."""
+    name: str                   # as help spells it; typed in any case
+    roles: Tuple[str, ...]      # agents that run it; the others answer "not available"
+    syntax: str
+    summary: str                # one line in `help`
+    help: Sequence[str]         # further lines in `help NAME`
+    handler: Callable[[CommandParser, List[str]], List[str]]
+
+
+BOTH = ("device", "server")
+
+# The one table: dispatch, `help` and the role restriction all read it, in this order.
+COMMANDS: Tuple[Command, ...] = (
+    Command("TCPRemoteConnect", ("device",),
+            "TCPRemoteConnect [ServerAddress ServerPort [LocalAddress LocalPort]]",
+            "start (or restart) the tunnel",
+            ("No parameters, or one empty string \"\": use device.server and",
+             "device.local from the configuration.",
+             "Two: dial ServerAddress:ServerPort, clients go to device.local.",
+             "Four: dial ServerAddress:ServerPort, clients go to LocalAddress:LocalPort",
+             "(an empty LocalAddress \"\" means this device, 127.0.0.1).",
+             "Example: TCPRemoteConnect 203.0.113.5 9000 127.0.0.1 22"),
+            CommandParser._connect),
+    Command("TCPRemoteDisconnect", ("device",), "TCPRemoteDisconnect",
+            "close the tunnel and all its streams, stay idle", (), CommandParser._disconnect),
+    Command("status", BOTH, "status",
+            "uplink state, addresses, clients, bytes each way, uptime, last error", (),
+            CommandParser._status),
+    Command("config", BOTH, "config get KEY | config set KEY VALUE | config save",
+            "read, change and save settings",
+            ("KEY is section.key, e.g. device.server; `config get SECTION` lists a section.",
+             "config set changes the running agent: device.* and server.* settings are",
+             "applied at once (a tunnel whose settings did not change stays up); the",
+             "other sections (console, control, log) take effect at the next start.",
+             "Booleans: true/false, yes/no, on/off, 1/0. Lists: several values, or",
+             "comma-separated; \"\" for an empty value or list.",
+             "config save writes the settings to the configuration file (atomically,",
+             "keeping comments and every key that was not set)."),
+            CommandParser._config),
+    Command("help", BOTH, "help [COMMAND]", "list the commands, or explain one", (),
+            CommandParser._help),
+)
+_BY_NAME = {command.name.lower(): command for command in COMMANDS}
