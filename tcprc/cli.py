@@ -1,4 +1,8 @@
-"""Command-line entry points: `tcprc device|server|demo ...`."""
+"""Command-line entry points: `tcprc device|server|ctl|demo ...`.
+
+device, server: run_agent wires argv -> config -> app -> channels -> service.
+ctl: one command to a running agent (ops/ctl.py). demo: a tunnel on 127.0.0.1.
+"""
 
 import argparse
 import logging

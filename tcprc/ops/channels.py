@@ -9,6 +9,8 @@ import logging
 from typing import Any, List, Optional
 
 from ..errors import ControlError
+from .commands import CommandParser
+from .config import Config
 from .control import ControlServer
 
 log = logging.getLogger("tcprc.control")
@@ -29,7 +31,7 @@ class Channels:
         self.items = []
 
 
-def start_channels(parser: Any, cfg: Any, console_port: Optional[str] = None) -> Channels:
+def start_channels(parser: CommandParser, cfg: Config, console_port: Optional[str] = None) -> Channels:
     """Start the control socket and (device) serial console of `cfg`.
 
     A channel that cannot start is logged and skipped: the tunnel matters more.

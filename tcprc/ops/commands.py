@@ -9,22 +9,18 @@ import logging
 import re
 import shlex
 import threading
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Sequence, Tuple
 
-from . import tomlwrite
 from ..addr import format_hostport, parse_hostport, parse_port
 from ..errors import CommandError, ConfigError
-from .config import SCHEMA, Config, Section, build_config, check_value, tomllib
+from . import tomlwrite
+from .config import SCHEMA, Config, check_value, save_config, value_from_words
+from .config import one_line as _one_line
 
 log = logging.getLogger("tcprc.commands")
 
 OK = "OK"
 MAX_LINE = 4096     # bytes in one command line, on every channel
-MAX_DETAIL = 1024   # a status value (say a long last_error) never floods a console
-
-_TRUE = ("true", "yes", "on", "1")
-_FALSE = ("false", "no", "off", "0")
-
 
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
@@ -41,13 +37,6 @@ def _valid_address(text: str) -> bool:
     if not name or len(name) > 253 or name.replace(".", "").isdigit():
         return False   # all digits: a mistyped IPv4 address, not a name
     return all(_LABEL.match(label) for label in name.split("."))
-
-
-def _one_line(text: Any) -> str:
-    line = " ".join(str(text).split())
-    if len(line) > MAX_DETAIL:
-        line = line[:MAX_DETAIL] + "..."
-    return line
 
 
 def _format_status_value(key: str, value: Any) -> str:
@@ -69,7 +58,15 @@ _STATUS_ORDER = ("state", "server", "listen", "host", "device", "local", "client
 
 
 class CommandParser:
-    """Executes command lines against the running app and its Config."""
+    """Executes command lines against the running app and its Config.
+
+    execute() is called concurrently by every channel: the serial console's
+    thread and one thread per control connection; set_config() by the main
+    thread on SIGHUP. That is safe because config get/set/save and
+    set_config() hold self._lock (a set and a save never interleave, a reload
+    never meets half a set), the tunnel commands and status only call the
+    app's public methods, which lock for themselves, and the rest is per call.
+    """
 
     def __init__(self, app: Any, cfg: Config):
         self.app = app
@@ -195,7 +192,7 @@ class CommandParser:
             raise CommandError("usage: config get KEY (for example config get device.server)")
         if args[0] in SCHEMA[self.role]:
             section = args[0]
-            values = getattr(self.cfg, section).as_dict()
+            values = getattr(self.cfg, section)._asdict()
             return ["%s.%s = %s" % (section, key, tomlwrite.format_value(values[key]))
                     for key in SCHEMA[self.role][section]] + [OK]
         section, key = self._split_key(args[0])
@@ -208,12 +205,15 @@ class CommandParser:
                                "device.server 203.0.113.5:9000)")
         section, key = self._split_key(args[0])
         spec = SCHEMA[self.role][section][key]
-        value = self._convert(args[0], spec.type, args[1:])
+        try:
+            value = value_from_words(args[0], spec.type, args[1:])
+        except ValueError as exc:
+            raise CommandError(str(exc))
         try:
             value = check_value(self.role, section, key, value)
         except ValueError as exc:
             raise CommandError("%s: %s" % (args[0], exc))
-        updated = Section(dict(getattr(self.cfg, section).as_dict(), **{key: value}))
+        updated = getattr(self.cfg, section)._replace(**{key: value})
         detail: List[str] = []
         if section == self.role:
             # The app compares old and new settings, so it gets a new object.
@@ -229,68 +229,13 @@ class CommandParser:
         log.info("config set %s.%s = %s", section, key, tomlwrite.format_value(value))
         return detail + [OK]
 
-    @staticmethod
-    def _convert(name: str, kind: type, words: List[str]) -> Any:
-        if kind is list:
-            items = []
-            for word in words:
-                items.extend(part.strip() for part in word.split(",") if part.strip())
-            return items
-        if len(words) != 1:
-            raise CommandError("%s takes one value, got %d (quote a value with spaces)"
-                               % (name, len(words)))
-        word = words[0]
-        try:
-            if kind is bool:
-                if word.lower() in _TRUE:
-                    return True
-                if word.lower() in _FALSE:
-                    return False
-                raise ValueError
-            if kind is int:
-                return int(word, 10)
-            if kind is float:
-                return float(word)
-        except ValueError:
-            kinds = {bool: "true or false", int: "an integer", float: "a number"}
-            raise CommandError("%s must be %s, got %r" % (name, kinds[kind], _one_line(word)))
-        return word
-
     def _config_save(self, args: List[str]) -> List[str]:
         if args:
             raise CommandError("config save takes no parameters, got %d" % len(args))
-        path = self.cfg.path
-        if not path:
-            raise CommandError("no configuration file to save to: the agent was started "
-                               "without -c FILE")
         try:
-            with open(path, "rb") as handle:
-                old_bytes: Optional[bytes] = handle.read()
-        except FileNotFoundError:
-            old_bytes = None
-        except OSError as exc:
-            raise CommandError("cannot read %s: %s" % (path, exc.strerror or exc))
-        old_text = None
-        if old_bytes is None:
-            base: Dict[str, Any] = {name: dict(table) for name, table in self.cfg.raw.items()}
-        else:
-            # Build on the file as it is now, so edits made since the start survive.
-            try:
-                old_text = old_bytes.decode("utf-8")
-                base = tomllib.loads(old_text)
-            except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-                raise CommandError("%s is not valid TOML any more (%s); not overwritten"
-                                   % (path, _one_line(exc)))
-        for (section, key), value in self._changes.items():
-            base.setdefault(section, {})[key] = value
-        try:
-            build_config(self.role, base, path)   # never save what the next start refuses
-            text = tomlwrite.render(old_text, base, self._changes)
-            tomlwrite.atomic_write(path, text)
+            path = save_config(self.cfg, self._changes)
         except ConfigError as exc:
-            raise CommandError("not saved: %s" % exc)
-        except OSError as exc:
-            raise CommandError("cannot write %s: %s" % (path, exc.strerror or exc))
+            raise CommandError(str(exc))
         log.info("config saved to %s (%d setting(s) changed)", path, len(self._changes))
         return ["saved %d changed setting(s) to %s" % (len(self._changes), path), OK]
 

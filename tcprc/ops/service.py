@@ -8,9 +8,10 @@ channels' threads work; stop() last.
 
 import logging
 import os
-from typing import Callable
+from typing import Any, Callable
 
 from ..errors import ConfigError, PidFileError
+from .config import Config
 from .detach import StartReport, detach
 from .logsetup import LOGGER, log_uncaught, setup_logging
 from .pidfile import PidFile
@@ -25,7 +26,7 @@ class Service:
     pidfile goes after everything else.
     """
 
-    def __init__(self, args, cfg) -> None:
+    def __init__(self, args: Any, cfg: Config) -> None:
         self.detach = bool(getattr(args, "daemon", False))
         path = getattr(args, "pidfile", None)
         self.pidfile = PidFile(path) if path else None
@@ -73,7 +74,7 @@ class Service:
         if self.signals.stop_requested:
             self.log.info("signal %d: stopping", self.signals.stop_signal)
 
-    def reload(self, load: Callable[[], object], app) -> None:
+    def reload(self, load: Callable[[], Config], app: Any) -> None:
         """SIGHUP: a new config replaces the old only if it is valid as a whole."""
         try:
             cfg = load()
