@@ -494,7 +494,8 @@ def test_python38_compatible_imports():
     if not os.path.exists(py38):
         pytest.skip("no Python 3.8 on this machine")
     result = subprocess.run([py38, "-c", "import tcprc.ops.commands, tcprc.ops.console, tcprc.ops.control, "
-                             "tcprc.ops.tomlwrite"], cwd=ROOT, capture_output=True, text=True,
+                             "tcprc.ops.tomlwrite, tcprc.ops.ctl, tcprc.ops.channels, "
+                             "tcprc.ops.service, tcprc.settings, tcprc.cli"], cwd=ROOT, capture_output=True, text=True,
                             timeout=30)
     if "No module named 'tomli'" in result.stderr:
         pytest.skip("Python 3.8 here lacks tomli")
