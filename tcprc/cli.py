@@ -1,4 +1,8 @@
-"""Command-line entry points: `tcprc device|server|demo ...`."""
+"""Command-line entry points: `tcprc device|server|ctl|demo ...`.
+
+device, server: run_agent wires argv -> config -> app -> channels -> service.
+ctl: one command to a running agent (ops/ctl.py). demo: a tunnel on 127.0.0.1.
+"""
 
 import argparse
 import logging
@@ -6,8 +10,10 @@ import sys
 import threading
 from typing import Any, List, Optional
 
-from . import __version__, daemon
-from .config import Config, ConfigError, load_config, with_overrides
+from . import __version__
+from .errors import ConfigError
+from .ops.config import Config, load_config, with_overrides
+from .ops.service import Service
 
 # Pump threads copy bytes; they never recurse deeply.  A small stack keeps
 # 255 idle streams cheap on a 64 MB gateway.
@@ -44,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ctl = sub.add_parser("ctl", help="send one command to the running agent (exit 0 OK, 1 ERROR, "
                                      "2 no agent)")
-    from .control import add_ctl_arguments, ctl_main
+    from .ops.ctl import add_ctl_arguments, ctl_main
     add_ctl_arguments(ctl)
     ctl.set_defaults(func=ctl_main)
 
@@ -83,7 +89,7 @@ def make_app(cfg: Config) -> Any:
 
 def remove_stale_save_temps(config_path: str) -> None:
     """A `config save` killed mid-write leaves its temporary file: clear them."""
-    from .tomlwrite import remove_stale_temps
+    from .ops.tomlwrite import remove_stale_temps
     removed, failed = remove_stale_temps(config_path)
     log = logging.getLogger("tcprc")
     if removed:
@@ -101,11 +107,11 @@ def run_agent(role: str, args: argparse.Namespace) -> int:
         return 2
     console_port = getattr(args, "console", None)
     if console_port:
-        from .console import INSTALL_HINT, serial_available
+        from .ops.console import INSTALL_HINT, serial_available
         if not serial_available():
             print("tcprc: --console: %s" % INSTALL_HINT, file=sys.stderr)
             return 2
-    service = daemon.Service(args, cfg)   # detach, [log], pidfile, signals
+    service = Service(args, cfg)   # detach, [log], pidfile, signals
     if not service.start():
         return service.status
     if args.config:
@@ -117,8 +123,8 @@ def run_agent(role: str, args: argparse.Namespace) -> int:
     except OSError as exc:
         service.stop()
         return service.fail("tcprc: cannot start the %s: %s" % (role, exc.strerror or exc))
-    from .commands import CommandParser
-    from .control import start_channels
+    from .ops.commands import CommandParser
+    from .ops.channels import start_channels
     commands = CommandParser(app, cfg)
     channels = start_channels(commands, cfg, console_port)
     service.ready()

@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Callable, List, Tuple
 
-from .config import build_config
+from .ops.config import build_config
 from .device import DeviceApp
 from .server import ServerApp
 

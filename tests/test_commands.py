@@ -9,8 +9,8 @@ import pytest
 
 from support.net import free_port
 from support.waiting import wait_for
-from tcprc.commands import CommandParser
-from tcprc.config import build_config, load_config
+from tcprc.ops.commands import CommandParser
+from tcprc.ops.config import build_config, load_config
 from tcprc.device import DeviceApp
 
 if sys.version_info >= (3, 11):
@@ -323,5 +323,5 @@ def test_help_fits_an_80_column_terminal(agent):
     (None, "-"), (0, "0s"), (59.9, "59s"), (3723.2, "3723s (1:02:03)"), (90061, "90061s (1d 1:01:01)"),
 ])
 def test_uptime_reads_well(seconds, text):
-    from tcprc.commands import _format_status_value
+    from tcprc.ops.commands import _format_status_value
     assert _format_status_value("uptime", seconds) == text

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from support import ROOT
-from tcprc.config import SCHEMA, ConfigError, load_config
+from tcprc.ops.config import SCHEMA, ConfigError, load_config
 
 
 def write(path, text):

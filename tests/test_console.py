@@ -15,9 +15,9 @@ from support import ROOT
 from support.agents import tcprc_command
 from support.services import Service
 from support.waiting import wait_for
-from tcprc.commands import CommandParser
-from tcprc.config import build_config
-from tcprc.console import LineEditor, SerialConsole, serial_available
+from tcprc.ops.commands import CommandParser
+from tcprc.ops.config import build_config
+from tcprc.ops.console import LineEditor, SerialConsole, serial_available
 from tcprc.device import DeviceApp
 from tcprc.server import ServerApp
 

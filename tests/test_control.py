@@ -14,10 +14,12 @@ import pytest
 from support import ROOT
 from support.agents import run_tcprc, tcprc_command
 from support.waiting import wait_for
-from tcprc import control
-from tcprc.commands import CommandParser
-from tcprc.config import build_config
-from tcprc.control import ControlError, ControlServer, send_command
+from tcprc.ops import control
+from tcprc.ops.commands import CommandParser
+from tcprc.ops.config import build_config
+from tcprc.errors import ControlError
+from tcprc.ops.control import ControlServer
+from tcprc.ops.ctl import send_command
 from tcprc.device import DeviceApp
 from tcprc.server import ServerApp
 
@@ -410,7 +412,7 @@ def test_config_save_survives_a_restart(agents, tmp_path):
 
 KILLED_SAVE = """
 import os, signal, sys
-from tcprc import tomlwrite
+from tcprc.ops import tomlwrite
 os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)   # die mid-save, file written
 tomlwrite.atomic_write(sys.argv[1], "[device]\\nautostart = false\\n")
 """
@@ -503,8 +505,9 @@ def test_python38_compatible_imports():
     py38 = "/root/.pyenv/versions/3.8.18/bin/python3.8"
     if not os.path.exists(py38):
         pytest.skip("no Python 3.8 on this machine")
-    result = subprocess.run([py38, "-c", "import tcprc.commands, tcprc.console, tcprc.control, "
-                             "tcprc.tomlwrite"], cwd=ROOT, capture_output=True, text=True,
+    result = subprocess.run([py38, "-c", "import tcprc.ops.commands, tcprc.ops.console, tcprc.ops.control, "
+                             "tcprc.ops.tomlwrite, tcprc.ops.ctl, tcprc.ops.channels, "
+                             "tcprc.ops.service, tcprc.settings, tcprc.cli"], cwd=ROOT, capture_output=True, text=True,
                             timeout=30)
     if "No module named 'tomli'" in result.stderr:
         pytest.skip("Python 3.8 here lacks tomli")

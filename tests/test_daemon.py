@@ -1,4 +1,5 @@
-"""tcprc/daemon.py: pidfile, syslog handler, logging targets, and the real
+"""tcprc/ops/{pidfile,logsetup,detach,signals,service}.py: pidfile, syslog
+handler, logging targets, and the real
 `tcprc device|server --daemon --pidfile` with signals against a peer that
 speaks the wire protocol on 127.0.0.1.
 """
@@ -18,24 +19,27 @@ from support.gateway import REPO, alive
 from support.net import free_port, recv_exactly
 from support.services import Service
 from support.waiting import wait_for
-from tcprc import daemon, protocol
+from tcprc import protocol
+from tcprc.errors import AlreadyRunning, PidFileError
+from tcprc.ops.logsetup import SyslogHandler, log_uncaught, make_handler, setup_logging
+from tcprc.ops.pidfile import PidFile, read_pid
 
 
 # -- PidFile, in process (flock conflicts between two opens of one process too)
 
 def test_pidfile_locks_and_refuses_a_second_owner(tmp_path):
     path = tmp_path / "a.pid"
-    first = daemon.PidFile(str(path))
+    first = PidFile(str(path))
     first.acquire()
     assert path.read_text() == "%d\n" % os.getpid()
     began = time.monotonic()
-    with pytest.raises(daemon.AlreadyRunning) as info:
-        daemon.PidFile(str(path)).acquire(patience=0.2)
+    with pytest.raises(AlreadyRunning) as info:
+        PidFile(str(path)).acquire(patience=0.2)
     assert time.monotonic() - began < 2.0
     assert str(info.value) == "%s: already running (pid %d)" % (path, os.getpid())
     first.release()
     assert not path.exists()
-    second = daemon.PidFile(str(path))
+    second = PidFile(str(path))
     second.acquire()
     second.release()
 
@@ -46,16 +50,16 @@ def test_pidfile_of_a_dead_agent_is_taken_over(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
     path.write_text("%d\n" % dead.pid)
-    pidfile = daemon.PidFile(str(path))
+    pidfile = PidFile(str(path))
     pidfile.acquire()
-    assert daemon.read_pid(str(path)) == os.getpid()
+    assert read_pid(str(path)) == os.getpid()
     assert [name for name in os.listdir(str(tmp_path))] == ["a.pid"]   # no temp file left
     pidfile.release()
 
 
 def test_release_leaves_a_pidfile_that_is_no_longer_ours(tmp_path):
     path = tmp_path / "a.pid"
-    pidfile = daemon.PidFile(str(path))
+    pidfile = PidFile(str(path))
     pidfile.acquire()
     path.unlink()
     path.write_text("12345\n")   # someone else's now
@@ -64,8 +68,8 @@ def test_release_leaves_a_pidfile_that_is_no_longer_ours(tmp_path):
 
 
 def test_pidfile_in_a_missing_directory_is_one_clear_error(tmp_path):
-    with pytest.raises(daemon.PidFileError) as info:
-        daemon.PidFile(str(tmp_path / "nope" / "a.pid")).acquire()
+    with pytest.raises(PidFileError) as info:
+        PidFile(str(tmp_path / "nope" / "a.pid")).acquire()
     assert "cannot write pidfile" in str(info.value) and "\n" not in str(info.value)
 
 
@@ -76,7 +80,7 @@ def test_syslog_handler_sends_daemon_facility_with_ident(tmp_path):
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslogd:
         syslogd.bind(address)
         syslogd.settimeout(5)
-        handler = daemon.SyslogHandler(address)
+        handler = SyslogHandler(address)
         logger = logging.getLogger("tcprc.test.syslog")
         logger.addHandler(handler)
         logger.propagate = False
@@ -92,7 +96,7 @@ def test_syslog_handler_sends_daemon_facility_with_ident(tmp_path):
 
 
 def test_syslog_handler_without_syslogd_neither_raises_nor_blocks(tmp_path):
-    handler = daemon.SyslogHandler(str(tmp_path / "nobody"))
+    handler = SyslogHandler(str(tmp_path / "nobody"))
     record = logging.LogRecord("tcprc", logging.INFO, __file__, 1, "lost", None, None)
     began = time.monotonic()
     for _ in range(100):
@@ -102,10 +106,10 @@ def test_syslog_handler_without_syslogd_neither_raises_nor_blocks(tmp_path):
 
 
 def test_auto_target_is_syslog_detached_and_stderr_in_foreground():
-    detached = daemon.make_handler("auto", detached=True)
-    foreground = daemon.make_handler("auto", detached=False)
+    detached = make_handler("auto", detached=True)
+    foreground = make_handler("auto", detached=False)
     try:
-        assert isinstance(detached, daemon.SyslogHandler) and detached.address == "/dev/log"
+        assert isinstance(detached, SyslogHandler) and detached.address == "/dev/log"
         assert isinstance(foreground, logging.StreamHandler) and foreground.stream is sys.stderr
     finally:
         detached.close()
@@ -116,13 +120,13 @@ def test_setup_logging_file_level_and_reconfigure(tmp_path):
     saved = (list(logger.handlers), logger.level, logger.propagate)
     first, second = tmp_path / "one.log", tmp_path / "two.log"
     try:
-        daemon.setup_logging("info", str(first), detached=True)
+        setup_logging("info", str(first), detached=True)
         logger.debug("hidden detail")
         logging.getLogger("tcprc.device").info("uplink up")
-        daemon.setup_logging("debug", str(second), detached=True)
+        setup_logging("debug", str(second), detached=True)
         logger.debug("now visible")
         with pytest.raises(OSError):
-            daemon.setup_logging("info", str(tmp_path / "no" / "dir.log"), detached=True)
+            setup_logging("info", str(tmp_path / "no" / "dir.log"), detached=True)
         logger.debug("still here")   # the failed setup kept the working one
         ours = [h for h in logger.handlers if getattr(h, "_tcprc_handler", False)]
         assert len(ours) == 1
@@ -146,7 +150,7 @@ def test_uncaught_errors_reach_the_log():
     logger.propagate = False
     saved = sys.excepthook, threading.excepthook
     try:
-        daemon.log_uncaught(logger)
+        log_uncaught(logger)
         worker = threading.Thread(target=lambda: 1 / 0, name="pump-7")
         worker.start()
         worker.join(5)
@@ -195,14 +199,14 @@ class Agent:
     def start(self, *extra):
         res = tcprc(self.role, "-c", self.conf.name, "--daemon", "--pidfile", self.pidfile.name,
                     *extra, cwd=str(self.dir))
-        pid = daemon.read_pid(str(self.pidfile))
+        pid = read_pid(str(self.pidfile))
         if pid:
             self.pids.append(pid)
         return res
 
     @property
     def pid(self):
-        return daemon.read_pid(str(self.pidfile))
+        return read_pid(str(self.pidfile))
 
     def log_text(self):
         return self.log.read_text() if self.log.exists() else ""
@@ -296,7 +300,7 @@ def test_foreground_stops_on_signal_with_exit_0(tmp_path, signum):
     pidfile = tmp_path / "fg.pid"
     proc = spawn("device", "-c", str(conf), "--pidfile", str(pidfile))
     try:
-        wait_for(lambda: daemon.read_pid(str(pidfile)) == proc.pid)
+        wait_for(lambda: read_pid(str(pidfile)) == proc.pid)
         second = tcprc("device", "-c", str(conf), "--pidfile", str(pidfile))
         assert second.returncode == 1
         assert second.stderr.strip().endswith("already running (pid %d)" % proc.pid), second.stderr

@@ -119,12 +119,13 @@ def test_restart_and_reload(gateway):
 @pytest.mark.parametrize("shell", ["dash", "busybox-ash"])
 def test_stop_kills_an_agent_that_ignores_sigterm(tmp_path, request, shell):
     gw = make_gateway(tmp_path, request, ssd="none")
-    # A hung agent: detached and pidfile-locked by tcprc.daemon, deaf to SIGTERM.
+    # A hung agent: detached and pidfile-locked by tcprc.ops, deaf to SIGTERM.
     hung = gw._script("tcprc-hung", 'exec "%s" -c "%s" tcprc "$@"' % (sys.executable, "; ".join([
         "import signal, sys, time",
-        "from tcprc import daemon",
-        "report = daemon.detach()",
-        "daemon.PidFile(sys.argv[sys.argv.index('--pidfile') + 1]).acquire()",
+        "from tcprc.ops.detach import detach",
+        "from tcprc.ops.pidfile import PidFile",
+        "report = detach()",
+        "PidFile(sys.argv[sys.argv.index('--pidfile') + 1]).acquire()",
         "signal.signal(signal.SIGTERM, signal.SIG_IGN)",
         "report.ok()",
         "time.sleep(60)"])))

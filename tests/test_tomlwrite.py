@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from tcprc import tomlwrite
-from tcprc.config import SCHEMA
+from tcprc.ops import tomlwrite
+from tcprc.ops.config import SCHEMA
 
 if sys.version_info >= (3, 11):
     import tomllib

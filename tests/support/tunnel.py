@@ -3,7 +3,7 @@
 import socket
 from typing import Any, Callable, Dict, List, Optional
 
-from tcprc.config import build_config
+from tcprc.ops.config import build_config
 
 from .net import HostPort
 from .waiting import wait_for

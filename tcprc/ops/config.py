@@ -1,27 +1,22 @@
-"""TOML configuration: one file per role, validated at start into plain objects.
-
-(Not dataclasses: importing them pulls in inspect, ast and dis, about 1 MB
-of RSS on a gateway that has 64.)
+"""TOML configuration: one file per role, validated at start into typed settings.
 
 Every key has a type, a default and a check; an empty file is a valid config.
 Every error is one ConfigError line naming the file, the key and the problem.
+Each section becomes a NamedTuple of tcprc.settings (not dataclasses: importing
+them pulls in inspect, ast and dis, about 1 MB of RSS on a gateway that has 64).
+Also here, next to the schema they follow: command words to values
+(`config set`) and `config save`.
 """
 
 import os
-import sys
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
-from .addr import parse_hostport, parse_network
-
-# The one place that picks the TOML reader; other modules import it from here.
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on old interpreters only
-    import tomli as tomllib
-
-
-class ConfigError(Exception):
-    """A configuration problem, already phrased as one line for the user."""
+from ..addr import parse_hostport, parse_network
+from ..errors import ConfigError
+from ..settings import (ConsoleSettings, ControlSettings, DeviceSettings, LogSettings,
+                        ServerSettings)
+from . import tomlwrite
+from .tomlwrite import tomllib   # tomllib, or tomli before Python 3.11: chosen once, there
 
 
 def _hostport(allow_empty: bool, bind: bool = False) -> Callable[[Any], Optional[str]]:
@@ -157,25 +152,22 @@ SCHEMA: Dict[str, Dict[str, Dict[str, Key]]] = {
 }
 
 
-class Section:
-    """Attribute access to one validated section: cfg.device.server."""
-
-    def __init__(self, values: Dict[str, Any]):
-        self.__dict__.update(values)
-
-    def as_dict(self) -> Dict[str, Any]:
-        return dict(self.__dict__)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Section) and self.__dict__ == other.__dict__
-
-    def __repr__(self) -> str:
-        return "Section(%r)" % self.__dict__
+# The settings type of each section; a test checks its fields against SCHEMA.
+SECTION_TYPES: Dict[str, type] = {
+    "device": DeviceSettings, "server": ServerSettings, "console": ConsoleSettings,
+    "control": ControlSettings, "log": LogSettings,
+}
 
 
 class Config:
+    """One role's validated config: cfg.device (a DeviceSettings), cfg.log, ...
+
+    The sections are immutable; `config set` replaces one in `sections`
+    (under the CommandParser's lock) and SIGHUP replaces the whole Config.
+    """
+
     def __init__(self, role: str, path: Optional[str], raw: Dict[str, Any],
-                 sections: Dict[str, Section]):
+                 sections: Dict[str, Any]):
         self.role = role
         self.path = path
         self.raw = raw                  # the file's own tables, for `config save`
@@ -184,7 +176,7 @@ class Config:
     def __repr__(self) -> str:
         return "Config(role=%r, path=%r)" % (self.role, self.path)
 
-    def __getattr__(self, name: str) -> Section:
+    def __getattr__(self, name: str) -> Any:
         try:
             return self.__dict__["sections"][name]
         except KeyError:
@@ -215,7 +207,7 @@ def check_value(role: str, section: str, key: str, value: Any) -> Any:
 def build_config(role: str, raw: Dict[str, Any], source: str, path: Optional[str] = None) -> Config:
     """Validate a parsed TOML document; `source` names it in errors."""
     schema = SCHEMA[role]
-    sections: Dict[str, Section] = {}
+    sections: Dict[str, Any] = {}
     for name in raw:
         if name not in schema:
             raise ConfigError("%s: unknown section [%s] (known: %s)"
@@ -233,7 +225,7 @@ def build_config(role: str, raw: Dict[str, Any], source: str, path: Optional[str
                 values[key] = check_value(role, name, key, value)
             except ValueError as exc:
                 raise ConfigError("%s: [%s] %s %s" % (source, name, key, exc)) from None
-        sections[name] = Section(values)
+        sections[name] = SECTION_TYPES[name](**values)
     return Config(role=role, path=path, raw=raw, sections=sections)
 
 
@@ -269,3 +261,92 @@ def with_overrides(cfg: Config, overrides: List[Tuple[str, str, Any, str]]) -> C
     merged = build_config(cfg.role, raw, cfg.path or "command line", cfg.path)
     merged.raw = cfg.raw   # `config save` writes the file's keys, not the flags
     return merged
+
+
+MAX_DETAIL = 1024   # characters of one value or detail in a message; a console stays readable
+
+
+def one_line(text: Any) -> str:
+    """`text` as one line of at most MAX_DETAIL characters (plus "...")."""
+    line = " ".join(str(text).split())
+    if len(line) > MAX_DETAIL:
+        line = line[:MAX_DETAIL] + "..."
+    return line
+
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def value_from_words(name: str, kind: type, words: List[str]) -> Any:
+    """The value of schema type `kind` that command words spell (`config set`).
+
+    Lists take several words or comma-separated ones; other types exactly one.
+    Raises ValueError with one line naming `name`. check_value validates after.
+    """
+    if kind is list:
+        items = []
+        for word in words:
+            items.extend(part.strip() for part in word.split(",") if part.strip())
+        return items
+    if len(words) != 1:
+        raise ValueError("%s takes one value, got %d (quote a value with spaces)"
+                         % (name, len(words)))
+    word = words[0]
+    try:
+        if kind is bool:
+            if word.lower() in _TRUE:
+                return True
+            if word.lower() in _FALSE:
+                return False
+            raise ValueError
+        if kind is int:
+            return int(word, 10)
+        if kind is float:
+            return float(word)
+    except ValueError:
+        kinds = {bool: "true or false", int: "an integer", float: "a number"}
+        raise ValueError("%s must be %s, got %r" % (name, kinds[kind], one_line(word))) from None
+    return word
+
+
+def save_config(cfg: Config, changes: Dict[Tuple[str, str], Any]) -> str:
+    """`config save`: write `changes` {(section, key): value} to cfg's file.
+
+    Builds on the file as it is now (edits made since the start survive),
+    keeps its comments and layout where it can, refuses to write what the
+    next start would refuse, and replaces the file atomically. Returns the
+    path; every failure is one ConfigError line and leaves the file as it was.
+    """
+    path = cfg.path
+    if not path:
+        raise ConfigError("no configuration file to save to: the agent was started "
+                          "without -c FILE")
+    try:
+        with open(path, "rb") as handle:
+            old_bytes: Optional[bytes] = handle.read()
+    except FileNotFoundError:
+        old_bytes = None
+    except OSError as exc:
+        raise ConfigError("cannot read %s: %s" % (path, exc.strerror or exc)) from None
+    old_text = None
+    if old_bytes is None:
+        base: Dict[str, Any] = {name: dict(table) for name, table in cfg.raw.items()}
+    else:
+        try:
+            old_text = old_bytes.decode("utf-8")
+            base = tomllib.loads(old_text)
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError("%s is not valid TOML any more (%s); not overwritten"
+                              % (path, one_line(exc))) from None
+    for (section, key), value in changes.items():
+        base.setdefault(section, {})[key] = value
+    try:
+        build_config(cfg.role, base, path)   # never save what the next start refuses
+        text = tomlwrite.render(old_text, base, changes)
+        tomlwrite.atomic_write(path, text)
+    except ConfigError as exc:
+        raise ConfigError("not saved: %s" % exc) from None
+    except OSError as exc:
+        raise ConfigError("cannot write %s: %s" % (path, exc.strerror or exc)) from None
+    return path

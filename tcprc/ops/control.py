@@ -1,35 +1,28 @@
-"""Local control socket: `tcprc ctl COMMAND` talks to the running agent.
+"""Local control socket: `tcprc ctl COMMAND` (ops/ctl.py) talks to the running agent.
 
 The agent listens on a Unix socket (mode 0600) and answers each line with the
-CommandParser's lines; the last one is `OK` or starts with `ERROR `. Also
-here: the `ctl` client and `start_channels`, which the agent calls to bring up
-every command channel of its config.
+CommandParser's lines; the last one is `OK` or starts with `ERROR `.
+ControlServer.start() and close() are called from the main thread; it accepts
+in its own thread and serves each connection in another (at most MAX_CLIENTS).
 """
 
-import argparse
 import errno
 import logging
 import os
 import selectors
-import shlex
 import socket
 import stat
-import sys
 import threading
 import time
 from typing import Any, List, Optional
 
+from ..errors import ControlError
 from .commands import MAX_LINE
-from .config import ConfigError, load_config
 
 log = logging.getLogger("tcprc.control")
 
 MAX_CLIENTS = 8          # concurrent ctl connections; more are refused at once
 CLIENT_TIMEOUT = 30.0    # a ctl connection without a complete command for this long is dropped
-
-
-class ControlError(Exception):
-    """The control socket could not be set up; one line for the log."""
 
 
 class ControlServer:
@@ -222,138 +215,3 @@ class ControlServer:
         conn.settimeout(5.0)
         conn.sendall("".join(line + "\n" for line in lines).encode("utf-8"))
         conn.settimeout(0.2)
-
-
-# -- the client: tcprc ctl ---------------------------------------------------
-
-EXIT_OK, EXIT_ERROR, EXIT_NO_AGENT = 0, 1, 2
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError("expected seconds between 0 and 3600, got %r" % text)
-    return value
-
-
-def add_ctl_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", metavar="FILE",
-                        help="config file of the agent (for its [control] socket)")
-    parser.add_argument("--role", choices=("device", "server"), default="device",
-                        help="which agent's config to read (default: device)")
-    parser.add_argument("--socket", metavar="PATH", help="control socket path (overrides -c)")
-    parser.add_argument("--timeout", metavar="S", type=_seconds, default=10.0,
-                        help="seconds to wait for the answer (default: 10)")
-    parser.add_argument("command", nargs="+", metavar="COMMAND",
-                        help="a command and its parameters, e.g. status")
-
-
-def socket_path(args: argparse.Namespace) -> str:
-    """--socket, else [control] socket of -c FILE (or of the role's defaults)."""
-    if args.socket:
-        return args.socket
-    cfg = load_config(args.config, args.role)
-    return cfg.control.socket
-
-
-def send_command(path: str, line: str, timeout: float) -> List[str]:
-    """One command, its answer lines; OSError/ConnectionError if nobody answers."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(path)
-        try:
-            sock.sendall(line.encode("utf-8") + b"\n")
-        except (BrokenPipeError, ConnectionResetError):
-            pass   # refused before it read us (busy): its answer is still there to read
-        lines: List[str] = []
-        buf = bytearray()
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("the agent closed the connection without an answer")
-            buf += chunk
-            while b"\n" in buf:
-                end = buf.index(b"\n")
-                text = buf[:end].decode("utf-8", errors="replace")
-                del buf[:end + 1]
-                lines.append(text)
-                if text == "OK" or text.startswith("ERROR"):
-                    return lines
-
-
-def ctl_main(args: argparse.Namespace) -> int:
-    """`tcprc ctl`: 0 on OK, 1 on ERROR, 2 when no agent answers."""
-    try:
-        path = socket_path(args)
-    except ConfigError as exc:
-        print("tcprc ctl: %s" % exc, file=sys.stderr)
-        return EXIT_NO_AGENT
-    if not path:
-        print("tcprc ctl: no control socket configured ([control] socket is empty); "
-              "use --socket PATH", file=sys.stderr)
-        return EXIT_NO_AGENT
-    # Quote each word so `ctl TCPRemoteConnect ""` reaches the agent as typed.
-    line = " ".join(shlex.quote(word) for word in args.command)
-    try:
-        lines = send_command(path, line, args.timeout)
-    except socket.timeout:
-        print("tcprc ctl: no answer from the agent on %s within %gs" % (path, args.timeout),
-              file=sys.stderr)
-        return EXIT_NO_AGENT
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        print("tcprc ctl: no agent answers on %s: %s" % (path, reason), file=sys.stderr)
-        return EXIT_NO_AGENT
-    for text in lines:
-        print(text)
-    return EXIT_OK if lines[-1] == "OK" else EXIT_ERROR
-
-
-# -- the agent side: every channel of a config --------------------------------
-
-class Channels:
-    """The command channels of one agent; close() stops them all."""
-
-    def __init__(self) -> None:
-        self.items: List[Any] = []
-
-    def close(self) -> None:
-        for item in reversed(self.items):
-            try:
-                item.close()
-            except Exception:  # one channel's trouble must not keep the others open
-                log.exception("closing %r failed", item)
-        self.items = []
-
-
-def start_channels(parser: Any, cfg: Any, console_port: Optional[str] = None) -> Channels:
-    """Start the control socket and (device) serial console of `cfg`.
-
-    A channel that cannot start is logged and skipped: the tunnel matters more.
-    `console_port` (--console) overrides [console] port; the caller checks
-    pyserial for it beforehand (see console.serial_available).
-    """
-    channels = Channels()
-    path = cfg.control.socket
-    if path:
-        server = ControlServer(parser, path)
-        try:
-            server.start()
-            channels.items.append(server)
-        except ControlError as exc:
-            log.warning("%s; tcprc ctl will not reach this agent", exc)
-    if cfg.role == "device":
-        port = console_port or cfg.console.port
-        if port:
-            from . import console
-            if not console.serial_available():
-                log.error("[console] port %s ignored: %s", port, console.INSTALL_HINT)
-            else:
-                channel = console.SerialConsole(parser, port, cfg.console.baudrate,
-                                                cfg.console.echo, cfg.console.prompt)
-                channel.start()
-                channels.items.append(channel)
-    return channels

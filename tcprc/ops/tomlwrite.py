@@ -9,10 +9,15 @@ import math
 import os
 import re
 import stat
+import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from .config import tomllib   # tomllib, or tomli before Python 3.11: chosen once, there
+# The one place that picks the TOML reader; ops.config imports it from here.
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on old interpreters only
+    import tomli as tomllib
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",

@@ -9,50 +9,18 @@ import logging
 import re
 import shlex
 import threading
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Sequence, Tuple
 
+from ..addr import format_hostport, parse_hostport, parse_port
+from ..errors import CommandError, ConfigError
 from . import tomlwrite
-from .addr import format_hostport, parse_hostport, parse_port
-from .config import SCHEMA, Config, ConfigError, Section, build_config, check_value, tomllib
+from .config import SCHEMA, Config, check_value, save_config, value_from_words
+from .config import one_line as _one_line
 
 log = logging.getLogger("tcprc.commands")
 
 OK = "OK"
 MAX_LINE = 4096     # bytes in one command line, on every channel
-MAX_DETAIL = 1024   # a status value (say a long last_error) never floods a console
-
-# name (lower case) -> (syntax, one-line summary, longer help lines)
-_HELP: Dict[str, Tuple[str, str, Sequence[str]]] = {
-    "tcpremoteconnect": (
-        "TCPRemoteConnect [ServerAddress ServerPort [LocalAddress LocalPort]]",
-        "start (or restart) the tunnel",
-        ("No parameters, or one empty string \"\": use device.server and",
-         "device.local from the configuration.",
-         "Two: dial ServerAddress:ServerPort, clients go to device.local.",
-         "Four: dial ServerAddress:ServerPort, clients go to LocalAddress:LocalPort",
-         "(an empty LocalAddress \"\" means this device, 127.0.0.1).",
-         "Example: TCPRemoteConnect 203.0.113.5 9000 127.0.0.1 22")),
-    "tcpremotedisconnect": (
-        "TCPRemoteDisconnect", "close the tunnel and all its streams, stay idle", ()),
-    "status": (
-        "status", "uplink state, addresses, clients, bytes each way, uptime, last error", ()),
-    "config": (
-        "config get KEY | config set KEY VALUE | config save",
-        "read, change and save settings",
-        ("KEY is section.key, e.g. device.server; `config get SECTION` lists a section.",
-         "config set changes the running agent: device.* and server.* settings are",
-         "applied at once (a tunnel whose settings did not change stays up); the",
-         "other sections (console, control, log) take effect at the next start.",
-         "Booleans: true/false, yes/no, on/off, 1/0. Lists: several values, or",
-         "comma-separated; \"\" for an empty value or list.",
-         "config save writes the settings to the configuration file (atomically,",
-         "keeping comments and every key that was not set).")),
-    "help": ("help [COMMAND]", "list the commands, or explain one", ()),
-}
-
-_TRUE = ("true", "yes", "on", "1")
-_FALSE = ("false", "no", "off", "0")
-
 
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
@@ -69,17 +37,6 @@ def _valid_address(text: str) -> bool:
     if not name or len(name) > 253 or name.replace(".", "").isdigit():
         return False   # all digits: a mistyped IPv4 address, not a name
     return all(_LABEL.match(label) for label in name.split("."))
-
-
-class CommandError(Exception):
-    """A failure to answer as `ERROR <message>`."""
-
-
-def _one_line(text: Any) -> str:
-    line = " ".join(str(text).split())
-    if len(line) > MAX_DETAIL:
-        line = line[:MAX_DETAIL] + "..."
-    return line
 
 
 def _format_status_value(key: str, value: Any) -> str:
@@ -101,20 +58,21 @@ _STATUS_ORDER = ("state", "server", "listen", "host", "device", "local", "client
 
 
 class CommandParser:
-    """Executes command lines against the running app and its Config."""
+    """Executes command lines against the running app and its Config.
+
+    execute() is called concurrently by every channel: the serial console's
+    thread and one thread per control connection; set_config() by the main
+    thread on SIGHUP. That is safe because config get/set/save and
+    set_config() hold self._lock (a set and a save never interleave, a reload
+    never meets half a set), the tunnel commands and status only call the
+    app's public methods, which lock for themselves, and the rest is per call.
+    """
 
     def __init__(self, app: Any, cfg: Config):
         self.app = app
         self.cfg = cfg
         self._changes: Dict[Tuple[str, str], Any] = {}   # what `config set` did, for save
-        self._lock = threading.Lock()                   # channels run in their own threads
-        self._handlers: Dict[str, Callable[[List[str]], List[str]]] = {
-            "tcpremoteconnect": self._connect,
-            "tcpremotedisconnect": self._disconnect,
-            "status": self._status,
-            "config": self._config,
-            "help": self._help,
-        }
+        self._lock = threading.Lock()                   # guards cfg and _changes
 
     @property
     def role(self) -> str:
@@ -135,11 +93,13 @@ class CommandParser:
                 raise CommandError("cannot parse the line: %s" % exc)
             if not words:
                 return []
-            handler = self._handlers.get(words[0].lower())
-            if handler is None:
+            command = _BY_NAME.get(words[0].lower())
+            if command is None:
                 raise CommandError("unknown command %r (type help for the list)"
                                    % _one_line(words[0]))
-            return handler(words[1:])
+            if self.role not in command.roles:
+                raise CommandError("%s is not available on the %s" % (command.name, self.role))
+            return command.handler(self, words[1:])
         except CommandError as exc:
             return ["ERROR " + _one_line(exc)]
         except Exception as exc:  # a bug must not take the channel down
@@ -148,12 +108,7 @@ class CommandParser:
 
     # -- tunnel ----------------------------------------------------------
 
-    def _require_device(self, name: str) -> None:
-        if self.role != "device":
-            raise CommandError("%s is not available on the server" % name)
-
     def _connect(self, args: List[str]) -> List[str]:
-        self._require_device("TCPRemoteConnect")
         server = local = None
         if len(args) in (0, 1) and all(arg == "" for arg in args):
             pass   # the legacy agents' TCPRemoteConnect(""): stored settings
@@ -193,7 +148,6 @@ class CommandParser:
             raise CommandError("%s %r: %s" % (addr_name, addr, exc))
 
     def _disconnect(self, args: List[str]) -> List[str]:
-        self._require_device("TCPRemoteDisconnect")
         if args:
             raise CommandError("TCPRemoteDisconnect takes no parameters, got %d" % len(args))
         self.app.disconnect()
@@ -238,7 +192,7 @@ class CommandParser:
             raise CommandError("usage: config get KEY (for example config get device.server)")
         if args[0] in SCHEMA[self.role]:
             section = args[0]
-            values = getattr(self.cfg, section).as_dict()
+            values = getattr(self.cfg, section)._asdict()
             return ["%s.%s = %s" % (section, key, tomlwrite.format_value(values[key]))
                     for key in SCHEMA[self.role][section]] + [OK]
         section, key = self._split_key(args[0])
@@ -251,12 +205,15 @@ class CommandParser:
                                "device.server 203.0.113.5:9000)")
         section, key = self._split_key(args[0])
         spec = SCHEMA[self.role][section][key]
-        value = self._convert(args[0], spec.type, args[1:])
+        try:
+            value = value_from_words(args[0], spec.type, args[1:])
+        except ValueError as exc:
+            raise CommandError(str(exc))
         try:
             value = check_value(self.role, section, key, value)
         except ValueError as exc:
             raise CommandError("%s: %s" % (args[0], exc))
-        updated = Section(dict(getattr(self.cfg, section).as_dict(), **{key: value}))
+        updated = getattr(self.cfg, section)._replace(**{key: value})
         detail: List[str] = []
         if section == self.role:
             # The app compares old and new settings, so it gets a new object.
@@ -272,68 +229,13 @@ class CommandParser:
         log.info("config set %s.%s = %s", section, key, tomlwrite.format_value(value))
         return detail + [OK]
 
-    @staticmethod
-    def _convert(name: str, kind: type, words: List[str]) -> Any:
-        if kind is list:
-            items = []
-            for word in words:
-                items.extend(part.strip() for part in word.split(",") if part.strip())
-            return items
-        if len(words) != 1:
-            raise CommandError("%s takes one value, got %d (quote a value with spaces)"
-                               % (name, len(words)))
-        word = words[0]
-        try:
-            if kind is bool:
-                if word.lower() in _TRUE:
-                    return True
-                if word.lower() in _FALSE:
-                    return False
-                raise ValueError
-            if kind is int:
-                return int(word, 10)
-            if kind is float:
-                return float(word)
-        except ValueError:
-            kinds = {bool: "true or false", int: "an integer", float: "a number"}
-            raise CommandError("%s must be %s, got %r" % (name, kinds[kind], _one_line(word)))
-        return word
-
     def _config_save(self, args: List[str]) -> List[str]:
         if args:
             raise CommandError("config save takes no parameters, got %d" % len(args))
-        path = self.cfg.path
-        if not path:
-            raise CommandError("no configuration file to save to: the agent was started "
-                               "without -c FILE")
         try:
-            with open(path, "rb") as handle:
-                old_bytes: Optional[bytes] = handle.read()
-        except FileNotFoundError:
-            old_bytes = None
-        except OSError as exc:
-            raise CommandError("cannot read %s: %s" % (path, exc.strerror or exc))
-        old_text = None
-        if old_bytes is None:
-            base: Dict[str, Any] = {name: dict(table) for name, table in self.cfg.raw.items()}
-        else:
-            # Build on the file as it is now, so edits made since the start survive.
-            try:
-                old_text = old_bytes.decode("utf-8")
-                base = tomllib.loads(old_text)
-            except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-                raise CommandError("%s is not valid TOML any more (%s); not overwritten"
-                                   % (path, _one_line(exc)))
-        for (section, key), value in self._changes.items():
-            base.setdefault(section, {})[key] = value
-        try:
-            build_config(self.role, base, path)   # never save what the next start refuses
-            text = tomlwrite.render(old_text, base, self._changes)
-            tomlwrite.atomic_write(path, text)
+            path = save_config(self.cfg, self._changes)
         except ConfigError as exc:
-            raise CommandError("not saved: %s" % exc)
-        except OSError as exc:
-            raise CommandError("cannot write %s: %s" % (path, exc.strerror or exc))
+            raise CommandError(str(exc))
         log.info("config saved to %s (%d setting(s) changed)", path, len(self._changes))
         return ["saved %d changed setting(s) to %s" % (len(self._changes), path), OK]
 
@@ -342,19 +244,63 @@ class CommandParser:
     def _help(self, args: List[str]) -> List[str]:
         if len(args) > 1:
             raise CommandError("help takes at most one parameter, got %d" % len(args))
-        names = [name for name in _HELP
-                 if self.role == "device" or not name.startswith("tcpremote")]
         if not args:
             # Two lines per command: fits an 80-column serial terminal.
             lines = []
-            for name in names:
-                lines += [_HELP[name][0], "    " + _HELP[name][1]]
+            for command in COMMANDS:
+                if self.role in command.roles:
+                    lines += [command.syntax, "    " + command.summary]
             return lines + ["Command names are case-insensitive; help COMMAND for details.", OK]
-        name = args[0].lower()
-        if name not in _HELP:
+        command = _BY_NAME.get(args[0].lower())
+        if command is None:
             raise CommandError("unknown command %r (type help for the list)" % _one_line(args[0]))
-        syntax, summary, more = _HELP[name]
-        lines = [syntax, "  " + summary] + ["  " + line for line in more]
-        if name not in names:
-            lines.append("  (not available on the server)")
+        lines = [command.syntax, "  " + command.summary] + ["  " + line for line in command.help]
+        if self.role not in command.roles:
+            lines.append("  (not available on the %s)" % self.role)
         return lines + [OK]
+
+
+class Command(NamedTuple):
+    """One command: what help shows, who may run it, and the method that runs it."""
+    name: str                   # as help spells it; typed in any case
+    roles: Tuple[str, ...]      # agents that run it; the others answer "not available"
+    syntax: str
+    summary: str                # one line in `help`
+    help: Sequence[str]         # further lines in `help NAME`
+    handler: Callable[[CommandParser, List[str]], List[str]]
+
+
+BOTH = ("device", "server")
+
+# The one table: dispatch, `help` and the role restriction all read it, in this order.
+COMMANDS: Tuple[Command, ...] = (
+    Command("TCPRemoteConnect", ("device",),
+            "TCPRemoteConnect [ServerAddress ServerPort [LocalAddress LocalPort]]",
+            "start (or restart) the tunnel",
+            ("No parameters, or one empty string \"\": use device.server and",
+             "device.local from the configuration.",
+             "Two: dial ServerAddress:ServerPort, clients go to device.local.",
+             "Four: dial ServerAddress:ServerPort, clients go to LocalAddress:LocalPort",
+             "(an empty LocalAddress \"\" means this device, 127.0.0.1).",
+             "Example: TCPRemoteConnect 203.0.113.5 9000 127.0.0.1 22"),
+            CommandParser._connect),
+    Command("TCPRemoteDisconnect", ("device",), "TCPRemoteDisconnect",
+            "close the tunnel and all its streams, stay idle", (), CommandParser._disconnect),
+    Command("status", BOTH, "status",
+            "uplink state, addresses, clients, bytes each way, uptime, last error", (),
+            CommandParser._status),
+    Command("config", BOTH, "config get KEY | config set KEY VALUE | config save",
+            "read, change and save settings",
+            ("KEY is section.key, e.g. device.server; `config get SECTION` lists a section.",
+             "config set changes the running agent: device.* and server.* settings are",
+             "applied at once (a tunnel whose settings did not change stays up); the",
+             "other sections (console, control, log) take effect at the next start.",
+             "Booleans: true/false, yes/no, on/off, 1/0. Lists: several values, or",
+             "comma-separated; \"\" for an empty value or list.",
+             "config save writes the settings to the configuration file (atomically,",
+             "keeping comments and every key that was not set)."),
+            CommandParser._config),
+    Command("help", BOTH, "help [COMMAND]", "list the commands, or explain one", (),
+            CommandParser._help),
+)
+_BY_NAME = {command.name.lower(): command for command in COMMANDS}

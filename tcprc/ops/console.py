@@ -132,7 +132,11 @@ class LineEditor:
 
 
 class SerialConsole:
-    """A thread serving CommandParser on one serial port, reopening it when lost."""
+    """A thread serving CommandParser on one serial port, reopening it when lost.
+
+    start() and close() are called from the main thread; only the console's
+    own thread touches the port and calls parser.execute().
+    """
 
     READ_TIMEOUT = 0.2       # how quickly close() is noticed
     WRITE_TIMEOUT = 2.0      # a port nobody reads (flow control) cannot block us
