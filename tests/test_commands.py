@@ -10,7 +10,7 @@ import pytest
 from conftest import free_port, wait_for
 from tcprc.commands import CommandParser
 from tcprc.config import build_config, load_config
-from tcprc.device import DeviceApp
+from tcprc.device.app import DeviceApp
 
 if sys.version_info >= (3, 11):
     import tomllib

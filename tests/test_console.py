@@ -15,8 +15,8 @@ from conftest import ROOT, Service, tcprc_command, wait_for
 from tcprc.commands import CommandParser
 from tcprc.config import build_config
 from tcprc.console import LineEditor, SerialConsole, serial_available
-from tcprc.device import DeviceApp
-from tcprc.server import ServerApp
+from tcprc.device.app import DeviceApp
+from tcprc.server.app import ServerApp
 
 needs_serial = pytest.mark.skipif(
     not serial_available(), reason="pyserial is not installed: pip install 'tcprc[serial]'")

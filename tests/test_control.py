@@ -16,8 +16,8 @@ from tcprc import control
 from tcprc.commands import CommandParser
 from tcprc.config import build_config
 from tcprc.control import ControlError, ControlServer, send_command
-from tcprc.device import DeviceApp
-from tcprc.server import ServerApp
+from tcprc.device.app import DeviceApp
+from tcprc.server.app import ServerApp
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from tcprc import daemon, protocol
+from tcprc import daemon
+from tcprc.wire import frames as protocol
 from conftest import free_port, wait_for
 from test_initscript import REPO, alive
 

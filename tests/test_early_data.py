@@ -14,8 +14,9 @@ import pytest
 from conftest import Service, pattern, recv_exactly, run_tcprc, settings, wait_for
 from test_legacy_interop import LegacyServer, RawPeer  # noqa: F401  (fixtures below use them)
 from test_legacy_interop import device_on, legacy_server  # noqa: F401  (pytest fixtures)
-from tcprc import device, protocol
-from tcprc.protocol import CLOSE, CONNECT, DATA
+from tcprc.device import link as device
+from tcprc.wire import frames as protocol
+from tcprc.wire.frames import CLOSE, CONNECT, DATA
 
 
 def _connect(peer, client_id):
@@ -250,7 +251,7 @@ def _stays(condition, seconds):
 
 
 def test_link_stops_reading_while_its_control_frames_pile_up(service):
-    from tcprc.device import DeviceLink
+    from tcprc.device.link import DeviceLink
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # inherited by accept
     listener.bind(("127.0.0.1", 0))
@@ -289,7 +290,7 @@ def test_link_stops_reading_while_its_control_frames_pile_up(service):
 
 
 def test_writer_keeps_one_unsent_close_per_id():
-    from tcprc.writer import FrameWriter
+    from tcprc.engine.writer import FrameWriter
     near, far = socket.socketpair()
     try:
         writer = FrameWriter(near)

@@ -18,8 +18,10 @@ import time
 import pytest
 
 from conftest import ROOT, Service, Tunnel, pattern, recv_exactly, start_tunnel, wait_for
-from tcprc import loop, protocol, pump
-from tcprc.writer import FrameWriter
+from tcprc.engine import loop, pump
+from tcprc.wire import frames as protocol
+from tcprc.engine.buffers import FrameBuffer
+from tcprc.engine.writer import FrameWriter
 
 # "poll": the plain pumps, with the link loops on select.poll instead of epoll.
 PATHS = (["splice"] if pump.SPLICE_AVAILABLE else []) + ["plain", "poll"]
@@ -433,7 +435,7 @@ def test_an_idle_frame_buffer_costs_no_memory():
     # The uplink's 1 MB decode buffer is mapped lazily: eight idle ones
     # cost almost nothing, where zero-filled bytearrays would cost 8 MB.
     before = _proc_rss_kb(os.getpid())
-    buffers = [protocol.FrameBuffer() for _ in range(8)]
+    buffers = [FrameBuffer() for _ in range(8)]
     grown = _proc_rss_kb(os.getpid()) - before
     assert grown < 512, "%d KB for 8 idle frame buffers" % grown
     # ...and they still decode.
@@ -485,7 +487,7 @@ class Recorder:
 @pytest.fixture
 def raw_device():
     from test_legacy_interop import LegacyServer
-    from tcprc.device import DeviceApp
+    from tcprc.device.app import DeviceApp
     from conftest import settings
     made = []
 

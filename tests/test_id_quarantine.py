@@ -17,9 +17,10 @@ import threading
 import pytest
 
 from conftest import Tunnel, recv_exactly, settings, wait_for
-from tcprc import protocol
-from tcprc.protocol import CLOSE, CONNECT, DATA, LISTEN
-from tcprc.server import ClientIds, ServerApp
+from tcprc.wire import frames as protocol
+from tcprc.wire.frames import CLOSE, CONNECT, DATA, LISTEN
+from tcprc.server.app import ServerApp
+from tcprc.server.ids import ClientIds
 
 STALE = b"STALE!!!"
 

@@ -12,10 +12,10 @@ import struct
 import pytest
 
 from conftest import Service, is_eof, pattern, recv_exactly, settings, wait_for
-from tcprc import protocol
-from tcprc.device import DeviceApp
-from tcprc.protocol import CLOSE, CONNECT, DATA, LISTEN
-from tcprc.server import ServerApp
+from tcprc.wire import frames as protocol
+from tcprc.device.app import DeviceApp
+from tcprc.wire.frames import CLOSE, CONNECT, DATA, LISTEN
+from tcprc.server.app import ServerApp
 
 
 class RawPeer:

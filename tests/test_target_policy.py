@@ -10,10 +10,11 @@ import pytest
 
 from conftest import Service, Tunnel, recv_exactly, settings, wait_for
 from test_legacy_interop import LegacyServer
-from tcprc import protocol
+from tcprc.wire import frames as protocol
 from tcprc.addr import connect_resolved, resolve_tcp
-from tcprc.device import DeviceApp, allowed_only
-from tcprc.protocol import CLOSE, CONNECT, DATA
+from tcprc.device.app import DeviceApp
+from tcprc.device.policy import allowed_only
+from tcprc.wire.frames import CLOSE, CONNECT, DATA
 
 
 class Listener:

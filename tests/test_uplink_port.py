@@ -14,11 +14,11 @@ import time
 import pytest
 
 from conftest import Service, is_eof, recv_exactly, run_tcprc, settings, wait_for
-from tcprc import protocol
+from tcprc.wire import frames as protocol
 from tcprc.addr import address_in, parse_network
-from tcprc.device import DeviceApp
-from tcprc.protocol import CONNECT, DATA, LISTEN
-from tcprc.server import ServerApp
+from tcprc.device.app import DeviceApp
+from tcprc.wire.frames import CONNECT, DATA, LISTEN
+from tcprc.server.app import ServerApp
 
 ATTACKER = "127.0.0.2"
 

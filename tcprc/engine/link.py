@@ -23,7 +23,8 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Set
 
-from . import protocol
+from ..wire import frames as protocol
+from .buffers import FrameBuffer
 from .loop import Loop
 from .pump import PumpThread, Stream, run_pump
 from .writer import QUEUE_LIMIT, FrameWriter
@@ -174,7 +175,7 @@ class Link:
         tune_uplink_socket(sock, settings)
         self.loop = Loop()
         self.writer = FrameWriter(sock)
-        self.frames = protocol.FrameBuffer()
+        self.frames = FrameBuffer()
         self.streams: Dict[int, Stream] = {}
         self.retiring: Set[Stream] = set()     # closed, waiting for their pump to exit
         self.end_reason = ""

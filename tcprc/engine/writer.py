@@ -21,7 +21,7 @@ import threading
 from collections import deque
 from typing import Any, Callable, Deque, List, Optional, Set
 
-from . import protocol
+from ..wire import frames as protocol
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _MORE = getattr(socket, "MSG_MORE", 0)
@@ -76,12 +76,8 @@ class FrameWriter:
         if size <= _MAX_PAYLOAD:   # the common case, kept short for latency
             return self._locked(still_wanted, size, [_pack_header(size, _DATA, client_id), data],
                                 _HEADER_SIZE + size)
-        parts: List[Any] = []
-        for start in range(0, size, _MAX_PAYLOAD):
-            chunk = data[start:start + _MAX_PAYLOAD]
-            parts.append(_pack_header(len(chunk), _DATA, client_id))
-            parts.append(chunk)
-        return self._locked(still_wanted, size, parts, _HEADER_SIZE * (len(parts) // 2) + size)
+        parts, wire_bytes = protocol.data_frames(client_id, data)
+        return self._locked(still_wanted, size, parts, wire_bytes)
 
     def send_spliced(self, client_id: int, pipe: int, count: int,
                      still_wanted: Optional[Callable[[], bool]] = None) -> bool:

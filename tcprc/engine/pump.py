@@ -20,8 +20,8 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Callable, Deque, Optional, Sized, Tuple, Union
 
-from . import protocol
-from .addr import connect_tcp
+from ..addr import connect_tcp
+from ..wire import frames as protocol
 from .buffers import KEEP, Pages, anonymous
 from .writer import FrameWriter, UplinkClosed
 
