@@ -11,7 +11,7 @@ import pytest
 from conftest import Service, Tunnel, recv_exactly, settings, wait_for
 from test_legacy_interop import LegacyServer
 from tcprc.wire import frames as protocol
-from tcprc.addr import connect_resolved, resolve_tcp
+from tcprc.engine.sockets import connect_resolved, resolve_tcp
 from tcprc.device.app import DeviceApp
 from tcprc.device.policy import allowed_only
 from tcprc.wire.frames import CLOSE, CONNECT, DATA

@@ -6,7 +6,8 @@ import threading
 import time
 from typing import Any, Dict, Optional, Tuple
 
-from ..addr import connect_tcp, format_hostport, parse_hostport
+from ..addr import format_hostport, parse_hostport
+from ..engine.sockets import connect_tcp
 from .link import DeviceLink
 
 log = logging.getLogger("tcprc.device")

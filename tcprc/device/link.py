@@ -121,7 +121,7 @@ class DeviceLink(Link):
         return self._drop_early(client_id) or bytearray()
 
     def _give_early(self, stream: Stream, early: bytearray) -> None:
-        # Queued ahead of any later DATA; written once the connect completes (attach).
+        # Queued ahead of any later DATA; written once the connect completes (stream_connected).
         if early:
             stream.queue(memoryview(early))
             stream.bytes_from_peer += len(early)

@@ -21,9 +21,9 @@ address: the device dials its own `local`, so this grants nothing new.
 import socket
 from typing import Callable, List, Optional, Set, Tuple
 
-from ..addr import (SockAddr, connect_resolved, connect_tcp, format_hostport, resolve_tcp,
-                    sockaddr_key)
+from ..addr import SockAddr, format_hostport, sockaddr_key
 from ..engine.pump import TargetRefused
+from ..engine.sockets import connect_resolved, connect_tcp, resolve_tcp
 
 HostPort = Tuple[str, int]
 

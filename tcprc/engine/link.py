@@ -26,7 +26,8 @@ from typing import Any, Dict, List, Optional, Set
 from ..wire import frames as protocol
 from .buffers import FrameBuffer
 from .loop import Loop
-from .pump import PumpThread, Stream, run_pump
+from .pump import PumpHost, PumpThread, Stream, run_pump
+from .sockets import shutdown_quietly, tune_uplink_socket
 from .writer import QUEUE_LIMIT, FrameWriter
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
@@ -135,35 +136,7 @@ class _OneSource:
         self._owner.log(self._source, logging.INFO, msg, *args)
 
 
-def tune_uplink_socket(sock: socket.socket, settings: Any) -> None:
-    """Blocking uplink with keepalive, no Nagle, and a bound on blocked sends."""
-    sock.settimeout(None)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in (("TCP_KEEPIDLE", settings.keepalive_idle),
-                        ("TCP_KEEPINTVL", settings.keepalive_interval),
-                        ("TCP_KEEPCNT", settings.keepalive_count)):
-        if hasattr(socket, name):
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
-    # A worker blocked this long on a full uplink means the path is dead.
-    seconds = float(settings.send_timeout)
-    timeval = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-    # Keepalive only probes an idle connection; data left unacknowledged this
-    # long (a dead peer behind NAT) makes the kernel drop the uplink too.
-    if hasattr(socket, "TCP_USER_TIMEOUT"):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(seconds * 1000))
-
-
-def _shutdown_quietly(sock: socket.socket) -> None:
-    """Wake any thread blocked on `sock`; the fd stays open for its owner to close."""
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
-class Link:
+class Link(PumpHost):
     role = "link"
 
     def __init__(self, sock: socket.socket, settings: Any, name: str):
@@ -177,6 +150,7 @@ class Link:
         self.writer = FrameWriter(sock)
         self.frames = FrameBuffer()
         self.streams: Dict[int, Stream] = {}
+        self.open_streams = self.streams       # PumpHost: sizes the pumps' reads
         self.retiring: Set[Stream] = set()     # closed, waiting for their pump to exit
         self.end_reason = ""
         self.bytes_from_peer = 0
@@ -210,6 +184,12 @@ class Link:
         """Thread-safe: end this uplink."""
         self.loop.call_soon(lambda: self.fail(reason))
 
+    uplink_failed = stop   # PumpHost: a pump's send failed
+
+    def call_soon(self, callback: Any) -> None:
+        """Thread-safe (PumpHost): run `callback` in the link thread."""
+        self.loop.call_soon(callback)
+
     def wait_stopped(self, timeout: Optional[float] = None) -> bool:
         return self._stopped.wait(timeout)
 
@@ -235,7 +215,7 @@ class Link:
             self._shutdown_stream_socket(stream)
             in_transit = stream.abandon()
             if in_transit is not None:
-                _shutdown_quietly(in_transit)
+                shutdown_quietly(in_transit)
         # Pumps wake at once (their sockets are shut down); one still inside
         # connect() finishes by itself within connect_timeout and closes its
         # own socket, since the stream is abandoned.
@@ -244,7 +224,7 @@ class Link:
             if stream.thread is not None:
                 stream.thread.join(max(0.0, deadline - time.monotonic()))
         self._closing = True
-        self.loop.close()   # runs the pumps' last call_soon (attach / pump_exited)
+        self.loop.close()   # runs the pumps' last call_soon (stream_connected / pump_exited)
         for stream in everything:
             self._release(stream)
         self.retiring.clear()
@@ -468,7 +448,7 @@ class Link:
             self.on_stream_closed(stream, "closed; the peer answered")
         self.retiring.add(stream)
         if stream.sock is None:
-            return   # still connecting: attach() finishes the close
+            return   # still connecting: stream_connected() finishes the close
         # Hand the client what the peer sent before its CLOSE, then hang up.
         stream.draining = True
         stream.last_progress = time.monotonic()
@@ -491,8 +471,8 @@ class Link:
         stream.thread = PumpThread("tcprc-pump-%d" % stream.id, run_pump,
                                    (stream, self.writer, self, connect_to))
 
-    def attach(self, stream: Stream) -> None:
-        """Link thread: a device-side pump connected its socket."""
+    def stream_connected(self, stream: Stream) -> None:
+        """Link thread (PumpHost): a device-side pump connected its socket."""
         stream.sock = stream.take_connected()
         if stream.sock is None:
             return
@@ -528,6 +508,7 @@ class Link:
             self.retiring.add(stream)
 
     def pump_exited(self, stream: Stream, reason: str) -> None:
+        """Link thread (PumpHost): the stream's pump thread has ended."""
         stream.pump_done = True
         if self.streams.get(stream.id) is stream:
             # The local side ended (the pump sent CLOSE already, or the uplink is gone).
@@ -556,7 +537,7 @@ class Link:
         if stream.sock is None:
             return
         self._watch_stream_write(stream, False)
-        _shutdown_quietly(stream.sock)
+        shutdown_quietly(stream.sock)
 
     def _watch_stream_write(self, stream: Stream, on: bool) -> None:
         if on == stream.watching_write or stream.sock is None:

@@ -2,7 +2,7 @@
 
 Ownership rules that keep threads and fds from leaking or racing:
 - The pump thread only reads its socket and writes frames; it never closes
-  the socket once it has handed it to the link (`attach`).  The link thread
+  the socket once it has handed it to the link (`stream_connected`).  The link thread
   owns closing, after the pump has said it exited.
 - `closed` means no more frames may be sent for this id.  Whoever flips it
   first (pump on local EOF, link on CLOSE or error) decides whether a CLOSE
@@ -18,15 +18,12 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Callable, Deque, Optional, Sized, Tuple, Union
+from typing import Any, Callable, Deque, Optional, Sized, Tuple, Union
 
-from ..addr import connect_tcp
 from ..wire import frames as protocol
 from .buffers import KEEP, Pages, anonymous
+from .sockets import connect_tcp, tune_stream_socket
 from .writer import FrameWriter, UplinkClosed
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .link import Link
 
 log = logging.getLogger("tcprc.stream")
 
@@ -175,6 +172,31 @@ class Stream:
         self.pending_bytes = 0
 
 
+class PumpHost:
+    """What a pump needs from the link that owns its stream; the pump sees nothing else.
+
+    `open_streams`: a Sized whose len() is the number of open streams (it
+    sizes reads; read without a lock, a stale count only changes one read).
+    `call_soon(callback)` and `uplink_failed(reason)` are thread-safe; the
+    pump schedules `stream_connected(stream)` and `pump_exited(stream,
+    reason)` with call_soon, so they run in the link thread.
+    Link implements this; a test may implement it without a loop.
+    """
+    open_streams: Sized
+
+    def call_soon(self, callback: Callable[[], Any]) -> None:
+        raise NotImplementedError
+
+    def stream_connected(self, stream: "Stream") -> None:
+        raise NotImplementedError
+
+    def pump_exited(self, stream: "Stream", reason: str) -> None:
+        raise NotImplementedError
+
+    def uplink_failed(self, reason: str) -> None:
+        raise NotImplementedError
+
+
 class TargetRefused(OSError):
     """The device's target policy refused what a CONNECT named."""
 
@@ -182,7 +204,7 @@ class TargetRefused(OSError):
 REFUSED = "refused: "   # how a pump's exit reason starts after a TargetRefused
 
 
-def run_pump(stream: Stream, writer: FrameWriter, link: "Link",
+def run_pump(stream: Stream, writer: FrameWriter, host: PumpHost,
              connect_to: Union[None, Tuple[str, int, float], Callable[[], socket.socket]] = None) -> None:
     """Body of a pump thread.  `connect_to`, on the device side: (host, port,
     timeout), or a function that returns the connected socket (raises OSError)."""
@@ -194,8 +216,8 @@ def run_pump(stream: Stream, writer: FrameWriter, link: "Link",
                 if callable(connect_to):
                     sock = connect_to()
                 else:
-                    host, port, timeout = connect_to
-                    sock = connect_tcp(host, port, timeout)
+                    address, port, timeout = connect_to
+                    sock = connect_tcp(address, port, timeout)
             except OSError as exc:
                 if isinstance(exc, TargetRefused):
                     reason = REFUSED + str(exc)
@@ -210,8 +232,8 @@ def run_pump(stream: Stream, writer: FrameWriter, link: "Link",
                 sock.close()   # the link is gone; nobody else will close it
                 reason = ""
                 return
-            link.loop.call_soon(lambda: link.attach(stream))
-        _copy_to_uplink(stream, sock, writer, link.streams)
+            host.call_soon(lambda: host.stream_connected(stream))
+        _copy_to_uplink(stream, sock, writer, host.open_streams)
         if stream.mark_closed():
             writer.send(protocol.CLOSE, stream.id, memoryview(b""))
         else:
@@ -221,7 +243,7 @@ def run_pump(stream: Stream, writer: FrameWriter, link: "Link",
         if str(exc):
             # A send failed (peer gone, or stuck past send_timeout): the uplink is
             # dead even if reading it has not shown it yet.
-            link.stop("uplink write failed: %s" % exc)
+            host.uplink_failed("uplink write failed: %s" % exc)
     except OSError as exc:
         reason = "local socket error: %s" % (exc.strerror or exc)
         try:
@@ -230,7 +252,7 @@ def run_pump(stream: Stream, writer: FrameWriter, link: "Link",
         except UplinkClosed:
             pass
     finally:
-        link.loop.call_soon(lambda: link.pump_exited(stream, reason))
+        host.call_soon(lambda: host.pump_exited(stream, reason))
 
 
 def _copy_to_uplink(stream: Stream, sock: socket.socket, writer: FrameWriter,
@@ -313,10 +335,3 @@ def _discard_until_eof(sock: socket.socket, buf: memoryview) -> None:
     """
     while sock.recv_into(buf):
         pass
-
-
-def tune_stream_socket(sock: socket.socket) -> None:
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:
-        pass  # not TCP (tests may use other socket kinds)

@@ -25,27 +25,12 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 from ..addr import address_in, format_hostport, parse_hostport, parse_network, source_key
 from ..engine.link import LimitedLog, SourceLog
 from ..engine.loop import Loop
+from ..engine.sockets import accept_nowait, bind_listener
 from .link import ServerLink
 
 log = logging.getLogger("tcprc.server")
 
 HostPort = Tuple[str, int]
-
-
-def bind_listener(address: HostPort, backlog: int = 128) -> socket.socket:
-    host, port = address
-    host = host or "0.0.0.0"
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 class ServerApp:
@@ -144,18 +129,18 @@ class ServerApp:
     # ---- uplinks ------------------------------------------------------------------
     def _accept_uplink(self) -> None:
         try:
-            sock, peer = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
+            accepted = accept_nowait(self._listener)
         except OSError as exc:
             self._accept_errors.warning("accept on the uplink port failed: %s", exc.strerror or exc)
             return
+        if accepted is None:
+            return
+        sock, peer = accepted
         who = format_hostport(*peer[:2])
         if not address_in(peer[0], self._allow):
             sock.close()
             self.uplink_log.warning(source_key(peer[0]), "uplink from %s refused: not in allow_from", who)
             return
-        sock.setblocking(True)
         link = ServerLink(sock, self.settings, "uplink %s" % who, self, peer[0])
         thread = threading.Thread(target=self._serve, args=(link,), name="tcprc-uplink", daemon=True)
         with self._lock:

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any, List, Optional
 
 from ..addr import format_hostport, source_key
 from ..engine.link import LimitedLog, Link
-from ..engine.pump import Stream, tune_stream_socket
+from ..engine.pump import Stream
+from ..engine.sockets import accept_nowait, tune_stream_socket
 from ..wire import frames as protocol
 from .ids import MAX_CLIENTS, ClientIds
 
@@ -142,12 +143,13 @@ class ServerLink(Link):
                 self.loop.call_later(self.ids.wait, self._resume_accept)
             return
         try:
-            client, peer = self.host_sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return
+            accepted = accept_nowait(self.host_sock)
         except OSError as exc:
             self.refusals.warning("%s: accept failed: %s", self.name, exc.strerror or exc)
             return
+        if accepted is None:
+            return
+        client, peer = accepted
         who = format_hostport(*peer[:2])
         if client_id is None:
             held = self.ids.held_count()
@@ -156,7 +158,6 @@ class ServerLink(Link):
                                   " (%d closed, awaiting the device's CLOSE)" % held if held else "")
             client.close()
             return
-        client.setblocking(True)
         tune_stream_socket(client)
         stream = Stream(client_id, who)
         stream.sock = client
