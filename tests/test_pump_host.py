@@ -7,7 +7,8 @@ import threading
 from typing import Any, Callable, List, Tuple
 
 from conftest import ROOT, recv_exactly, wait_for
-from tcprc.engine.pump import PumpHost, PumpThread, Stream, run_pump
+from tcprc.engine.pump import PumpHost, PumpThread, run_pump
+from tcprc.engine.stream import Stream
 from tcprc.engine.writer import FrameWriter
 from tcprc.wire import frames
 

@@ -26,8 +26,9 @@ from typing import Any, Dict, List, Optional, Set
 from ..wire import frames as protocol
 from .buffers import FrameBuffer
 from .loop import Loop
-from .pump import PumpHost, PumpThread, Stream, run_pump
+from .pump import PumpHost, PumpThread, run_pump
 from .sockets import shutdown_quietly, tune_uplink_socket
+from .stream import DRAINING, RELEASED, SHUT, Stream
 from .writer import QUEUE_LIMIT, FrameWriter
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
@@ -151,7 +152,7 @@ class Link(PumpHost):
         self.frames = FrameBuffer()
         self.streams: Dict[int, Stream] = {}
         self.open_streams = self.streams       # PumpHost: sizes the pumps' reads
-        self.retiring: Set[Stream] = set()     # closed, waiting for their pump to exit
+        self.retiring: Set[Stream] = set()     # out of the table, not yet RELEASED
         self.end_reason = ""
         self.bytes_from_peer = 0
         self.started = time.monotonic()
@@ -210,9 +211,11 @@ class Link(PumpHost):
         self.streams.clear()
         for stream in everything:
             stream.mark_closed()
-            stream.cut = True
+            stream.state = SHUT   # released below, once the pumps are gone
             stream.drop_pending()
-            self._shutdown_stream_socket(stream)
+            if stream.sock is not None:
+                self._watch_stream_write(stream, False)
+                shutdown_quietly(stream.sock)
             in_transit = stream.abandon()
             if in_transit is not None:
                 shutdown_quietly(in_transit)
@@ -447,22 +450,28 @@ class Link(PumpHost):
             self.on_close_answered(client_id)
             self.on_stream_closed(stream, "closed; the peer answered")
         self.retiring.add(stream)
-        if stream.sock is None:
-            return   # still connecting: stream_connected() finishes the close
         # Hand the client what the peer sent before its CLOSE, then hang up.
-        stream.draining = True
+        stream.state = DRAINING
+        if stream.sock is None:
+            return   # still connecting: stream_connected() starts the drain
         stream.last_progress = time.monotonic()
         if not stream.pending:
-            self._finish_drain(stream)
+            self._shut(stream, graceful=True)
         self._arm_housekeeping()
 
-    def _finish_drain(self, stream: Stream) -> None:
-        stream.draining = False
-        self._watch_stream_write(stream, False)
-        try:
-            stream.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self._shutdown_stream_socket(stream)
+    def _shut(self, stream: Stream, graceful: bool) -> None:
+        """-> SHUT: shut the local socket down (graceful: only its write half, after
+        a drain), then release the stream if its pump is done already."""
+        stream.state = SHUT
+        stream.drop_pending()
+        if stream.sock is not None:
+            self._watch_stream_write(stream, False)
+            try:
+                stream.sock.shutdown(socket.SHUT_WR if graceful else socket.SHUT_RDWR)
+            except OSError:
+                shutdown_quietly(stream.sock)
+        if stream.pump_done:
+            self._release(stream)
 
     # ---- streams ----------------------------------------------------------------
     def open_stream(self, stream: Stream, connect_to: Any = None) -> None:
@@ -476,36 +485,30 @@ class Link(PumpHost):
         stream.sock = stream.take_connected()
         if stream.sock is None:
             return
-        if stream.cut or self.end_reason:
-            self._shutdown_stream_socket(stream)
-        elif stream.closed:
+        if stream.state is SHUT or self.end_reason:
+            self._shut(stream, graceful=False)
+        elif stream.state is DRAINING:
             # The peer closed it while we connected: deliver what it sent, then hang up.
-            stream.draining = True
             stream.last_progress = time.monotonic()
             if stream.pending:
                 self._watch_stream_write(stream, True)
             else:
-                self._finish_drain(stream)
+                self._shut(stream, graceful=True)
         elif stream.pending:
             self._watch_stream_write(stream, True)
 
     def close_stream(self, stream: Stream, reason: str, notify_peer: bool = True) -> None:
         """Close from this side: CLOSE to the peer (unless told not to), cut the local socket."""
-        if stream.cut or stream.released:
+        if stream.state is SHUT or stream.state is RELEASED:
             return
         if self.streams.get(stream.id) is stream:
             del self.streams[stream.id]
         if stream.mark_closed() and notify_peer:
             self.post(protocol.CLOSE, stream.id)
-        stream.cut = True
         self.on_stream_closed(stream, reason)
-        stream.drop_pending()
-        stream.draining = False
-        self._shutdown_stream_socket(stream)
-        if stream.pump_done:
-            self._release(stream)
-        else:
+        if not stream.pump_done:
             self.retiring.add(stream)
+        self._shut(stream, graceful=False)
 
     def pump_exited(self, stream: Stream, reason: str) -> None:
         """Link thread (PumpHost): the stream's pump thread has ended."""
@@ -514,14 +517,15 @@ class Link(PumpHost):
             # The local side ended (the pump sent CLOSE already, or the uplink is gone).
             del self.streams[stream.id]
             self.on_stream_closed(stream, reason or "closed")
-        if stream.draining:
+        if stream.state is DRAINING and stream.sock is not None:
             return   # bytes still owed to the client; released when drained or cut
         self._release(stream)
 
     def _release(self, stream: Stream) -> None:
-        if stream.released:
+        """-> RELEASED: close the local socket; nothing of the stream remains."""
+        if stream.state is RELEASED:
             return
-        stream.released = True
+        stream.state = RELEASED
         self.retiring.discard(stream)
         stream.drop_pending()
         if stream.sock is not None:
@@ -532,12 +536,6 @@ class Link(PumpHost):
             # The last stream is gone: the uplink buffer's bulk pages can go
             # too, once the frames of this read are handled.
             self.loop.call_soon(self.frames.calm)
-
-    def _shutdown_stream_socket(self, stream: Stream) -> None:
-        if stream.sock is None:
-            return
-        self._watch_stream_write(stream, False)
-        shutdown_quietly(stream.sock)
 
     def _watch_stream_write(self, stream: Stream, on: bool) -> None:
         if on == stream.watching_write or stream.sock is None:
@@ -554,20 +552,15 @@ class Link(PumpHost):
         try:
             stream.flush_nowait()
         except OSError as exc:
-            if stream.draining:
-                stream.draining = False
-                self._shutdown_stream_socket(stream)
-                if stream.pump_done:
-                    self._release(stream)
+            if stream.state is DRAINING:
+                self._shut(stream, graceful=False)
             else:
                 self.close_stream(stream, "write failed: %s" % (exc.strerror or exc))
             return
         if stream.pending:
             return
-        if stream.draining:
-            self._finish_drain(stream)
-            if stream.pump_done:
-                self._release(stream)
+        if stream.state is DRAINING:
+            self._shut(stream, graceful=True)
         else:
             self._watch_stream_write(stream, False)
         self._maybe_resume()
@@ -604,16 +597,18 @@ class Link(PumpHost):
         for stream in list(self.retiring):
             # A closed stream may linger to drain and to see the client hang up,
             # but only while it makes progress, and never past LINGER when idle.
-            if stream.released:
+            if stream.state is RELEASED:
                 continue
             idle = now - stream.last_progress
-            if (stream.draining and idle > stall) or (not stream.draining and idle > LINGER):
-                stream.draining = False
-                stream.drop_pending()
-                self._shutdown_stream_socket(stream)
-                if stream.pump_done:
-                    self._release(stream)
-        if self._paused or any(not s.released for s in self.retiring):
+            if stream.sock is None:
+                # Still connecting (the connect timeout bounds that): what the
+                # peer sent goes once it has waited past LINGER.
+                if idle > LINGER:
+                    stream.drop_pending()
+            elif (stream.state is DRAINING and idle > stall) or \
+                    (stream.state is not DRAINING and idle > LINGER):
+                self._shut(stream, graceful=False)
+        if self._paused or any(s.state is not RELEASED for s in self.retiring):
             self._arm_housekeeping()
 
     # ---- status -----------------------------------------------------------------

@@ -1,12 +1,9 @@
-"""One stream (one client) and the worker thread that copies its socket into DATA frames.
+"""The worker thread of a stream: it copies the local socket into DATA frames.
 
-Ownership rules that keep threads and fds from leaking or racing:
-- The pump thread only reads its socket and writes frames; it never closes
-  the socket once it has handed it to the link (`stream_connected`).  The link thread
-  owns closing, after the pump has said it exited.
-- `closed` means no more frames may be sent for this id.  Whoever flips it
-  first (pump on local EOF, link on CLOSE or error) decides whether a CLOSE
-  goes out, so at most one CLOSE is sent per stream and never after DATA.
+The pump only reads its socket and writes frames; it never closes the
+socket once it has handed it over (`stream_connected`): the link thread
+owns closing, after the pump has said it exited.  Which thread writes
+which field of a Stream: see engine.stream.
 """
 
 import _thread
@@ -16,13 +13,12 @@ import logging
 import os
 import socket
 import threading
-import time
-from collections import deque
-from typing import Any, Callable, Deque, Optional, Sized, Tuple, Union
+from typing import Any, Callable, Optional, Sized, Tuple, Union
 
 from ..wire import frames as protocol
 from .buffers import KEEP, Pages, anonymous
 from .sockets import connect_tcp, tune_stream_socket
+from .stream import Stream
 from .writer import FrameWriter, UplinkClosed
 
 log = logging.getLogger("tcprc.stream")
@@ -89,87 +85,6 @@ class PumpThread:
             self._running.release()
             return True
         return False
-
-
-class Stream:
-    def __init__(self, client_id: int, peer: str):
-        self.id = client_id
-        self.peer = peer                      # for log lines
-        self.sock: Optional[socket.socket] = None   # set in the link thread only
-        self.thread: Optional[PumpThread] = None
-        self.closed = False
-        self.cut = False                      # closed by this side: no draining
-        self._close_lock = threading.Lock()
-        self._connected: Optional[socket.socket] = None  # handed over by a connecting pump
-        self._abandoned = False
-        # Bytes for the local socket, when it took less than it was given.  A
-        # deque allocates a 64-slot block at once, so a stream only gets one
-        # while it has something queued: () otherwise.
-        self.pending: Union[Deque[memoryview], Tuple[()]] = ()
-        self.pending_bytes = 0
-        self.last_progress = time.monotonic()
-        self.watching_write = False
-        self.draining = False                 # peer closed; flush pending, then close
-        self.pump_done = False
-        self.released = False
-        self.bytes_to_peer = 0
-        self.bytes_from_peer = 0
-
-    def mark_closed(self) -> bool:
-        """Flip to closed; True for the one caller that did it."""
-        with self._close_lock:
-            if self.closed:
-                return False
-            self.closed = True
-            return True
-
-    def is_open(self) -> bool:
-        return not self.closed
-
-    def hand_over(self, sock: socket.socket) -> bool:
-        """Pump thread: offer the freshly connected socket; False if the link gave up."""
-        with self._close_lock:
-            if self._abandoned:
-                return False
-            self._connected = sock
-            return True
-
-    def take_connected(self) -> Optional[socket.socket]:
-        with self._close_lock:
-            sock, self._connected = self._connected, None
-            return sock
-
-    def abandon(self) -> Optional[socket.socket]:
-        """Link teardown: no socket may be handed over any more; returns one in transit."""
-        with self._close_lock:
-            self._abandoned = True
-            return self._connected
-
-    def queue(self, data: memoryview) -> None:
-        if not self.pending:
-            self.pending = deque()
-        self.pending.append(data)
-        self.pending_bytes += len(data)
-
-    def flush_nowait(self) -> None:
-        """Write queued bytes to the local socket without blocking; raises OSError."""
-        while self.pending:
-            head = self.pending[0]
-            try:
-                sent = self.sock.send(head, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return
-            self.last_progress = time.monotonic()
-            self.pending_bytes -= sent
-            if sent < len(head):
-                self.pending[0] = head[sent:]
-                return
-            self.pending.popleft()
-        self.pending = ()
-
-    def drop_pending(self) -> None:
-        self.pending = ()
-        self.pending_bytes = 0
 
 
 class PumpHost:
