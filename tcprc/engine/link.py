@@ -29,11 +29,11 @@ from .loop import Loop
 from .pump import PumpHost, PumpThread, run_pump
 from .sockets import shutdown_quietly, tune_uplink_socket
 from .stream import DRAINING, RELEASED, SHUT, Stream
+from .transport import PlainTransport, Transport
 from .writer import QUEUE_LIMIT, FrameWriter
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _TCP_CLOSE = 7   # tcpi_state of a connection the kernel tore down (linux/tcp_states.h)
-_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)   # Linux only
 # struct tcp_info: tcpi_bytes_received (Linux >= 4.1) is the u64 at offset 128.
 _TCPI_BYTES_RECEIVED = 128
 _TCPI_SIZE = _TCPI_BYTES_RECEIVED + 8
@@ -141,14 +141,14 @@ class Link(PumpHost):
     role = "link"
 
     def __init__(self, sock: socket.socket, settings: Any, name: str):
-        self.sock = sock
+        tune_uplink_socket(sock, settings)
+        self.transport: Transport = PlainTransport(sock)
         self.settings = settings
         self.name = name
         self.log = logging.getLogger("tcprc." + self.role)
         self.noisy = LimitedLog(self.log)
-        tune_uplink_socket(sock, settings)
         self.loop = Loop()
-        self.writer = FrameWriter(sock)
+        self.writer = FrameWriter(self.transport)
         self.frames = FrameBuffer()
         self.streams: Dict[int, Stream] = {}
         self.open_streams = self.streams       # PumpHost: sizes the pumps' reads
@@ -169,6 +169,11 @@ class Link(PumpHost):
             # DATA never gets here: the read loop hands runs of it to _on_data_run.
             protocol.LISTEN: self.on_listen,
         }
+
+    @property
+    def sock(self) -> Optional[socket.socket]:
+        """The TCP socket under a plain transport (diagnostics, tests); None otherwise."""
+        return getattr(self.transport, "sock", None)
 
     # ---- lifecycle --------------------------------------------------------------
     def run(self) -> None:
@@ -203,10 +208,7 @@ class Link(PumpHost):
     def _teardown(self) -> None:
         self.on_teardown()
         self.writer.close()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        self.transport.shutdown()
         everything = list(self.streams.values()) + list(self.retiring)
         self.streams.clear()
         for stream in everything:
@@ -231,7 +233,7 @@ class Link(PumpHost):
         for stream in everything:
             self._release(stream)
         self.retiring.clear()
-        self.sock.close()
+        self.transport.close()
         self.log_closed()
 
     def log_closed(self) -> None:
@@ -269,14 +271,14 @@ class Link(PumpHost):
     def _watch_uplink(self) -> None:
         if self._closing:
             return
-        self.loop.set_handlers(self.sock,
+        self.loop.set_handlers(self.transport,
                                None if self._paused or self._control_full
                                else self._on_uplink_readable,
                                self._on_uplink_writable if self._watch_uplink_write else None)
 
     def _on_uplink_readable(self) -> None:
         try:
-            count = self.frames.receive(self.sock, _DONTWAIT)
+            count = self.frames.receive(self.transport, _DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -331,9 +333,8 @@ class Link(PumpHost):
         """
         if self.writer.error:
             return "uplink write failed: %s" % self.writer.error
-        try:
-            info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_SIZE)
-        except (AttributeError, OSError):
+        info = self.transport.tcp_info(_TCPI_SIZE)
+        if info is None:
             return "closed by peer"
         if info[:1] == bytes([_TCP_CLOSE]):
             return "connection lost (reset or timed out)"
@@ -355,11 +356,7 @@ class Link(PumpHost):
         would wait for the timer.  DATA is left alone (the fast path): its
         answer, if any, carries the ACK.
         """
-        if _TCP_QUICKACK is not None:
-            try:
-                self.sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-            except OSError:
-                pass
+        self.transport.quick_ack()
         return True
 
     def _on_uplink_writable(self) -> None:

@@ -172,7 +172,7 @@ def run_pump(stream: Stream, writer: FrameWriter, host: PumpHost,
 
 def _copy_to_uplink(stream: Stream, sock: socket.socket, writer: FrameWriter,
                     open_streams: Sized) -> None:
-    if SPLICE:
+    if SPLICE and writer.can_splice:
         pipe = _open_pipe()
         if pipe is not None:
             try:

@@ -121,10 +121,10 @@ class ServerLink(Link):
 
     def _grace(self) -> float:
         """How long DATA the device sent before it read our CLOSE may still arrive."""
+        info = self.transport.tcp_info(104)
         try:
-            info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
             rtt = struct.unpack_from("=I", info, 68)[0] / 1e6   # tcpi_rtt, microseconds
-        except (AttributeError, OSError, struct.error):
+        except (TypeError, struct.error):
             rtt = 0.0
         return GRACE_FLOOR + GRACE_RTTS * rtt
 
