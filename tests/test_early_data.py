@@ -14,7 +14,7 @@ import pytest
 from conftest import Service, pattern, recv_exactly, run_tcprc, settings, wait_for
 from test_legacy_interop import LegacyServer, RawPeer  # noqa: F401  (fixtures below use them)
 from test_legacy_interop import device_on, legacy_server  # noqa: F401  (pytest fixtures)
-from tcprc.device import link as device
+from tcprc.wire import session as device
 from tcprc.wire import frames as protocol
 from tcprc.wire.frames import CLOSE, CONNECT, DATA
 

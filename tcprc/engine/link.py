@@ -31,6 +31,7 @@ from .sockets import shutdown_quietly, tune_uplink_socket
 from .stream import DRAINING, RELEASED, SHUT, Stream
 from .transport import PlainTransport, Transport
 from .writer import QUEUE_LIMIT, FrameWriter
+from ..wire.session import DEBUG, FAIL, LISTENED, OPEN, REPLACE, SEND, WARN, Session
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _TCP_CLOSE = 7   # tcpi_state of a connection the kernel tore down (linux/tcp_states.h)
@@ -140,9 +141,10 @@ class _OneSource:
 class Link(PumpHost):
     role = "link"
 
-    def __init__(self, sock: socket.socket, settings: Any, name: str):
+    def __init__(self, sock: socket.socket, settings: Any, name: str, session: Session):
         tune_uplink_socket(sock, settings)
         self.transport: Transport = PlainTransport(sock)
+        self.session = session
         self.settings = settings
         self.name = name
         self.log = logging.getLogger("tcprc." + self.role)
@@ -162,12 +164,13 @@ class Link(PumpHost):
         self._watch_uplink_write = False
         self._flush_retry_armed = False
         self._housekeeping_armed = False
+        self._session_timer_armed = False
         self._stopped = threading.Event()
         self._dispatch = {
-            protocol.CONNECT: self.on_connect,
+            protocol.CONNECT: self._on_connect,
             protocol.CLOSE: self._on_close,
             # DATA never gets here: the read loop hands runs of it to _on_data_run.
-            protocol.LISTEN: self.on_listen,
+            protocol.LISTEN: self._on_listen,
         }
 
     @property
@@ -181,6 +184,7 @@ class Link(PumpHost):
         try:
             self._watch_uplink()
             self.on_start()
+            self._act(self.session.start(time.monotonic()))
             self.loop.run()
         finally:
             self._teardown()
@@ -207,6 +211,7 @@ class Link(PumpHost):
 
     def _teardown(self) -> None:
         self.on_teardown()
+        self.session.reset()
         self.writer.close()
         self.transport.shutdown()
         everything = list(self.streams.values()) + list(self.retiring)
@@ -246,21 +251,13 @@ class Link(PumpHost):
     def on_teardown(self) -> None:
         pass
 
-    def on_connect(self, client_id: int, payload: memoryview) -> None:
+    def open_requested(self, client_id: int, address: str, port: int, early: bytearray) -> None:
+        """The session's OPEN: a CONNECT asks for a stream (the device's part)."""
         self.noisy.warning("%s: ignored CONNECT for client %d: not expected on this side",
                            self.name, client_id)
 
-    def on_listen(self, client_id: int, payload: memoryview) -> None:
-        self.noisy.warning("%s: ignored LISTEN: not expected on this side", self.name)
-
-    def on_unknown_data(self, client_id: int, payloads: List[memoryview]) -> None:
-        """DATA frames in a row for an id with no stream; the views die with this call."""
-
-    def on_unknown_close(self, client_id: int) -> None:
-        self.log.debug("%s: CLOSE for unknown client %d ignored", self.name, client_id)
-
-    def on_close_answered(self, client_id: int) -> None:
-        pass
+    def listen_granted(self) -> None:
+        """The session's LISTENED: the peer's first LISTEN (the server's part)."""
 
     def on_stream_closed(self, stream: Stream, reason: str) -> None:
         self.log.info("%s: client %d (%s) closed: %s (%d bytes to the peer, %d from it)",
@@ -392,12 +389,60 @@ class Link(PumpHost):
         self._flush_retry_armed = False
         self._flush_control()
 
+    # ---- the session's rules ---------------------------------------------------------
+    def _act(self, actions: List[Any]) -> None:
+        """Carry out what the session answered, in order (see wire.session)."""
+        for action in actions:
+            kind = action[0]
+            if kind is SEND:
+                self.post(action[1], action[2], action[3])
+            elif kind is WARN:
+                self.noisy.warning("%s: %s", self.name, action[1])
+            elif kind is DEBUG:
+                self.log.debug("%s: %s", self.name, action[1])
+            elif kind is REPLACE:
+                old = self.streams.get(action[1])
+                if old is not None:
+                    self.close_stream(old, "replaced by a new CONNECT", notify_peer=False)
+            elif kind is OPEN:
+                self.open_requested(action[1], action[2], action[3], action[4])
+            elif kind is LISTENED:
+                self.listen_granted()
+            elif kind is FAIL:
+                self.fail(action[1])
+            if self.end_reason:
+                return
+
+    def _on_connect(self, client_id: int, payload: memoryview) -> None:
+        self._act(self.session.connect(client_id, payload, client_id in self.streams,
+                                       time.monotonic()))
+
+    def _on_listen(self, client_id: int, payload: memoryview) -> None:
+        self._act(self.session.listen())
+
+    def _arm_session_timer(self) -> None:
+        # One timer for whatever the session waits for: a timer per event would
+        # pile up in the loop's heap when a peer repeats it in a fast cycle.
+        if self._session_timer_armed or self._closing:
+            return
+        deadline = self.session.next_deadline()
+        if deadline is not None:
+            self._session_timer_armed = True
+            self.loop.call_later(max(0.01, deadline - time.monotonic()), self._session_timer)
+
+    def _session_timer(self) -> None:
+        self._session_timer_armed = False
+        self._act(self.session.expire(time.monotonic(),
+                                      not (self._paused or self._control_full)))
+        self._arm_session_timer()
+
     # ---- frames -----------------------------------------------------------------
     def _on_data_run(self, client_id: int, payloads: List[memoryview]) -> None:
         """DATA frames in a row for one client: their payloads, in order."""
         stream = self.streams.get(client_id)
         if stream is None:
-            self.on_unknown_data(client_id, payloads)
+            self._act(self.session.unknown_data(client_id, payloads, time.monotonic()))
+            self._arm_session_timer()
             return
         if len(payloads) == 1:
             size = len(payloads[0])
@@ -438,14 +483,13 @@ class Link(PumpHost):
     def _on_close(self, client_id: int, payload: memoryview) -> None:
         stream = self.streams.pop(client_id, None)
         if stream is None:
-            self.on_unknown_close(client_id)
+            self._act(self.session.peer_close(client_id, False, False, time.monotonic()))
             return
-        if stream.mark_closed():
-            self.on_stream_closed(stream, "closed by peer")
-        else:
-            # Our pump sent CLOSE and its pump_exited is still queued: the peer answers it.
-            self.on_close_answered(client_id)
-            self.on_stream_closed(stream, "closed; the peer answered")
+        # Not ours to flip: our pump sent CLOSE and its pump_exited is still
+        # queued, so the peer's CLOSE answers it.
+        answered = not stream.mark_closed()
+        self._act(self.session.peer_close(client_id, True, answered, time.monotonic()))
+        self.on_stream_closed(stream, "closed; the peer answered" if answered else "closed by peer")
         self.retiring.add(stream)
         # Hand the client what the peer sent before its CLOSE, then hang up.
         stream.state = DRAINING
@@ -500,6 +544,8 @@ class Link(PumpHost):
             return
         if self.streams.get(stream.id) is stream:
             del self.streams[stream.id]
+            if notify_peer:
+                self.session.closed_here(stream.id, time.monotonic())
         if stream.mark_closed() and notify_peer:
             self.post(protocol.CLOSE, stream.id)
         self.on_stream_closed(stream, reason)
@@ -513,6 +559,7 @@ class Link(PumpHost):
         if self.streams.get(stream.id) is stream:
             # The local side ended (the pump sent CLOSE already, or the uplink is gone).
             del self.streams[stream.id]
+            self.session.closed_here(stream.id, time.monotonic())
             self.on_stream_closed(stream, reason or "closed")
         if stream.state is DRAINING and stream.sock is not None:
             return   # bytes still owed to the client; released when drained or cut

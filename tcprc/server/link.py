@@ -4,22 +4,18 @@ import logging
 import socket
 import struct
 import time
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..addr import format_hostport, source_key
 from ..engine.link import LimitedLog, Link
-from ..engine.pump import Stream
+from ..engine.stream import Stream
 from ..engine.sockets import accept_nowait, tune_stream_socket
 from ..wire import frames as protocol
+from ..wire.session import ServerSession
 from .ids import MAX_CLIENTS, ClientIds
 
 if TYPE_CHECKING:  # pragma: no cover
     from .app import ServerApp
-
-# A held id's grace: a floor for the device's own delay in reading our CLOSE,
-# plus this many smoothed round trips of the uplink.
-GRACE_FLOOR = 0.05
-GRACE_RTTS = 4
 
 
 class ServerLink(Link):
@@ -27,20 +23,25 @@ class ServerLink(Link):
 
     def __init__(self, sock: socket.socket, settings: Any, name: str, app: "ServerApp",
                  host: str = ""):
-        super().__init__(sock, settings, name)
+        super().__init__(sock, settings, name, ServerSession(
+            ClientIds(settings.id_quarantine),
+            protocol.encode_connect_payload(settings.connect_address, settings.connect_port),
+            self._rtt))
+        self.ids = self.session.ids
         self.app = app
         self.host = host                   # the source address, for allow_from
         self.source = source_key(host)     # what per-source limits count
         self.noisy = app.uplink_log.of(self.source)
         self.evicted = False
-        self.listening = False
         self.host_sock: Optional[socket.socket] = None
-        self.ids = ClientIds(settings.id_quarantine)
         self._accept_paused = False
         self.refusals = LimitedLog(self.log)
-        self.connect_payload = protocol.encode_connect_payload(settings.connect_address,
-                                                               settings.connect_port)
         self._listen_timer = None
+
+    @property
+    def listening(self) -> bool:
+        """The device's LISTEN came (the session's rule: nothing else before it)."""
+        return self.session.listening
 
     def on_start(self) -> None:
         self._listen_timer = self.loop.call_later(self.settings.listen_timeout, self._no_listen)
@@ -62,11 +63,7 @@ class ServerLink(Link):
         self.app.uplink_log.log(self.source, level, "%s: uplink closed: %s",
                                 self.name, self.end_reason or "stopped")
 
-    def on_listen(self, client_id: int, payload: memoryview) -> None:
-        if self.listening:
-            self.noisy.warning("%s: repeated LISTEN ignored", self.name)
-            return
-        self.listening = True
+    def listen_granted(self) -> None:
         self._listen_timer.cancel()
         self.app.listened(self)
         try:
@@ -81,52 +78,14 @@ class ServerLink(Link):
         self.app.uplink_log.info(self.source, "%s: LISTEN: clients accepted on %s", self.name,
                                  format_hostport(*self.host_sock.getsockname()[:2]))
 
-    def _before_listen(self, what: str) -> bool:
-        if self.listening:
-            return False
-        self.fail("%s before LISTEN: not a tcprc device" % what)
-        return True
-
-    def on_connect(self, client_id: int, payload: memoryview) -> None:
-        if not self._before_listen("CONNECT"):
-            super().on_connect(client_id, payload)
-
-    def on_unknown_data(self, client_id: int, payloads: List[memoryview]) -> None:
-        # Late DATA for a client this side closed: the device gets our CLOSE anyway.
-        if not self._before_listen("DATA"):
-            self.log.debug("%s: DATA for unknown client %d dropped%s", self.name, client_id,
-                           " (held until the device's CLOSE)" if self.ids.is_held(client_id) else "")
-
-    # ---- ids this side closed: held until the device's CLOSE ---------------------
-    def on_unknown_close(self, client_id: int) -> None:
-        if self.ids.answer(client_id):
-            self.log.debug("%s: CLOSE for client %d answers ours: the id is free", self.name, client_id)
-        else:
-            super().on_unknown_close(client_id)
-
-    def on_close_answered(self, client_id: int) -> None:
-        self.ids.answer(client_id, closing=True)
-
-    def pump_exited(self, stream: Stream, reason: str) -> None:
-        ours = self.streams.get(stream.id) is stream   # still listed: its pump sent CLOSE
-        super().pump_exited(stream, reason)
-        if ours:
-            self.ids.hold(stream.id, time.monotonic(), self._grace())
-
-    def close_stream(self, stream: Stream, reason: str, notify_peer: bool = True) -> None:
-        ours = notify_peer and self.streams.get(stream.id) is stream
-        super().close_stream(stream, reason, notify_peer)
-        if ours:
-            self.ids.hold(stream.id, time.monotonic(), self._grace())
-
-    def _grace(self) -> float:
-        """How long DATA the device sent before it read our CLOSE may still arrive."""
+    def _rtt(self) -> float:
+        """The uplink's smoothed round trip in seconds (0.0 when unknown): the
+        session holds a closed id for a few of them."""
         info = self.transport.tcp_info(104)
         try:
-            rtt = struct.unpack_from("=I", info, 68)[0] / 1e6   # tcpi_rtt, microseconds
+            return struct.unpack_from("=I", info, 68)[0] / 1e6   # tcpi_rtt, microseconds
         except (TypeError, struct.error):
-            rtt = 0.0
-        return GRACE_FLOOR + GRACE_RTTS * rtt
+            return 0.0
 
     def _resume_accept(self) -> None:
         self._accept_paused = False
@@ -134,7 +93,7 @@ class ServerLink(Link):
             self.loop.set_handlers(self.host_sock, self._accept, None)
 
     def _accept(self) -> None:
-        client_id = self.ids.allocate(self.streams)
+        client_id, announce = self.session.open(self.streams, time.monotonic())
         if client_id is None and self.ids.wait:
             # Clients wait in the backlog until the first id's grace ends.
             if not self._accept_paused:
@@ -163,7 +122,7 @@ class ServerLink(Link):
         stream.sock = client
         self.log.info("%s: client %d (%s) connected", self.name, client_id, who)
         # CONNECT is queued before the pump starts, so it precedes the client's DATA.
-        self.post(protocol.CONNECT, client_id, self.connect_payload)
+        self._act(announce)
         self.open_stream(stream)
 
     def on_teardown(self) -> None:
