@@ -251,7 +251,7 @@ def _stays(condition, seconds):
 
 
 def test_link_stops_reading_while_its_control_frames_pile_up(service):
-    from tcprc.device.link import DeviceLink
+    from tcprc.device.link import open_device_link
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # inherited by accept
     listener.bind(("127.0.0.1", 0))
@@ -260,8 +260,8 @@ def test_link_stops_reading_while_its_control_frames_pile_up(service):
     uplink.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     peer = RawPeer(listener.accept()[0])
     listener.close()
-    link = DeviceLink(uplink, settings("device", local="%s:%d" % service.address),
-                      "test uplink", service.address, set())
+    link = open_device_link(uplink, settings("device", local="%s:%d" % service.address),
+                            "test uplink", service.address, set())
     thread = threading.Thread(target=link.run, daemon=True)
     thread.start()
     try:

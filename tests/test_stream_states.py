@@ -5,7 +5,7 @@ import threading
 
 from conftest import recv_exactly, settings, wait_for
 from test_legacy_interop import RawPeer
-from tcprc.device.link import DeviceLink
+from tcprc.device.link import open_device_link
 from tcprc.engine import stream as states
 from tcprc.wire import frames
 from tcprc.wire.frames import CLOSE, CONNECT, DATA
@@ -47,9 +47,9 @@ def _tcp_pair():
 
 def _start_link(target):
     uplink, far = _tcp_pair()
-    link = DeviceLink(uplink, settings("device", local="%s:%d" % target.address,
-                                       stream_buffer=16 << 20),
-                      "test uplink", target.address, set())
+    link = open_device_link(uplink, settings("device", local="%s:%d" % target.address,
+                                             stream_buffer=16 << 20),
+                            "test uplink", target.address, set())
     thread = threading.Thread(target=link.run, daemon=True)
     thread.start()
     peer = RawPeer(far)

@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from ..addr import format_hostport, parse_hostport
 from ..engine.sockets import connect_tcp
-from .link import DeviceLink
+from .link import DeviceLink, open_device_link
 
 log = logging.getLogger("tcprc.device")
 
@@ -166,7 +166,7 @@ class DeviceApp:
             return False
         try:
             allowed = {parse_hostport(item) for item in settings.allow}
-            link = DeviceLink(sock, settings, name, local, allowed)
+            link = open_device_link(sock, settings, name, local, allowed)
         except OSError as exc:
             sock.close()
             with self._cond:

@@ -12,6 +12,9 @@ from typing import Any, Set, Tuple
 
 from ..addr import format_hostport
 from ..engine.link import Link
+from ..engine.loop import Loop
+from ..engine.sockets import tune_uplink_socket
+from ..engine.transport import PlainTransport, Transport
 from ..engine.pump import REFUSED
 from ..engine.stream import Stream
 from ..wire.session import DeviceSession
@@ -26,10 +29,10 @@ REFUSED_WITHIN = 10.0
 class DeviceLink(Link):
     role = "device"
 
-    def __init__(self, sock: socket.socket, settings: Any, name: str,
-                 target: HostPort, allowed: Set[HostPort]):
-        super().__init__(sock, settings, name, DeviceSession())
-        self.policy = TargetPolicy(target, allowed)
+    def __init__(self, transport: Transport, loop: Loop, session: DeviceSession, settings: Any,
+                 name: str, policy: TargetPolicy):
+        super().__init__(transport, loop, session, settings, name)
+        self.policy = policy
         self.refused = False
 
     def on_silent_close(self) -> str:
@@ -75,3 +78,12 @@ class DeviceLink(Link):
                                reason[len(REFUSED):])
         else:
             super().on_stream_closed(stream, reason)
+
+
+def open_device_link(sock: socket.socket, settings: Any, name: str, target: HostPort,
+                     allowed: Set[HostPort]) -> DeviceLink:
+    """A DeviceLink over a connected uplink socket, with its parts: the socket
+    tuned and wrapped in a plain transport, a loop and a session of its own."""
+    tune_uplink_socket(sock, settings)
+    return DeviceLink(PlainTransport(sock), Loop(), DeviceSession(), settings, name,
+                      TargetPolicy(target, allowed))

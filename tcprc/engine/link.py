@@ -27,9 +27,9 @@ from ..wire import frames as protocol
 from .buffers import FrameBuffer
 from .loop import Loop
 from .pump import PumpHost, PumpThread, run_pump
-from .sockets import shutdown_quietly, tune_uplink_socket
+from .sockets import shutdown_quietly
 from .stream import DRAINING, RELEASED, SHUT, Stream
-from .transport import PlainTransport, Transport
+from .transport import Transport
 from .writer import QUEUE_LIMIT, FrameWriter
 from ..wire.session import DEBUG, FAIL, LISTENED, OPEN, REPLACE, SEND, WARN, Session
 
@@ -141,15 +141,15 @@ class _OneSource:
 class Link(PumpHost):
     role = "link"
 
-    def __init__(self, sock: socket.socket, settings: Any, name: str, session: Session):
-        tune_uplink_socket(sock, settings)
-        self.transport: Transport = PlainTransport(sock)
+    def __init__(self, transport: Transport, loop: Loop, session: Session, settings: Any,
+                 name: str):
+        self.transport = transport
+        self.loop = loop
         self.session = session
         self.settings = settings
         self.name = name
         self.log = logging.getLogger("tcprc." + self.role)
         self.noisy = LimitedLog(self.log)
-        self.loop = Loop()
         self.writer = FrameWriter(self.transport)
         self.frames = FrameBuffer()
         self.streams: Dict[int, Stream] = {}

@@ -26,7 +26,7 @@ from ..addr import address_in, format_hostport, parse_hostport, parse_network, s
 from ..engine.link import LimitedLog, SourceLog
 from ..engine.loop import Loop
 from ..engine.sockets import accept_nowait, bind_listener
-from .link import ServerLink
+from .link import HANDOVER, ServerLink, open_server_link
 
 log = logging.getLogger("tcprc.server")
 
@@ -39,8 +39,10 @@ class ServerApp:
         self.listen_address: Optional[HostPort] = None
         self.host_address: Optional[HostPort] = None
         self._lock = threading.Lock()
-        self._claim_lock = threading.Lock()
-        self._active: Optional[ServerLink] = None
+        self._active: Optional[ServerLink] = None      # holds the host port
+        self._successor: Optional[ServerLink] = None   # LISTENed; gets the port next
+        # The host listener: ours to open and close; the active link watches it.
+        self._host_sock: Optional[socket.socket] = None
         self._links: Set[ServerLink] = set()
         self._threads: Set[threading.Thread] = set()
         self._loop = Loop()
@@ -141,7 +143,12 @@ class ServerApp:
             sock.close()
             self.uplink_log.warning(source_key(peer[0]), "uplink from %s refused: not in allow_from", who)
             return
-        link = ServerLink(sock, self.settings, "uplink %s" % who, self, peer[0])
+        try:
+            link = open_server_link(sock, self.settings, "uplink %s" % who, self, peer[0])
+        except OSError as exc:
+            sock.close()
+            self._accept_errors.warning("uplink from %s: setup failed: %s", who, exc.strerror or exc)
+            return
         thread = threading.Thread(target=self._serve, args=(link,), name="tcprc-uplink", daemon=True)
         with self._lock:
             victims = self._make_room(link.source)
@@ -187,31 +194,60 @@ class ServerApp:
                 if link.listening and link.end_reason:
                     self._last_error = "%s: %s" % (link.name, link.end_reason)
 
-    def claim_host(self, link: ServerLink) -> Optional[socket.socket]:
-        """Link thread, on LISTEN: the host listener for `link`, or None when refused."""
-        with self._claim_lock:
-            with self._lock:
-                current = self._active
-            if current is not None:
-                if not self.settings.takeover:
-                    self.uplink_log.warning(link.source, "%s: LISTEN refused: the tunnel belongs to %s "
-                                            "(takeover = false)", link.name, current.name)
-                    return None
-                self.uplink_log.warning(link.source, "%s: LISTEN takes over the tunnel from %s",
-                                        link.name, current.name)
-                current.stop("replaced by %s" % link.name)
-                current.wait_stopped(5)
-            sock = bind_listener(parse_hostport(self.settings.host, allow_zero_port=True))
-            with self._lock:
-                self._active = link
+    def claim_host(self, link: ServerLink) -> Any:
+        """Link thread, on LISTEN: the host listener for `link`; None when refused;
+        HANDOVER when a live uplink holds it: that one is told to stop, and its
+        teardown hands the port to `link` (release_host).  Never waits."""
+        with self._lock:
+            current = self._active
+            if current is None:
+                sock = bind_listener(parse_hostport(self.settings.host, allow_zero_port=True))
+                self._active, self._host_sock = link, sock
                 self.host_address = sock.getsockname()[:2]
-            return sock
+                return sock
+            if not self.settings.takeover:
+                refused = True
+            else:
+                refused = False
+                waiting, self._successor = self._successor, link
+        if refused:
+            self.uplink_log.warning(link.source, "%s: LISTEN refused: the tunnel belongs to %s "
+                                    "(takeover = false)", link.name, current.name)
+            return None
+        self.uplink_log.warning(link.source, "%s: LISTEN takes over the tunnel from %s",
+                                link.name, current.name)
+        current.stop("replaced by %s" % link.name)
+        if waiting is not None:   # an earlier newcomer still waiting: this one wins
+            waiting.stop("replaced by %s" % link.name)
+        return HANDOVER
 
     def release_host(self, link: ServerLink) -> None:
+        """Link thread, at teardown (no longer watching the host listener): the
+        listener is closed, and the port goes to the uplink waiting for it, if
+        any, through that uplink's own loop."""
         with self._lock:
-            if self._active is link:
-                stats = link.stats()
-                self._totals[0] += stats["bytes_received"]
-                self._totals[1] += stats["bytes_sent"]
-                self._active = None
-                self.host_address = None
+            if self._successor is link:
+                self._successor = None   # it ended while waiting
+                return
+            if self._active is not link:
+                return
+            stats = link.stats()
+            self._totals[0] += stats["bytes_received"]
+            self._totals[1] += stats["bytes_sent"]
+            self._active = None
+            self.host_address = None
+            if self._host_sock is not None:
+                self._host_sock.close()
+                self._host_sock = None
+            successor, self._successor = self._successor, None
+            if successor is None:
+                return
+            sock, error = None, None
+            try:
+                sock = bind_listener(parse_hostport(self.settings.host, allow_zero_port=True))
+            except OSError as exc:
+                error = exc
+            else:
+                self._active, self._host_sock = successor, sock
+                self.host_address = sock.getsockname()[:2]
+        successor.loop.call_soon(lambda: successor.host_ready(sock, error))

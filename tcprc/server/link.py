@@ -8,11 +8,15 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from ..addr import format_hostport, source_key
 from ..engine.link import LimitedLog, Link
+from ..engine.loop import Loop
 from ..engine.stream import Stream
-from ..engine.sockets import accept_nowait, tune_stream_socket
+from ..engine.sockets import accept_nowait, tune_stream_socket, tune_uplink_socket
+from ..engine.transport import PlainTransport, Transport
 from ..wire import frames as protocol
 from ..wire.session import ServerSession
 from .ids import MAX_CLIENTS, ClientIds
+
+HANDOVER = object()   # claim_host: the port comes later, through host_ready
 
 if TYPE_CHECKING:  # pragma: no cover
     from .app import ServerApp
@@ -21,13 +25,10 @@ if TYPE_CHECKING:  # pragma: no cover
 class ServerLink(Link):
     role = "server"
 
-    def __init__(self, sock: socket.socket, settings: Any, name: str, app: "ServerApp",
-                 host: str = ""):
-        super().__init__(sock, settings, name, ServerSession(
-            ClientIds(settings.id_quarantine),
-            protocol.encode_connect_payload(settings.connect_address, settings.connect_port),
-            self._rtt))
-        self.ids = self.session.ids
+    def __init__(self, transport: Transport, loop: Loop, session: ServerSession, settings: Any,
+                 name: str, app: "ServerApp", host: str = ""):
+        super().__init__(transport, loop, session, settings, name)
+        self.ids = session.ids
         self.app = app
         self.host = host                   # the source address, for allow_from
         self.source = source_key(host)     # what per-source limits count
@@ -67,25 +68,29 @@ class ServerLink(Link):
         self._listen_timer.cancel()
         self.app.listened(self)
         try:
-            self.host_sock = self.app.claim_host(self)
+            sock = self.app.claim_host(self)
         except OSError as exc:
             self.fail("cannot open host port %s: %s" % (self.settings.host, exc.strerror or exc))
             return
-        if self.host_sock is None:
+        if sock is None:
             self.fail("host port %s belongs to a live uplink (takeover = false)" % self.settings.host)
+        elif sock is not HANDOVER:
+            self.host_ready(sock, None)
+        # HANDOVER: the uplink that holds the port was told to stop; its
+        # teardown hands the port over through host_ready, in this thread.
+
+    def host_ready(self, sock: Optional[socket.socket], error: Optional[OSError]) -> None:
+        """Link thread: the host port is ours (or could not be opened: `error`)."""
+        if sock is None:
+            exc = error or OSError("no host port")
+            self.fail("cannot open host port %s: %s" % (self.settings.host, exc.strerror or exc))
             return
+        if self._closing or self.end_reason:
+            return   # ending already: release_host closes the listener (the app owns it)
+        self.host_sock = sock
         self.loop.set_handlers(self.host_sock, self._accept, None)
         self.app.uplink_log.info(self.source, "%s: LISTEN: clients accepted on %s", self.name,
                                  format_hostport(*self.host_sock.getsockname()[:2]))
-
-    def _rtt(self) -> float:
-        """The uplink's smoothed round trip in seconds (0.0 when unknown): the
-        session holds a closed id for a few of them."""
-        info = self.transport.tcp_info(104)
-        try:
-            return struct.unpack_from("=I", info, 68)[0] / 1e6   # tcpi_rtt, microseconds
-        except (TypeError, struct.error):
-            return 0.0
 
     def _resume_accept(self) -> None:
         self._accept_paused = False
@@ -128,6 +133,28 @@ class ServerLink(Link):
     def on_teardown(self) -> None:
         if self.host_sock is not None:
             self.loop.forget(self.host_sock)
-            self.host_sock.close()
-            self.host_sock = None
+            self.host_sock = None   # the app closes it
         self.app.release_host(self)
+
+
+def open_server_link(sock: socket.socket, settings: Any, name: str, app: "ServerApp",
+                     host: str) -> ServerLink:
+    """A ServerLink over an accepted uplink socket, with its parts: the socket
+    tuned and wrapped in a plain transport, a loop and a session of its own."""
+    tune_uplink_socket(sock, settings)
+    transport = PlainTransport(sock)
+    session = ServerSession(
+        ClientIds(settings.id_quarantine),
+        protocol.encode_connect_payload(settings.connect_address, settings.connect_port),
+        lambda: _rtt(transport))
+    return ServerLink(transport, Loop(), session, settings, name, app, host)
+
+
+def _rtt(transport: Transport) -> float:
+    """The uplink's smoothed round trip in seconds (0.0 when unknown): the
+    session holds a closed id for a few of them."""
+    info = transport.tcp_info(104)
+    try:
+        return struct.unpack_from("=I", info, 68)[0] / 1e6   # tcpi_rtt, microseconds
+    except (TypeError, struct.error):
+        return 0.0
