@@ -41,6 +41,15 @@ def _tunnel_settings_key(settings: Any) -> Tuple[Any, ...]:
 
 
 class DeviceApp:
+    """The device agent: a supervisor thread dials the server and serves one
+    DeviceLink at a time, reconnecting with backoff.
+
+    Every public method (start, connect, disconnect, apply_settings, close,
+    status) is thread-safe: channels (console, control socket, signals) call
+    them from their own threads; they only change state under the condition
+    and wake the supervisor, or stop the link through its thread-safe stop().
+    """
+
     def __init__(self, settings: Any):
         self.settings = settings
         self._cond = threading.Condition()

@@ -1,8 +1,11 @@
-"""One uplink, shared by both sides: frame dispatch, the stream table and the close rules.
+"""One uplink, shared by both sides: reading and dispatch, the stream table, back-pressure.
 
-The device and server links differ only in who opens streams (the device
-on CONNECT, the server on accept) and in a few answers to unexpected frames;
-those are the `on_*` hooks the subclasses fill in.
+The protocol's rules are the session's (wire.session): the link asks it at
+every rule point and carries out the actions it answers.  What the two
+sides add is I/O the session cannot do: the device dials what a CONNECT
+asks within its target policy (open_requested) and tells a refusal from a
+lost uplink; the server owns the host port, accepts clients and takes
+over from a stale uplink (listen_granted, host_ready).
 
 Back-pressure: the legacy protocol has no per-stream flow control, so bytes
 for a local socket that reads slower than the uplink delivers are queued on
@@ -24,6 +27,7 @@ import time
 from typing import Any, Dict, List, Optional, Set
 
 from ..wire import frames as protocol
+from ..wire.session import DEBUG, FAIL, LISTENED, OPEN, REPLACE, SEND, WARN, Session
 from .buffers import FrameBuffer
 from .loop import Loop
 from .pump import PumpHost, PumpThread, run_pump
@@ -31,7 +35,6 @@ from .sockets import shutdown_quietly
 from .stream import DRAINING, RELEASED, SHUT, Stream
 from .transport import Transport
 from .writer import QUEUE_LIMIT, FrameWriter
-from ..wire.session import DEBUG, FAIL, LISTENED, OPEN, REPLACE, SEND, WARN, Session
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _TCP_CLOSE = 7   # tcpi_state of a connection the kernel tore down (linux/tcp_states.h)
@@ -139,6 +142,14 @@ class _OneSource:
 
 
 class Link(PumpHost):
+    """One uplink over an injected transport, loop and session.
+
+    Threads: run() is the link thread (it runs the loop, then tears down);
+    every method not marked otherwise is for that thread only.  From any
+    thread: stop(), call_soon(), uplink_failed(), wait_stopped(), stats()
+    (a snapshot of counters).  Pump threads reach it only as a PumpHost.
+    The loop is the link's for now: run() runs it and closes it.
+    """
     role = "link"
 
     def __init__(self, transport: Transport, loop: Loop, session: Session, settings: Any,

@@ -15,6 +15,7 @@ import socket
 import threading
 from typing import Any, Callable, Optional, Sized, Tuple, Union
 
+from ..errors import PeerError
 from ..wire import frames as protocol
 from .buffers import KEEP, Pages, anonymous
 from .sockets import connect_tcp, tune_stream_socket
@@ -112,8 +113,9 @@ class PumpHost:
         raise NotImplementedError
 
 
-class TargetRefused(OSError):
-    """The device's target policy refused what a CONNECT named."""
+class TargetRefused(PeerError, OSError):
+    """The device's target policy refused what a CONNECT named (the peer asked for
+    it; an OSError, so the pump's connect path handles it like a failed dial)."""
 
 
 REFUSED = "refused: "   # how a pump's exit reason starts after a TargetRefused

@@ -20,6 +20,7 @@ import threading
 from collections import deque
 from typing import Any, Callable, Deque, List, Optional, Set
 
+from ..errors import PeerError
 from ..wire import frames as protocol
 from .transport import Transport, as_transport
 
@@ -34,11 +35,18 @@ _CLOSE = protocol.CLOSE
 QUEUE_LIMIT = 16 * 1024
 
 
-class UplinkClosed(Exception):
-    """Raised to a worker whose frame can no longer be sent."""
+class UplinkClosed(PeerError):
+    """Raised to a worker whose frame can no longer be sent: the uplink is gone."""
 
 
 class FrameWriter:
+    """The uplink's frames out, over a Transport.
+
+    Pump threads call send(), send_data() and send_spliced() (blocking, under
+    the lock); the link thread calls post(), flush_nowait(), queued_bytes()
+    and close(), and never blocks on the uplink.  `bytes_sent` and `error`
+    may be read from any thread.
+    """
     DONE, BUSY, FULL = "done", "busy", "full"
 
     def __init__(self, transport: Transport):

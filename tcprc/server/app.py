@@ -34,6 +34,14 @@ HostPort = Tuple[str, int]
 
 
 class ServerApp:
+    """The server agent: an acceptor loop in its own thread takes uplinks; each
+    ServerLink runs in a thread of its own; one of them holds the host port.
+
+    Public methods (start, close, apply_settings, status) are thread-safe.
+    listened(), claim_host() and release_host() are called by links from their
+    own threads, under the app's lock, and never wait for another link.
+    """
+
     def __init__(self, settings: Any):
         self.settings = settings
         self.listen_address: Optional[HostPort] = None
