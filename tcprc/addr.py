@@ -1,7 +1,8 @@
-"""ADDR:PORT strings, parsed and printed the same way everywhere."""
+"""ADDR:PORT and CIDR strings, parsed and printed the same way everywhere (no I/O:
+connecting and name lookups live in engine.sockets)."""
 
 import socket
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 
 def parse_hostport(text: str, allow_empty_host: bool = True,
@@ -46,20 +47,6 @@ def format_hostport(host: str, port: int) -> str:
     if ":" in host:
         return "[%s]:%d" % (host, port)
     return "%s:%d" % (host, port)
-
-
-def connect_tcp(host: str, port: int, timeout: float) -> socket.socket:
-    """socket.create_connection, with an ASCII host handed over as bytes.
-
-    For a str host, getaddrinfo loads the idna codec (with unicodedata and
-    stringprep): about 400 KB of RSS on a gateway that dials an IP address
-    or a plain name.  Only other names still go through idna.
-    """
-    try:
-        name = host.encode("ascii")
-    except UnicodeEncodeError:
-        name = host
-    return socket.create_connection((name, port), timeout=timeout)
 
 
 # ---- networks (CIDR), for the server's allow_from ---------------------------------
@@ -135,36 +122,8 @@ def source_key(host: str) -> Tuple[int, int]:
 SockAddr = Tuple[int, Tuple]   # (family, sockaddr) as getaddrinfo gives them
 
 
-def resolve_tcp(host: str, port: int) -> List[SockAddr]:
-    """Every (family, sockaddr) `host:port` resolves to, in getaddrinfo's order.
-
-    Raises OSError (socket.gaierror) when it does not resolve.
-    """
-    try:
-        name = host.encode("ascii")   # no idna codec, as in connect_tcp
-    except UnicodeEncodeError:
-        name = host
-    return [(family, sockaddr) for family, _, _, _, sockaddr
-            in socket.getaddrinfo(name, port, 0, socket.SOCK_STREAM)]
-
-
 def sockaddr_key(item: SockAddr) -> Tuple:
     """What makes two resolved addresses the same endpoint: family, address,
     port and, for IPv6, the scope (fe80::1 on eth0 is not fe80::1 on eth1)."""
     family, sockaddr = item
     return (family,) + tuple(sockaddr[:2]) + (tuple(sockaddr[3:4]) if family == socket.AF_INET6 else ())
-
-
-def connect_resolved(candidates: List[SockAddr], timeout: float) -> socket.socket:
-    """Connect to the first of `candidates` that answers; no name lookup here."""
-    error: Optional[OSError] = None
-    for family, sockaddr in candidates:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(sockaddr)
-            return sock
-        except OSError as exc:
-            sock.close()
-            error = exc
-    raise error if error is not None else OSError("no address to connect to")

@@ -81,9 +81,9 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
 
 def make_app(cfg: Config) -> Any:
     if cfg.role == "device":
-        from .device import DeviceApp
+        from .device.app import DeviceApp
         return DeviceApp(cfg.device)
-    from .server import ServerApp
+    from .server.app import ServerApp
     return ServerApp(cfg.server)
 
 

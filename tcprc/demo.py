@@ -13,8 +13,8 @@ import time
 from typing import Callable, List, Tuple
 
 from .ops.config import build_config
-from .device import DeviceApp
-from .server import ServerApp
+from .device.app import DeviceApp
+from .server.app import ServerApp
 
 HostPort = Tuple[str, int]
 

@@ -60,7 +60,7 @@ def legacy_server():
 def tcprc_device_on(legacy_server, service):
     """tcprc_device_on(**keys): a tcprc DeviceApp dialing `legacy_server`, its
     target the echo `service`; returns (app, the server's RawPeer) after LISTEN."""
-    from tcprc.device import DeviceApp
+    from tcprc.device.app import DeviceApp
     apps = Apps(DeviceApp, "device", server=legacy_server.address,
                 local="%s:%d" % service.address, reconnect_min=0.05, reconnect_max=0.2)
 

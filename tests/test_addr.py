@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from support import ROOT
-from tcprc.addr import connect_tcp, format_hostport, parse_hostport
+from tcprc.addr import format_hostport, parse_hostport
+from tcprc.engine.sockets import connect_tcp
 
 
 def test_parse_and_format_round_trip():
@@ -32,7 +33,7 @@ def test_dialing_an_ascii_host_does_not_load_the_idna_codec():
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
     try:
-        code = ("import sys; from tcprc.addr import connect_tcp\n"
+        code = ("import sys; from tcprc.engine.sockets import connect_tcp\n"
                 "connect_tcp('127.0.0.1', %d, 5).close()\n"
                 "connect_tcp('localhost', %d, 5).close()\n"
                 "print(sorted(m for m in ('encodings.idna', 'unicodedata', 'stringprep')"

@@ -4,7 +4,7 @@ import pytest
 
 from tcprc.ops.commands import COMMANDS, CommandParser
 from tcprc.ops.config import build_config
-from tcprc.server import ServerApp
+from tcprc.server.app import ServerApp
 
 
 @pytest.fixture

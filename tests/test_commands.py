@@ -11,7 +11,7 @@ from support.net import free_port
 from support.waiting import wait_for
 from tcprc.ops.commands import CommandParser
 from tcprc.ops.config import build_config, load_config
-from tcprc.device import DeviceApp
+from tcprc.device.app import DeviceApp
 
 if sys.version_info >= (3, 11):
     import tomllib

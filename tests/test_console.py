@@ -18,8 +18,8 @@ from support.waiting import wait_for
 from tcprc.ops.commands import CommandParser
 from tcprc.ops.config import build_config
 from tcprc.ops.console import LineEditor, SerialConsole, serial_available
-from tcprc.device import DeviceApp
-from tcprc.server import ServerApp
+from tcprc.device.app import DeviceApp
+from tcprc.server.app import ServerApp
 
 needs_serial = pytest.mark.skipif(
     not serial_available(), reason="pyserial is not installed: pip install 'tcprc[serial]'")

@@ -20,8 +20,8 @@ from tcprc.ops.config import build_config
 from tcprc.errors import ControlError
 from tcprc.ops.control import ControlServer
 from tcprc.ops.ctl import send_command
-from tcprc.device import DeviceApp
-from tcprc.server import ServerApp
+from tcprc.device.app import DeviceApp
+from tcprc.server.app import ServerApp
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from support.gateway import REPO, alive
 from support.net import free_port, recv_exactly
 from support.services import Service
 from support.waiting import wait_for
-from tcprc import protocol
+from tcprc.wire import frames as protocol
 from tcprc.errors import AlreadyRunning, PidFileError
 from tcprc.ops.logsetup import SyslogHandler, log_uncaught, make_handler, setup_logging
 from tcprc.ops.pidfile import PidFile, read_pid

@@ -17,8 +17,9 @@ from support.peers import RawPeer
 from support.services import Service, pattern
 from support.tunnel import settings
 from support.waiting import wait_for
-from tcprc import device, protocol
-from tcprc.protocol import CLOSE, CONNECT, DATA
+from tcprc.wire import frames as protocol
+from tcprc.wire import session as device
+from tcprc.wire.frames import CLOSE, CONNECT, DATA
 
 
 def _connect(peer, client_id):
@@ -253,7 +254,7 @@ def _stays(condition, seconds):
 
 
 def test_link_stops_reading_while_its_control_frames_pile_up(service):
-    from tcprc.device import DeviceLink
+    from tcprc.device.link import open_device_link
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # inherited by accept
     listener.bind(("127.0.0.1", 0))
@@ -262,8 +263,8 @@ def test_link_stops_reading_while_its_control_frames_pile_up(service):
     uplink.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     peer = RawPeer(listener.accept()[0])
     listener.close()
-    link = DeviceLink(uplink, settings("device", local="%s:%d" % service.address),
-                      "test uplink", service.address, set())
+    link = open_device_link(uplink, settings("device", local="%s:%d" % service.address),
+                            "test uplink", service.address, set())
     thread = threading.Thread(target=link.run, daemon=True)
     thread.start()
     try:
@@ -292,7 +293,7 @@ def test_link_stops_reading_while_its_control_frames_pile_up(service):
 
 
 def test_writer_keeps_one_unsent_close_per_id():
-    from tcprc.writer import FrameWriter
+    from tcprc.engine.writer import FrameWriter
     near, far = socket.socketpair()
     try:
         writer = FrameWriter(near)

@@ -25,7 +25,9 @@ from support.peers import LegacyServer
 from support.services import Service, pattern
 from support.tunnel import Tunnel, settings
 from support.waiting import wait_for
-from tcprc import loop, protocol, pump
+from tcprc.engine import loop, pump
+from tcprc.engine.buffers import FrameBuffer
+from tcprc.wire import frames as protocol
 
 # "poll": the plain pumps, with the link loops on select.poll instead of epoll.
 PATHS = (["splice"] if pump.SPLICE_AVAILABLE else []) + ["plain", "poll"]
@@ -301,7 +303,7 @@ def test_an_idle_frame_buffer_costs_no_memory():
     # The uplink's 1 MB decode buffer is mapped lazily: eight idle ones
     # cost almost nothing, where zero-filled bytearrays would cost 8 MB.
     before = procfs.rss_kb(os.getpid())
-    buffers = [protocol.FrameBuffer() for _ in range(8)]
+    buffers = [FrameBuffer() for _ in range(8)]
     grown = procfs.rss_kb(os.getpid()) - before
     assert grown < 512, "%d KB for 8 idle frame buffers" % grown
     # ...and they still decode.
@@ -352,7 +354,7 @@ class Recorder:
 
 @pytest.fixture
 def raw_device():
-    from tcprc.device import DeviceApp
+    from tcprc.device.app import DeviceApp
     made = []
 
     def start(target):

@@ -19,7 +19,7 @@ from support.net import raise_fd_limit, recv_exactly
 from support.peers import STALE, RawDevice
 from support.tunnel import Tunnel
 from support.waiting import wait_for
-from tcprc.server import ClientIds
+from tcprc.server.ids import ClientIds
 
 
 @pytest.fixture

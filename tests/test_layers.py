@@ -1,6 +1,6 @@
 """The import rule of the package layout, read from the source with ast.
 
-(a) the wire layer (tcprc/wire, today tcprc/protocol.py) does no I/O: it imports
+(a) the wire layer (tcprc/wire) does no I/O: it imports
     no socket, select, selectors, threading, _thread, mmap or ssl, not even
     through another tcprc module, and nothing of tcprc outside wire/ but errors;
 (b) no import cycle between tcprc modules (imports inside functions count,
@@ -11,7 +11,7 @@
       device, server -> engine, wire, errors, addr, settings (never each other, never ops)
       ops -> errors, addr, settings; device and server only in ops/channels
       cli, demo -> anything
-Today's flat modules are mapped onto their layer (FLAT) until they move.
+Top-level modules outside the base (cli, demo, __main__) are the wiring.
 """
 
 import ast
@@ -26,11 +26,6 @@ PACKAGE = os.path.join(ROOT, "tcprc")
 IO_MODULES = {"socket", "select", "selectors", "threading", "_thread", "mmap", "ssl"}
 LAYERS = ("wire", "engine", "device", "server", "ops")
 BASE = {"tcprc.errors", "tcprc.addr", "tcprc.settings"}
-# The flat tree of today, module by module, until the engine and ops moves land.
-FLAT = {"protocol": "wire", "buffers": "engine", "loop": "engine", "writer": "engine",
-        "pump": "engine", "link": "engine", "device": "device", "server": "server",
-        "config": "ops", "tomlwrite": "ops", "commands": "ops", "console": "ops",
-        "control": "ops", "daemon": "ops", "cli": "cli", "demo": "cli", "__main__": "cli"}
 ALLOWED = {
     "base": {"base"},
     "wire": {"wire"},
@@ -39,12 +34,8 @@ ALLOWED = {
     "server": {"server", "engine", "wire", "base"},
     "ops": {"ops", "base"},
 }
-# The agent's wiring: where ops may reach the apps (control.py holds it until it moves).
-CHANNELS = {"tcprc.ops.channels", "tcprc.control"}
-# Cases of today's tree the layout fixes; the lead removes each once its move is merged.
-KNOWN = {
-    "tcprc.protocol": "fixed by the engine layout: the wire codec stops owning its mmap buffer",
-}
+# The agent's wiring: where ops may reach the apps.
+CHANNELS = {"tcprc.ops.channels"}
 
 
 class Import(NamedTuple):
@@ -125,7 +116,7 @@ def layer(module: str) -> str:
         return parts[1]
     if len(parts) == 2 and parts[1] in LAYERS:
         return parts[1]
-    return FLAT.get(parts[-1], "cli") if len(parts) == 2 else "cli"
+    return "cli"
 
 
 def is_package(module: str, graph: Dict[str, List[Import]]) -> bool:
@@ -177,8 +168,7 @@ GRAPH = import_graph()
 
 
 def _cases(modules):
-    return [pytest.param(m, id=m, marks=pytest.mark.xfail(strict=True, reason=KNOWN[m]))
-            if m in KNOWN else pytest.param(m, id=m) for m in modules]
+    return [pytest.param(m, id=m) for m in modules]
 
 
 @pytest.mark.parametrize("module", _cases(m for m in sorted(GRAPH) if layer(m) == "wire"))
@@ -228,10 +218,9 @@ def test_each_layer_imports_only_the_layers_below(module):
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.xfail(strict=True, reason="fixed by the engine layout: pumps talk to a PumpHost")
 def test_the_pump_never_sees_the_link_not_even_for_typing():
-    # The layout: PumpThread and run_pump work over a small PumpHost interface.
-    # Today pump.py names Link under TYPE_CHECKING, a cycle in all but name.
+    # PumpThread and run_pump work over a small PumpHost interface; naming
+    # Link even under TYPE_CHECKING would be a cycle in all but name.
     pumps = [m for m in GRAPH if m.rpartition(".")[2] == "pump"]
     assert pumps
     for module in pumps:
@@ -259,5 +248,5 @@ def test_the_walk_sees_function_level_imports_and_skips_type_checking(tmp_path):
     assert {"tcprc.errors", "threading", "tcprc.engine.link"} <= targets
     assert cycles(graph) == [["tcprc.engine.link", "tcprc.wire.frames"]]
     assert layer("tcprc.wire.frames") == "wire" and layer("tcprc.engine.link") == "engine"
-    assert layer("tcprc.protocol") == "wire" and layer("tcprc.ops.channels") == "ops"
+    assert layer("tcprc.ops.channels") == "ops"
     assert layer("tcprc.addr") == "base" and layer("tcprc.cli") == "cli"

@@ -19,8 +19,8 @@ from support.peers import RawPeer, legacy_device, pairs
 from support.services import Service, pattern
 from support.tunnel import Apps
 from support.waiting import wait_for
-from tcprc import protocol
-from tcprc.protocol import CLOSE, CONNECT, DATA, LISTEN
+from tcprc.wire import frames as protocol
+from tcprc.wire.frames import CLOSE, CONNECT, DATA, LISTEN
 
 
 # ---------------------------------------------------------------- tcprc device vs legacy server

@@ -4,8 +4,9 @@ import random
 
 import pytest
 
-from tcprc import protocol
-from tcprc.protocol import CLOSE, CONNECT, DATA, LISTEN, FrameBuffer, ProtocolError
+from tcprc.wire import frames as protocol
+from tcprc.engine.buffers import FrameBuffer
+from tcprc.wire.frames import CLOSE, CONNECT, DATA, LISTEN, ProtocolError
 
 
 def test_byte_examples_of_the_reference():
@@ -145,7 +146,7 @@ def test_sole_data_takes_exactly_one_whole_data_frame_or_nothing():
 
 def test_pages_go_back_only_after_enough_small_reads():
     # Private anonymous pages read as zeros once given back (MADV_DONTNEED).
-    from tcprc import buffers
+    from tcprc.engine import buffers
     mapping = buffers.anonymous(4 * buffers.KEEP)
     pages = buffers.Pages(mapping)
     mapping[buffers.KEEP:buffers.KEEP + 3] = b"abc"

@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from support.waiting import wait_for
-from tcprc import pump
+from tcprc.engine import pump
 
 
 # ---- pump threads -------------------------------------------------------------------

@@ -5,10 +5,10 @@ import socket
 from support.peers import LegacyServer
 from support.tunnel import settings
 from support.waiting import wait_for
-from tcprc import protocol
-from tcprc.device import DeviceApp
-from tcprc.protocol import CLOSE, CONNECT, DATA
-from tcprc.server import ServerApp
+from tcprc.wire import frames as protocol
+from tcprc.device.app import DeviceApp
+from tcprc.wire.frames import CLOSE, CONNECT, DATA
+from tcprc.server.app import ServerApp
 
 
 def test_a_device_refused_by_a_server_without_takeover_says_so(service, caplog):

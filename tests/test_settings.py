@@ -11,7 +11,7 @@ from support import ROOT
 from tcprc import errors
 from tcprc.ops.commands import CommandParser
 from tcprc.ops.config import SCHEMA, SECTION_TYPES, build_config, load_config
-from tcprc.device import DeviceApp
+from tcprc.device.app import DeviceApp
 from tcprc.settings import DeviceSettings
 
 

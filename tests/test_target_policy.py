@@ -13,10 +13,11 @@ from support.peers import LegacyServer
 from support.services import Service
 from support.tunnel import Tunnel, settings
 from support.waiting import wait_for
-from tcprc import protocol
-from tcprc.addr import connect_resolved, resolve_tcp
-from tcprc.device import DeviceApp, allowed_only
-from tcprc.protocol import CLOSE, CONNECT, DATA
+from tcprc.wire import frames as protocol
+from tcprc.engine.sockets import connect_resolved, resolve_tcp
+from tcprc.device.app import DeviceApp
+from tcprc.device.policy import allowed_only
+from tcprc.wire.frames import CLOSE, CONNECT, DATA
 
 
 class Listener:

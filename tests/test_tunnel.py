@@ -13,7 +13,7 @@ from support.net import is_eof, raise_fd_limit, recv_exactly, recv_until_eof
 from support.services import Service, pattern
 from support.tunnel import Tunnel, settings
 from support.waiting import wait_for
-from tcprc.server import ServerApp
+from tcprc.server.app import ServerApp
 
 
 def echo_through(tunnel, payload):
@@ -154,7 +154,7 @@ def test_device_backs_off_while_server_is_down(service):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         dead = "127.0.0.1:%d" % probe.getsockname()[1]
-    from tcprc.device import DeviceApp
+    from tcprc.device.app import DeviceApp
     device = DeviceApp(settings("device", server=dead, local="%s:%d" % service.address,
                                 reconnect_min=0.05, reconnect_max=0.2))
     device.start()
@@ -166,7 +166,7 @@ def test_device_backs_off_while_server_is_down(service):
 
 
 def test_backoff_doubles_to_the_cap_with_jitter():
-    from tcprc.device import Backoff
+    from tcprc.device.app import Backoff
     backoff = Backoff(1.0, 60.0)
     delays = [backoff.next_delay() for _ in range(10)]
     for n, delay in enumerate(delays):
@@ -207,7 +207,7 @@ def test_255_clients_then_the_256th_is_refused_cleanly(tunnel, caplog):
 
 
 def test_ids_are_round_robin_and_not_reused_before_close():
-    from tcprc.server import ClientIds
+    from tcprc.server.ids import ClientIds
     ids = ClientIds()
     in_use = {}
     first = [ids.allocate(in_use) for _ in range(3)]

@@ -18,10 +18,10 @@ from support.net import is_eof, recv_exactly
 from support.services import Service
 from support.tunnel import settings
 from support.waiting import wait_for
-from tcprc import protocol
+from tcprc.wire import frames as protocol
 from tcprc.addr import address_in, parse_network
-from tcprc.device import DeviceApp
-from tcprc.protocol import CONNECT, DATA, LISTEN
+from tcprc.device.app import DeviceApp
+from tcprc.wire.frames import CONNECT, DATA, LISTEN
 
 ATTACKER = "127.0.0.2"
 

@@ -10,8 +10,9 @@ import pytest
 
 from support.net import recv_exactly
 from support.services import pattern
-from tcprc import protocol, pump
-from tcprc.writer import FrameWriter
+from tcprc.engine import pump
+from tcprc.wire import frames as protocol
+from tcprc.engine.writer import FrameWriter
 
 
 # ---- the writer on its own ----------------------------------------------------------

@@ -5,8 +5,8 @@ import struct
 import threading
 from typing import Any, Callable, NamedTuple
 
-from tcprc import protocol
-from tcprc.protocol import CLOSE, CONNECT, DATA, LISTEN
+from tcprc.wire import frames as protocol
+from tcprc.wire.frames import CLOSE, CONNECT, DATA, LISTEN
 
 from .net import recv_exactly
 from .waiting import wait_for
@@ -156,12 +156,12 @@ class Pair(NamedTuple):
 
 
 def _tcprc_device(settings: Any) -> Any:
-    from tcprc.device import DeviceApp
+    from tcprc.device.app import DeviceApp
     return DeviceApp(settings)
 
 
 def _tcprc_server(settings: Any) -> Any:
-    from tcprc.server import ServerApp
+    from tcprc.server.app import ServerApp
     return ServerApp(settings)
 
 

@@ -19,8 +19,8 @@ class Tunnel:
 
     def __init__(self, target: HostPort, server_keys: Optional[Dict[str, Any]] = None,
                  device_keys: Optional[Dict[str, Any]] = None):
-        from tcprc.device import DeviceApp
-        from tcprc.server import ServerApp
+        from tcprc.device.app import DeviceApp
+        from tcprc.server.app import ServerApp
         keys = {"listen": "127.0.0.1:0", "host": "127.0.0.1:0"}
         keys.update(server_keys or {})
         self.server = ServerApp(settings("server", **keys))
@@ -64,5 +64,5 @@ class Apps:
 
 def server_apps(**base: Any) -> Apps:
     """ServerApps listening on free ports of 127.0.0.1 unless told otherwise."""
-    from tcprc.server import ServerApp
+    from tcprc.server.app import ServerApp
     return Apps(ServerApp, "server", **dict({"listen": "127.0.0.1:0", "host": "127.0.0.1:0"}, **base))

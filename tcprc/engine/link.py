@@ -1,8 +1,11 @@
-"""One uplink, shared by both sides: frame dispatch, the stream table and the close rules.
+"""One uplink, shared by both sides: reading and dispatch, the stream table, back-pressure.
 
-The device and server links differ only in who opens streams (the device
-on CONNECT, the server on accept) and in a few answers to unexpected frames;
-those are the `on_*` hooks the subclasses fill in.
+The protocol's rules are the session's (wire.session): the link asks it at
+every rule point and carries out the actions it answers.  What the two
+sides add is I/O the session cannot do: the device dials what a CONNECT
+asks within its target policy (open_requested) and tells a refusal from a
+lost uplink; the server owns the host port, accepts clients and takes
+over from a stale uplink (listen_granted, host_ready).
 
 Back-pressure: the legacy protocol has no per-stream flow control, so bytes
 for a local socket that reads slower than the uplink delivers are queued on
@@ -23,14 +26,18 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Set
 
-from . import protocol
+from ..wire import frames as protocol
+from ..wire.session import DEBUG, FAIL, LISTENED, OPEN, REPLACE, SEND, WARN, Session
+from .buffers import FrameBuffer
 from .loop import Loop
-from .pump import PumpThread, Stream, run_pump
+from .pump import PumpHost, PumpThread, run_pump
+from .sockets import shutdown_quietly
+from .stream import DRAINING, RELEASED, SHUT, Stream
+from .transport import Transport
 from .writer import QUEUE_LIMIT, FrameWriter
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _TCP_CLOSE = 7   # tcpi_state of a connection the kernel tore down (linux/tcp_states.h)
-_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)   # Linux only
 # struct tcp_info: tcpi_bytes_received (Linux >= 4.1) is the u64 at offset 128.
 _TCPI_BYTES_RECEIVED = 128
 _TCPI_SIZE = _TCPI_BYTES_RECEIVED + 8
@@ -134,49 +141,31 @@ class _OneSource:
         self._owner.log(self._source, logging.INFO, msg, *args)
 
 
-def tune_uplink_socket(sock: socket.socket, settings: Any) -> None:
-    """Blocking uplink with keepalive, no Nagle, and a bound on blocked sends."""
-    sock.settimeout(None)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in (("TCP_KEEPIDLE", settings.keepalive_idle),
-                        ("TCP_KEEPINTVL", settings.keepalive_interval),
-                        ("TCP_KEEPCNT", settings.keepalive_count)):
-        if hasattr(socket, name):
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
-    # A worker blocked this long on a full uplink means the path is dead.
-    seconds = float(settings.send_timeout)
-    timeval = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-    # Keepalive only probes an idle connection; data left unacknowledged this
-    # long (a dead peer behind NAT) makes the kernel drop the uplink too.
-    if hasattr(socket, "TCP_USER_TIMEOUT"):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(seconds * 1000))
+class Link(PumpHost):
+    """One uplink over an injected transport, loop and session.
 
-
-def _shutdown_quietly(sock: socket.socket) -> None:
-    """Wake any thread blocked on `sock`; the fd stays open for its owner to close."""
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
-class Link:
+    Threads: run() is the link thread (it runs the loop, then tears down);
+    every method not marked otherwise is for that thread only.  From any
+    thread: stop(), call_soon(), uplink_failed(), wait_stopped(), stats()
+    (a snapshot of counters).  Pump threads reach it only as a PumpHost.
+    The loop is the link's for now: run() runs it and closes it.
+    """
     role = "link"
 
-    def __init__(self, sock: socket.socket, settings: Any, name: str):
-        self.sock = sock
+    def __init__(self, transport: Transport, loop: Loop, session: Session, settings: Any,
+                 name: str):
+        self.transport = transport
+        self.loop = loop
+        self.session = session
         self.settings = settings
         self.name = name
         self.log = logging.getLogger("tcprc." + self.role)
         self.noisy = LimitedLog(self.log)
-        tune_uplink_socket(sock, settings)
-        self.loop = Loop()
-        self.writer = FrameWriter(sock)
-        self.frames = protocol.FrameBuffer()
+        self.writer = FrameWriter(self.transport)
+        self.frames = FrameBuffer()
         self.streams: Dict[int, Stream] = {}
-        self.retiring: Set[Stream] = set()     # closed, waiting for their pump to exit
+        self.open_streams = self.streams       # PumpHost: sizes the pumps' reads
+        self.retiring: Set[Stream] = set()     # out of the table, not yet RELEASED
         self.end_reason = ""
         self.bytes_from_peer = 0
         self.started = time.monotonic()
@@ -186,13 +175,19 @@ class Link:
         self._watch_uplink_write = False
         self._flush_retry_armed = False
         self._housekeeping_armed = False
+        self._session_timer_armed = False
         self._stopped = threading.Event()
         self._dispatch = {
-            protocol.CONNECT: self.on_connect,
+            protocol.CONNECT: self._on_connect,
             protocol.CLOSE: self._on_close,
             # DATA never gets here: the read loop hands runs of it to _on_data_run.
-            protocol.LISTEN: self.on_listen,
+            protocol.LISTEN: self._on_listen,
         }
+
+    @property
+    def sock(self) -> Optional[socket.socket]:
+        """The TCP socket under a plain transport (diagnostics, tests); None otherwise."""
+        return getattr(self.transport, "sock", None)
 
     # ---- lifecycle --------------------------------------------------------------
     def run(self) -> None:
@@ -200,6 +195,7 @@ class Link:
         try:
             self._watch_uplink()
             self.on_start()
+            self._act(self.session.start(time.monotonic()))
             self.loop.run()
         finally:
             self._teardown()
@@ -208,6 +204,12 @@ class Link:
     def stop(self, reason: str) -> None:
         """Thread-safe: end this uplink."""
         self.loop.call_soon(lambda: self.fail(reason))
+
+    uplink_failed = stop   # PumpHost: a pump's send failed
+
+    def call_soon(self, callback: Any) -> None:
+        """Thread-safe (PumpHost): run `callback` in the link thread."""
+        self.loop.call_soon(callback)
 
     def wait_stopped(self, timeout: Optional[float] = None) -> bool:
         return self._stopped.wait(timeout)
@@ -220,21 +222,21 @@ class Link:
 
     def _teardown(self) -> None:
         self.on_teardown()
+        self.session.reset()
         self.writer.close()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        self.transport.shutdown()
         everything = list(self.streams.values()) + list(self.retiring)
         self.streams.clear()
         for stream in everything:
             stream.mark_closed()
-            stream.cut = True
+            stream.state = SHUT   # released below, once the pumps are gone
             stream.drop_pending()
-            self._shutdown_stream_socket(stream)
+            if stream.sock is not None:
+                self._watch_stream_write(stream, False)
+                shutdown_quietly(stream.sock)
             in_transit = stream.abandon()
             if in_transit is not None:
-                _shutdown_quietly(in_transit)
+                shutdown_quietly(in_transit)
         # Pumps wake at once (their sockets are shut down); one still inside
         # connect() finishes by itself within connect_timeout and closes its
         # own socket, since the stream is abandoned.
@@ -243,11 +245,11 @@ class Link:
             if stream.thread is not None:
                 stream.thread.join(max(0.0, deadline - time.monotonic()))
         self._closing = True
-        self.loop.close()   # runs the pumps' last call_soon (attach / pump_exited)
+        self.loop.close()   # runs the pumps' last call_soon (stream_connected / pump_exited)
         for stream in everything:
             self._release(stream)
         self.retiring.clear()
-        self.sock.close()
+        self.transport.close()
         self.log_closed()
 
     def log_closed(self) -> None:
@@ -260,21 +262,13 @@ class Link:
     def on_teardown(self) -> None:
         pass
 
-    def on_connect(self, client_id: int, payload: memoryview) -> None:
+    def open_requested(self, client_id: int, address: str, port: int, early: bytearray) -> None:
+        """The session's OPEN: a CONNECT asks for a stream (the device's part)."""
         self.noisy.warning("%s: ignored CONNECT for client %d: not expected on this side",
                            self.name, client_id)
 
-    def on_listen(self, client_id: int, payload: memoryview) -> None:
-        self.noisy.warning("%s: ignored LISTEN: not expected on this side", self.name)
-
-    def on_unknown_data(self, client_id: int, payloads: List[memoryview]) -> None:
-        """DATA frames in a row for an id with no stream; the views die with this call."""
-
-    def on_unknown_close(self, client_id: int) -> None:
-        self.log.debug("%s: CLOSE for unknown client %d ignored", self.name, client_id)
-
-    def on_close_answered(self, client_id: int) -> None:
-        pass
+    def listen_granted(self) -> None:
+        """The session's LISTENED: the peer's first LISTEN (the server's part)."""
 
     def on_stream_closed(self, stream: Stream, reason: str) -> None:
         self.log.info("%s: client %d (%s) closed: %s (%d bytes to the peer, %d from it)",
@@ -285,14 +279,14 @@ class Link:
     def _watch_uplink(self) -> None:
         if self._closing:
             return
-        self.loop.set_handlers(self.sock,
+        self.loop.set_handlers(self.transport,
                                None if self._paused or self._control_full
                                else self._on_uplink_readable,
                                self._on_uplink_writable if self._watch_uplink_write else None)
 
     def _on_uplink_readable(self) -> None:
         try:
-            count = self.frames.receive(self.sock, _DONTWAIT)
+            count = self.frames.receive(self.transport, _DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -347,9 +341,8 @@ class Link:
         """
         if self.writer.error:
             return "uplink write failed: %s" % self.writer.error
-        try:
-            info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_SIZE)
-        except (AttributeError, OSError):
+        info = self.transport.tcp_info(_TCPI_SIZE)
+        if info is None:
             return "closed by peer"
         if info[:1] == bytes([_TCP_CLOSE]):
             return "connection lost (reset or timed out)"
@@ -371,11 +364,7 @@ class Link:
         would wait for the timer.  DATA is left alone (the fast path): its
         answer, if any, carries the ACK.
         """
-        if _TCP_QUICKACK is not None:
-            try:
-                self.sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-            except OSError:
-                pass
+        self.transport.quick_ack()
         return True
 
     def _on_uplink_writable(self) -> None:
@@ -411,12 +400,60 @@ class Link:
         self._flush_retry_armed = False
         self._flush_control()
 
+    # ---- the session's rules ---------------------------------------------------------
+    def _act(self, actions: List[Any]) -> None:
+        """Carry out what the session answered, in order (see wire.session)."""
+        for action in actions:
+            kind = action[0]
+            if kind is SEND:
+                self.post(action[1], action[2], action[3])
+            elif kind is WARN:
+                self.noisy.warning("%s: %s", self.name, action[1])
+            elif kind is DEBUG:
+                self.log.debug("%s: %s", self.name, action[1])
+            elif kind is REPLACE:
+                old = self.streams.get(action[1])
+                if old is not None:
+                    self.close_stream(old, "replaced by a new CONNECT", notify_peer=False)
+            elif kind is OPEN:
+                self.open_requested(action[1], action[2], action[3], action[4])
+            elif kind is LISTENED:
+                self.listen_granted()
+            elif kind is FAIL:
+                self.fail(action[1])
+            if self.end_reason:
+                return
+
+    def _on_connect(self, client_id: int, payload: memoryview) -> None:
+        self._act(self.session.connect(client_id, payload, client_id in self.streams,
+                                       time.monotonic()))
+
+    def _on_listen(self, client_id: int, payload: memoryview) -> None:
+        self._act(self.session.listen())
+
+    def _arm_session_timer(self) -> None:
+        # One timer for whatever the session waits for: a timer per event would
+        # pile up in the loop's heap when a peer repeats it in a fast cycle.
+        if self._session_timer_armed or self._closing:
+            return
+        deadline = self.session.next_deadline()
+        if deadline is not None:
+            self._session_timer_armed = True
+            self.loop.call_later(max(0.01, deadline - time.monotonic()), self._session_timer)
+
+    def _session_timer(self) -> None:
+        self._session_timer_armed = False
+        self._act(self.session.expire(time.monotonic(),
+                                      not (self._paused or self._control_full)))
+        self._arm_session_timer()
+
     # ---- frames -----------------------------------------------------------------
     def _on_data_run(self, client_id: int, payloads: List[memoryview]) -> None:
         """DATA frames in a row for one client: their payloads, in order."""
         stream = self.streams.get(client_id)
         if stream is None:
-            self.on_unknown_data(client_id, payloads)
+            self._act(self.session.unknown_data(client_id, payloads, time.monotonic()))
+            self._arm_session_timer()
             return
         if len(payloads) == 1:
             size = len(payloads[0])
@@ -457,31 +494,36 @@ class Link:
     def _on_close(self, client_id: int, payload: memoryview) -> None:
         stream = self.streams.pop(client_id, None)
         if stream is None:
-            self.on_unknown_close(client_id)
+            self._act(self.session.peer_close(client_id, False, False, time.monotonic()))
             return
-        if stream.mark_closed():
-            self.on_stream_closed(stream, "closed by peer")
-        else:
-            # Our pump sent CLOSE and its pump_exited is still queued: the peer answers it.
-            self.on_close_answered(client_id)
-            self.on_stream_closed(stream, "closed; the peer answered")
+        # Not ours to flip: our pump sent CLOSE and its pump_exited is still
+        # queued, so the peer's CLOSE answers it.
+        answered = not stream.mark_closed()
+        self._act(self.session.peer_close(client_id, True, answered, time.monotonic()))
+        self.on_stream_closed(stream, "closed; the peer answered" if answered else "closed by peer")
         self.retiring.add(stream)
-        if stream.sock is None:
-            return   # still connecting: attach() finishes the close
         # Hand the client what the peer sent before its CLOSE, then hang up.
-        stream.draining = True
+        stream.state = DRAINING
+        if stream.sock is None:
+            return   # still connecting: stream_connected() starts the drain
         stream.last_progress = time.monotonic()
         if not stream.pending:
-            self._finish_drain(stream)
+            self._shut(stream, graceful=True)
         self._arm_housekeeping()
 
-    def _finish_drain(self, stream: Stream) -> None:
-        stream.draining = False
-        self._watch_stream_write(stream, False)
-        try:
-            stream.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self._shutdown_stream_socket(stream)
+    def _shut(self, stream: Stream, graceful: bool) -> None:
+        """-> SHUT: shut the local socket down (graceful: only its write half, after
+        a drain), then release the stream if its pump is done already."""
+        stream.state = SHUT
+        stream.drop_pending()
+        if stream.sock is not None:
+            self._watch_stream_write(stream, False)
+            try:
+                stream.sock.shutdown(socket.SHUT_WR if graceful else socket.SHUT_RDWR)
+            except OSError:
+                shutdown_quietly(stream.sock)
+        if stream.pump_done:
+            self._release(stream)
 
     # ---- streams ----------------------------------------------------------------
     def open_stream(self, stream: Stream, connect_to: Any = None) -> None:
@@ -490,56 +532,55 @@ class Link:
         stream.thread = PumpThread("tcprc-pump-%d" % stream.id, run_pump,
                                    (stream, self.writer, self, connect_to))
 
-    def attach(self, stream: Stream) -> None:
-        """Link thread: a device-side pump connected its socket."""
+    def stream_connected(self, stream: Stream) -> None:
+        """Link thread (PumpHost): a device-side pump connected its socket."""
         stream.sock = stream.take_connected()
         if stream.sock is None:
             return
-        if stream.cut or self.end_reason:
-            self._shutdown_stream_socket(stream)
-        elif stream.closed:
+        if stream.state is SHUT or self.end_reason:
+            self._shut(stream, graceful=False)
+        elif stream.state is DRAINING:
             # The peer closed it while we connected: deliver what it sent, then hang up.
-            stream.draining = True
             stream.last_progress = time.monotonic()
             if stream.pending:
                 self._watch_stream_write(stream, True)
             else:
-                self._finish_drain(stream)
+                self._shut(stream, graceful=True)
         elif stream.pending:
             self._watch_stream_write(stream, True)
 
     def close_stream(self, stream: Stream, reason: str, notify_peer: bool = True) -> None:
         """Close from this side: CLOSE to the peer (unless told not to), cut the local socket."""
-        if stream.cut or stream.released:
+        if stream.state is SHUT or stream.state is RELEASED:
             return
         if self.streams.get(stream.id) is stream:
             del self.streams[stream.id]
+            if notify_peer:
+                self.session.closed_here(stream.id, time.monotonic())
         if stream.mark_closed() and notify_peer:
             self.post(protocol.CLOSE, stream.id)
-        stream.cut = True
         self.on_stream_closed(stream, reason)
-        stream.drop_pending()
-        stream.draining = False
-        self._shutdown_stream_socket(stream)
-        if stream.pump_done:
-            self._release(stream)
-        else:
+        if not stream.pump_done:
             self.retiring.add(stream)
+        self._shut(stream, graceful=False)
 
     def pump_exited(self, stream: Stream, reason: str) -> None:
+        """Link thread (PumpHost): the stream's pump thread has ended."""
         stream.pump_done = True
         if self.streams.get(stream.id) is stream:
             # The local side ended (the pump sent CLOSE already, or the uplink is gone).
             del self.streams[stream.id]
+            self.session.closed_here(stream.id, time.monotonic())
             self.on_stream_closed(stream, reason or "closed")
-        if stream.draining:
+        if stream.state is DRAINING and stream.sock is not None:
             return   # bytes still owed to the client; released when drained or cut
         self._release(stream)
 
     def _release(self, stream: Stream) -> None:
-        if stream.released:
+        """-> RELEASED: close the local socket; nothing of the stream remains."""
+        if stream.state is RELEASED:
             return
-        stream.released = True
+        stream.state = RELEASED
         self.retiring.discard(stream)
         stream.drop_pending()
         if stream.sock is not None:
@@ -550,12 +591,6 @@ class Link:
             # The last stream is gone: the uplink buffer's bulk pages can go
             # too, once the frames of this read are handled.
             self.loop.call_soon(self.frames.calm)
-
-    def _shutdown_stream_socket(self, stream: Stream) -> None:
-        if stream.sock is None:
-            return
-        self._watch_stream_write(stream, False)
-        _shutdown_quietly(stream.sock)
 
     def _watch_stream_write(self, stream: Stream, on: bool) -> None:
         if on == stream.watching_write or stream.sock is None:
@@ -572,20 +607,15 @@ class Link:
         try:
             stream.flush_nowait()
         except OSError as exc:
-            if stream.draining:
-                stream.draining = False
-                self._shutdown_stream_socket(stream)
-                if stream.pump_done:
-                    self._release(stream)
+            if stream.state is DRAINING:
+                self._shut(stream, graceful=False)
             else:
                 self.close_stream(stream, "write failed: %s" % (exc.strerror or exc))
             return
         if stream.pending:
             return
-        if stream.draining:
-            self._finish_drain(stream)
-            if stream.pump_done:
-                self._release(stream)
+        if stream.state is DRAINING:
+            self._shut(stream, graceful=True)
         else:
             self._watch_stream_write(stream, False)
         self._maybe_resume()
@@ -622,16 +652,18 @@ class Link:
         for stream in list(self.retiring):
             # A closed stream may linger to drain and to see the client hang up,
             # but only while it makes progress, and never past LINGER when idle.
-            if stream.released:
+            if stream.state is RELEASED:
                 continue
             idle = now - stream.last_progress
-            if (stream.draining and idle > stall) or (not stream.draining and idle > LINGER):
-                stream.draining = False
-                stream.drop_pending()
-                self._shutdown_stream_socket(stream)
-                if stream.pump_done:
-                    self._release(stream)
-        if self._paused or any(not s.released for s in self.retiring):
+            if stream.sock is None:
+                # Still connecting (the connect timeout bounds that): what the
+                # peer sent goes once it has waited past LINGER.
+                if idle > LINGER:
+                    stream.drop_pending()
+            elif (stream.state is DRAINING and idle > stall) or \
+                    (stream.state is not DRAINING and idle > LINGER):
+                self._shut(stream, graceful=False)
+        if self._paused or any(s.state is not RELEASED for s in self.retiring):
             self._arm_housekeeping()
 
     # ---- status -----------------------------------------------------------------

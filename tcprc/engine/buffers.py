@@ -10,6 +10,9 @@ next bulk read maps fresh zero pages).
 """
 
 import mmap
+from typing import Any
+
+from ..wire.frames import FrameDecoder
 
 KEEP = 64 * 1024      # page-aligned; what interactive traffic uses stays mapped
 QUIET_READS = 32      # small reads in a row before the far pages are given back
@@ -56,3 +59,41 @@ class Pages:
         self._quiet = 0
         if _CAN_RELEASE and len(self._map) > KEEP:
             self._map.madvise(mmap.MADV_DONTNEED, KEEP, len(self._map) - KEEP)
+
+
+class FrameBuffer(FrameDecoder):
+    """The uplink's decoder over a mapped buffer, with the read that fills it.
+
+    `receive()` is the engine's half of the wire decoder: recv_into the
+    decoder's free space and report the count, in one call (every read of
+    the uplink passes here).
+    """
+
+    def __init__(self, size: int = 1024 * 1024):
+        # Mapped, not a zero-filled bytearray: an idle uplink pays only for
+        # the pages its frames reached, and only until traffic calms down
+        # (Pages).  1 MB: a bulk read holds 16 frames.
+        super().__init__(anonymous(size))
+        self._pages = Pages(self._buf)
+
+    def receive(self, source: Any, flags: int = 0) -> int:
+        """recv_into the free space of `source` (a socket or transport) and keep
+        what came; 0 when the peer closed.  Raises what recv_into raises."""
+        if self._start == self._end:   # all consumed: the whole buffer is free
+            self._start = self._end = 0
+            count = source.recv_into(self._view, 0, flags)
+        else:
+            count = source.recv_into(self.writable(), 0, flags)
+        self._end += count
+        if self._end > KEEP or self._pages.wide:
+            self._pages.note(self._end)
+        return count
+
+    def calm(self) -> None:
+        """Traffic stopped (the last stream closed): when nothing is held past
+        the first KEEP bytes, give the pages there back now.  Not while
+        payload views of the last read are in use: they may lie there."""
+        if self._start == self._end:
+            self._start = self._end = 0
+        if self._pages.wide and self._end <= KEEP:
+            self._pages.release()

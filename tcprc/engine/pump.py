@@ -1,12 +1,9 @@
-"""One stream (one client) and the worker thread that copies its socket into DATA frames.
+"""The worker thread of a stream: it copies the local socket into DATA frames.
 
-Ownership rules that keep threads and fds from leaking or racing:
-- The pump thread only reads its socket and writes frames; it never closes
-  the socket once it has handed it to the link (`attach`).  The link thread
-  owns closing, after the pump has said it exited.
-- `closed` means no more frames may be sent for this id.  Whoever flips it
-  first (pump on local EOF, link on CLOSE or error) decides whether a CLOSE
-  goes out, so at most one CLOSE is sent per stream and never after DATA.
+The pump only reads its socket and writes frames; it never closes the
+socket once it has handed it over (`stream_connected`): the link thread
+owns closing, after the pump has said it exited.  Which thread writes
+which field of a Stream: see engine.stream.
 """
 
 import _thread
@@ -16,17 +13,14 @@ import logging
 import os
 import socket
 import threading
-import time
-from collections import deque
-from typing import TYPE_CHECKING, Callable, Deque, Optional, Sized, Tuple, Union
+from typing import Any, Callable, Optional, Sized, Tuple, Union
 
-from . import protocol
-from .addr import connect_tcp
+from ..errors import PeerError
+from ..wire import frames as protocol
 from .buffers import KEEP, Pages, anonymous
+from .sockets import connect_tcp, tune_stream_socket
+from .stream import Stream
 from .writer import FrameWriter, UplinkClosed
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .link import Link
 
 log = logging.getLogger("tcprc.stream")
 
@@ -94,95 +88,40 @@ class PumpThread:
         return False
 
 
-class Stream:
-    def __init__(self, client_id: int, peer: str):
-        self.id = client_id
-        self.peer = peer                      # for log lines
-        self.sock: Optional[socket.socket] = None   # set in the link thread only
-        self.thread: Optional[PumpThread] = None
-        self.closed = False
-        self.cut = False                      # closed by this side: no draining
-        self._close_lock = threading.Lock()
-        self._connected: Optional[socket.socket] = None  # handed over by a connecting pump
-        self._abandoned = False
-        # Bytes for the local socket, when it took less than it was given.  A
-        # deque allocates a 64-slot block at once, so a stream only gets one
-        # while it has something queued: () otherwise.
-        self.pending: Union[Deque[memoryview], Tuple[()]] = ()
-        self.pending_bytes = 0
-        self.last_progress = time.monotonic()
-        self.watching_write = False
-        self.draining = False                 # peer closed; flush pending, then close
-        self.pump_done = False
-        self.released = False
-        self.bytes_to_peer = 0
-        self.bytes_from_peer = 0
+class PumpHost:
+    """What a pump needs from the link that owns its stream; the pump sees nothing else.
 
-    def mark_closed(self) -> bool:
-        """Flip to closed; True for the one caller that did it."""
-        with self._close_lock:
-            if self.closed:
-                return False
-            self.closed = True
-            return True
+    `open_streams`: a Sized whose len() is the number of open streams (it
+    sizes reads; read without a lock, a stale count only changes one read).
+    `call_soon(callback)` and `uplink_failed(reason)` are thread-safe; the
+    pump schedules `stream_connected(stream)` and `pump_exited(stream,
+    reason)` with call_soon, so they run in the link thread.
+    Link implements this; a test may implement it without a loop.
+    """
+    open_streams: Sized
 
-    def is_open(self) -> bool:
-        return not self.closed
+    def call_soon(self, callback: Callable[[], Any]) -> None:
+        raise NotImplementedError
 
-    def hand_over(self, sock: socket.socket) -> bool:
-        """Pump thread: offer the freshly connected socket; False if the link gave up."""
-        with self._close_lock:
-            if self._abandoned:
-                return False
-            self._connected = sock
-            return True
+    def stream_connected(self, stream: "Stream") -> None:
+        raise NotImplementedError
 
-    def take_connected(self) -> Optional[socket.socket]:
-        with self._close_lock:
-            sock, self._connected = self._connected, None
-            return sock
+    def pump_exited(self, stream: "Stream", reason: str) -> None:
+        raise NotImplementedError
 
-    def abandon(self) -> Optional[socket.socket]:
-        """Link teardown: no socket may be handed over any more; returns one in transit."""
-        with self._close_lock:
-            self._abandoned = True
-            return self._connected
-
-    def queue(self, data: memoryview) -> None:
-        if not self.pending:
-            self.pending = deque()
-        self.pending.append(data)
-        self.pending_bytes += len(data)
-
-    def flush_nowait(self) -> None:
-        """Write queued bytes to the local socket without blocking; raises OSError."""
-        while self.pending:
-            head = self.pending[0]
-            try:
-                sent = self.sock.send(head, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return
-            self.last_progress = time.monotonic()
-            self.pending_bytes -= sent
-            if sent < len(head):
-                self.pending[0] = head[sent:]
-                return
-            self.pending.popleft()
-        self.pending = ()
-
-    def drop_pending(self) -> None:
-        self.pending = ()
-        self.pending_bytes = 0
+    def uplink_failed(self, reason: str) -> None:
+        raise NotImplementedError
 
 
-class TargetRefused(OSError):
-    """The device's target policy refused what a CONNECT named."""
+class TargetRefused(PeerError, OSError):
+    """The device's target policy refused what a CONNECT named (the peer asked for
+    it; an OSError, so the pump's connect path handles it like a failed dial)."""
 
 
 REFUSED = "refused: "   # how a pump's exit reason starts after a TargetRefused
 
 
-def run_pump(stream: Stream, writer: FrameWriter, link: "Link",
+def run_pump(stream: Stream, writer: FrameWriter, host: PumpHost,
              connect_to: Union[None, Tuple[str, int, float], Callable[[], socket.socket]] = None) -> None:
     """Body of a pump thread.  `connect_to`, on the device side: (host, port,
     timeout), or a function that returns the connected socket (raises OSError)."""
@@ -194,8 +133,8 @@ def run_pump(stream: Stream, writer: FrameWriter, link: "Link",
                 if callable(connect_to):
                     sock = connect_to()
                 else:
-                    host, port, timeout = connect_to
-                    sock = connect_tcp(host, port, timeout)
+                    address, port, timeout = connect_to
+                    sock = connect_tcp(address, port, timeout)
             except OSError as exc:
                 if isinstance(exc, TargetRefused):
                     reason = REFUSED + str(exc)
@@ -210,8 +149,8 @@ def run_pump(stream: Stream, writer: FrameWriter, link: "Link",
                 sock.close()   # the link is gone; nobody else will close it
                 reason = ""
                 return
-            link.loop.call_soon(lambda: link.attach(stream))
-        _copy_to_uplink(stream, sock, writer, link.streams)
+            host.call_soon(lambda: host.stream_connected(stream))
+        _copy_to_uplink(stream, sock, writer, host.open_streams)
         if stream.mark_closed():
             writer.send(protocol.CLOSE, stream.id, memoryview(b""))
         else:
@@ -221,7 +160,7 @@ def run_pump(stream: Stream, writer: FrameWriter, link: "Link",
         if str(exc):
             # A send failed (peer gone, or stuck past send_timeout): the uplink is
             # dead even if reading it has not shown it yet.
-            link.stop("uplink write failed: %s" % exc)
+            host.uplink_failed("uplink write failed: %s" % exc)
     except OSError as exc:
         reason = "local socket error: %s" % (exc.strerror or exc)
         try:
@@ -230,12 +169,12 @@ def run_pump(stream: Stream, writer: FrameWriter, link: "Link",
         except UplinkClosed:
             pass
     finally:
-        link.loop.call_soon(lambda: link.pump_exited(stream, reason))
+        host.call_soon(lambda: host.pump_exited(stream, reason))
 
 
 def _copy_to_uplink(stream: Stream, sock: socket.socket, writer: FrameWriter,
                     open_streams: Sized) -> None:
-    if SPLICE:
+    if SPLICE and writer.can_splice:
         pipe = _open_pipe()
         if pipe is not None:
             try:
@@ -313,10 +252,3 @@ def _discard_until_eof(sock: socket.socket, buf: memoryview) -> None:
     """
     while sock.recv_into(buf):
         pass
-
-
-def tune_stream_socket(sock: socket.socket) -> None:
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:
-        pass  # not TCP (tests may use other socket kinds)

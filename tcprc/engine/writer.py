@@ -15,13 +15,14 @@ id is not queued twice, and the link stops reading the uplink while
 asking for answers would otherwise grow it without end).
 """
 
-import os
 import socket
 import threading
 from collections import deque
 from typing import Any, Callable, Deque, List, Optional, Set
 
-from . import protocol
+from ..errors import PeerError
+from ..wire import frames as protocol
+from .transport import Transport, as_transport
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _MORE = getattr(socket, "MSG_MORE", 0)
@@ -34,15 +35,24 @@ _CLOSE = protocol.CLOSE
 QUEUE_LIMIT = 16 * 1024
 
 
-class UplinkClosed(Exception):
-    """Raised to a worker whose frame can no longer be sent."""
+class UplinkClosed(PeerError):
+    """Raised to a worker whose frame can no longer be sent: the uplink is gone."""
 
 
 class FrameWriter:
+    """The uplink's frames out, over a Transport.
+
+    Pump threads call send(), send_data() and send_spliced() (blocking, under
+    the lock); the link thread calls post(), flush_nowait(), queued_bytes()
+    and close(), and never blocks on the uplink.  `bytes_sent` and `error`
+    may be read from any thread.
+    """
     DONE, BUSY, FULL = "done", "busy", "full"
 
-    def __init__(self, sock: socket.socket):
-        self._sock = sock
+    def __init__(self, transport: Transport):
+        # A bare socket is taken as a plain transport (tests, simple callers).
+        self._transport = as_transport(transport)
+        self.can_splice = self._transport.can_splice
         self._lock = threading.Lock()
         self._queued: Deque[bytes] = deque()     # control frames, whole
         self._head_sent = 0                       # bytes of _queued[0] already sent
@@ -76,12 +86,8 @@ class FrameWriter:
         if size <= _MAX_PAYLOAD:   # the common case, kept short for latency
             return self._locked(still_wanted, size, [_pack_header(size, _DATA, client_id), data],
                                 _HEADER_SIZE + size)
-        parts: List[Any] = []
-        for start in range(0, size, _MAX_PAYLOAD):
-            chunk = data[start:start + _MAX_PAYLOAD]
-            parts.append(_pack_header(len(chunk), _DATA, client_id))
-            parts.append(chunk)
-        return self._locked(still_wanted, size, parts, _HEADER_SIZE * (len(parts) // 2) + size)
+        parts, wire_bytes = protocol.data_frames(client_id, data)
+        return self._locked(still_wanted, size, parts, wire_bytes)
 
     def send_spliced(self, client_id: int, pipe: int, count: int,
                      still_wanted: Optional[Callable[[], bool]] = None) -> bool:
@@ -109,7 +115,7 @@ class FrameWriter:
                 if transmit is not None:
                     transmit()
                 else:
-                    sent = self._sock.sendmsg(parts)
+                    sent = self._transport.sendmsg(parts)
                     if sent != wire_bytes:
                         self._sendmsg_all(parts, sent)
                 # Frames queued while we held the lock would otherwise wait.
@@ -130,13 +136,8 @@ class FrameWriter:
 
     def _splice_all(self, head: bytes, pipe: int, count: int) -> None:
         # MSG_MORE holds the header back to leave in one segment with the payload.
-        self._sock.sendall(head, _MORE)
-        fd = self._sock.fileno()
-        while count:
-            moved = os.splice(pipe, fd, count)
-            if not moved:
-                raise OSError("splice to the uplink moved nothing")
-            count -= moved
+        self._transport.sendall(head, _MORE)
+        self._transport.splice_from(pipe, count)
 
     def _sendmsg_all(self, parts: List[Any], sent: int) -> None:
         """Finish a sendmsg of `parts` that took only `sent` bytes (a signal, or
@@ -149,12 +150,12 @@ class FrameWriter:
                 return
             if sent:
                 parts[0] = memoryview(parts[0])[sent:]
-            sent = self._sock.sendmsg(parts)
+            sent = self._transport.sendmsg(parts)
 
     def _flush_queued_blocking(self) -> None:
         while self._queued:
             head = self._queued[0]
-            self._sock.sendall(memoryview(head)[self._head_sent:])
+            self._transport.sendall(memoryview(head)[self._head_sent:])
             self._sent_head(head)
 
     def _sent_head(self, head: bytes) -> None:
@@ -198,7 +199,7 @@ class FrameWriter:
             while self._queued and not self.closed:
                 head = self._queued[0]
                 try:
-                    sent = self._sock.send(memoryview(head)[self._head_sent:], _DONTWAIT)
+                    sent = self._transport.send(memoryview(head)[self._head_sent:], _DONTWAIT)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError:

@@ -1,12 +1,15 @@
-"""The uplink frame codec of docs/protocol.md: a 4-byte big-endian header, then the payload.
+"""The uplink frame codec (PROTOCOL.md): a 4-byte big-endian header, then the payload.
 
     u16 payload length | u8 command | u8 client id | payload
+
+No I/O here: the decoder works over a buffer its caller owns and fills
+(engine.buffers.FrameBuffer reads a socket into it).
 """
 
 import struct
-from typing import Any, Iterator, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
-from .buffers import KEEP, Pages, anonymous
+from ..errors import PeerError
 
 HEADER = struct.Struct("!HBB")
 HEADER_SIZE = HEADER.size
@@ -22,7 +25,7 @@ COMMAND_NAMES = {CONNECT: "CONNECT", CLOSE: "CLOSE", DATA: "DATA", LISTEN: "LIST
 _PORT = struct.Struct("!H")
 
 
-class ProtocolError(ValueError):
+class ProtocolError(PeerError, ValueError):
     """A frame whose content breaks the protocol; ends at most its stream."""
 
 
@@ -34,6 +37,19 @@ def encode(command: int, client_id: int, payload: bytes = b"") -> bytes:
 
 def header(command: int, client_id: int, length: int) -> bytes:
     return HEADER.pack(length, command, client_id)
+
+
+def data_frames(client_id: int, data: Any) -> Tuple[List[Any], int]:
+    """DATA of any length as sendmsg parts (header, payload, header, ...) and
+    their total byte count: as many frames as MAX_PAYLOAD makes it."""
+    size = len(data)
+    parts: List[Any] = []
+    pack = HEADER.pack
+    for start in range(0, size, MAX_PAYLOAD):
+        chunk = data[start:start + MAX_PAYLOAD]
+        parts.append(pack(len(chunk), DATA, client_id))
+        parts.append(chunk)
+    return parts, HEADER_SIZE * (len(parts) // 2) + size
 
 
 def encode_connect_payload(address: str, port: int) -> bytes:
@@ -59,27 +75,22 @@ def decode_connect_payload(payload: bytes) -> Tuple[str, int]:
     return address, port
 
 
-class FrameBuffer:
-    """Incremental decoder over one reusable buffer.
+class FrameDecoder:
+    """Incremental decoder over one buffer the caller owns and fills.
 
-    The owner calls `receive(sock)` (or receives into `writable()` and
-    reports the byte count to `filled()`); `frames()` then yields (command,
-    client id, payload view) for every complete frame, and `sole_data()`
-    takes the common case of exactly one DATA frame.  Payload views point
-    into the buffer and are only valid until the next `receive()`,
-    `writable()` or `calm()` call.  The buffer never grows: it holds at
+    The caller receives into `writable()` and reports the byte count to
+    `filled()`; `frames()` then yields (command, client id, payload view)
+    for every complete frame, and `sole_data()` takes the common case of
+    exactly one DATA frame.  Payload views point into the buffer and are
+    only valid until the next fill.  The buffer never grows: it holds at
     least one maximal frame, and a partial frame is moved to its start.
     """
 
-    def __init__(self, size: int = 1024 * 1024):
-        if size < HEADER_SIZE + MAX_PAYLOAD:
+    def __init__(self, buf) -> None:
+        if len(buf) < HEADER_SIZE + MAX_PAYLOAD:
             raise ValueError("buffer must hold one maximal frame")
-        # Mapped, not a zero-filled bytearray: an idle uplink pays only for
-        # the pages its frames reached, and only until traffic calms down
-        # (buffers.Pages).  1 MB: a bulk read holds 16 frames.
-        self._buf = anonymous(size)
-        self._view = memoryview(self._buf)
-        self._pages = Pages(self._buf)
+        self._buf = buf
+        self._view = memoryview(buf)
         self._start = 0
         self._end = 0
 
@@ -94,32 +105,20 @@ class FrameBuffer:
             self._start, self._end = 0, pending
         return self._view[self._end:]
 
-    def receive(self, sock: Any, flags: int = 0) -> int:
-        """recv_into the free space and keep what came; 0 when the peer closed.
-
-        Raises what recv_into raises.
-        """
-        if self._start == self._end:   # all consumed: the whole buffer is free
-            self._start = self._end = 0
-            count = sock.recv_into(self._view, 0, flags)
-        else:
-            count = sock.recv_into(self.writable(), 0, flags)
-        self._end += count
-        if self._end > KEEP or self._pages.wide:
-            self._pages.note(self._end)
-        return count
-
-    def calm(self) -> None:
-        """Traffic stopped (the last stream closed): when nothing is held past
-        the first KEEP bytes, give the pages there back now.  Not while
-        payload views of the last read are in use: they may lie there."""
-        if self._start == self._end:
-            self._start = self._end = 0
-        if self._pages.wide and self._end <= KEEP:
-            self._pages.release()
-
     def filled(self, count: int) -> None:
         self._end += count
+
+    def feed(self, data: bytes) -> None:
+        """Copy `data` in (tests, and callers without a buffer of their own)."""
+        view, done = memoryview(data), 0
+        while done < len(view):
+            free = self.writable()
+            if not len(free):
+                raise ValueError("decoder buffer full: consume frames first")
+            count = min(len(free), len(view) - done)
+            free[:count] = view[done:done + count]
+            self._end += count
+            done += count
 
     def pending(self) -> int:
         """Bytes of an incomplete frame held back (useful when the peer hangs up)."""

@@ -1,6 +1,7 @@
 """A minimal selector loop: fd callbacks, timers, and call_soon from other threads.
 
-One runs per uplink, in that uplink's own thread (the product card's design).
+One runs per uplink, in that uplink's own thread (the product card's
+design); the server runs one more for its uplink acceptor.
 It drives select.epoll (select.poll where epoll is missing) itself rather
 than through the selectors module: every DATA frame the uplink delivers
 passes through one round of this loop, and a round without the wrapper's
@@ -59,6 +60,13 @@ class Timer:
 
 
 class Loop:
+    """fd callbacks, timers and a ready queue, run by one thread.
+
+    call_soon() may be called from any thread (it wakes the loop); every
+    other method belongs to the thread that runs run(), and close() to its
+    owner once run() has returned.
+    """
+
     def __init__(self) -> None:
         self._poller: Any = select.epoll() if USE_EPOLL else _Poll()
         self._handlers: Dict[int, Tuple[Optional[Callback], Optional[Callback]]] = {}

@@ -1,0 +1,207 @@
+"""DeviceApp: dial the server, serve one DeviceLink at a time, reconnect with backoff."""
+
+import logging
+import os
+import threading
+import time
+from typing import Any, Dict, Optional, Tuple
+
+from ..addr import format_hostport, parse_hostport
+from ..engine.sockets import connect_tcp
+from .link import DeviceLink, open_device_link
+
+log = logging.getLogger("tcprc.device")
+
+HostPort = Tuple[str, int]
+
+
+class Backoff:
+    """Exponential reconnect delay with jitter, reset after a healthy uplink."""
+
+    def __init__(self, first: float, cap: float):
+        self.first, self.cap = first, cap
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        delay = min(self.cap, self.first * (2 ** min(self.failures, 32)))
+        self.failures += 1
+        # Equal jitter: never less than half, so a fleet spreads out yet still waits.
+        # (os.urandom, not the random module: that import alone costs ~0.7 MB.)
+        return delay / 2 + delay / 2 * int.from_bytes(os.urandom(2), "big") / 0xFFFF
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+def _tunnel_settings_key(settings: Any) -> Tuple[Any, ...]:
+    """The settings whose change requires a new uplink."""
+    return tuple(getattr(settings, k) for k in (
+        "server", "local", "allow", "keepalive_idle", "keepalive_interval",
+        "keepalive_count", "send_timeout", "stream_buffer", "stall_timeout", "connect_timeout"))
+
+
+class DeviceApp:
+    """The device agent: a supervisor thread dials the server and serves one
+    DeviceLink at a time, reconnecting with backoff.
+
+    Every public method (start, connect, disconnect, apply_settings, close,
+    status) is thread-safe: channels (console, control socket, signals) call
+    them from their own threads; they only change state under the condition
+    and wake the supervisor, or stop the link through its thread-safe stop().
+    """
+
+    def __init__(self, settings: Any):
+        self.settings = settings
+        self._cond = threading.Condition()
+        self._server: Optional[HostPort] = None      # None: stay idle
+        self._local: HostPort = parse_hostport(settings.local)
+        self._generation = 0
+        self._closing = False
+        self._link: Optional[DeviceLink] = None
+        self._state = "idle"
+        self._last_error = ""
+        self._up_since: Optional[float] = None
+        self._totals = [0, 0]                         # bytes up/down of finished uplinks
+        self._backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
+        self._thread: Optional[threading.Thread] = None
+
+    # ---- public API (thread-safe) -------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="tcprc-device", daemon=True)
+        self._thread.start()
+        if self.settings.autostart and self.settings.server:
+            self.connect()
+
+    def connect(self, server: Optional[HostPort] = None, local: Optional[HostPort] = None) -> None:
+        """Start or restart the tunnel; None takes the value from the settings."""
+        if server is None:
+            if not self.settings.server:
+                raise ValueError("no server address: give one or set [device] server")
+            server = parse_hostport(self.settings.server)
+        if local is None:
+            local = parse_hostport(self.settings.local)
+        with self._cond:
+            self._server, self._local = server, local
+            self._restart_locked("restarted by TCPRemoteConnect")
+
+    def disconnect(self) -> None:
+        with self._cond:
+            self._server = None
+            self._restart_locked("closed by TCPRemoteDisconnect")
+
+    def apply_settings(self, settings: Any) -> None:
+        """New settings (SIGHUP, config set): the tunnel restarts only if its own settings changed."""
+        with self._cond:
+            changed = _tunnel_settings_key(settings) != _tunnel_settings_key(self.settings)
+            self.settings = settings
+            self._backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
+            if not changed:
+                return
+            self._local = parse_hostport(settings.local)
+            if settings.server and (self._server is not None or settings.autostart):
+                self._server = parse_hostport(settings.server)
+            elif not settings.server:
+                self._server = None
+            self._restart_locked("settings changed")
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._restart_locked("agent stopping")
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def status(self) -> Dict[str, Any]:
+        with self._cond:
+            link = self._link
+            up, down = self._totals
+            stats = link.stats() if link is not None else None
+            return {
+                "state": self._state,
+                "server": format_hostport(*self._server) if self._server else "",
+                "local": format_hostport(*self._local),
+                "clients": stats["clients"] if stats else 0,
+                "bytes_up": up + (stats["bytes_sent"] if stats else 0),
+                "bytes_down": down + (stats["bytes_received"] if stats else 0),
+                "uptime": (time.monotonic() - self._up_since) if self._up_since else None,
+                "last_error": self._last_error,
+            }
+
+    # ---- the supervisor thread ------------------------------------------------------
+    def _restart_locked(self, reason: str) -> None:
+        self._generation += 1
+        if self._link is not None:
+            self._link.stop(reason)
+        self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closing and self._server is None:
+                    self._state = "idle"
+                    self._cond.wait()
+                if self._closing:
+                    self._state = "idle"
+                    return
+                generation, server, local = self._generation, self._server, self._local
+                settings = self.settings
+                self._state = "connecting"
+            healthy = self._serve_once(generation, server, local, settings)
+            if healthy:
+                self._backoff.reset()
+            with self._cond:
+                if self._closing or generation != self._generation:
+                    continue   # told to stop or to use new settings: no waiting
+                delay = self._backoff.next_delay()
+                self._state = "backoff"
+                log.info("reconnecting to %s in %.1f s", format_hostport(*server), delay)
+                deadline = time.monotonic() + delay
+                while not self._closing and generation == self._generation:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+
+    def _serve_once(self, generation: int, server: HostPort, local: HostPort, settings: Any) -> bool:
+        """Dial and serve one uplink; True if it stayed up long enough to count as healthy."""
+        name = "uplink %s" % format_hostport(*server)
+        try:
+            sock = connect_tcp(server[0], server[1], settings.connect_timeout)
+        except OSError as exc:
+            with self._cond:
+                self._last_error = "connect to %s failed: %s" % (format_hostport(*server),
+                                                                  exc.strerror or exc)
+            log.warning("%s", self._last_error)
+            return False
+        try:
+            allowed = {parse_hostport(item) for item in settings.allow}
+            link = open_device_link(sock, settings, name, local, allowed)
+        except OSError as exc:
+            sock.close()
+            with self._cond:
+                self._last_error = "uplink setup failed: %s" % exc
+            return False
+        with self._cond:
+            if self._closing or generation != self._generation:
+                link.stop("superseded")
+            self._link = link
+            self._state = "up"
+            self._up_since = time.monotonic()
+        log.info("%s: connected, LISTEN sent, clients go to %s", name, format_hostport(*local))
+        try:
+            link.run()
+        finally:
+            with self._cond:
+                stats = link.stats()
+                self._totals[0] += stats["bytes_sent"]
+                self._totals[1] += stats["bytes_received"]
+                self._link = None
+                self._state = "idle" if self._server is None or self._closing else "backoff"
+                up_for = time.monotonic() - (self._up_since or time.monotonic())
+                self._up_since = None
+                if link.end_reason and generation == self._generation and not self._closing:
+                    self._last_error = link.end_reason if link.refused else \
+                        "uplink lost: %s" % link.end_reason
+        if link.refused:
+            log.warning("%s: %s", name, link.end_reason)
+        return up_for >= settings.healthy_after

@@ -1,0 +1,89 @@
+"""DeviceLink: the device's uplink: dial what a CONNECT asks, within the target policy.
+
+The protocol rules (LISTEN first, early DATA held until its CONNECT, quiet
+ids, a CONNECT on a busy id) are the DeviceSession's (wire.session); this
+link carries out its actions and adds what needs I/O: the target policy's
+dialing, and telling a refusal from a lost uplink.
+"""
+
+import socket
+import time
+from typing import Any, Set, Tuple
+
+from ..addr import format_hostport
+from ..engine.link import Link
+from ..engine.loop import Loop
+from ..engine.sockets import tune_uplink_socket
+from ..engine.transport import PlainTransport, Transport
+from ..engine.pump import REFUSED
+from ..engine.stream import Stream
+from ..wire.session import DeviceSession
+from .policy import TargetPolicy
+
+HostPort = Tuple[str, int]
+
+# A server that hangs up this soon after LISTEN, having sent nothing, refused us.
+REFUSED_WITHIN = 10.0
+
+
+class DeviceLink(Link):
+    role = "device"
+
+    def __init__(self, transport: Transport, loop: Loop, session: DeviceSession, settings: Any,
+                 name: str, policy: TargetPolicy):
+        super().__init__(transport, loop, session, settings, name)
+        self.policy = policy
+        self.refused = False
+
+    def on_silent_close(self) -> str:
+        up = time.monotonic() - self.started
+        if up >= REFUSED_WITHIN:
+            return super().on_silent_close()
+        # A legacy server has nothing to say before a client comes; closing
+        # at once is how a server turns a device away.
+        self.refused = True
+        return ("refused by the server: it closed the uplink %.1f s after LISTEN, before any "
+                "frame (another device may hold its tunnel, or this one is not let in)" % up)
+
+    def open_requested(self, client_id: int, address: str, port: int, early: bytearray) -> None:
+        direct = self.policy.direct(address, port)
+        if direct is None:
+            # Needs name lookups: the pump thread does them, never this one.
+            stream = Stream(client_id, format_hostport(address, port))
+            self._give_early(stream, early)
+            self.open_stream(stream, connect_to=lambda: self._dial_checked(client_id, address, port))
+            return
+        peer = format_hostport(*direct)
+        self.log.info("%s: client %d: connecting to %s", self.name, client_id, peer)
+        stream = Stream(client_id, peer)
+        self._give_early(stream, early)
+        self.open_stream(stream, connect_to=direct + (self.settings.connect_timeout,))
+
+    def _dial_checked(self, client_id: int, address: str, port: int) -> socket.socket:
+        """Pump thread: dial what the policy allows, with its log line for this client."""
+        def said(what: str) -> None:
+            self.log.info("%s: client %d: %s", self.name, client_id, what)
+        return self.policy.dial(address, port, self.settings.connect_timeout, said)
+
+    def _give_early(self, stream: Stream, early: bytearray) -> None:
+        # Queued ahead of any later DATA; written once the connect completes (stream_connected).
+        if early:
+            stream.queue(memoryview(early))
+            stream.bytes_from_peer += len(early)
+            self.bytes_from_peer += len(early)
+
+    def on_stream_closed(self, stream: Stream, reason: str) -> None:
+        if reason.startswith(REFUSED):   # rate-limited: the server picks what it names
+            self.noisy.warning("%s: refused client %d: %s", self.name, stream.id,
+                               reason[len(REFUSED):])
+        else:
+            super().on_stream_closed(stream, reason)
+
+
+def open_device_link(sock: socket.socket, settings: Any, name: str, target: HostPort,
+                     allowed: Set[HostPort]) -> DeviceLink:
+    """A DeviceLink over a connected uplink socket, with its parts: the socket
+    tuned and wrapped in a plain transport, a loop and a session of its own."""
+    tune_uplink_socket(sock, settings)
+    return DeviceLink(PlainTransport(sock), Loop(), DeviceSession(), settings, name,
+                      TargetPolicy(target, allowed))

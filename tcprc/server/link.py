@@ -1,0 +1,160 @@
+"""ServerLink: the server's uplink: LISTEN opens the host port, a stream per accepted client."""
+
+import logging
+import socket
+import struct
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+from ..addr import format_hostport, source_key
+from ..engine.link import LimitedLog, Link
+from ..engine.loop import Loop
+from ..engine.stream import Stream
+from ..engine.sockets import accept_nowait, tune_stream_socket, tune_uplink_socket
+from ..engine.transport import PlainTransport, Transport
+from ..wire import frames as protocol
+from ..wire.session import ServerSession
+from .ids import MAX_CLIENTS, ClientIds
+
+HANDOVER = object()   # claim_host: the port comes later, through host_ready
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .app import ServerApp
+
+
+class ServerLink(Link):
+    role = "server"
+
+    def __init__(self, transport: Transport, loop: Loop, session: ServerSession, settings: Any,
+                 name: str, app: "ServerApp", host: str = ""):
+        super().__init__(transport, loop, session, settings, name)
+        self.ids = session.ids
+        self.app = app
+        self.host = host                   # the source address, for allow_from
+        self.source = source_key(host)     # what per-source limits count
+        self.noisy = app.uplink_log.of(self.source)
+        self.evicted = False
+        self.host_sock: Optional[socket.socket] = None
+        self._accept_paused = False
+        self.refusals = LimitedLog(self.log)
+        self._listen_timer = None
+
+    @property
+    def listening(self) -> bool:
+        """The device's LISTEN came (the session's rule: nothing else before it)."""
+        return self.session.listening
+
+    def on_start(self) -> None:
+        self._listen_timer = self.loop.call_later(self.settings.listen_timeout, self._no_listen)
+
+    def _no_listen(self) -> None:
+        if not self.listening:
+            self.fail("no LISTEN within %.1f s" % self.settings.listen_timeout)
+
+    def evict(self, reason: str) -> None:
+        """Thread-safe: drop this uplink unless its LISTEN got in first."""
+        def drop() -> None:
+            if not self.listening:
+                self.evicted = True
+                self.fail(reason)
+        self.loop.call_soon(drop)
+
+    def log_closed(self) -> None:
+        level = logging.WARNING if self.evicted else logging.INFO
+        self.app.uplink_log.log(self.source, level, "%s: uplink closed: %s",
+                                self.name, self.end_reason or "stopped")
+
+    def listen_granted(self) -> None:
+        self._listen_timer.cancel()
+        self.app.listened(self)
+        try:
+            sock = self.app.claim_host(self)
+        except OSError as exc:
+            self.fail("cannot open host port %s: %s" % (self.settings.host, exc.strerror or exc))
+            return
+        if sock is None:
+            self.fail("host port %s belongs to a live uplink (takeover = false)" % self.settings.host)
+        elif sock is not HANDOVER:
+            self.host_ready(sock, None)
+        # HANDOVER: the uplink that holds the port was told to stop; its
+        # teardown hands the port over through host_ready, in this thread.
+
+    def host_ready(self, sock: Optional[socket.socket], error: Optional[OSError]) -> None:
+        """Link thread: the host port is ours (or could not be opened: `error`)."""
+        if sock is None:
+            exc = error or OSError("no host port")
+            self.fail("cannot open host port %s: %s" % (self.settings.host, exc.strerror or exc))
+            return
+        if self._closing or self.end_reason:
+            return   # ending already: release_host closes the listener (the app owns it)
+        self.host_sock = sock
+        self.loop.set_handlers(self.host_sock, self._accept, None)
+        self.app.uplink_log.info(self.source, "%s: LISTEN: clients accepted on %s", self.name,
+                                 format_hostport(*self.host_sock.getsockname()[:2]))
+
+    def _resume_accept(self) -> None:
+        self._accept_paused = False
+        if self.host_sock is not None and not self.end_reason:
+            self.loop.set_handlers(self.host_sock, self._accept, None)
+
+    def _accept(self) -> None:
+        client_id, announce = self.session.open(self.streams, time.monotonic())
+        if client_id is None and self.ids.wait:
+            # Clients wait in the backlog until the first id's grace ends.
+            if not self._accept_paused:
+                self._accept_paused = True
+                self.loop.forget(self.host_sock)
+                self.loop.call_later(self.ids.wait, self._resume_accept)
+            return
+        try:
+            accepted = accept_nowait(self.host_sock)
+        except OSError as exc:
+            self.refusals.warning("%s: accept failed: %s", self.name, exc.strerror or exc)
+            return
+        if accepted is None:
+            return
+        client, peer = accepted
+        who = format_hostport(*peer[:2])
+        if client_id is None:
+            held = self.ids.held_count()
+            self.refusals.warning("%s: refused client %s: all %d client ids of this tunnel are in use%s",
+                                  self.name, who, MAX_CLIENTS,
+                                  " (%d closed, awaiting the device's CLOSE)" % held if held else "")
+            client.close()
+            return
+        tune_stream_socket(client)
+        stream = Stream(client_id, who)
+        stream.sock = client
+        self.log.info("%s: client %d (%s) connected", self.name, client_id, who)
+        # CONNECT is queued before the pump starts, so it precedes the client's DATA.
+        self._act(announce)
+        self.open_stream(stream)
+
+    def on_teardown(self) -> None:
+        if self.host_sock is not None:
+            self.loop.forget(self.host_sock)
+            self.host_sock = None   # the app closes it
+        self.app.release_host(self)
+
+
+def open_server_link(sock: socket.socket, settings: Any, name: str, app: "ServerApp",
+                     host: str) -> ServerLink:
+    """A ServerLink over an accepted uplink socket, with its parts: the socket
+    tuned and wrapped in a plain transport, a loop and a session of its own."""
+    tune_uplink_socket(sock, settings)
+    transport = PlainTransport(sock)
+    session = ServerSession(
+        ClientIds(settings.id_quarantine),
+        protocol.encode_connect_payload(settings.connect_address, settings.connect_port),
+        lambda: _rtt(transport))
+    return ServerLink(transport, Loop(), session, settings, name, app, host)
+
+
+def _rtt(transport: Transport) -> float:
+    """The uplink's smoothed round trip in seconds (0.0 when unknown): the
+    session holds a closed id for a few of them."""
+    info = transport.tcp_info(104)
+    try:
+        return struct.unpack_from("=I", info, 68)[0] / 1e6   # tcpi_rtt, microseconds
+    except (TypeError, struct.error):
+        return 0.0
