@@ -7,7 +7,7 @@ over whole (`_replace`), so a thread holding the old one sees consistent
 values. NamedTuple, not dataclasses: those import inspect, ast and dis (~1 MB).
 """
 
-from typing import List, NamedTuple
+from typing import List, NamedTuple, Union
 
 
 class DeviceSettings(NamedTuple):
@@ -67,3 +67,7 @@ class LogSettings(NamedTuple):
     """[log]: level and target of the "tcprc" logger."""
     level: str
     target: str
+
+
+# What a Link reads: the uplink keys both ends have.
+LinkSettings = Union[DeviceSettings, ServerSettings]

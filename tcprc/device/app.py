@@ -9,6 +9,7 @@ from typing import Any, Dict, Optional, Tuple
 from ..addr import format_hostport, parse_hostport
 from ..engine.sockets import connect_tcp
 from .link import DeviceLink, open_device_link
+from ..settings import DeviceSettings
 
 log = logging.getLogger("tcprc.device")
 
@@ -33,7 +34,7 @@ class Backoff:
         self.failures = 0
 
 
-def _tunnel_settings_key(settings: Any) -> Tuple[Any, ...]:
+def _tunnel_settings_key(settings: DeviceSettings) -> Tuple[Any, ...]:
     """The settings whose change requires a new uplink."""
     return tuple(getattr(settings, k) for k in (
         "server", "local", "allow", "keepalive_idle", "keepalive_interval",
@@ -50,7 +51,7 @@ class DeviceApp:
     and wake the supervisor, or stop the link through its thread-safe stop().
     """
 
-    def __init__(self, settings: Any):
+    def __init__(self, settings: DeviceSettings):
         self.settings = settings
         self._cond = threading.Condition()
         self._server: Optional[HostPort] = None      # None: stay idle
@@ -89,7 +90,7 @@ class DeviceApp:
             self._server = None
             self._restart_locked("closed by TCPRemoteDisconnect")
 
-    def apply_settings(self, settings: Any) -> None:
+    def apply_settings(self, settings: DeviceSettings) -> None:
         """New settings (SIGHUP, config set): the tunnel restarts only if its own settings changed."""
         with self._cond:
             changed = _tunnel_settings_key(settings) != _tunnel_settings_key(self.settings)
@@ -162,7 +163,7 @@ class DeviceApp:
                         break
                     self._cond.wait(remaining)
 
-    def _serve_once(self, generation: int, server: HostPort, local: HostPort, settings: Any) -> bool:
+    def _serve_once(self, generation: int, server: HostPort, local: HostPort, settings: DeviceSettings) -> bool:
         """Dial and serve one uplink; True if it stayed up long enough to count as healthy."""
         name = "uplink %s" % format_hostport(*server)
         try:

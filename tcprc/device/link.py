@@ -8,7 +8,7 @@ dialing, and telling a refusal from a lost uplink.
 
 import socket
 import time
-from typing import Any, Set, Tuple
+from typing import Set, Tuple
 
 from ..addr import format_hostport
 from ..engine.link import Link
@@ -19,6 +19,7 @@ from ..engine.pump import REFUSED
 from ..engine.stream import Stream
 from ..wire.session import DeviceSession
 from .policy import TargetPolicy
+from ..settings import DeviceSettings
 
 HostPort = Tuple[str, int]
 
@@ -29,7 +30,7 @@ REFUSED_WITHIN = 10.0
 class DeviceLink(Link):
     role = "device"
 
-    def __init__(self, transport: Transport, loop: Loop, session: DeviceSession, settings: Any,
+    def __init__(self, transport: Transport, loop: Loop, session: DeviceSession, settings: DeviceSettings,
                  name: str, policy: TargetPolicy):
         super().__init__(transport, loop, session, settings, name)
         self.policy = policy
@@ -80,7 +81,7 @@ class DeviceLink(Link):
             super().on_stream_closed(stream, reason)
 
 
-def open_device_link(sock: socket.socket, settings: Any, name: str, target: HostPort,
+def open_device_link(sock: socket.socket, settings: DeviceSettings, name: str, target: HostPort,
                      allowed: Set[HostPort]) -> DeviceLink:
     """A DeviceLink over a connected uplink socket, with its parts: the socket
     tuned and wrapped in a plain transport, a loop and a session of its own."""

@@ -35,6 +35,7 @@ from .sockets import shutdown_quietly
 from .stream import DRAINING, RELEASED, SHUT, Stream
 from .transport import Transport
 from .writer import QUEUE_LIMIT, FrameWriter
+from ..settings import LinkSettings
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _TCP_CLOSE = 7   # tcpi_state of a connection the kernel tore down (linux/tcp_states.h)
@@ -152,7 +153,7 @@ class Link(PumpHost):
     """
     role = "link"
 
-    def __init__(self, transport: Transport, loop: Loop, session: Session, settings: Any,
+    def __init__(self, transport: Transport, loop: Loop, session: Session, settings: LinkSettings,
                  name: str):
         self.transport = transport
         self.loop = loop

@@ -9,6 +9,7 @@ import struct
 from typing import Any, List, Optional, Tuple
 
 from ..addr import SockAddr
+from ..settings import LinkSettings
 
 HostPort = Tuple[str, int]
 
@@ -71,7 +72,7 @@ def bind_listener(address: HostPort, backlog: int = 128) -> socket.socket:
     return sock
 
 
-def tune_uplink_socket(sock: socket.socket, settings: Any) -> None:
+def tune_uplink_socket(sock: socket.socket, settings: LinkSettings) -> None:
     """Blocking uplink with keepalive, no Nagle, and a bound on blocked sends."""
     sock.settimeout(None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -27,6 +27,7 @@ from ..engine.link import LimitedLog, SourceLog
 from ..engine.loop import Loop
 from ..engine.sockets import accept_nowait, bind_listener
 from .link import HANDOVER, ServerLink, open_server_link
+from ..settings import ServerSettings
 
 log = logging.getLogger("tcprc.server")
 
@@ -42,7 +43,7 @@ class ServerApp:
     own threads, under the app's lock, and never wait for another link.
     """
 
-    def __init__(self, settings: Any):
+    def __init__(self, settings: ServerSettings):
         self.settings = settings
         self.listen_address: Optional[HostPort] = None
         self.host_address: Optional[HostPort] = None
@@ -96,7 +97,7 @@ class ServerApp:
         for link in links:
             link.wait_stopped(5)
 
-    def apply_settings(self, settings: Any) -> None:
+    def apply_settings(self, settings: ServerSettings) -> None:
         """New settings: a changed listen port cannot move without a restart; say so."""
         if settings.listen != self.settings.listen:
             log.warning("listen address change to %s needs a restart; still on %s",

@@ -4,7 +4,7 @@ import logging
 import socket
 import struct
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 from ..addr import format_hostport, source_key
 from ..engine.link import LimitedLog, Link
@@ -15,6 +15,7 @@ from ..engine.transport import PlainTransport, Transport
 from ..wire import frames as protocol
 from ..wire.session import ServerSession
 from .ids import MAX_CLIENTS, ClientIds
+from ..settings import ServerSettings
 
 HANDOVER = object()   # claim_host: the port comes later, through host_ready
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
 class ServerLink(Link):
     role = "server"
 
-    def __init__(self, transport: Transport, loop: Loop, session: ServerSession, settings: Any,
+    def __init__(self, transport: Transport, loop: Loop, session: ServerSession, settings: ServerSettings,
                  name: str, app: "ServerApp", host: str = ""):
         super().__init__(transport, loop, session, settings, name)
         self.ids = session.ids
@@ -137,7 +138,7 @@ class ServerLink(Link):
         self.app.release_host(self)
 
 
-def open_server_link(sock: socket.socket, settings: Any, name: str, app: "ServerApp",
+def open_server_link(sock: socket.socket, settings: ServerSettings, name: str, app: "ServerApp",
                      host: str) -> ServerLink:
     """A ServerLink over an accepted uplink socket, with its parts: the socket
     tuned and wrapped in a plain transport, a loop and a session of its own."""
