@@ -150,6 +150,9 @@ class SshR:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+STALL_TIMEOUT = 2.0
+
+
 class Tcprc:
     """`python -m tcprc server` + `python -m tcprc device` from this checkout."""
     name = "tcprc"
@@ -206,6 +209,13 @@ class Tcprc:
             with open(paths[role], "w") as f:
                 # As deployed, with a control socket (in our temp dir, not /run).
                 f.write('[control]\nsocket = "%s"\n' % os.path.join(self.dir, "%s-%d.sock" % (role, host)))
+                # iperf3 stops reading its data connection at the end of a test
+                # and waits for the results on its control connection, which
+                # the legacy protocol (no per-stream flow control) carries
+                # behind that unread data: the tunnel stalls until the stalled
+                # stream is cut (stall_timeout, 30 s by default; iperf3 gives
+                # up before that).  Only the end of a test waits these 2 s.
+                f.write('[%s]\nstall_timeout = %s\n' % (role, STALL_TIMEOUT))
         log = open(os.path.join(self.dir, "tcprc-%d.log" % host), "w+")
         server = procs.start([self.python, "-m", "tcprc", "server", "-c", paths["server"],
                               "--listen", "%s:%d" % (LOCAL, listen), "--host", "%s:%d" % (LOCAL, host)],
