@@ -1,4 +1,4 @@
-"""A device that a server turns away says so; control frames are ACKed at once."""
+"""A device that a server turns away says so; a CLOSE is ACKed at once."""
 
 import socket
 
@@ -56,7 +56,7 @@ def test_an_uplink_lost_after_frames_is_not_called_a_refusal(service):
         legacy.close()
 
 
-def test_control_frames_are_acked_at_once_for_a_server_with_nagle(service):
+def test_a_close_is_acked_at_once_for_a_server_with_nagle(service):
     # The Java server writes with Nagle on: a small frame waits until the
     # previous one is ACKed.  A CLOSE the device does not answer must not wait
     # for its delayed ACK (40 ms or more), or every next client waits too.

@@ -320,7 +320,7 @@ class Link(PumpHost):
             if command == protocol.DATA:
                 run_id, run = client_id, [payload]
                 continue
-            if not acked:
+            if not acked and command == protocol.CLOSE:
                 acked = self._ack_now()
             handler = dispatch.get(command)
             if handler is None:
@@ -357,13 +357,16 @@ class Link(PumpHost):
         return "closed by peer"
 
     def _ack_now(self) -> bool:
-        """ACK what was read at once, not after the delayed-ACK timer (40 ms or more).
+        """ACK a read that held a CLOSE at once, not after the delayed-ACK timer (40 ms).
 
-        No answer follows a control frame soon (CONNECT waits for the service,
-        CLOSE for nothing), and a peer with Nagle on, as the Java server is,
-        holds its next small frame until that ACK: every back-to-back client
-        would wait for the timer.  DATA is left alone (the fast path): its
-        answer, if any, carries the ACK.
+        Nothing answers a CLOSE, and a peer with Nagle on, as the Java server
+        is, holds its next small frame (the next client's CONNECT) until that
+        ACK: every back-to-back client would wait for the timer.  Only CLOSE:
+        through the Java server, 100 back-to-back connections took a median
+        of 1.4 ms with that, 8.5 ms when every control frame was ACKed at once
+        (the extra ACKs cost the server's Nagle more than they save), 45 ms
+        without; each ACK is also a packet and a system call (tcprc's own
+        connection rate: 3% lower when CONNECTs were ACKed too).
         """
         self.transport.quick_ack()
         return True
