@@ -8,7 +8,7 @@ dialing, and telling a refusal from a lost uplink.
 
 import socket
 import time
-from typing import Set, Tuple
+from typing import Any, Set, Tuple
 
 from ..addr import format_hostport
 from ..engine.link import Link
@@ -50,15 +50,15 @@ class DeviceLink(Link):
         direct = self.policy.direct(address, port)
         if direct is None:
             # Needs name lookups: the pump thread does them, never this one.
-            stream = Stream(client_id, format_hostport(address, port))
-            self._give_early(stream, early)
-            self.open_stream(stream, connect_to=lambda: self._dial_checked(client_id, address, port))
-            return
-        peer = format_hostport(*direct)
-        self.log.info("%s: client %d: connecting to %s", self.name, client_id, peer)
+            peer = format_hostport(address, port)
+            connect_to: Any = lambda: self._dial_checked(client_id, address, port)
+        else:
+            peer = format_hostport(*direct)
+            self.log.info("%s: client %d: connecting to %s", self.name, client_id, peer)
+            connect_to = direct + (self.settings.connect_timeout,)
         stream = Stream(client_id, peer)
-        self._give_early(stream, early)
-        self.open_stream(stream, connect_to=direct + (self.settings.connect_timeout,))
+        self._give_early(stream, early)   # either way: held DATA goes first
+        self.open_stream(stream, connect_to=connect_to)
 
     def _dial_checked(self, client_id: int, address: str, port: int) -> socket.socket:
         """Pump thread: dial what the policy allows, with its log line for this client."""
