@@ -66,15 +66,20 @@ def _stream(link, client_id):
     return None
 
 
+def _connected(link, peer, target, client_id):
+    """CONNECT `client_id` to `target`; (its stream once connected, the target's socket)."""
+    peer.send(CONNECT, client_id, frames.encode_connect_payload("", 0))
+    client = target.accept()
+    stream = wait_for(lambda: _stream(link, client_id), what="the stream")
+    wait_for(lambda: stream.sock is not None, what="the stream to connect")
+    return stream, client
+
+
 def test_a_stream_closed_by_the_peer_drains_then_shuts_then_is_released():
     target = _Target()
     link, peer = _start_link(target)
     try:
-        peer.send(CONNECT, 1, frames.encode_connect_payload("", 0))
-        client = target.accept()
-        wait_for(lambda: _stream(link, 1) is not None and _stream(link, 1).sock is not None,
-                 what="the stream to connect")
-        stream = _stream(link, 1)
+        stream, client = _connected(link, peer, target, 1)
         assert stream.state == states.OPEN
         # More than the client's socket takes at once, then the peer's CLOSE
         # (sent by a thread: the link may pause reading until the client reads).
@@ -108,11 +113,7 @@ def test_a_stream_cut_by_this_side_goes_straight_to_shut_and_is_released():
     target = _Target()
     link, peer = _start_link(target)
     try:
-        peer.send(CONNECT, 2, frames.encode_connect_payload("", 0))
-        client = target.accept()
-        wait_for(lambda: _stream(link, 2) is not None and _stream(link, 2).sock is not None,
-                 what="the stream to connect")
-        old = _stream(link, 2)
+        old, client = _connected(link, peer, target, 2)
         # A CONNECT on the busy id replaces the stream: the old one is cut, no CLOSE.
         peer.send(CONNECT, 2, frames.encode_connect_payload("", 0))
         target.listener.settimeout(10)

@@ -226,32 +226,21 @@ def test_narrowing_allow_from_at_run_time_drops_an_uplink_now_outside(server, ca
     device.close()
 
 
-def test_takeover_refusal_names_both_sources(server, caplog):
-    app = server(takeover=False)
+@pytest.mark.parametrize("takeover, ended, line", [
+    (False, "rival", "LISTEN refused: the tunnel belongs to"),
+    (True, "device", "LISTEN takes over the tunnel from"),
+])
+def test_takeover_lines_name_both_sources(server, caplog, takeover, ended, line):
+    app = server(takeover=takeover)
     device = dial(app.listen_address, source="127.0.0.1")
     device.sendall(protocol.encode(LISTEN, 0))
     wait_for(lambda: app.host_address, what="LISTEN")
     rival = dial(app.listen_address)
     rival.sendall(protocol.encode(LISTEN, 0))
-    assert is_eof(rival, timeout=5)
-    wanted = "uplink %s:%d: LISTEN refused: the tunnel belongs to uplink 127.0.0.1:%d" % (
-        ATTACKER, rival.getsockname()[1], device.getsockname()[1])
-    wait_for(lambda: lines_about(caplog, wanted), what="the refusal line")
-    rival.close()
-    device.close()
-
-
-def test_takeover_line_names_both_sources(server, caplog):
-    app = server()
-    device = dial(app.listen_address, source="127.0.0.1")
-    device.sendall(protocol.encode(LISTEN, 0))
-    wait_for(lambda: app.host_address, what="LISTEN")
-    rival = dial(app.listen_address)
-    rival.sendall(protocol.encode(LISTEN, 0))
-    assert is_eof(device, timeout=5)
-    wanted = "uplink %s:%d: LISTEN takes over the tunnel from uplink 127.0.0.1:%d" % (
-        ATTACKER, rival.getsockname()[1], device.getsockname()[1])
-    wait_for(lambda: lines_about(caplog, wanted), what="the takeover line")
+    assert is_eof(rival if ended == "rival" else device, timeout=5)
+    wanted = "uplink %s:%d: %s uplink 127.0.0.1:%d" % (
+        ATTACKER, rival.getsockname()[1], line, device.getsockname()[1])
+    wait_for(lambda: lines_about(caplog, wanted), what="the %s line" % line)
     rival.close()
     device.close()
 
