@@ -1,0 +1,236 @@
+"""The protocol v2 handshake as two state machines without I/O (docs/protocol.md,
+"Protocol version 2"): bytes of HELLO, CHALLENGE, AUTH, WELCOME in, payloads to
+send out, HandshakeError (with the REJECT code to send) on anything wrong.
+
+Only a v2 uplink imports this module: hmac and hashlib stay out of a legacy
+agent.  Nothing secret appears in a message, an error or a repr.
+"""
+
+import hashlib
+import hmac
+import os
+from typing import Callable, Optional
+
+from ..errors import PeerError
+from . import frames
+from .frames import ProtocolError, VersionError
+
+SERVER_LABEL = b"tcprc v2 server\0"
+DEVICE_LABEL = b"tcprc v2 device\0"
+_HEX = frozenset("0123456789abcdefABCDEF")
+_EXPECTING = {"start": "nothing before HELLO", "hello": "HELLO", "challenge": "CHALLENGE",
+              "auth": "AUTH", "welcome": "WELCOME", "done": "nothing more",
+              "failed": "nothing: the handshake failed"}
+
+
+class HandshakeError(PeerError):
+    """The handshake failed; `code` is the REJECT code to send, the message one line."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def check_secret(text: str) -> Optional[str]:
+    """Why `text` is too weak for a secret (under 128 bits), or None."""
+    need = 32 if text and set(text) <= _HEX else 22
+    if len(text) >= need:
+        return None
+    return ("the secret has %d characters: 128 bits need at least 22, or 32 when it is "
+            "hex digits only" % len(text))
+
+
+def valid_device_id(text: str) -> bool:
+    """1..64 characters of [A-Za-z0-9._-] ("" is no id)."""
+    return bool(text) and frames.valid_id(text)
+
+
+def server_proof(key: bytes, hello: bytes, challenge_body: bytes) -> bytes:
+    """proof_s: over the HELLO payload and the CHALLENGE payload before proof_len."""
+    return hmac.new(key, SERVER_LABEL + hello + challenge_body, hashlib.sha256).digest()
+
+
+def device_proof(key: bytes, hello: bytes, challenge: bytes) -> bytes:
+    """proof_d: over the HELLO payload and the whole CHALLENGE payload."""
+    return hmac.new(key, DEVICE_LABEL + hello + challenge, hashlib.sha256).digest()
+
+
+def _malformed(exc: ProtocolError) -> HandshakeError:
+    if isinstance(exc, VersionError):
+        return HandshakeError(frames.REJECT_VERSION, str(exc))
+    return HandshakeError(frames.REJECT_MALFORMED, str(exc))
+
+
+def _out_of_order(name: str, state: str) -> HandshakeError:
+    return HandshakeError(frames.REJECT_MALFORMED,
+                          "%s out of order: expected %s" % (name, _EXPECTING[state]))
+
+
+def _nonce(nonce: Optional[bytes]) -> bytes:
+    if nonce is None:
+        return os.urandom(frames.NONCE_SIZE)
+    if len(nonce) != frames.NONCE_SIZE:
+        raise ValueError("a nonce is %d bytes" % frames.NONCE_SIZE)
+    return bytes(nonce)
+
+
+class DeviceHandshake:
+    """The device's side: hello(), on_challenge() -> AUTH, on_welcome() -> host.
+
+    An id and a secret go together: the server proves the secret (proof_s)
+    only to a HELLO that named an id, so a device with an id refuses a
+    CHALLENGE without a valid proof, and a device without one refuses a
+    CHALLENGE that carries a proof (malformed: it answers no question we asked).
+    """
+
+    def __init__(self, device_id: str, secret: Optional[bytes], window: int,
+                 nonce: Optional[bytes] = None) -> None:
+        if device_id and not valid_device_id(device_id):
+            raise ValueError("bad device id")
+        if bool(device_id) != bool(secret):
+            raise ValueError("a device id needs a secret, and a secret an id")
+        self.device_id = device_id
+        self._key = secret or None
+        self.window = window
+        self._nonce = _nonce(nonce)
+        self._hello = None          # type: Optional[bytes]
+        self._state = "start"
+        self.peer_window = None     # type: Optional[int]
+        self.host = None            # type: Optional[str]
+
+    def __repr__(self) -> str:
+        return "DeviceHandshake(id=%r, state=%s)" % (self.device_id, self._state)
+
+    def hello(self) -> bytes:
+        if self._hello is None:
+            self._hello = frames.encode_hello(self._nonce, self.window, self.device_id)
+            self._state = "challenge"
+        return self._hello
+
+    def on_challenge(self, payload) -> bytes:
+        """The AUTH payload to send; HandshakeError when the CHALLENGE is bad."""
+        self._expect("challenge", "CHALLENGE")
+        try:
+            challenge, body = frames.decode_challenge(payload)
+        except ProtocolError as exc:
+            raise self._fail(_malformed(exc)) from None
+        if self._key is None:
+            if challenge.proof:
+                raise self._fail(HandshakeError(
+                    frames.REJECT_MALFORMED, "CHALLENGE carries a proof for a HELLO without id"))
+            auth = frames.encode_auth()
+        else:
+            if not challenge.proof:
+                raise self._fail(self._unproven("no proof in its CHALLENGE"))
+            expected = server_proof(self._key, self._hello, body)
+            if not hmac.compare_digest(challenge.proof, expected):
+                raise self._fail(self._unproven("wrong proof"))
+            auth = frames.encode_auth(device_proof(self._key, self._hello, bytes(payload)))
+        self.peer_window = challenge.window
+        self._state = "welcome"
+        return auth
+
+    def on_welcome(self, payload) -> str:
+        """The "ADDR:PORT" where the server accepts this device's clients."""
+        self._expect("welcome", "WELCOME")
+        try:
+            self.host = frames.decode_welcome(payload)
+        except ProtocolError as exc:
+            raise self._fail(_malformed(exc)) from None
+        self._state = "done"
+        return self.host
+
+    def _unproven(self, why: str) -> HandshakeError:
+        return HandshakeError(frames.REJECT_BAD_PROOF, "the server failed to prove the secret "
+                              "for id %s (%s)" % (self.device_id, why))
+
+    def _expect(self, state: str, name: str) -> None:
+        if self._state != state:
+            raise self._fail(_out_of_order(name, self._state))
+
+    def _fail(self, error: HandshakeError) -> HandshakeError:
+        self._state = "failed"
+        return error
+
+
+class ServerHandshake:
+    """The server's side: on_hello() -> CHALLENGE, on_auth() checks the proof.
+
+    `lookup(id)` gives the secret of a configured device id, None for an
+    unknown one.  Afterwards: device_id ("" = anonymous), peer_window,
+    authenticated (the device proved the secret of device_id), done.
+    """
+
+    def __init__(self, lookup: Callable[[str], Optional[bytes]], window: int,
+                 legacy_allowed: bool, nonce: Optional[bytes] = None) -> None:
+        self._lookup = lookup
+        self.window = window
+        self.legacy_allowed = legacy_allowed
+        self._nonce = _nonce(nonce)
+        self._key = None            # type: Optional[bytes]
+        self._hello = b""
+        self._challenge = b""
+        self._state = "hello"
+        self.device_id = ""
+        self.peer_window = None     # type: Optional[int]
+        self.authenticated = False
+        self.done = False
+
+    def __repr__(self) -> str:
+        return "ServerHandshake(id=%r, state=%s)" % (self.device_id, self._state)
+
+    def on_hello(self, payload) -> bytes:
+        """The CHALLENGE payload to send."""
+        self._expect("hello", "HELLO")
+        try:
+            hello = frames.decode_hello(payload)
+        except ProtocolError as exc:
+            raise self._fail(_malformed(exc)) from None
+        self.device_id = hello.device_id
+        if not hello.device_id:
+            if not self.legacy_allowed:
+                raise self._fail(HandshakeError(
+                    frames.REJECT_IDENTITY_REQUIRED, "HELLO without id: this server requires one"))
+        else:
+            self._key = self._lookup(hello.device_id) or None
+            if self._key is None:
+                raise self._fail(HandshakeError(
+                    frames.REJECT_UNKNOWN_ID, "unknown id %s" % hello.device_id))
+        self._hello = bytes(payload)
+        self.peer_window = hello.window
+        body = frames.challenge_body(self._nonce, self.window)
+        proof = b"" if self._key is None else server_proof(self._key, self._hello, body)
+        self._challenge = frames.encode_challenge(self._nonce, self.window, proof)
+        self._state = "auth"
+        return self._challenge
+
+    def on_auth(self, payload) -> None:
+        """Returns when the device may have its session; raises otherwise."""
+        self._expect("auth", "AUTH")
+        try:
+            proof = frames.decode_auth(payload)
+        except ProtocolError as exc:
+            raise self._fail(_malformed(exc)) from None
+        if self._key is None:
+            if proof:
+                raise self._fail(HandshakeError(
+                    frames.REJECT_MALFORMED, "AUTH carries a proof for a HELLO without id"))
+        else:
+            expected = device_proof(self._key, self._hello, self._challenge)
+            # compare_digest also when the proof is missing: one path, one timing.
+            matches = hmac.compare_digest(proof or bytes(frames.PROOF_SIZE), expected)
+            if not (matches and proof):
+                raise self._fail(HandshakeError(
+                    frames.REJECT_BAD_PROOF, "bad proof for id %s" % self.device_id))
+            self.authenticated = True
+        self._state = "done"
+        self.done = True
+
+    def _expect(self, state: str, name: str) -> None:
+        if self._state != state:
+            raise self._fail(_out_of_order(name, self._state))
+
+    def _fail(self, error: HandshakeError) -> HandshakeError:
+        self._state = "failed"
+        self._key = None
+        return error
