@@ -20,7 +20,8 @@ from .ops.service import Service
 WORKER_STACK = 256 * 1024
 
 _ROLE_FLAGS = {
-    "device": (("--server", "server"), ("--local", "local")),
+    "device": (("--server", "server"), ("--local", "local"), ("--id", "id"),
+               ("--secret-file", "secret_file")),
     "server": (("--listen", "listen"), ("--host", "host")),
 }
 
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     device.add_argument("-c", "--config", metavar="FILE", help="TOML config (see etc/tcprc.toml)")
     device.add_argument("--server", metavar="ADDR:PORT", help="ServerAddress:ServerPort to dial")
     device.add_argument("--local", metavar="ADDR:PORT", help="LocalAddress:LocalPort of the service")
+    device.add_argument("--id", metavar="ID", help="this device's identity on the server (v2)")
+    device.add_argument("--secret-file", metavar="FILE",
+                        help="file holding the secret of --id (replaces [device] secret)")
     device.add_argument("--console", metavar="PORT",
                         help="serial console on PORT (/dev/ttyS0, a pty or a pyserial URL)")
     add_service_arguments(device)
@@ -66,9 +70,11 @@ def load_role_config(role: str, args: argparse.Namespace) -> Config:
     cfg = load_config(args.config, role)
     overrides = []
     for flag, key in _ROLE_FLAGS[role]:
-        value = getattr(args, flag.lstrip("-"))
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
             overrides.append((role, key, value, flag))
+            if key == "secret_file":   # the file's own secret gives way, not "exclusive"
+                overrides.append((role, "secret", "", flag))
     return with_overrides(cfg, overrides) if overrides else cfg
 
 

@@ -7,7 +7,58 @@ over whole (`_replace`), so a thread holding the old one sees consistent
 values. NamedTuple, not dataclasses: those import inspect, ast and dis (~1 MB).
 """
 
-from typing import List, NamedTuple, Union
+from typing import Any, List, Mapping, NamedTuple, Optional, Union
+
+
+class Secret:
+    """A shared secret that never shows itself: repr, str and format give
+    "<secret>", pickling refuses. Equal by value (constant time), so a
+    settings change is seen; reveal() hands the bytes to the HMAC."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: bytes):
+        self._value = bytes(value)
+
+    def reveal(self) -> bytes:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "<secret>"
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return "<secret>"
+
+    def __eq__(self, other: Any) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        import hmac   # only when settings are compared; keeps the start small
+        return hmac.compare_digest(self._value, other._value)
+
+    def __ne__(self, other: Any) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    def __hash__(self) -> int:
+        return hash((Secret, self._value))
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("a Secret is not pickled (it would be written out in clear)")
+
+    def __copy__(self) -> "Secret":
+        return self   # immutable
+
+    def __deepcopy__(self, memo: Any) -> "Secret":
+        return self
+
+
+class DeviceEntry(NamedTuple):
+    """One [server.devices.ID] table: a device with its own identity (v2)."""
+    id: str
+    secret: Secret
+    host: str
 
 
 class DeviceSettings(NamedTuple):
@@ -20,6 +71,17 @@ class DeviceSettings(NamedTuple):
     reconnect_min: float
     reconnect_max: float
     healthy_after: float
+    # protocol v2: identity and TLS (validated and resolved by ops.config)
+    protocol: str
+    id: str
+    secret: Optional[Secret]     # from `secret` or read from `secret_file`; None: no identity
+    secret_file: str
+    tls: bool
+    tls_ca: str
+    tls_fingerprint: str         # "sha256:" + 64 lower-case hex digits, or ""
+    tls_server_name: str
+    tls_cert: str
+    tls_key: str
     # the uplink keys both ends have (Link)
     keepalive_idle: int
     keepalive_interval: int
@@ -27,6 +89,9 @@ class DeviceSettings(NamedTuple):
     send_timeout: float
     stream_buffer: int
     stall_timeout: float
+    window: int
+    heartbeat_interval: float
+    heartbeat_timeout: float
 
 
 class ServerSettings(NamedTuple):
@@ -41,6 +106,12 @@ class ServerSettings(NamedTuple):
     connect_address: str
     connect_port: int
     id_quarantine: float
+    # protocol v2: who may dial in, and TLS
+    legacy: bool                 # identity-less (legacy) devices allowed
+    tls_cert: str
+    tls_key: str
+    tls_client_ca: str
+    devices: Mapping[str, DeviceEntry]   # read-only: id -> entry
     # the uplink keys both ends have (Link)
     keepalive_idle: int
     keepalive_interval: int
@@ -48,6 +119,9 @@ class ServerSettings(NamedTuple):
     send_timeout: float
     stream_buffer: int
     stall_timeout: float
+    window: int
+    heartbeat_interval: float
+    heartbeat_timeout: float
 
 
 class ConsoleSettings(NamedTuple):

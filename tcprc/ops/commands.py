@@ -14,7 +14,8 @@ from typing import Any, Callable, Dict, List, NamedTuple, Sequence, Tuple
 from ..addr import format_hostport, parse_hostport, parse_port
 from ..errors import CommandError, ConfigError
 from . import tomlwrite
-from .config import SCHEMA, Config, check_value, save_config, value_from_words
+from .config import (SCHEMA, SECRET_KEYS, Config, SectionProblem, check_value, device_table,
+                     replace_value, save_config, value_from_words)
 from .config import one_line as _one_line
 
 log = logging.getLogger("tcprc.commands")
@@ -50,11 +51,24 @@ def _format_status_value(key: str, value: Any) -> str:
         if seconds >= 86400:
             clock = "%dd %s" % (seconds // 86400, clock)
         return "%ds (%s)" % (seconds, clock)
+    if key == "rtt" and isinstance(value, (int, float)):   # seconds, smoothed (v2 PING)
+        if value >= 1:
+            return "%.2f s" % value
+        return "%.1f ms" % (value * 1000)
     return _one_line(value)
 
 
-_STATUS_ORDER = ("state", "server", "listen", "host", "device", "local", "clients",
-                 "bytes_up", "bytes_down", "uptime", "last_error")
+_STATUS_ORDER = ("state", "protocol", "tls", "server", "listen", "host", "device", "device_id",
+                 "local", "clients", "bytes_up", "bytes_down", "rtt", "uptime", "last_error")
+
+HIDDEN = "<hidden>"
+# `config set device.secret VALUE` and the like: the value never reaches a log.
+_SECRET_SET = re.compile(r"(?i)^(\s*config\s+set\s+\S*secret\S*)\s.*$")
+
+
+def masked(line: str) -> str:
+    """A command line as logs may show it: the value of a secret replaced."""
+    return _SECRET_SET.sub(r"\1 " + HIDDEN, line)
 
 
 class CommandParser:
@@ -103,7 +117,7 @@ class CommandParser:
         except CommandError as exc:
             return ["ERROR " + _one_line(exc)]
         except Exception as exc:  # a bug must not take the channel down
-            log.exception("command %r failed", line[:200])
+            log.exception("command %r failed", masked(line)[:200])
             return ["ERROR internal error: %s" % _one_line("%s: %s" % (type(exc).__name__, exc))]
 
     # -- tunnel ----------------------------------------------------------
@@ -192,12 +206,47 @@ class CommandParser:
             raise CommandError("usage: config get KEY (for example config get device.server)")
         if args[0] in SCHEMA[self.role]:
             section = args[0]
-            values = getattr(self.cfg, section)._asdict()
-            return ["%s.%s = %s" % (section, key, tomlwrite.format_value(values[key]))
-                    for key in SCHEMA[self.role][section]] + [OK]
+            lines: List[str] = []
+            for key in SCHEMA[self.role][section]:
+                lines += self._shown(section, key)
+            return lines + [OK]
+        if self.role == "server" and args[0].startswith("server.devices."):
+            return self._device_get(args[0]) + [OK]
         section, key = self._split_key(args[0])
+        return self._shown(section, key) + [OK]
+
+    def _shown(self, section: str, key: str) -> List[str]:
+        """`config get` lines of one key: secrets hidden, devices as ids and hosts."""
         value = getattr(getattr(self.cfg, section), key)
-        return ["%s.%s = %s" % (section, key, tomlwrite.format_value(value)), OK]
+        if key == "devices":
+            if not value:
+                return ["server.devices = (none)"]
+            return ["%s.host = %s" % (device_table(ident), tomlwrite.format_value(entry.host))
+                    for ident, entry in value.items()]
+        if key in SECRET_KEYS:
+            return ["%s.%s = %s" % (section, key, HIDDEN if value is not None else '""')]
+        return ["%s.%s = %s" % (section, key, tomlwrite.format_value(value))]
+
+    def _device_get(self, text: str) -> List[str]:
+        """server.devices.ID[.KEY]: the host shows, every other key of the table is hidden."""
+        devices = self.cfg.server.devices
+        rest = text[len("server.devices."):]
+        ident, key = rest, ""
+        if rest not in devices:
+            ident, _, key = rest.rpartition(".")
+        if ident not in devices:
+            raise CommandError("no device %r in server.devices (known: %s)"
+                               % (_one_line(rest), ", ".join(sorted(devices)) or "none"))
+        if key and key not in ("host", "secret", "secret_file"):
+            raise CommandError("unknown key %r (known in [%s]: host, secret, secret_file)"
+                               % (_one_line(key), device_table(ident)))
+        host = "%s.host = %s" % (device_table(ident), tomlwrite.format_value(devices[ident].host))
+        secret = "%s.secret = %s" % (device_table(ident), HIDDEN)
+        if key == "host":
+            return [host]
+        if key:
+            return ["%s.%s = %s" % (device_table(ident), key, HIDDEN)]
+        return [host, secret]
 
     def _config_set(self, args: List[str]) -> List[str]:
         if len(args) < 2:
@@ -205,15 +254,21 @@ class CommandParser:
                                "device.server 203.0.113.5:9000)")
         section, key = self._split_key(args[0])
         spec = SCHEMA[self.role][section][key]
+        if spec.type is dict:
+            raise CommandError("%s is a set of tables: edit the configuration file and reload "
+                               "(SIGHUP)" % args[0])
         try:
             value = value_from_words(args[0], spec.type, args[1:])
         except ValueError as exc:
             raise CommandError(str(exc))
         try:
             value = check_value(self.role, section, key, value)
+            updated = replace_value(self.cfg, section, key, value)
+        except SectionProblem as exc:
+            where = "" if exc.table == section else "[%s] " % exc.table
+            raise CommandError("%s: %s%s" % (args[0], where, exc))
         except ValueError as exc:
             raise CommandError("%s: %s" % (args[0], exc))
-        updated = getattr(self.cfg, section)._replace(**{key: value})
         detail: List[str] = []
         if section == self.role:
             # The app compares old and new settings, so it gets a new object.
@@ -226,7 +281,8 @@ class CommandParser:
             detail.append("%s.%s takes effect at the next start" % (section, key))
         self.cfg.sections[section] = updated
         self._changes[(section, key)] = value
-        log.info("config set %s.%s = %s", section, key, tomlwrite.format_value(value))
+        log.info("config set %s.%s = %s", section, key,
+                 HIDDEN if key in SECRET_KEYS else tomlwrite.format_value(value))
         return detail + [OK]
 
     def _config_save(self, args: List[str]) -> List[str]:

@@ -9,12 +9,13 @@ Also here, next to the schema they follow: command words to values
 """
 
 import os
+from types import MappingProxyType
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from ..addr import parse_hostport, parse_network
 from ..errors import ConfigError
-from ..settings import (ConsoleSettings, ControlSettings, DeviceSettings, LogSettings,
-                        ServerSettings)
+from ..settings import (ConsoleSettings, ControlSettings, DeviceEntry, DeviceSettings,
+                        LogSettings, Secret, ServerSettings)
 from . import tomlwrite
 from .tomlwrite import tomllib   # tomllib, or tomli before Python 3.11: chosen once, there
 
@@ -85,6 +86,59 @@ def _log_target(value: Any) -> Optional[str]:
     return "must be auto, stderr, syslog or an absolute file path, got %r" % value
 
 
+_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+MAX_ID = 64
+
+
+def _device_id(allow_empty: bool) -> Callable[[Any], Optional[str]]:
+    """A v2 identity: what HELLO can carry (v2.md)."""
+    def check(value: Any) -> Optional[str]:
+        if value == "" and allow_empty:
+            return None
+        if not 0 < len(value) <= MAX_ID or not _ID_CHARS.issuperset(value):
+            return ("must be 1 to %d characters of A-Z a-z 0-9 . _ -, got %r"
+                    % (MAX_ID, value[:MAX_ID + 8]))
+        return None
+    return check
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _normal_fingerprint(value: str) -> Optional[str]:
+    """"sha256:" + 64 hex digits (colons between pairs allowed) -> lower case without colons."""
+    kind, _, digits = value.partition(":")
+    if kind.lower() != "sha256":
+        return None
+    if ":" in digits:
+        pairs = digits.split(":")
+        if any(len(pair) != 2 for pair in pairs):
+            return None
+        digits = "".join(pairs)
+    digits = digits.lower()
+    if len(digits) != 64 or not _HEX.issuperset(digits):
+        return None
+    return "sha256:" + digits
+
+
+def _fingerprint(value: Any) -> Optional[str]:
+    if value and _normal_fingerprint(value) is None:
+        return "must be \"sha256:\" and 64 hex digits (colons between pairs allowed), got %r" % (
+            value[:120],)
+    return None
+
+
+def secret_problem(text: str) -> Optional[str]:
+    """Why `text` is too weak for a secret (at least 128 bits, v2.md), never quoting it."""
+    if all(c in "0123456789abcdefABCDEF" for c in text):
+        if len(text) >= 32:
+            return None
+    elif len(text) >= 22:
+        return None
+    return ("is shorter than 128 bits: use at least 32 hex digits or 22 other characters "
+            "(e.g. openssl rand -hex 16)")
+
+
 class Key(NamedTuple):
     type: type
     default: Any
@@ -99,7 +153,10 @@ _LINK_KEYS = {
     "keepalive_count": Key(int, 5, _between(1, 50), "unanswered probes before the uplink is declared dead"),
     "send_timeout": Key(float, 60.0, _between(1, 3600), "seconds a frame may wait on a congested uplink before it is declared dead"),
     "stream_buffer": Key(int, 262144, _between(4096, 16 * 1024 * 1024), "bytes queued for one slow local socket before the uplink stops reading"),
-    "stall_timeout": Key(float, 30.0, _between(0.1, 3600), "seconds a stream over its buffer may make no progress before it is closed"),
+    "stall_timeout": Key(float, 30.0, _between(0.1, 3600), "seconds a stream over its buffer may make no progress before it is closed (legacy sessions)"),
+    "window": Key(int, 262144, _between(16384, 16 * 1024 * 1024), "bytes a peer may send on one stream before this end returns credit (protocol v2)"),
+    "heartbeat_interval": Key(float, 15.0, _between(1, 3600), "seconds between PINGs on a v2 uplink"),
+    "heartbeat_timeout": Key(float, 45.0, _between(2, 86400), "seconds without any frame from the peer before a v2 uplink is ended; must exceed heartbeat_interval"),
 }
 
 SCHEMA: Dict[str, Dict[str, Dict[str, Key]]] = {
@@ -113,6 +170,16 @@ SCHEMA: Dict[str, Dict[str, Dict[str, Key]]] = {
             "reconnect_min": Key(float, 1.0, _between(0.01, 3600), "first reconnect delay, doubled per failure"),
             "reconnect_max": Key(float, 60.0, _between(0.01, 86400), "cap of the reconnect delay"),
             "healthy_after": Key(float, 30.0, _between(0.1, 86400), "seconds up after which the reconnect delay resets"),
+            "protocol": Key(str, "auto", _one_of("auto", "legacy", "v2"), "auto: v2 when the server offers it, else legacy; legacy: never v2; v2: never legacy"),
+            "id": Key(str, "", _device_id(True), "this device's identity on the server (v2); empty: none"),
+            "secret": Key(str, "", None, "the shared secret of `id` (at least 128 bits); prefer secret_file"),
+            "secret_file": Key(str, "", None, "file holding the secret (surrounding white space ignored)"),
+            "tls": Key(bool, False, None, "wrap the uplink in TLS"),
+            "tls_ca": Key(str, "", None, "PEM file of the CAs that sign the server's certificate; empty: the system's"),
+            "tls_fingerprint": Key(str, "", _fingerprint, "sha256:<64 hex digits> of the server's certificate, pinned instead of (or besides) a CA"),
+            "tls_server_name": Key(str, "", _wire_address, "name the server's certificate must carry; empty: the host of `server`"),
+            "tls_cert": Key(str, "", None, "PEM certificate this device shows the server (with tls_key)"),
+            "tls_key": Key(str, "", None, "PEM private key of tls_cert"),
         }, **_LINK_KEYS),
         "console": {
             "port": Key(str, "", None, "serial device or pyserial URL; empty: no console"),
@@ -140,6 +207,11 @@ SCHEMA: Dict[str, Dict[str, Dict[str, Key]]] = {
             "connect_address": Key(str, "127.0.0.1", _wire_address, "address sent in CONNECT: a legacy device dials exactly it (with connect_port: 127.0.0.1:23 by default); a tcprc device takes \"\" or this default as its own `local`"),
             "connect_port": Key(int, 23, _between(0, 65535), "port sent in CONNECT"),
             "id_quarantine": Key(float, 10.0, _between(0.1, 600), "seconds at most a client id the server closed waits for the device's answering CLOSE before reuse, once the device is seen to answer (legacy Lua agents do); otherwise a few uplink round trips"),
+            "legacy": Key(bool, None, None, "identity-less (legacy) devices may dial in; absent: true without [server.devices.ID] tables, false with"),
+            "tls_cert": Key(str, "", None, "PEM certificate of the uplink listener (with tls_key); empty: no TLS"),
+            "tls_key": Key(str, "", None, "PEM private key of tls_cert"),
+            "tls_client_ca": Key(str, "", None, "PEM file of the CAs devices' certificates must be signed by; empty: none asked"),
+            "devices": Key(dict, {}, None, "[server.devices.ID] tables: host (ADDR:PORT, required), secret or secret_file"),
         }, **_LINK_KEYS),
         "control": {
             "socket": Key(str, "/run/tcprc/tcprc-server.sock", None, "Unix socket for `tcprc ctl`; empty: none"),
@@ -185,7 +257,10 @@ class Config:
 
 def _type_name(tp: type) -> str:
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-            list: "a list"}[tp]
+            list: "a list", dict: "a table"}[tp]
+
+
+SECRET_KEYS = frozenset(("secret",))   # values no message, log line or `config get` shows
 
 
 def check_value(role: str, section: str, key: str, value: Any) -> Any:
@@ -196,6 +271,8 @@ def check_value(role: str, section: str, key: str, value: Any) -> Any:
     if spec.type is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, spec.type) or (spec.type is not bool and isinstance(value, bool)):
+        if key in SECRET_KEYS:   # never quote what may be a secret
+            raise ValueError("must be %s" % _type_name(spec.type))
         raise ValueError("must be %s, got %r" % (_type_name(spec.type), value))
     if spec.check is not None:
         problem = spec.check(value)
@@ -225,8 +302,213 @@ def build_config(role: str, raw: Dict[str, Any], source: str, path: Optional[str
                 values[key] = check_value(role, name, key, value)
             except ValueError as exc:
                 raise ConfigError("%s: [%s] %s %s" % (source, name, key, exc)) from None
-        sections[name] = SECTION_TYPES[name](**values)
+        try:
+            sections[name] = finish_section(name, values)
+        except SectionProblem as exc:
+            raise ConfigError("%s: [%s] %s" % (source, exc.table, exc)) from None
     return Config(role=role, path=path, raw=raw, sections=sections)
+
+
+# -- checks across keys, and what is resolved at build time (secrets, devices) --------
+
+class SectionProblem(ValueError):
+    """One line about a table: `table` as the file names it ("device", "server.devices.gw1")."""
+
+    def __init__(self, table: str, text: str):
+        super().__init__(text)
+        self.table = table
+
+
+MAX_SECRET_FILE = 4096   # bytes; a secret is short, and /dev/zero must not fill the memory
+_DEVICE_TABLE_KEYS = ("host", "secret", "secret_file")
+
+
+def finish_section(name: str, values: Dict[str, Any]) -> Any:
+    """The settings of section `name` from checked single values: the checks
+    across keys, and secrets, devices and `legacy` resolved. SectionProblem if not.
+
+    `config set` passes values of a built section back in: a resolved Secret or
+    devices mapping is kept as it is (files are not read again)."""
+    if "heartbeat_timeout" in values and values["heartbeat_timeout"] <= values["heartbeat_interval"]:
+        raise SectionProblem(name, "heartbeat_timeout (%s) must exceed heartbeat_interval (%s)"
+                             % (values["heartbeat_timeout"], values["heartbeat_interval"]))
+    if name == "device":
+        _finish_device(values)
+    elif name == "server":
+        _finish_server(values)
+    return SECTION_TYPES[name](**values)
+
+
+def _resolve_secret(table: str, secret: Any, path: str) -> Optional[Secret]:
+    """`secret` (a str from the file) or the content of `path`, as a Secret."""
+    if isinstance(secret, Secret):
+        return secret
+    if secret and path:
+        raise SectionProblem(table, "secret and secret_file are exclusive: set one of them")
+    if path:
+        return _read_secret(table, path)
+    if not secret:
+        return None
+    problem = secret_problem(secret)
+    if problem:
+        raise SectionProblem(table, "secret " + problem)
+    return Secret(secret.encode("utf-8"))
+
+
+def _read_secret(table: str, path: str) -> Secret:
+    def fail(problem: str) -> SectionProblem:
+        return SectionProblem(table, "secret_file %s: %s" % (path, problem))
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_SECRET_FILE + 1)
+    except FileNotFoundError:
+        raise fail("no such file") from None
+    except IsADirectoryError:
+        raise fail("is a directory") from None
+    except PermissionError:
+        raise fail("permission denied") from None
+    except OSError as exc:
+        raise fail(exc.strerror or str(exc)) from None
+    if len(data) > MAX_SECRET_FILE:
+        raise fail("longer than %d bytes: not a secret file" % MAX_SECRET_FILE)
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise fail("not UTF-8 text") from None
+    if not text:
+        raise fail("is empty")
+    problem = secret_problem(text)
+    if problem:
+        raise fail("the secret in it " + problem)
+    return Secret(text.encode("utf-8"))
+
+
+def _check_files(table: str, values: Dict[str, Any], keys: Tuple[str, ...]) -> None:
+    """TLS files: the pair cert/key complete, and every file readable now."""
+    if bool(values["tls_cert"]) != bool(values["tls_key"]):
+        given, missing = ("tls_cert", "tls_key") if values["tls_cert"] else ("tls_key", "tls_cert")
+        raise SectionProblem(table, "%s is set but %s is not: they go together" % (given, missing))
+    for key in keys:
+        path = values[key]
+        if not path:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except FileNotFoundError:
+            problem = "no such file"
+        except IsADirectoryError:
+            problem = "is a directory"
+        except PermissionError:
+            problem = "permission denied"
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+        else:
+            continue
+        raise SectionProblem(table, "%s %s: %s" % (key, path, problem))
+
+
+def _finish_device(values: Dict[str, Any]) -> None:
+    secret = values["secret"] = _resolve_secret("device", values["secret"], values["secret_file"])
+    if values["id"] and secret is None:
+        raise SectionProblem("device", "id %r needs secret or secret_file" % values["id"])
+    if secret is not None and not values["id"]:
+        raise SectionProblem("device", "a secret needs an id: set id as well (the server's "
+                                       "[server.devices.ID] table)")
+    tls_keys = [key for key in ("tls_ca", "tls_fingerprint", "tls_server_name", "tls_cert",
+                                "tls_key") if values[key]]
+    if values["protocol"] == "legacy":
+        given = (["id"] if values["id"] else []) + (["tls"] if values["tls"] else []) + tls_keys
+        if given:
+            raise SectionProblem("device", "protocol = \"legacy\" contradicts %s: the legacy "
+                                           "protocol has no identity and no TLS" % ", ".join(given))
+    if tls_keys and not values["tls"]:
+        raise SectionProblem("device", "%s is set but tls is false: set tls = true"
+                             % " and ".join(tls_keys))
+    _check_files("device", values, ("tls_ca", "tls_cert", "tls_key"))
+    if values["tls_fingerprint"]:
+        values["tls_fingerprint"] = _normal_fingerprint(values["tls_fingerprint"])
+
+
+def _finish_server(values: Dict[str, Any]) -> None:
+    devices = values["devices"]
+    if isinstance(devices, dict):   # the raw tables; a built mapping is kept
+        values["devices"] = MappingProxyType(
+            {ident: _device_entry(ident, table) for ident, table in devices.items()})
+    if values["legacy"] is None:
+        values["legacy"] = not values["devices"]
+    _check_files("server", values, ("tls_cert", "tls_key", "tls_client_ca"))
+    if values["tls_client_ca"] and not values["tls_cert"]:
+        raise SectionProblem("server", "tls_client_ca needs tls_cert and tls_key (TLS on the "
+                                       "uplink listener)")
+    _check_hosts(values)
+
+
+def device_table(ident: str) -> str:
+    return "server.devices." + tomlwrite.format_key(ident)
+
+
+def _device_entry(ident: str, table: Any) -> DeviceEntry:
+    problem = _device_id(False)(ident)
+    if problem:
+        raise SectionProblem(device_table(ident), "device id " + problem)
+    name = device_table(ident)
+    if not isinstance(table, dict):
+        raise SectionProblem("server.devices", "%s must be a table [%s]" % (ident, name))
+    for key, value in table.items():
+        if key not in _DEVICE_TABLE_KEYS:
+            hint = ""
+            if isinstance(value, dict):   # [server.devices.gw.1]: a dotted id unquoted
+                hint = "; an id with a dot is quoted: [server.devices.\"%s.%s\"]" % (ident, key)
+            raise SectionProblem(name, "unknown key %r (known: %s)%s"
+                                 % (key, ", ".join(_DEVICE_TABLE_KEYS), hint))
+        if not isinstance(value, str):
+            raise SectionProblem(name, "%s must be a string" % key
+                                 + ("" if key in SECRET_KEYS else ", got %r" % (value,)))
+    host = table.get("host")
+    if not host:
+        raise SectionProblem(name, "host is required: the ADDR:PORT where this device's "
+                                   "clients connect")
+    problem = _hostport(False, bind=True)(host)
+    if problem:
+        raise SectionProblem(name, "host " + problem)
+    secret = _resolve_secret(name, table.get("secret", ""), table.get("secret_file", ""))
+    if secret is None:
+        raise SectionProblem(name, "needs secret or secret_file")
+    return DeviceEntry(id=ident, secret=secret, host=host)
+
+
+_ANY_ADDRESS = ("", "0.0.0.0", "::")
+
+
+def _check_hosts(values: Dict[str, Any]) -> None:
+    """Every device's host can be bound beside the others and [server] listen and host."""
+    taken = [("[server] listen", values["listen"]), ("[server] host", values["host"])]
+    for entry in values["devices"].values():
+        host, port = parse_hostport(entry.host, allow_empty_host=True, allow_zero_port=True)
+        for owner, other in taken:
+            other_host, other_port = parse_hostport(other, allow_empty_host=True,
+                                                    allow_zero_port=True)
+            if port and port == other_port and (
+                    host == other_host or host in _ANY_ADDRESS or other_host in _ANY_ADDRESS):
+                raise SectionProblem(device_table(entry.id), "host %s collides with %s %s"
+                                     % (entry.host, owner, other))
+        taken.append(("the host of device %r" % entry.id, entry.host))
+
+
+def replace_value(cfg: Config, section: str, key: str, value: Any) -> Any:
+    """`config set`: `section` of cfg with key = value (checked alone already),
+    checked across keys as at start. SectionProblem (one line) if not."""
+    current = getattr(cfg, section)
+    values = current._asdict()
+    values[key] = value
+    if section == "device" and key in ("secret", "secret_file"):
+        # Resolve afresh. A secret that came from `secret` stays text, so
+        # secret_file then meets it as exclusive; one read from a file is dropped.
+        if key == "secret_file":
+            from_key = current.secret is not None and not current.secret_file
+            values["secret"] = current.secret.reveal().decode("utf-8") if from_key else ""
+    return finish_section(section, values)
 
 
 def load_config(path: Optional[str], role: str) -> Config:

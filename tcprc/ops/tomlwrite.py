@@ -1,7 +1,7 @@
 """A small TOML writer for the value types of the config schema.
 
 Handles what tcprc configs hold: tables of str, int, float, bool and lists of
-those. `update_text` edits an existing file in place so that comments and
+those, and sub-tables ([server.devices.ID]). `update_text` edits an existing file in place so that comments and
 layout survive `config save`; `atomic_write` replaces the file safely.
 """
 
@@ -70,18 +70,25 @@ def format_value(value: Any) -> str:
     raise TypeError("cannot write %s as a TOML value" % type(value).__name__)
 
 
+def _dump_tables(path: List[str], table: Dict[str, Any], parts: List[str]) -> None:
+    """[path] with its values, then its sub-tables as [path.sub] ([server.devices.gw1])."""
+    lines = ["[%s]" % ".".join(format_key(name) for name in path)]
+    for key, value in table.items():
+        if not isinstance(value, dict):
+            lines.append("%s = %s" % (format_key(key), format_value(value)))
+    parts.append("\n".join(lines) + "\n")
+    for key, value in table.items():
+        if isinstance(value, dict):
+            _dump_tables(path + [key], value, parts)
+
+
 def dumps(doc: Dict[str, Any]) -> str:
-    """A document of top-level scalars followed by one level of tables."""
+    """A document of top-level scalars followed by its tables (nested ones too)."""
     head: List[str] = []
     tables: List[str] = []
     for key, value in doc.items():
         if isinstance(value, dict):
-            lines = ["[%s]" % format_key(key)]
-            for sub, item in value.items():
-                if isinstance(item, dict):
-                    raise TypeError("nested table %s.%s is not supported" % (key, sub))
-                lines.append("%s = %s" % (format_key(sub), format_value(item)))
-            tables.append("\n".join(lines) + "\n")
+            _dump_tables([key], value, tables)
         else:
             head.append("%s = %s\n" % (format_key(key), format_value(value)))
     parts = ["".join(head)] if head else []
@@ -89,7 +96,13 @@ def dumps(doc: Dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-_HEADER = re.compile(r"^\s*\[\s*([A-Za-z0-9_-]+|\"[^\"]*\")\s*\]\s*(#.*)?$")
+_PART = r"(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')"
+_HEADER = re.compile(r"^\s*\[\s*(%s(?:\s*\.\s*%s)*)\s*\]\s*(#.*)?$" % (_PART, _PART))
+
+
+def _header_path(text: str) -> Tuple[str, ...]:
+    """The names of a table header: 'server.devices."gw.1"' -> ("server", "devices", "gw.1")."""
+    return tuple(part.strip("\"'") for part in re.findall(_PART, text))
 
 
 def _key_line(key: str) -> "re.Pattern[str]":
@@ -106,18 +119,20 @@ def update_text(text: str, changes: Dict[Tuple[str, str], Any]) -> str:
     """
     lines = text.splitlines()
     pending = dict(changes)
-    table: Optional[str] = None
-    last_line_of: Dict[Optional[str], int] = {None: -1}
+    # The table a line is in, by its header's names: [server.devices.gw1]
+    # is not [server], so a key there is never taken for one of [server].
+    table: Tuple[str, ...] = ()
+    last_line_of: Dict[Tuple[str, ...], int] = {(): -1}
     for index, line in enumerate(lines):
         header = _HEADER.match(line)
         if header:
-            table = header.group(1).strip('"')
+            table = _header_path(header.group(1))
             last_line_of[table] = index
             continue
         if line.strip() and not line.lstrip().startswith("#"):
             last_line_of[table] = index
         for (name, key), value in list(pending.items()):
-            if name != table:
+            if (name,) != table:
                 continue
             match = _key_line(key).match(line)
             if match:
@@ -128,8 +143,8 @@ def update_text(text: str, changes: Dict[Tuple[str, str], Any]) -> str:
     appended: Dict[str, List[str]] = {}
     for (name, key), value in pending.items():
         assignment = "%s = %s" % (format_key(key), format_value(value))
-        if name in last_line_of:
-            inserts.setdefault(last_line_of[name], []).append(assignment)
+        if (name,) in last_line_of:
+            inserts.setdefault(last_line_of[(name,)], []).append(assignment)
         else:
             appended.setdefault(name, []).append(assignment)
     for index in sorted(inserts, reverse=True):
