@@ -21,7 +21,7 @@ WORKER_STACK = 256 * 1024
 
 _ROLE_FLAGS = {
     "device": (("--server", "server"), ("--local", "local"), ("--id", "id"),
-               ("--secret-file", "secret_file")),
+               ("--secret-file", "secret_file"), ("--protocol", "protocol")),
     "server": (("--listen", "listen"), ("--host", "host")),
 }
 
@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     device.add_argument("--id", metavar="ID", help="this device's identity on the server (v2)")
     device.add_argument("--secret-file", metavar="FILE",
                         help="file holding the secret of --id (replaces [device] secret)")
+    device.add_argument("--protocol", choices=("auto", "legacy", "v2"),
+                        help="uplink protocol: auto (v2 when the server offers it), legacy, v2")
     device.add_argument("--console", metavar="PORT",
                         help="serial console on PORT (/dev/ttyS0, a pty or a pyserial URL)")
     add_service_arguments(device)

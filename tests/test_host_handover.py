@@ -22,6 +22,11 @@ def _hold_link_thread(link):
     return gate
 
 
+def _slot(app):
+    """The [server] host port's slot: its listener, holder and successor."""
+    return app._slots.get(app.settings.host)
+
+
 def _newcomer(app, old_link):
     return wait_for(lambda: [l for l in list(app._links) if l is not old_link and l.listening],
                     what="the newcomer's LISTEN")[0]
@@ -30,7 +35,7 @@ def _newcomer(app, old_link):
 def test_the_newcomer_serves_on_while_the_old_uplink_is_slow_to_stop(server):
     app = server()
     old = legacy_device(app)
-    old_link, old_port = app._active, app.host_address
+    old_link, old_port = app.link_on(), app.host_address
     gate = _hold_link_thread(old_link)   # the old link cannot stop yet
     try:
         new = RawPeer(socket.create_connection(app.listen_address))
@@ -39,12 +44,12 @@ def test_the_newcomer_serves_on_while_the_old_uplink_is_slow_to_stop(server):
         answered = threading.Event()
         newcomer.loop.call_soon(answered.set)
         assert answered.wait(2), "the newcomer's link thread is blocked"
-        assert app.host_address == old_port and app._active is old_link
+        assert app.host_address == old_port and app.link_on() is old_link
     finally:
         gate.set()
     assert is_eof(old.sock), "the old uplink is closed"
     wait_for(lambda: app.host_address and app.host_address != old_port, what="the port handed over")
-    assert app._active is newcomer
+    assert app.link_on() is newcomer
     client = socket.create_connection(app.host_address, timeout=10)
     assert new.read_frame()[0] == CONNECT
     client.close()
@@ -54,7 +59,7 @@ def test_the_newcomer_serves_on_while_the_old_uplink_is_slow_to_stop(server):
 def test_a_newcomer_that_leaves_while_waiting_gets_nothing_and_leaks_nothing(server):
     app = server()
     old = legacy_device(app)
-    old_link = app._active
+    old_link = app.link_on()
     gate = _hold_link_thread(old_link)
     try:
         new = RawPeer(socket.create_connection(app.listen_address))
@@ -65,5 +70,4 @@ def test_a_newcomer_that_leaves_while_waiting_gets_nothing_and_leaks_nothing(ser
     finally:
         gate.set()
     assert is_eof(old.sock)
-    wait_for(lambda: app.host_address is None and app._active is None, what="the port closed")
-    assert app._host_sock is None and app._successor is None
+    wait_for(lambda: app.host_address is None and _slot(app) is None, what="the port closed")

@@ -101,7 +101,7 @@ def test_lua_device_answering_close_late_never_reaches_the_next_client(server_ap
     try:
         for n in range(25):                                  # id 1 over and over
             cycle(app, device, n)
-        assert app._active.ids.answering
+        assert app.link_on().ids.answering
         assert device.connects.count(1) == 26
         assert "DATA for unknown client 1 dropped (held until the device's CLOSE)" in caplog.text
         assert "CLOSE for client 1 answers ours" in caplog.text
@@ -119,7 +119,7 @@ def test_answer_read_before_the_pump_exited_counts_as_the_device_close(server_ap
     device = start(app, devices, answer=True, delay=0.0)
     clients = fill(app, 254)                                 # ids 1..254
     try:
-        link = app._active
+        link = app.link_on()
         client = round_trip(app, b"first00")                 # id 255
         # Hold the link thread so that the pump's CLOSE goes out, the device's
         # answer is in the uplink's receive buffer, and only then the link
@@ -155,7 +155,7 @@ def test_data_in_flight_from_a_silent_device_is_dropped_and_the_client_waits(ser
     try:
         for n in range(20):
             cycle(app, device, n)
-        assert device.answered == 0 and not app._active.ids.answering
+        assert device.answered == 0 and not app.link_on().ids.answering
         # The next client waited in the backlog for the grace: never refused.
         assert "refused client" not in caplog.text
         assert "held until the device's CLOSE" in caplog.text
@@ -164,17 +164,19 @@ def test_data_in_flight_from_a_silent_device_is_dropped_and_the_client_waits(ser
             client.close()
 
 
-def test_tcprc_device_connection_churn_is_never_refused(service, caplog):
+@pytest.mark.parametrize("protocol", ["legacy", "auto"])
+def test_tcprc_device_connection_churn_is_never_refused(service, caplog, protocol):
     """The bench's pattern: connect, one round trip, close, as fast as it goes.
-    A tcprc device never answers CLOSE, so ids come back after the short grace."""
-    tunnel = Tunnel(service.address)
+    A legacy tcprc device never answers CLOSE, so ids come back after the short
+    grace; in v2 every CLOSE is answered, which frees the id exactly."""
+    tunnel = Tunnel(service.address, device_keys={"protocol": protocol})
     try:
         for n in range(600):                                 # the 255 ids, more than twice
             with tunnel.client() as client:
                 client.sendall(b"%04d" % n)
                 assert recv_exactly(client, 4) == b"%04d" % n
         assert "refused client" not in caplog.text
-        assert not tunnel.server._active.ids.answering
+        assert tunnel.server.link_on().ids.answering == (protocol == "auto")
     finally:
         tunnel.close()
 

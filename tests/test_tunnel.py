@@ -221,8 +221,10 @@ def test_ids_are_round_robin_and_not_reused_before_close():
 
 
 def test_slow_client_is_closed_after_stall_and_others_carry_on(caplog):
+    """Legacy sessions have no flow control of their own: stall_timeout is theirs."""
     source = Service("source")
-    tunnel = Tunnel(source.address, server_keys={"stream_buffer": 65536, "stall_timeout": 0.5})
+    tunnel = Tunnel(source.address, server_keys={"stream_buffer": 65536, "stall_timeout": 0.5},
+                    device_keys={"protocol": "legacy"})
     try:
         slow = tunnel.client()
         slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -309,7 +311,7 @@ def test_uplink_has_the_configured_keepalive_and_timeouts(service):
     tunnel = Tunnel(service.address, server_keys=keys, device_keys=keys)
     try:
         uplinks = [wait_for(lambda: tunnel.device._link, what="device uplink").sock,
-                   wait_for(lambda: tunnel.server._active, what="server uplink").sock]
+                   wait_for(lambda: tunnel.server.link_on(), what="server uplink").sock]
         for sock in uplinks:
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 7

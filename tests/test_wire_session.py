@@ -5,7 +5,7 @@ from typing import Any, Dict, List, Tuple
 
 from tcprc.server.ids import ClientIds
 from tcprc.wire import session as wire
-from tcprc.wire.frames import CLOSE, CONNECT, DATA, LISTEN, encode_connect_payload
+from tcprc.wire.frames import CLOSE, CONNECT, DATA, LISTEN, OFFER, V2, encode_connect_payload
 
 
 class Side:
@@ -62,11 +62,18 @@ def deliver(frm: Side, to: Side, now: float = 0.0) -> List[Tuple[int, int, bytes
 
 
 def pair(quarantine: float = 10.0):
-    device = Side(wire.DeviceSession())
+    """A legacy session: the device skips the server's OFFER, as a Lua agent does,
+    and the server takes it as legacy once its wait for a HELLO is over."""
+    device = Side(wire.DeviceSession(protocol="legacy"))
     server = Side(wire.ServerSession(ClientIds(quarantine), encode_connect_payload("", 23)))
     device.act(device.session.start(0.0))
     assert deliver(device, server) == [(LISTEN, 0, b"")]
-    assert server.listened == 1 and server.session.listening
+    assert deliver(server, device) == [(OFFER, V2, b"")]
+    assert server.listened == 0
+    server.act(server.session.expire(server.session.next_deadline(), True))
+    assert server.listened == 1 and server.session.established
+    assert device.logs == [(wire.DEBUG, 'OFFER of protocol v2 ignored: [device] protocol = "legacy"')]
+    device.logs.clear()
     return device, server
 
 

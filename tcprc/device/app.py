@@ -38,7 +38,9 @@ def _tunnel_settings_key(settings: DeviceSettings) -> Tuple[Any, ...]:
     """The settings whose change requires a new uplink."""
     return tuple(getattr(settings, k) for k in (
         "server", "local", "allow", "keepalive_idle", "keepalive_interval",
-        "keepalive_count", "send_timeout", "stream_buffer", "stall_timeout", "connect_timeout"))
+        "keepalive_count", "send_timeout", "stream_buffer", "stall_timeout", "connect_timeout",
+        "protocol", "id", "secret", "window", "heartbeat_interval", "heartbeat_timeout",
+        "tls", "tls_ca", "tls_fingerprint", "tls_server_name", "tls_cert", "tls_key"))
 
 
 class DeviceApp:
@@ -121,6 +123,9 @@ class DeviceApp:
                 "state": self._state,
                 "server": format_hostport(*self._server) if self._server else "",
                 "local": format_hostport(*self._local),
+                "protocol": stats["protocol"] if stats else "",
+                "device_id": self.settings.id,
+                "rtt": stats["rtt"] if stats else None,
                 "clients": stats["clients"] if stats else 0,
                 "bytes_up": up + (stats["bytes_sent"] if stats else 0),
                 "bytes_down": down + (stats["bytes_received"] if stats else 0),
@@ -201,8 +206,8 @@ class DeviceApp:
                 up_for = time.monotonic() - (self._up_since or time.monotonic())
                 self._up_since = None
                 if link.end_reason and generation == self._generation and not self._closing:
-                    self._last_error = link.end_reason if link.refused else \
-                        "uplink lost: %s" % link.end_reason
-        if link.refused:
+                    self._last_error = link.end_reason if link.refused or link.session.rejected \
+                        else "uplink lost: %s" % link.end_reason
+        if link.refused or link.session.rejected:
             log.warning("%s: %s", name, link.end_reason)
         return up_for >= settings.healthy_after

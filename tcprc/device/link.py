@@ -36,6 +36,9 @@ class DeviceLink(Link):
         self.policy = policy
         self.refused = False
 
+    def on_upgraded(self, detail: str) -> None:
+        self.log.info("%s: protocol v2: %s", self.name, detail)
+
     def on_silent_close(self) -> str:
         up = time.monotonic() - self.started
         if up >= REFUSED_WITHIN:
@@ -56,7 +59,7 @@ class DeviceLink(Link):
             peer = format_hostport(*direct)
             self.log.info("%s: client %d: connecting to %s", self.name, client_id, peer)
             connect_to = direct + (self.settings.connect_timeout,)
-        stream = Stream(client_id, peer)
+        stream = self.new_stream(client_id, peer)
         self._give_early(stream, early)   # either way: held DATA goes first
         self.open_stream(stream, connect_to=connect_to)
 
@@ -86,5 +89,14 @@ def open_device_link(sock: socket.socket, settings: DeviceSettings, name: str, t
     """A DeviceLink over a connected uplink socket, with its parts: the socket
     tuned and wrapped in a plain transport, a loop and a session of its own."""
     tune_uplink_socket(sock, settings)
-    return DeviceLink(PlainTransport(sock), Loop(), DeviceSession(), settings, name,
+    return DeviceLink(PlainTransport(sock), Loop(), device_session(settings), settings, name,
                       TargetPolicy(target, allowed))
+
+
+def device_session(settings: DeviceSettings) -> DeviceSession:
+    """The session the settings ask for: v2 when the server offers it (auto), never
+    legacy when credentials or TLS are configured."""
+    secret = settings.secret.reveal() if settings.secret is not None else None
+    return DeviceSession(settings.protocol, settings.id, secret, settings.window,
+                         strict=bool(settings.id or secret or settings.tls),
+                         offer_wait=settings.connect_timeout)

@@ -17,6 +17,12 @@ Reading also stops while the control frames this side owes the peer (its
 answers) pile up past writer.QUEUE_LIMIT: a peer that never reads cannot
 make them grow without end.  The two reasons to pause are kept apart, so
 the end of one does not resume reading while the other holds.
+
+Protocol v2 (once the session says UPGRADED): streams opened from then on
+have credit windows, so a slow local socket holds at most `window` bytes
+here and the uplink is never paused for it; EOF carries a half-close each
+way, CLOSE carries a reason and is always answered, and PING/PONG measure
+the round trip and notice a silent path (see docs/protocol.md).
 """
 
 import logging
@@ -27,10 +33,12 @@ import time
 from typing import Any, Dict, List, Optional, Set
 
 from ..wire import frames as protocol
-from ..wire.session import DEBUG, FAIL, LISTENED, OPEN, REPLACE, SEND, WARN, Session
+from ..wire.session import (AUTHED, DEBUG, DENIED, FAIL, LISTENED, OPEN, REPLACE, SEND,
+                            UPGRADED, WARN, Session)
 from .buffers import FrameBuffer
 from .loop import Loop
 from .pump import PumpHost, PumpThread, run_pump
+from .ratelog import LimitedLog
 from .sockets import shutdown_quietly
 from .stream import DRAINING, RELEASED, SHUT, Stream
 from .transport import Transport
@@ -38,6 +46,8 @@ from .writer import QUEUE_LIMIT, FrameWriter
 from ..settings import LinkSettings
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+_monotonic = time.monotonic
+_LINGER_ABORT = struct.pack("ii", 1, 0)   # SO_LINGER on, 0 s: close() sends RST
 _TCP_CLOSE = 7   # tcpi_state of a connection the kernel tore down (linux/tcp_states.h)
 # struct tcp_info: tcpi_bytes_received (Linux >= 4.1) is the u64 at offset 128.
 _TCPI_BYTES_RECEIVED = 128
@@ -46,100 +56,6 @@ _TCPI_SIZE = _TCPI_BYTES_RECEIVED + 8
 # How long a stream closed by the peer may take to hand its last bytes to a
 # client and see it hang up, before it is cut.
 LINGER = 5.0
-
-
-class LimitedLog:
-    """At most one line per `interval` seconds for a noisy event; counts the rest."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 1.0):
-        self._log = logger
-        self._interval = interval
-        self._last = -interval
-        self._suppressed = 0
-
-    def warning(self, msg: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self._last < self._interval:
-            self._suppressed += 1
-            return
-        if self._suppressed:
-            msg += " (%d similar lines suppressed)" % self._suppressed
-            self._suppressed = 0
-        self._last = now
-        self._log.warning(msg, *args)
-
-
-class SourceLog:
-    """Rate-limited lines per source address: a noisy source cannot hide another's.
-
-    Each source may log `burst` lines at once, then `rate` lines a second; all
-    sources together ten times that, so many sources cannot flood either.
-    Suppressed lines are counted into the source's next line.  The table keeps
-    the `sources` most recently heard ones.
-    """
-
-    def __init__(self, logger: logging.Logger, burst: int = 10, rate: float = 1.0,
-                 sources: int = 256):
-        self._log = logger
-        self._burst = float(burst)
-        self._rate = rate
-        self._max = sources
-        self._lock = threading.Lock()
-        self._sources: Dict[Any, List[float]] = {}   # key -> [tokens, stamp, suppressed]
-        self._all = [10.0 * burst, time.monotonic(), 0]
-
-    @staticmethod
-    def _take(entry: List[float], now: float, burst: float, rate: float) -> bool:
-        entry[0] = min(burst, entry[0] + (now - entry[1]) * rate)
-        entry[1] = now
-        if entry[0] < 1:
-            entry[2] += 1
-            return False
-        entry[0] -= 1
-        return True
-
-    def log(self, source: Any, level: int, msg: str, *args: Any) -> None:
-        now = time.monotonic()
-        with self._lock:
-            entry = self._sources.pop(source, None)
-            if entry is None:
-                entry = [self._burst, now, 0]
-                if len(self._sources) >= self._max:   # forget the least recently heard
-                    del self._sources[next(iter(self._sources))]
-            self._sources[source] = entry
-            if not self._take(entry, now, self._burst, self._rate) \
-                    or not self._take(self._all, now, 10 * self._burst, 10 * self._rate):
-                return
-            mine, others = int(entry[2]), int(self._all[2])
-            entry[2] = self._all[2] = 0
-        if mine:
-            msg += " (%d similar lines from this source suppressed)" % mine
-        if others:
-            msg += " (%d lines suppressed over all sources)" % others
-        self._log.log(level, msg, *args)
-
-    def warning(self, source: Any, msg: str, *args: Any) -> None:
-        self.log(source, logging.WARNING, msg, *args)
-
-    def info(self, source: Any, msg: str, *args: Any) -> None:
-        self.log(source, logging.INFO, msg, *args)
-
-    def of(self, source: Any) -> "_OneSource":
-        return _OneSource(self, source)
-
-
-class _OneSource:
-    """A SourceLog bound to one source, usable where a LimitedLog is."""
-
-    def __init__(self, owner: SourceLog, source: Any):
-        self._owner = owner
-        self._source = source
-
-    def warning(self, msg: str, *args: Any) -> None:
-        self._owner.log(self._source, logging.WARNING, msg, *args)
-
-    def info(self, msg: str, *args: Any) -> None:
-        self._owner.log(self._source, logging.INFO, msg, *args)
 
 
 class Link(PumpHost):
@@ -178,12 +94,24 @@ class Link(PumpHost):
         self._housekeeping_armed = False
         self._session_timer_armed = False
         self._stopped = threading.Event()
+        # Protocol v2, once negotiated.
+        self.v2 = False
+        self.window = 0                        # what each stream lets the peer send us
+        self.peer_window = 0                   # what each stream may send the peer at first
+        self.rtt: Optional[float] = None       # smoothed PING round trip, seconds
+        self.last_heard = _monotonic()         # the last read that gave bytes
+        self._last_ping = 0.0
         self._dispatch = {
             protocol.CONNECT: self._on_connect,
             protocol.CLOSE: self._on_close,
             # DATA never gets here: the read loop hands runs of it to _on_data_run.
             protocol.LISTEN: self._on_listen,
         }
+        # The handshake's frames go to the session; v2's stream frames are known
+        # only once it is negotiated (upgrade()): before, they are unknown commands.
+        for command in (protocol.OFFER, protocol.HELLO, protocol.CHALLENGE, protocol.AUTH,
+                        protocol.WELCOME, protocol.REJECT):
+            self._dispatch[command] = self._handshake_handler(command)
 
     @property
     def sock(self) -> Optional[socket.socket]:
@@ -269,7 +197,14 @@ class Link(PumpHost):
                            self.name, client_id)
 
     def listen_granted(self) -> None:
-        """The session's LISTENED: the peer's first LISTEN (the server's part)."""
+        """The session's LISTENED: a legacy session is established (the server's part)."""
+
+    def authenticated(self, device_id: str) -> None:
+        """The session's AUTHED: a v2 handshake passed its checks (the server's part)."""
+
+    def denied(self, device_id: str, message: str) -> None:
+        """The session's DENIED: a handshake failed its checks (the server's part)."""
+        self.noisy.warning("%s: %s", self.name, message)
 
     def on_stream_closed(self, stream: Stream, reason: str) -> None:
         self.log.info("%s: client %d (%s) closed: %s (%d bytes to the peer, %d from it)",
@@ -293,6 +228,7 @@ class Link(PumpHost):
         except OSError as exc:
             self.fail("uplink error: %s" % (exc.strerror or exc))
             return
+        self.last_heard = _monotonic()
         if not count:
             partial = self.frames.incomplete_frame()
             self.fail(self._eof_reason() + (" in the middle of a frame (%s)" % partial if partial else ""))
@@ -423,6 +359,12 @@ class Link(PumpHost):
                 self.open_requested(action[1], action[2], action[3], action[4])
             elif kind is LISTENED:
                 self.listen_granted()
+            elif kind is AUTHED:
+                self.authenticated(action[1])
+            elif kind is DENIED:
+                self.denied(action[1], action[2])
+            elif kind is UPGRADED:
+                self.upgrade(action[1], action[2])
             elif kind is FAIL:
                 self.fail(action[1])
             if self.end_reason:
@@ -433,7 +375,14 @@ class Link(PumpHost):
                                        time.monotonic()))
 
     def _on_listen(self, client_id: int, payload: memoryview) -> None:
-        self._act(self.session.listen())
+        self._act(self.session.listen(_monotonic()))
+        self._arm_session_timer()
+
+    def _handshake_handler(self, command: int) -> Any:
+        def handle(client_id: int, payload: memoryview) -> None:
+            self._act(self.session.frame(command, client_id, payload, self.streams, _monotonic()))
+            self._arm_session_timer()
+        return handle
 
     def _arm_session_timer(self) -> None:
         # One timer for whatever the session waits for: a timer per event would
@@ -468,6 +417,13 @@ class Link(PumpHost):
             return
         self.bytes_from_peer += size
         stream.bytes_from_peer += size
+        if stream.window:
+            if size > stream.allowed or stream.peer_eof:
+                self.close_stream(stream, "the peer sent DATA after its EOF" if stream.peer_eof
+                                  else "the peer sent %d bytes past its window"
+                                  % (size - stream.allowed), code=protocol.CLOSE_ERROR)
+                return
+            stream.allowed -= size
         sent = 0
         if stream.sock is not None and not stream.pending:
             try:
@@ -478,8 +434,11 @@ class Link(PumpHost):
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:
-                self.close_stream(stream, "write failed: %s" % (exc.strerror or exc))
+                self.close_stream(stream, "write failed: %s" % (exc.strerror or exc),
+                                  code=_failure_code(exc))
                 return
+            if stream.window:
+                self._delivered(stream, sent)
             if sent == size:
                 return
         for payload in payloads:   # what the socket did not take waits on the stream
@@ -490,7 +449,8 @@ class Link(PumpHost):
             sent = 0
         if stream.sock is not None:
             self._watch_stream_write(stream, True)
-        if stream.pending_bytes > self.settings.stream_buffer and not self._paused:
+        if stream.pending_bytes > self.settings.stream_buffer and not self._paused \
+                and not stream.window:   # a v2 stream's queue is bounded by its window
             self._paused = True
             self._watch_uplink()
             self._arm_housekeeping()
@@ -503,9 +463,20 @@ class Link(PumpHost):
         # Not ours to flip: our pump sent CLOSE and its pump_exited is still
         # queued, so the peer's CLOSE answers it.
         answered = not stream.mark_closed()
+        code = 0
+        if stream.window:
+            code, text = _close_reason(payload)
+            if not answered:
+                self.post(protocol.CLOSE, client_id)   # v2: every CLOSE is answered
         self._act(self.session.peer_close(client_id, True, answered, time.monotonic()))
-        self.on_stream_closed(stream, "closed; the peer answered" if answered else "closed by peer")
+        if code:
+            self.on_stream_failed(stream, code, text)
+        else:
+            self.on_stream_closed(stream, "closed; the peer answered" if answered else "closed by peer")
         self.retiring.add(stream)
+        if code == protocol.CLOSE_RESET:
+            self._abort(stream)   # the peer's end was reset: so is ours
+            return
         # Hand the client what the peer sent before its CLOSE, then hang up.
         stream.state = DRAINING
         if stream.sock is None:
@@ -552,9 +523,15 @@ class Link(PumpHost):
                 self._shut(stream, graceful=True)
         elif stream.pending:
             self._watch_stream_write(stream, True)
+        elif stream.peer_eof:
+            self._deliver_eof(stream)
 
-    def close_stream(self, stream: Stream, reason: str, notify_peer: bool = True) -> None:
-        """Close from this side: CLOSE to the peer (unless told not to), cut the local socket."""
+    def close_stream(self, stream: Stream, reason: str, notify_peer: bool = True,
+                     code: int = 0, text: str = "") -> None:
+        """Close from this side: CLOSE to the peer (unless told not to), cut the local socket.
+
+        v2: the CLOSE carries `code` (a CLOSE reason) and `text`, or `reason`.
+        """
         if stream.state is SHUT or stream.state is RELEASED:
             return
         if self.streams.get(stream.id) is stream:
@@ -562,7 +539,9 @@ class Link(PumpHost):
             if notify_peer:
                 self.session.closed_here(stream.id, time.monotonic())
         if stream.mark_closed() and notify_peer:
-            self.post(protocol.CLOSE, stream.id)
+            self.post(protocol.CLOSE, stream.id,
+                      protocol.encode_close_reason(code, text or reason) if stream.window and code
+                      else b"")
         self.on_stream_closed(stream, reason)
         if not stream.pump_done:
             self.retiring.add(stream)
@@ -571,6 +550,16 @@ class Link(PumpHost):
     def pump_exited(self, stream: Stream, reason: str) -> None:
         """Link thread (PumpHost): the stream's pump thread has ended."""
         stream.pump_done = True
+        if stream.window and self.streams.get(stream.id) is stream:
+            if stream.sent_eof:
+                self._maybe_finish(stream)   # half-closed: the other way may go on
+                return
+            # Our side failed (connect, or a socket error): the CLOSE is ours to send.
+            code, text = stream.failure or (protocol.CLOSE_ERROR, reason)
+            self.close_stream(stream, reason or "closed", code=code, text=text)
+            if stream.state is not RELEASED:
+                self._release(stream)
+            return
         if self.streams.get(stream.id) is stream:
             # The local side ended (the pump sent CLOSE already, or the uplink is gone).
             del self.streams[stream.id]
@@ -589,6 +578,11 @@ class Link(PumpHost):
         stream.drop_pending()
         if stream.sock is not None:
             self._watch_stream_write(stream, False)
+            if stream.abort:
+                try:
+                    stream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+                except OSError:
+                    pass
             stream.sock.close()
         self._maybe_resume()
         if not self.streams and not self.retiring and not self._closing:
@@ -608,20 +602,26 @@ class Link(PumpHost):
             self.loop.forget(stream.sock)
 
     def _on_stream_writable(self, stream: Stream) -> None:
+        before = stream.pending_bytes
         try:
             stream.flush_nowait()
         except OSError as exc:
             if stream.state is DRAINING:
                 self._shut(stream, graceful=False)
             else:
-                self.close_stream(stream, "write failed: %s" % (exc.strerror or exc))
+                self.close_stream(stream, "write failed: %s" % (exc.strerror or exc),
+                                  code=_failure_code(exc))
             return
+        if stream.window:
+            self._delivered(stream, before - stream.pending_bytes)
         if stream.pending:
             return
         if stream.state is DRAINING:
             self._shut(stream, graceful=True)
         else:
             self._watch_stream_write(stream, False)
+            if stream.peer_eof:
+                self._deliver_eof(stream)
         self._maybe_resume()
 
     def _maybe_resume(self) -> None:
@@ -633,6 +633,137 @@ class Link(PumpHost):
         self._paused = False
         if not self.end_reason:
             self._watch_uplink()
+
+    # ---- protocol v2: credit, half-close, heartbeats ----------------------------------
+    def upgrade(self, peer_window: int, detail: str) -> None:
+        """The session's UPGRADED: v2 rules for every stream opened from now on."""
+        self.v2 = True
+        self.peer_window = peer_window
+        self.window = self.session.window
+        self._dispatch.update({protocol.CREDIT: self._on_credit, protocol.EOF: self._on_eof,
+                               protocol.PING: self._on_ping, protocol.PONG: self._on_pong})
+        self.on_upgraded(detail)
+        self._heartbeat()
+
+    def on_upgraded(self, detail: str) -> None:
+        self.log.info("%s: protocol v2 (%s)", self.name, detail)
+
+    def new_stream(self, client_id: int, peer: str) -> Stream:
+        """A Stream under this uplink's rules (credit windows once v2)."""
+        if self.v2:
+            return Stream(client_id, peer, self.window, self.peer_window)
+        return Stream(client_id, peer)
+
+    def _delivered(self, stream: Stream, count: int) -> None:
+        """`count` bytes of a v2 stream reached its local socket: credit goes back
+        in steps of a quarter window (a CREDIT per byte would cost a frame each)."""
+        stream.to_return += count
+        if stream.to_return >= stream.window >> 2 and not stream.closed and not stream.peer_eof:
+            self.post(protocol.CREDIT, stream.id, protocol.encode_credit(stream.to_return))
+            stream.allowed += stream.to_return
+            stream.to_return = 0
+
+    def _on_credit(self, client_id: int, payload: memoryview) -> None:
+        stream = self.streams.get(client_id)
+        if stream is None or not stream.window:
+            return   # crossed our CLOSE
+        try:
+            count = protocol.decode_credit(payload)
+        except protocol.ProtocolError as exc:
+            self.close_stream(stream, "bad CREDIT: %s" % exc, code=protocol.CLOSE_ERROR)
+            return
+        if stream.credit + count > protocol.MAX_CREDIT:
+            self.close_stream(stream, "the peer granted more than 2 GB of credit",
+                              code=protocol.CLOSE_ERROR)
+            return
+        stream.add_credit(count)
+
+    def _on_eof(self, client_id: int, payload: memoryview) -> None:
+        stream = self.streams.get(client_id)
+        if stream is None or not stream.window:
+            return
+        if stream.peer_eof or len(payload):
+            self.close_stream(stream, "repeated or malformed EOF", code=protocol.CLOSE_ERROR)
+            return
+        stream.peer_eof = True
+        if stream.sock is not None and not stream.pending:
+            self._deliver_eof(stream)
+        # else: stream_connected or the drain delivers it
+
+    def _deliver_eof(self, stream: Stream) -> None:
+        """The peer's EOF, after every byte before it: the local socket's write half ends."""
+        try:
+            stream.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self._maybe_finish(stream)
+
+    def _maybe_finish(self, stream: Stream) -> None:
+        """Both directions ended (EOF each way, all delivered): CLOSE, and release."""
+        if not (stream.pump_done and stream.sent_eof and stream.peer_eof) or stream.pending \
+                or self.streams.get(stream.id) is not stream:
+            return
+        del self.streams[stream.id]
+        self.session.closed_here(stream.id, time.monotonic())
+        if stream.mark_closed():
+            self.post(protocol.CLOSE, stream.id)
+        self.on_stream_closed(stream, "closed both ways")
+        self._release(stream)
+
+    def _abort(self, stream: Stream) -> None:
+        """End the local socket with RST once its pump is out of recv()."""
+        stream.abort = True
+        stream.state = SHUT
+        stream.drop_pending()
+        if stream.sock is None:
+            return   # still connecting: stream_connected cuts it
+        self._watch_stream_write(stream, False)
+        if stream.pump_done:
+            self._release(stream)
+            return
+        try:
+            stream.sock.shutdown(socket.SHUT_RD)   # wakes the pump; sends nothing
+        except OSError:
+            pass
+
+    def on_stream_failed(self, stream: Stream, code: int, text: str) -> None:
+        """The peer's CLOSE said why the stream failed (v2)."""
+        self.log.info("%s: client %d (%s) closed by peer: %s%s", self.name, stream.id,
+                      stream.peer, protocol.close_reason_name(code),
+                      ": " + text if text else "")
+
+    def _on_ping(self, client_id: int, payload: memoryview) -> None:
+        try:
+            self.post(protocol.PONG, 0, protocol.decode_ping(payload))
+        except protocol.ProtocolError as exc:
+            self.fail("malformed PING: %s" % exc)
+
+    def _on_pong(self, client_id: int, payload: memoryview) -> None:
+        try:
+            sample = (_monotonic_ns() - protocol.decode_pong(payload)) / 1e9
+        except protocol.ProtocolError as exc:
+            self.fail("malformed PONG: %s" % exc)
+            return
+        if not 0 <= sample < 3600:
+            return   # not an echo of ours
+        self.rtt = sample if self.rtt is None else 0.875 * self.rtt + 0.125 * sample
+
+    def _heartbeat(self) -> None:
+        """PING every heartbeat_interval; end the uplink after heartbeat_timeout of silence."""
+        if self._closing or self.end_reason:
+            return
+        interval = self.settings.heartbeat_interval
+        timeout = self.settings.heartbeat_timeout
+        now = _monotonic()
+        silent = now - self.last_heard
+        if silent >= timeout:
+            self.fail("no frame from the peer for %.0f s: heartbeat timeout" % silent)
+            return
+        if now - self._last_ping >= interval:
+            self._last_ping = now
+            self.post(protocol.PING, 0, protocol.encode_ping(_monotonic_ns()))
+        self.loop.call_later(max(0.05, min(interval, timeout / 8, timeout - silent)),
+                             self._heartbeat)
 
     # ---- stalls and lingering closes ---------------------------------------------
     def _arm_housekeeping(self) -> None:
@@ -677,4 +808,22 @@ class Link(PumpHost):
             "bytes_sent": self.writer.bytes_sent,
             "bytes_received": self.bytes_from_peer,
             "uptime": time.monotonic() - self.started,
+            "protocol": "v2" if self.v2 else "legacy",
+            "rtt": self.rtt,
         }
+
+
+def _monotonic_ns() -> int:
+    return int(_monotonic() * 1e9)   # time.monotonic_ns is 3.7+, but keeps one clock
+
+
+def _failure_code(exc: OSError) -> int:
+    """The v2 CLOSE reason for a local socket that failed: a reset shows as one."""
+    return protocol.CLOSE_RESET if isinstance(exc, (ConnectionResetError, BrokenPipeError)) else protocol.CLOSE_ERROR
+
+
+def _close_reason(payload: memoryview) -> Any:
+    try:
+        return protocol.decode_close_reason(payload)
+    except protocol.ProtocolError:
+        return protocol.CLOSE_ERROR, "malformed CLOSE reason"

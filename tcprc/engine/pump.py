@@ -124,9 +124,15 @@ REFUSED = "refused: "   # how a pump's exit reason starts after a TargetRefused
 def run_pump(stream: Stream, writer: FrameWriter, host: PumpHost,
              connect_to: Union[None, Tuple[str, int, float], Callable[[], socket.socket]] = None) -> None:
     """Body of a pump thread.  `connect_to`, on the device side: (host, port,
-    timeout), or a function that returns the connected socket (raises OSError)."""
+    timeout), or a function that returns the connected socket (raises OSError).
+
+    A legacy stream's pump sends CLOSE when its side ends first.  A v2
+    stream's pump sends EOF on local EOF and leaves every CLOSE to the link
+    (with `stream.failure` saying why, when its side failed).
+    """
     reason = "closed"
     sock = stream.sock
+    v2 = stream.window > 0
     try:
         if connect_to is not None:
             try:
@@ -136,11 +142,15 @@ def run_pump(stream: Stream, writer: FrameWriter, host: PumpHost,
                     address, port, timeout = connect_to
                     sock = connect_tcp(address, port, timeout)
             except OSError as exc:
-                if isinstance(exc, TargetRefused):
+                refused = isinstance(exc, TargetRefused)
+                if refused:
                     reason = REFUSED + str(exc)
                 else:
                     reason = "connect to %s failed: %s" % (stream.peer, exc.strerror or exc)
-                if stream.mark_closed():
+                if v2:
+                    stream.failure = (protocol.close_reason_for(exc, refused),
+                                      str(exc) if refused else str(exc.strerror or exc))
+                elif stream.mark_closed():
                     writer.send(protocol.CLOSE, stream.id, memoryview(b""))
                 return
             sock.settimeout(None)
@@ -150,6 +160,14 @@ def run_pump(stream: Stream, writer: FrameWriter, host: PumpHost,
                 reason = ""
                 return
             host.call_soon(lambda: host.stream_connected(stream))
+        if v2:
+            _copy_with_credit(stream, sock, writer, host.open_streams)
+            if writer.send(protocol.EOF, stream.id, memoryview(b""), stream.is_open):
+                stream.sent_eof = True
+                reason = "sent EOF"
+            else:
+                reason = ""
+            return
         _copy_to_uplink(stream, sock, writer, host.open_streams)
         if stream.mark_closed():
             writer.send(protocol.CLOSE, stream.id, memoryview(b""))
@@ -163,26 +181,53 @@ def run_pump(stream: Stream, writer: FrameWriter, host: PumpHost,
             host.uplink_failed("uplink write failed: %s" % exc)
     except OSError as exc:
         reason = "local socket error: %s" % (exc.strerror or exc)
-        try:
-            if stream.mark_closed():
-                writer.send(protocol.CLOSE, stream.id, memoryview(b""))
-        except UplinkClosed:
-            pass
+        if v2:
+            stream.failure = (protocol.CLOSE_RESET if isinstance(exc, ConnectionResetError)
+                              else protocol.CLOSE_ERROR, str(exc.strerror or exc))
+        else:
+            try:
+                if stream.mark_closed():
+                    writer.send(protocol.CLOSE, stream.id, memoryview(b""))
+            except UplinkClosed:
+                pass
     finally:
         host.call_soon(lambda: host.pump_exited(stream, reason))
 
 
+def _copy_with_credit(stream: Stream, sock: socket.socket, writer: FrameWriter,
+                      open_streams: Sized) -> None:
+    """The copying loop of a v2 stream: never more in flight than the peer granted.
+
+    While the credit is 0 the pump does not read its socket, so TCP slows
+    this client down and nobody else.
+    """
+    if _spliced(stream, sock, writer):
+        return
+    mapping = anonymous(READ_FRAMES * READ_CHUNK)
+    view, pages = memoryview(mapping), Pages(mapping)
+    still_open: Callable[[], bool] = stream.is_open
+    take_credit = stream.take_credit
+    count = 0
+    while True:
+        credit = take_credit(count)
+        if not credit:
+            _discard_until_eof(sock, view)   # closed by the link or the peer
+            return
+        count = sock.recv_into(view, min(credit, _READ_SIZES[len(open_streams)]))
+        if not count:
+            return
+        if not writer.send_data(stream.id, view[:count], still_open):
+            _discard_until_eof(sock, view)
+            return
+        stream.bytes_to_peer += count
+        if count > KEEP or pages.wide:
+            pages.note(count)
+
+
 def _copy_to_uplink(stream: Stream, sock: socket.socket, writer: FrameWriter,
                     open_streams: Sized) -> None:
-    if SPLICE and writer.can_splice:
-        pipe = _open_pipe()
-        if pipe is not None:
-            try:
-                if _splice_to_uplink(stream, sock, writer, pipe):
-                    return
-            finally:
-                os.close(pipe[0])
-                os.close(pipe[1])
+    if _spliced(stream, sock, writer):
+        return
     # An anonymous mapping, not a bytearray: its pages cost RSS only once a
     # read reaches them (an interactive stream touches one page, not 64 KB),
     # and they go back to the kernel when the stream calms down or closes,
@@ -202,6 +247,20 @@ def _copy_to_uplink(stream: Stream, sock: socket.socket, writer: FrameWriter,
         stream.bytes_to_peer += count
         if count > KEEP or pages.wide:
             pages.note(count)   # sent: nothing in the buffer is live
+
+
+def _spliced(stream: Stream, sock: socket.socket, writer: FrameWriter) -> bool:
+    """Run the zero-copy pump when it is on and works here; False: copy instead."""
+    if not (SPLICE and writer.can_splice):
+        return False
+    pipe = _open_pipe()
+    if pipe is None:
+        return False
+    try:
+        return _splice_to_uplink(stream, sock, writer, pipe)
+    finally:
+        os.close(pipe[0])
+        os.close(pipe[1])
 
 
 def _open_pipe() -> Optional[Tuple[int, int]]:
@@ -226,10 +285,18 @@ def _splice_to_uplink(stream: Stream, sock: socket.socket, writer: FrameWriter,
     """
     source, (read_end, write_end) = sock.fileno(), pipe
     still_open: Callable[[], bool] = stream.is_open
+    credited = stream.window > 0
     first = True
+    count = limit = READ_CHUNK
     while True:
+        if credited:   # v2: never more in flight than the peer granted
+            credit = stream.take_credit(0 if first else count)
+            if not credit:
+                _discard_until_eof(sock, memoryview(bytearray(4096)))
+                return True
+            limit = min(READ_CHUNK, credit)
         try:
-            count = os.splice(source, write_end, READ_CHUNK)
+            count = os.splice(source, write_end, limit)
         except OSError as exc:
             if first and exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                 return False

@@ -17,13 +17,21 @@ be sent for this id any more), flipped once under a lock by whoever gets
 there first, the pump on local EOF or the link on CLOSE or an error; that
 one sends the CLOSE, so at most one CLOSE goes out per stream and never
 DATA after it.
+
+A protocol v2 stream (`window` > 0) adds credit and half-close: the pump
+may send only as many DATA bytes as the peer granted (`credit`, spent by
+the pump, added by the link, under the same lock), and on local EOF it sends
+EOF and ends, leaving the stream open for the other direction.  In v2 only
+the link thread sends CLOSE: it must never follow a CREDIT the link queued.
 """
+
+import _thread
 
 import socket
 import threading
 import time
 from collections import deque
-from typing import Deque, Optional, Tuple, Union
+from typing import Any, Deque, Optional, Tuple, Union
 
 OPEN = "open"
 DRAINING = "draining"
@@ -38,7 +46,7 @@ class Stream:
     everything else is for the link thread.
     """
 
-    def __init__(self, client_id: int, peer: str):
+    def __init__(self, client_id: int, peer: str, window: int = 0, peer_window: int = 0):
         self.id = client_id                   # fixed
         self.peer = peer                      # fixed; for log lines
         self.state = OPEN                     # link thread
@@ -58,6 +66,16 @@ class Stream:
         self.watching_write = False
         self.bytes_to_peer = 0                # pump thread
         self.bytes_from_peer = 0              # link thread
+        # Protocol v2 only (window 0: a legacy stream).
+        self.window = window                  # fixed: what the peer may have in flight to us
+        self.credit = peer_window             # what we may send: pump spends, link adds (_close_lock)
+        self._credit_wait: Optional[Any] = None   # a held lock the pump waits on while credit is 0
+        self.allowed = window                 # link thread: what the peer may still send us
+        self.to_return = 0                    # link thread: delivered since our last CREDIT
+        self.sent_eof = False                 # pump thread, before it exits: its EOF went out
+        self.peer_eof = False                 # link thread: the peer's EOF came
+        self.failure: Optional[Tuple[int, str]] = None   # pump thread: CLOSE reason, text
+        self.abort = False                    # link thread: close the local socket with RST
 
     # ---- either thread --------------------------------------------------------------
     def mark_closed(self) -> bool:
@@ -66,10 +84,37 @@ class Stream:
             if self.closed:
                 return False
             self.closed = True
-            return True
+            waiter, self._credit_wait = self._credit_wait, None
+        if waiter is not None:
+            waiter.release()
+        return True
 
     def is_open(self) -> bool:
         return not self.closed
+
+    # ---- credit (v2) -----------------------------------------------------------------
+    def take_credit(self, spent: int) -> int:
+        """Pump thread: spend `spent` bytes, then the credit left, waiting while it
+        is 0; 0 once the stream is closed."""
+        while True:
+            with self._close_lock:
+                self.credit -= spent
+                spent = 0
+                if self.closed:
+                    return 0
+                if self.credit > 0:
+                    return self.credit
+                waiter = self._credit_wait = _thread.allocate_lock()
+                waiter.acquire()
+            waiter.acquire()   # released by add_credit or mark_closed
+
+    def add_credit(self, count: int) -> None:
+        """Link thread: the peer's CREDIT."""
+        with self._close_lock:
+            self.credit += count
+            waiter, self._credit_wait = self._credit_wait, None
+        if waiter is not None:
+            waiter.release()
 
     # ---- the connect hand-over --------------------------------------------------------
     def hand_over(self, sock: socket.socket) -> bool:

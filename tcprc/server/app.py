@@ -1,7 +1,10 @@
-"""ServerApp: accept device uplinks, open the host port on LISTEN, carry clients.
+"""ServerApp: accept device uplinks, open their host ports, carry clients.
 
-One server serves one tunnel at a time (the legacy LISTEN names no port).
-When a second device LISTENs while the host port belongs to a live uplink,
+Each host port carries one tunnel at a time: [server] host for legacy
+sessions (the legacy LISTEN names no port) and v2 sessions without
+identity, and each `[server.devices.ID]` its own `host`, for the sessions
+that authenticated as that id and nobody else.
+When a second session claims a host port that belongs to a live uplink,
 the newcomer takes over by default: a device that lost its uplink without
 the server noticing (a dead cellular NAT mapping) reconnects at once
 instead of being locked out until TCP gives up, the classic `ssh -R`
@@ -23,15 +26,41 @@ import threading
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from ..addr import address_in, format_hostport, parse_hostport, parse_network, source_key
-from ..engine.link import LimitedLog, SourceLog
+from ..engine.ratelog import LimitedLog, SourceLog
 from ..engine.loop import Loop
 from ..engine.sockets import accept_nowait, bind_listener
 from .link import HANDOVER, ServerLink, open_server_link
+from .throttle import AuthThrottle
 from ..settings import ServerSettings
 
 log = logging.getLogger("tcprc.server")
 
 HostPort = Tuple[str, int]
+
+
+class HostSlot:
+    """One host port: its listener (the app's to open and close), the uplink that
+    serves it, and the one waiting to take it over.  Under the app's lock."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.active: Optional[ServerLink] = None
+        self.successor: Optional[ServerLink] = None
+        self.sock: Optional[socket.socket] = None
+        self.address: Optional[HostPort] = None
+
+    def bind(self, link: ServerLink) -> socket.socket:
+        sock = bind_listener(parse_hostport(self.host, allow_zero_port=True))
+        self.active, self.sock = link, sock
+        self.address = sock.getsockname()[:2]
+        return sock
+
+    def unbind(self) -> None:
+        self.active = None
+        self.address = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 class ServerApp:
@@ -46,12 +75,8 @@ class ServerApp:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
         self.listen_address: Optional[HostPort] = None
-        self.host_address: Optional[HostPort] = None
         self._lock = threading.Lock()
-        self._active: Optional[ServerLink] = None      # holds the host port
-        self._successor: Optional[ServerLink] = None   # LISTENed; gets the port next
-        # The host listener: ours to open and close; the active link watches it.
-        self._host_sock: Optional[socket.socket] = None
+        self._slots: Dict[str, HostSlot] = {}   # host -> its slot, while claimed
         self._links: Set[ServerLink] = set()
         self._threads: Set[threading.Thread] = set()
         self._loop = Loop()
@@ -63,6 +88,49 @@ class ServerApp:
         self._allow = [parse_network(n) for n in settings.allow_from]
         self.uplink_log = SourceLog(log)
         self._accept_errors = LimitedLog(log)
+        self.throttle = AuthThrottle()
+        self.auth_failures = 0
+
+    @property
+    def host_address(self) -> Optional[HostPort]:
+        """Where [server] host accepts clients, while a session holds it."""
+        slot = self._slots.get(self.settings.host)
+        return slot.address if slot is not None else None
+
+    def link_on(self, host: Optional[str] = None) -> Optional[ServerLink]:
+        """The uplink that serves `host` ([server] host by default), if any."""
+        slot = self._slots.get(host or self.settings.host)
+        return slot.active if slot is not None else None
+
+    def device_host_address(self, device_id: str) -> Optional[HostPort]:
+        """Where a configured device's clients are accepted, while its session is up."""
+        slot = self._slots.get(self.host_for(device_id))
+        return slot.address if slot is not None else None
+
+    # ---- what links ask (any thread) ------------------------------------------------
+    def secret_of(self, device_id: str) -> Optional[bytes]:
+        entry = self.settings.devices.get(device_id)
+        return entry.secret.reveal() if entry is not None else None
+
+    def host_for(self, device_id: str) -> str:
+        if device_id:
+            entry = self.settings.devices.get(device_id)
+            if entry is not None:
+                return entry.host
+        return self.settings.host
+
+    def auth_passed(self, link: ServerLink) -> None:
+        pass
+
+    def auth_failed(self, link: ServerLink, device_id: str, message: str) -> None:
+        """One line per failure, naming the id and the source; the source slows down."""
+        import time
+        penalty = self.throttle.failed(link.source, time.monotonic())
+        with self._lock:
+            self.auth_failures += 1
+        self.uplink_log.warning(link.source, "%s: device %s refused: %s (its source waits %.1f s "
+                                "before its next try)", link.name, device_id or "without id",
+                                message, penalty)
 
     # ---- lifecycle --------------------------------------------------------------
     def start(self) -> None:
@@ -105,7 +173,17 @@ class ServerApp:
         changed = settings.host != self.settings.host or settings.connect_port != self.settings.connect_port \
             or settings.connect_address != self.settings.connect_address
         allow_changed = settings.allow_from != self.settings.allow_from
+        old_host = self.settings.host
+        old_devices = self.settings.devices
         self.settings = settings
+        if settings.devices != old_devices:
+            # A device removed or changed (secret, host) loses its session; it redials.
+            with self._lock:
+                links = list(self._links)
+            for link in links:
+                if link.device_id and old_devices.get(link.device_id) != \
+                        settings.devices.get(link.device_id):
+                    link.stop("device %s changed in the configuration" % link.device_id)
         if allow_changed:
             self._allow = [parse_network(n) for n in settings.allow_from]
             self._warn_if_open()
@@ -116,24 +194,39 @@ class ServerApp:
                     link.stop("source no longer in allow_from")
         if changed:
             with self._lock:
-                active = self._active
+                slot = self._slots.get(old_host)
+                active = slot.active if slot is not None else None
             if active is not None:
                 active.stop("settings changed")
 
     def status(self) -> Dict[str, Any]:
+        """The tunnel of [server] host, or else the latest device session, and totals."""
         with self._lock:
-            link = self._active
+            slots = [slot for slot in self._slots.values() if slot.active is not None]
+            slot = self._slots.get(self.settings.host)
+            if slot is None or slot.active is None:
+                slot = max(slots, key=lambda s: s.active.started) if slots else None
+            link = slot.active if slot is not None else None
             up, down = self._totals
+            for other in slots:
+                stats = other.active.stats()
+                up += stats["bytes_received"]
+                down += stats["bytes_sent"]
             stats = link.stats() if link is not None else None
             return {
                 "state": "up" if link is not None else "waiting",
                 "listen": format_hostport(*self.listen_address) if self.listen_address else "",
-                "host": format_hostport(*self.host_address) if self.host_address else "",
+                "host": format_hostport(*slot.address) if slot is not None and slot.address else "",
                 "device": link.name if link is not None else "",
+                "device_id": link.device_id if link is not None else "",
+                "protocol": stats["protocol"] if stats else "",
+                "rtt": stats["rtt"] if stats else None,
+                "sessions": len(slots),
                 "clients": stats["clients"] if stats else 0,
-                "bytes_up": up + (stats["bytes_received"] if stats else 0),
-                "bytes_down": down + (stats["bytes_sent"] if stats else 0),
+                "bytes_up": up,
+                "bytes_down": down,
                 "uptime": stats["uptime"] if stats else None,
+                "auth_failures": self.auth_failures,
                 "last_error": self._last_error,
             }
 
@@ -204,59 +297,61 @@ class ServerApp:
                     self._last_error = "%s: %s" % (link.name, link.end_reason)
 
     def claim_host(self, link: ServerLink) -> Any:
-        """Link thread, on LISTEN: the host listener for `link`; None when refused;
-        HANDOVER when a live uplink holds it: that one is told to stop, and its
-        teardown hands the port to `link` (release_host).  Never waits."""
+        """Link thread, once its session is established: the host listener for `link`
+        (its wanted_host); None when refused; HANDOVER when a live uplink holds
+        it: that one is told to stop, and its teardown hands the port to `link`
+        (release_host).  Never waits.  A device's host is only ever claimed by
+        sessions that authenticated as that device (host_for)."""
+        host = link.wanted_host
         with self._lock:
-            current = self._active
-            if current is None:
-                sock = bind_listener(parse_hostport(self.settings.host, allow_zero_port=True))
-                self._active, self._host_sock = link, sock
-                self.host_address = sock.getsockname()[:2]
+            slot = self._slots.get(host)
+            if slot is None:
+                slot = HostSlot(host)
+                sock = slot.bind(link)   # OSError: the caller says why
+                self._slots[host] = slot
                 return sock
+            current = slot.active
             if not self.settings.takeover:
                 refused = True
             else:
                 refused = False
-                waiting, self._successor = self._successor, link
+                waiting, slot.successor = slot.successor, link
         if refused:
             self.uplink_log.warning(link.source, "%s: LISTEN refused: the tunnel belongs to %s "
-                                    "(takeover = false)", link.name, current.name)
+                                    "(takeover = false; host port %s)", link.name, current.name, host)
             return None
-        self.uplink_log.warning(link.source, "%s: LISTEN takes over the tunnel from %s",
-                                link.name, current.name)
+        self.uplink_log.warning(link.source, "%s: LISTEN takes over the tunnel from %s (host port %s)",
+                                link.name, current.name, host)
         current.stop("replaced by %s" % link.name)
         if waiting is not None:   # an earlier newcomer still waiting: this one wins
             waiting.stop("replaced by %s" % link.name)
         return HANDOVER
 
     def release_host(self, link: ServerLink) -> None:
-        """Link thread, at teardown (no longer watching the host listener): the
+        """Link thread, at teardown (no longer watching its host listener): the
         listener is closed, and the port goes to the uplink waiting for it, if
         any, through that uplink's own loop."""
         with self._lock:
-            if self._successor is link:
-                self._successor = None   # it ended while waiting
-                return
-            if self._active is not link:
+            for slot in self._slots.values():
+                if slot.successor is link:
+                    slot.successor = None   # it ended while waiting
+                    return
+                if slot.active is link:
+                    break
+            else:
                 return
             stats = link.stats()
             self._totals[0] += stats["bytes_received"]
             self._totals[1] += stats["bytes_sent"]
-            self._active = None
-            self.host_address = None
-            if self._host_sock is not None:
-                self._host_sock.close()
-                self._host_sock = None
-            successor, self._successor = self._successor, None
+            slot.unbind()
+            successor, slot.successor = slot.successor, None
             if successor is None:
+                del self._slots[slot.host]
                 return
             sock, error = None, None
             try:
-                sock = bind_listener(parse_hostport(self.settings.host, allow_zero_port=True))
+                sock = slot.bind(successor)
             except OSError as exc:
                 error = exc
-            else:
-                self._active, self._host_sock = successor, sock
-                self.host_address = sock.getsockname()[:2]
+                del self._slots[slot.host]
         successor.loop.call_soon(lambda: successor.host_ready(sock, error))

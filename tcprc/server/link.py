@@ -1,4 +1,10 @@
-"""ServerLink: the server's uplink: LISTEN opens the host port, a stream per accepted client."""
+"""ServerLink: the server's uplink: an established session opens its host port, a
+stream per accepted client.
+
+A legacy session (LISTEN, then no answer to our OFFER) gets [server] host;
+a v2 session gets the host of the device id it authenticated as, or
+[server] host when it has no identity and legacy sessions are allowed.
+"""
 
 import logging
 import socket
@@ -7,7 +13,8 @@ import time
 from typing import TYPE_CHECKING, Optional
 
 from ..addr import format_hostport, source_key
-from ..engine.link import LimitedLog, Link
+from ..engine.link import Link
+from ..engine.ratelog import LimitedLog
 from ..engine.loop import Loop
 from ..engine.stream import Stream
 from ..engine.sockets import accept_nowait, tune_stream_socket, tune_uplink_socket
@@ -42,18 +49,24 @@ class ServerLink(Link):
 
     @property
     def listening(self) -> bool:
-        """The device's LISTEN came (the session's rule: nothing else before it)."""
-        return self.session.listening
+        """The session is established (legacy, or v2 past its handshake): it has clients."""
+        return self.session.established
+
+    @property
+    def device_id(self) -> str:
+        """The id this session authenticated as ("" : none)."""
+        return self.session.device_id if self.session.v2 or self.session.state == "authed" else ""
 
     def on_start(self) -> None:
         self._listen_timer = self.loop.call_later(self.settings.listen_timeout, self._no_listen)
 
     def _no_listen(self) -> None:
         if not self.listening:
-            self.fail("no LISTEN within %.1f s" % self.settings.listen_timeout)
+            self.fail(("no LISTEN within %.1f s" if not self.session.listening
+                       else "handshake not done within %.1f s") % self.settings.listen_timeout)
 
     def evict(self, reason: str) -> None:
-        """Thread-safe: drop this uplink unless its LISTEN got in first."""
+        """Thread-safe: drop this uplink unless its session got established first."""
         def drop() -> None:
             if not self.listening:
                 self.evicted = True
@@ -66,32 +79,61 @@ class ServerLink(Link):
                                 self.name, self.end_reason or "stopped")
 
     def listen_granted(self) -> None:
+        """A legacy session: [server] host."""
+        self._claim()
+
+    def authenticated(self, device_id: str) -> None:
+        """A v2 session passed its handshake: its device's host port, then WELCOME."""
+        self.app.auth_passed(self)
+        self._claim()
+
+    def denied(self, device_id: str, message: str) -> None:
+        self.app.auth_failed(self, device_id, message)
+
+    @property
+    def wanted_host(self) -> str:
+        return self.app.host_for(self.device_id)
+
+    def _claim(self) -> None:
         self._listen_timer.cancel()
         self.app.listened(self)
         try:
             sock = self.app.claim_host(self)
         except OSError as exc:
-            self.fail("cannot open host port %s: %s" % (self.settings.host, exc.strerror or exc))
+            self._refuse("cannot open host port %s: %s" % (self.wanted_host, exc.strerror or exc))
             return
         if sock is None:
-            self.fail("host port %s belongs to a live uplink (takeover = false)" % self.settings.host)
+            self._refuse("host port %s belongs to a live uplink (takeover = false)"
+                         % self.wanted_host)
         elif sock is not HANDOVER:
             self.host_ready(sock, None)
         # HANDOVER: the uplink that holds the port was told to stop; its
         # teardown hands the port over through host_ready, in this thread.
 
+    def _refuse(self, reason: str) -> None:
+        if self.session.state == "authed":
+            self._act(self.session.reject(protocol.REJECT_HOST_BUSY, reason))
+        else:
+            self.fail(reason)
+
     def host_ready(self, sock: Optional[socket.socket], error: Optional[OSError]) -> None:
         """Link thread: the host port is ours (or could not be opened: `error`)."""
         if sock is None:
             exc = error or OSError("no host port")
-            self.fail("cannot open host port %s: %s" % (self.settings.host, exc.strerror or exc))
+            self._refuse("cannot open host port %s: %s" % (self.wanted_host, exc.strerror or exc))
             return
         if self._closing or self.end_reason:
             return   # ending already: release_host closes the listener (the app owns it)
         self.host_sock = sock
+        bound = format_hostport(*self.host_sock.getsockname()[:2])
+        if self.session.state == "authed":
+            self._act(self.session.welcome(bound))
+            if self.end_reason:
+                return
         self.loop.set_handlers(self.host_sock, self._accept, None)
-        self.app.uplink_log.info(self.source, "%s: LISTEN: clients accepted on %s", self.name,
-                                 format_hostport(*self.host_sock.getsockname()[:2]))
+        self.app.uplink_log.info(self.source, "%s: %s: clients accepted on %s", self.name,
+                                 "v2 session of %s" % (self.device_id or "a device without id")
+                                 if self.v2 else "LISTEN", bound)
 
     def _resume_accept(self) -> None:
         self._accept_paused = False
@@ -124,12 +166,23 @@ class ServerLink(Link):
             client.close()
             return
         tune_stream_socket(client)
-        stream = Stream(client_id, who)
+        stream = self.new_stream(client_id, who)
         stream.sock = client
         self.log.info("%s: client %d (%s) connected", self.name, client_id, who)
         # CONNECT is queued before the pump starts, so it precedes the client's DATA.
         self._act(announce)
         self.open_stream(stream)
+
+    def on_stream_failed(self, stream: Stream, code: int, text: str) -> None:
+        if not protocol.CLOSE_REFUSED <= code <= protocol.CLOSE_NOT_ALLOWED:
+            super().on_stream_failed(stream, code, text)
+            return
+        self.log.warning("%s: client %d (%s): the device could not open it: %s%s", self.name,
+                         stream.id, stream.peer, protocol.close_reason_name(code),
+                         ": " + text if text else "")
+
+    def on_upgraded(self, detail: str) -> None:
+        pass   # host_ready says it, with the port
 
     def on_teardown(self) -> None:
         if self.host_sock is not None:
@@ -144,10 +197,12 @@ def open_server_link(sock: socket.socket, settings: ServerSettings, name: str, a
     tuned and wrapped in a plain transport, a loop and a session of its own."""
     tune_uplink_socket(sock, settings)
     transport = PlainTransport(sock)
+    source = source_key(host)
     session = ServerSession(
         ClientIds(settings.id_quarantine),
         protocol.encode_connect_payload(settings.connect_address, settings.connect_port),
-        lambda: _rtt(transport))
+        lambda: _rtt(transport), lookup=app.secret_of, legacy_allowed=settings.legacy,
+        window=settings.window, throttle=lambda now: app.throttle.delay(source, now))
     return ServerLink(transport, Loop(), session, settings, name, app, host)
 
 

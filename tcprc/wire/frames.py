@@ -430,6 +430,13 @@ def credit_frame(client_id: int, amount: int) -> bytes:
     return _CREDIT_FRAME.pack(4, CREDIT, client_id, amount)
 
 
+def encode_credit(amount: int) -> bytes:
+    """CREDIT's payload, for a sender that builds the header itself (FrameWriter.post)."""
+    if not 0 < amount <= MAX_CREDIT:
+        raise ValueError("credit %d is outside 1..%d" % (amount, MAX_CREDIT))
+    return _U32.pack(amount)
+
+
 def decode_credit(payload: Any) -> int:
     if len(payload) != 4:
         raise ProtocolError("CREDIT payload of %d bytes is not 4" % len(payload))

@@ -7,7 +7,12 @@ a list of actions for the link to carry out, in order:
     (SEND, command, client id, payload)   queue a control frame for the peer
     (OPEN, client id, address, port, early bytes)   device: dial, start a stream
     (REPLACE, client id)    drop the stream on this id without a CLOSE
-    (LISTENED,)             server: the device's first LISTEN; open the host port
+    (LISTENED,)             server: a legacy session is established; open the host port
+    (AUTHED, device id)     server: a v2 handshake passed; the link claims the host port
+                            and answers with welcome() or reject()
+    (UPGRADED, peer window, detail)   v2 is negotiated: v2 rules from now on
+    (DENIED, device id, message)      server: a handshake failed its checks (the
+                            link logs it with the source and slows the source down)
     (FAIL, reason)          end the uplink
     (WARN, message) / (DEBUG, message)   one log line about this uplink
 
@@ -16,8 +21,12 @@ Rules kept here: at most one CLOSE per id from this side (the link's
 a CONNECT on a busy id replaces its stream (device), the answer to DATA or
 CLOSE for an id with no stream, the device's early-DATA hold and quiet ids,
 and the server's id quarantine.  Times are the caller's (`now`, monotonic
-seconds), so a test drives them.  The next protocol's handshake and credit
-logic belong here too.
+seconds), so a test drives them.
+
+Protocol v2 is negotiated here (docs/protocol.md): the server answers LISTEN
+with OFFER and waits a moment for HELLO before taking the device as legacy;
+the device answers OFFER unless told to stay legacy, and refuses to fall back
+when it must not.  The handshake's checks are wire.handshake's.
 """
 
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -26,6 +35,7 @@ from . import frames
 
 SEND, OPEN, REPLACE, LISTENED, FAIL, WARN, DEBUG = (
     "send", "open", "replace", "listened", "fail", "warn", "debug")
+AUTHED, UPGRADED, DENIED = "authed", "upgraded", "denied"
 Action = Tuple[Any, ...]
 NONE: List[Action] = []   # shared and never appended to: the common answer costs nothing
 
@@ -42,10 +52,26 @@ QUIET = 10.0
 # our CLOSE, plus this many smoothed round trips of the uplink.
 GRACE_FLOOR = 0.05
 GRACE_RTTS = 4
+# Server: how long after its OFFER a device that says nothing is taken as
+# legacy: a tcprc device answers at once, so a few round trips (capped).
+HELLO_WAIT_FLOOR = 0.25
+HELLO_WAIT_RTTS = 4
+HELLO_WAIT_CAP = 2.0
+
+_HANDSHAKE = (frames.OFFER, frames.HELLO, frames.CHALLENGE, frames.AUTH, frames.WELCOME,
+              frames.REJECT)
 
 
 class Session:
     """Rules both sides share; the link thread is its only caller."""
+
+    window = 0          # v2: each stream's receive window, announced in the handshake
+    v2 = False          # v2 negotiated
+
+    def handshake(self, command: int, payload: Any, now: float) -> List[Action]:
+        """A handshake frame (OFFER..REJECT)."""
+        return [(WARN, "skipped %s: not expected on this side"
+                 % frames.COMMAND_NAMES.get(command, command))]
 
     def start(self, now: float) -> List[Action]:
         """The uplink is up."""
@@ -65,14 +91,16 @@ class Session:
         if command == frames.CLOSE:
             return self.peer_close(client_id, client_id in open_ids, False, now)
         if command == frames.LISTEN:
-            return self.listen()
+            return self.listen(now)
+        if command in _HANDSHAKE:
+            return self.handshake(command, payload, now)
         return [(WARN, "skipped unknown command %d for client %d (%d payload bytes)"
                  % (command, client_id, len(payload)))]
 
     def connect(self, client_id: int, payload: Any, busy: bool, now: float) -> List[Action]:
         return [(WARN, "ignored CONNECT for client %d: not expected on this side" % client_id)]
 
-    def listen(self) -> List[Action]:
+    def listen(self, now: float) -> List[Action]:
         return [(WARN, "ignored LISTEN: not expected on this side")]
 
     def unknown_data(self, client_id: int, payloads: List[Any], now: float) -> List[Action]:
@@ -115,14 +143,87 @@ class DeviceSession(Session):
     own, which ends the quiet time; a tcprc server does not, hence the bound).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, protocol: str = "auto", device_id: str = "", secret: Optional[bytes] = None,
+                 window: int = 256 * 1024, strict: bool = False, offer_wait: float = 10.0) -> None:
         # Per client id, so at most 256 entries each; cleared by reset().
         self._early: Dict[int, List[Any]] = {}          # id -> [bytearray, deadline]
         self._early_bytes = 0
         self._quiet: Dict[int, Tuple[float, bool]] = {}  # id -> (closed at, refused early DATA)
+        # v2: "auto" answers an OFFER; "legacy" never does; `strict` (v2, or
+        # credentials or TLS configured) never falls back to legacy.
+        self.protocol = protocol
+        self.device_id = device_id
+        self._secret = secret
+        self.window = window
+        self.strict = strict or protocol == "v2"
+        self._offer_wait = offer_wait
+        self._offer_deadline: Optional[float] = None
+        self.state = "listen"          # -> legacy | hello -> v2
+        self._handshake: Any = None
+        self.rejected = ""             # the server's REJECT, for the app's last error
 
     def start(self, now: float) -> List[Action]:
+        if self.strict:
+            self._offer_deadline = now + self._offer_wait
         return [(SEND, frames.LISTEN, 0, b"")]
+
+    def frame(self, command: int, client_id: int, payload: Any, open_ids: Any,
+              now: float) -> List[Action]:
+        if self.state == "listen" and command in (frames.CONNECT, frames.DATA, frames.CLOSE):
+            # A legacy server: it had no OFFER for our LISTEN.
+            if self.strict:
+                return [(FAIL, "the server speaks only the legacy protocol (it sent %s without "
+                         "an OFFER): refusing to fall back, %s"
+                         % (frames.COMMAND_NAMES[command], self._why_strict()))]
+            self.state = "legacy"
+            self._offer_deadline = None
+        elif self.state == "hello" and command in (frames.CONNECT, frames.DATA, frames.CLOSE):
+            return [(FAIL, "%s during the v2 handshake" % frames.COMMAND_NAMES[command])]
+        return Session.frame(self, command, client_id, payload, open_ids, now)
+
+    def _why_strict(self) -> str:
+        if self.protocol == "v2":
+            return "[device] protocol = \"v2\""
+        return "this device has credentials or TLS configured"
+
+    def handshake(self, command: int, payload: Any, now: float) -> List[Action]:
+        if command == frames.OFFER:
+            if self.protocol == "legacy":
+                return [(DEBUG, "OFFER of protocol v2 ignored: [device] protocol = \"legacy\"")]
+            if self.state != "listen" or len(payload):
+                return [(WARN, "unexpected OFFER ignored")]
+            from .handshake import DeviceHandshake
+            self._handshake = DeviceHandshake(self.device_id, self._secret, self.window)
+            self.state = "hello"
+            self._offer_deadline = None
+            return [(SEND, frames.HELLO, 0, self._handshake.hello())]
+        if command == frames.REJECT:
+            code, text = _reject(payload)
+            self.rejected = "the server rejected this device: %s%s" % (
+                frames.reject_name(code), ": " + text if text else "")
+            return [(FAIL, self.rejected)]
+        if self.state != "hello":
+            return [(SEND, frames.REJECT, 0, frames.encode_reject(
+                        frames.REJECT_MALFORMED, "%s out of order" % frames.COMMAND_NAMES[command])),
+                    (FAIL, "%s out of order (%s)" % (frames.COMMAND_NAMES[command], self.state))]
+        from .handshake import HandshakeError
+        try:
+            if command == frames.CHALLENGE:
+                return [(SEND, frames.AUTH, 0, self._handshake.on_challenge(payload))]
+            if command == frames.WELCOME:
+                host = self._handshake.on_welcome(payload)
+                self.state = "v2"
+                self.v2 = True
+                return [(UPGRADED, self._handshake.peer_window,
+                         "%s; the server takes our clients on %s" % (
+                             "authenticated as %s" % self.device_id if self.device_id
+                             else "no identity", host))]
+            raise HandshakeError(frames.REJECT_MALFORMED,
+                                 "%s is not for a device" % frames.COMMAND_NAMES[command])
+        except HandshakeError as exc:
+            self.rejected = str(exc)
+            return [(SEND, frames.REJECT, 0, frames.encode_reject(exc.code, str(exc))),
+                    (FAIL, "v2 handshake failed: %s" % exc)]
 
     def connect(self, client_id: int, payload: Any, busy: bool, now: float) -> List[Action]:
         quiet = self._quiet.pop(client_id, None)
@@ -144,6 +245,9 @@ class DeviceSession(Session):
         return actions
 
     def unknown_data(self, client_id: int, payloads: List[Any], now: float) -> List[Action]:
+        if self.v2:
+            # No early DATA in v2 (CONNECT always comes first): it crossed our CLOSE.
+            return [(DEBUG, "DATA for closed client %d dropped" % client_id)]
         quiet = self._quiet.get(client_id)
         if quiet is not None:
             if now - quiet[0] < QUIET:
@@ -173,10 +277,14 @@ class DeviceSession(Session):
 
     def next_deadline(self) -> Optional[float]:
         if not self._early:
-            return None
+            return self._offer_deadline
         return min(entry[1] for entry in self._early.values())
 
     def expire(self, now: float, reading: bool) -> List[Action]:
+        if self._offer_deadline is not None and now >= self._offer_deadline:
+            self._offer_deadline = None
+            return [(FAIL, "no OFFER of protocol v2 within %g s of LISTEN (a legacy server?): "
+                     "refusing to fall back, %s" % (self._offer_wait, self._why_strict()))]
         if not reading:
             # Not reading: the CONNECT may be waiting unread; give it time after reading resumes.
             for entry in self._early.values():
@@ -223,21 +331,110 @@ class ServerSession(Session):
     """
 
     def __init__(self, ids: Any, connect_payload: bytes,
-                 rtt: Callable[[], float] = lambda: 0.0) -> None:
+                 rtt: Callable[[], float] = lambda: 0.0,
+                 lookup: Callable[[str], Optional[bytes]] = lambda device_id: None,
+                 legacy_allowed: bool = True, window: int = 256 * 1024,
+                 throttle: Callable[[float], float] = lambda now: 0.0) -> None:
         self.ids = ids
         self.connect_payload = connect_payload
         self.listening = False
         self._rtt = rtt
+        # v2: `lookup(id)` gives a configured device's secret; `throttle(now)`
+        # how long this source must wait before its next CHALLENGE.
+        self._lookup = lookup
+        self.legacy_allowed = legacy_allowed
+        self.window = window
+        self._throttle = throttle
+        self.state = "listen"   # -> offered -> (legacy | challenged -> authed -> v2)
+        self._deadline: Optional[float] = None
+        self._handshake: Any = None
+        self._challenge = b""
+        self.device_id = ""
 
-    def listen(self) -> List[Action]:
+    @property
+    def established(self) -> bool:
+        """Clients may come: a legacy session, or v2 past its WELCOME."""
+        return self.state in ("legacy", "v2")
+
+    def listen(self, now: float) -> List[Action]:
         if self.listening:
             return [(WARN, "repeated LISTEN ignored")]
         self.listening = True
+        self.state = "offered"
+        self._deadline = now + min(HELLO_WAIT_CAP, HELLO_WAIT_FLOOR + HELLO_WAIT_RTTS * self._rtt())
+        # Zero length: a legacy (Lua) device logs it as a bad command and carries on.
+        return [(SEND, frames.OFFER, frames.V2, b"")]
+
+    def handshake(self, command: int, payload: Any, now: float) -> List[Action]:
+        from .handshake import HandshakeError, ServerHandshake
+        name = frames.COMMAND_NAMES[command]
+        try:
+            if command == frames.HELLO and self.state == "offered":
+                self._handshake = ServerHandshake(self._lookup, self.window, self.legacy_allowed)
+                self._challenge = self._handshake.on_hello(payload)
+                self.device_id = self._handshake.device_id
+                wait = self._throttle(now)
+                if wait > 0:   # failures from this source: its answer waits
+                    self.state, self._deadline = "delayed", now + wait
+                    return [(DEBUG, "CHALLENGE held %.1f s: recent failures from this source" % wait)]
+                self.state, self._deadline = "challenged", None
+                return [(SEND, frames.CHALLENGE, 0, self._challenge)]
+            if command == frames.AUTH and self.state == "challenged":
+                self._handshake.on_auth(payload)
+                self.state = "authed"
+                return [(AUTHED, self.device_id)]
+            if command == frames.REJECT:
+                code, text = _reject(payload)
+                return [(FAIL, "the device rejected the handshake: %s%s" % (
+                    frames.reject_name(code), ": " + text if text else ""))]
+            if command == frames.HELLO and self.state == "legacy":
+                return [(FAIL, "HELLO after the uplink was taken as legacy (the device answered "
+                         "our OFFER too late): it will redial")]
+            raise HandshakeError(frames.REJECT_MALFORMED, "%s out of order" % name)
+        except HandshakeError as exc:
+            self.state = "failed"
+            return [(DENIED, self.device_id, str(exc)),
+                    (SEND, frames.REJECT, 0, frames.encode_reject(exc.code, str(exc))),
+                    (FAIL, "v2 handshake failed: %s" % exc)]
+
+    def welcome(self, host: str) -> List[Action]:
+        """The link claimed the host port of an authenticated session: WELCOME."""
+        self.state = "v2"
+        self.v2 = True
+        detail = ("authenticated as %s" % self.device_id if self.device_id else "no identity")
+        return [(SEND, frames.WELCOME, 0, frames.encode_welcome(host)),
+                (UPGRADED, self._handshake.peer_window, detail)]
+
+    def reject(self, code: int, text: str) -> List[Action]:
+        """The link could not give an authenticated session its host port."""
+        self.state = "failed"
+        return [(SEND, frames.REJECT, 0, frames.encode_reject(code, text)), (FAIL, text)]
+
+    def next_deadline(self) -> Optional[float]:
+        return self._deadline
+
+    def expire(self, now: float, reading: bool) -> List[Action]:
+        if self._deadline is None or now < self._deadline:
+            return NONE
+        self._deadline = None
+        if self.state == "delayed":
+            self.state = "challenged"
+            return [(SEND, frames.CHALLENGE, 0, self._challenge)]
+        if self.state != "offered":
+            return NONE
+        self.state = "legacy"
+        if not self.legacy_allowed:
+            self.state = "failed"
+            return [(DENIED, "", "legacy LISTEN (no answer to our OFFER)"),
+                    (FAIL, "legacy LISTEN refused: this server requires authenticated devices "
+                           "([server] legacy = false)")]
         return [(LISTENED,)]
 
     def _before_listen(self, what: str) -> Optional[List[Action]]:
-        if self.listening:
+        if self.established:
             return None
+        if self.listening:
+            return [(FAIL, "%s before the session was established" % what)]
         return [(FAIL, "%s before LISTEN: not a tcprc device" % what)]
 
     def connect(self, client_id: int, payload: Any, busy: bool, now: float) -> List[Action]:
@@ -268,3 +465,10 @@ class ServerSession(Session):
 
     def closed_here(self, client_id: int, now: float) -> None:
         self.ids.hold(client_id, now, GRACE_FLOOR + GRACE_RTTS * self._rtt())
+
+
+def _reject(payload: Any) -> Tuple[int, str]:
+    try:
+        return frames.decode_reject(payload)
+    except frames.ProtocolError:
+        return frames.REJECT_MALFORMED, "(malformed REJECT)"

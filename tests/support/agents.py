@@ -54,12 +54,12 @@ class Agents:
             proc.log_file.close()
 
 
-def start_tunnel(agents, target, device_env=None):
+def start_tunnel(agents, target, device_env=None, device_args=()):
     listen, host = free_port(), free_port()
     server = agents.start("server", "--listen", "127.0.0.1:%d" % listen, "--host", "127.0.0.1:%d" % host)
     wait_for(lambda: listening(listen) or server.poll() is not None, what="server up")
     device = agents.start("device", "--server", "127.0.0.1:%d" % listen, "--local", "%s:%d" % target,
-                          env=device_env)
+                          *device_args, env=device_env)
     wait_for(lambda: listening(host) or device.poll() is not None, what="host port")
     assert server.poll() is None and device.poll() is None
     return server, device, ("127.0.0.1", host)

@@ -26,8 +26,12 @@ class RawPeer:
         self.sock.sendall(data)
 
     def read_frame(self):
-        length, command, client_id = struct.unpack("!HBB", recv_exactly(self.sock, 4))
-        return command, client_id, recv_exactly(self.sock, length)
+        """The next frame, skipping a tcprc server's OFFER as a Lua agent does (a
+        zero-length unknown command: it logs "bad command" and reads on)."""
+        while True:
+            length, command, client_id = struct.unpack("!HBB", recv_exactly(self.sock, 4))
+            if command != protocol.OFFER or length:
+                return command, client_id, recv_exactly(self.sock, length)
 
     def expect(self, wire: bytes):
         """The next bytes on the wire, exactly."""
@@ -64,8 +68,14 @@ class LegacyServer:
 
 
 def legacy_device(app) -> RawPeer:
+    """A Lua agent's uplink to `app`, once its LISTEN opened the host port.
+
+    The tcprc server answers LISTEN with the zero-length OFFER of protocol
+    v2, which the Lua agent logs as a bad command and skips: so does this.
+    """
     peer = RawPeer(socket.create_connection(app.listen_address))
     peer.send(LISTEN, 0)
+    peer.expect(protocol.OFFER_FRAME)
     wait_for(lambda: app.host_address, what="host port open")
     return peer
 
