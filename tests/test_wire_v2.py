@@ -89,13 +89,13 @@ def test_the_byte_examples_of_the_doc_are_what_the_code_builds(name, built, show
 
 
 def test_the_doc_examples_decode_back_to_their_fields():
-    hello = p.decode_hello(HELLO)
-    assert hello == p.Hello(2, 0, NONCE_D, DEVICE_WINDOW, "gw-17")
-    challenge, body = p.decode_challenge(CHALLENGE_)
-    assert challenge.nonce == NONCE_S and challenge.window == SERVER_WINDOW
-    assert len(challenge.proof) == 32 and body == CHALLENGE_[:37]
-    assert p.decode_hello(A_HELLO).device_id == ""
-    assert p.decode_challenge(A_CHALLENGE)[0].proof == b"" and p.decode_auth(A_AUTH) == b""
+    assert p.decode_hello(HELLO) == (NONCE_D, DEVICE_WINDOW, "gw-17")
+    nonce, window, proof, body = p.decode_challenge(CHALLENGE_)
+    assert nonce == NONCE_S and window == SERVER_WINDOW
+    assert len(proof) == 32 and body == CHALLENGE_[:37]
+    assert p.decode_hello(A_HELLO) == (NONCE_D, DEVICE_WINDOW, "")
+    assert p.decode_challenge(A_CHALLENGE) == (NONCE_S, SERVER_WINDOW, b"", A_CHALLENGE[:37])
+    assert p.decode_auth(A_AUTH) == b""
     assert p.decode_welcome(p.encode_welcome("[::1]:22")) == "[::1]:22"
     assert p.decode_reject(p.encode_reject(5, "host port busy")) == (5, "host port busy")
     assert p.decode_credit(struct.pack("!I", 1)) == 1
