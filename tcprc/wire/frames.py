@@ -13,7 +13,7 @@ wire.handshake, which only a v2 uplink imports.
 import errno
 import struct
 import sys
-from typing import Any, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 from ..errors import PeerError
 
@@ -242,21 +242,6 @@ class VersionError(ProtocolError):
         self.version = version
 
 
-class Hello(NamedTuple):
-    version: int
-    flags: int
-    nonce: bytes
-    window: int
-    device_id: str          # "" = no identity
-
-
-class Challenge(NamedTuple):
-    version: int
-    nonce: bytes
-    window: int
-    proof: bytes            # b"" or PROOF_SIZE bytes
-
-
 def reject_name(code: int) -> str:
     return REJECT_CODES.get(code, "code %d" % code)
 
@@ -328,12 +313,15 @@ def encode_hello(nonce: bytes, window: int, device_id: str = "") -> bytes:
     return _HELLO_FIXED.pack(V2, 0, nonce, window, len(raw)) + raw
 
 
-def decode_hello(payload: Any) -> Hello:
+def decode_hello(payload: Any) -> Tuple[bytes, int, str]:
+    """(nonce_d, window, device id: "" = none) of a version 2 HELLO.
+
+    Plain tuples, not NamedTuples: a legacy agent imports this module too."""
     _version(payload, "HELLO")
     fixed = _HELLO_FIXED.size
     if len(payload) < fixed:
         raise ProtocolError("HELLO payload of %d bytes is too short" % len(payload))
-    version, flags, nonce, window, id_len = _HELLO_FIXED.unpack_from(payload)
+    _, flags, nonce, window, id_len = _HELLO_FIXED.unpack_from(payload)
     if flags:
         raise ProtocolError("HELLO flags %#04x: none are defined" % flags)
     if len(payload) != fixed + id_len:
@@ -344,7 +332,7 @@ def decode_hello(payload: Any) -> Hello:
     device_id = bytes(payload[fixed:]).decode("latin-1")
     if not valid_id(device_id):
         raise ProtocolError("HELLO id has characters outside [A-Za-z0-9._-]")
-    return Hello(version, flags, nonce, _window(window, "HELLO"), device_id)
+    return nonce, _window(window, "HELLO"), device_id
 
 
 def encode_challenge(nonce: bytes, window: int, proof: bytes = b"") -> bytes:
@@ -359,16 +347,16 @@ def challenge_body(nonce: bytes, window: int) -> bytes:
     return _CHALLENGE_FIXED.pack(V2, nonce, window)
 
 
-def decode_challenge(payload: Any) -> Tuple[Challenge, bytes]:
-    """(the CHALLENGE, its body up to and excluding proof_len, for the MAC)."""
+def decode_challenge(payload: Any) -> Tuple[bytes, int, bytes, bytes]:
+    """(nonce_s, window, proof: b"" or PROOF_SIZE bytes, the body up to and
+    excluding proof_len, which proof_s signs) of a version 2 CHALLENGE."""
     _version(payload, "CHALLENGE")
     fixed = _CHALLENGE_FIXED.size
     if len(payload) < fixed:
         raise ProtocolError("CHALLENGE payload of %d bytes is too short" % len(payload))
-    version, nonce, window = _CHALLENGE_FIXED.unpack_from(payload)
+    _, nonce, window = _CHALLENGE_FIXED.unpack_from(payload)
     proof = _proof(payload, fixed, "CHALLENGE")
-    return (Challenge(version, nonce, _window(window, "CHALLENGE"), proof),
-            bytes(payload[:fixed]))
+    return nonce, _window(window, "CHALLENGE"), proof, bytes(payload[:fixed])
 
 
 def encode_auth(proof: bytes = b"") -> bytes:

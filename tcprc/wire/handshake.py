@@ -111,22 +111,22 @@ class DeviceHandshake:
         """The AUTH payload to send; HandshakeError when the CHALLENGE is bad."""
         self._expect("challenge", "CHALLENGE")
         try:
-            challenge, body = frames.decode_challenge(payload)
+            _, window, proof, body = frames.decode_challenge(payload)
         except ProtocolError as exc:
             raise self._fail(_malformed(exc)) from None
         if self._key is None:
-            if challenge.proof:
+            if proof:
                 raise self._fail(HandshakeError(
                     frames.REJECT_MALFORMED, "CHALLENGE carries a proof for a HELLO without id"))
             auth = frames.encode_auth()
         else:
-            if not challenge.proof:
+            if not proof:
                 raise self._fail(self._unproven("no proof in its CHALLENGE"))
             expected = server_proof(self._key, self._hello, body)
-            if not hmac.compare_digest(challenge.proof, expected):
+            if not hmac.compare_digest(proof, expected):
                 raise self._fail(self._unproven("wrong proof"))
             auth = frames.encode_auth(device_proof(self._key, self._hello, bytes(payload)))
-        self.peer_window = challenge.window
+        self.peer_window = window
         self._state = "welcome"
         return auth
 
@@ -183,21 +183,21 @@ class ServerHandshake:
         """The CHALLENGE payload to send."""
         self._expect("hello", "HELLO")
         try:
-            hello = frames.decode_hello(payload)
+            _, window, device_id = frames.decode_hello(payload)
         except ProtocolError as exc:
             raise self._fail(_malformed(exc)) from None
-        self.device_id = hello.device_id
-        if not hello.device_id:
+        self.device_id = device_id
+        if not device_id:
             if not self.legacy_allowed:
                 raise self._fail(HandshakeError(
                     frames.REJECT_IDENTITY_REQUIRED, "HELLO without id: this server requires one"))
         else:
-            self._key = self._lookup(hello.device_id) or None
+            self._key = self._lookup(device_id) or None
             if self._key is None:
                 raise self._fail(HandshakeError(
-                    frames.REJECT_UNKNOWN_ID, "unknown id %s" % hello.device_id))
+                    frames.REJECT_UNKNOWN_ID, "unknown id %s" % device_id))
         self._hello = bytes(payload)
-        self.peer_window = hello.window
+        self.peer_window = window
         body = frames.challenge_body(self._nonce, self.window)
         proof = b"" if self._key is None else server_proof(self._key, self._hello, body)
         self._challenge = frames.encode_challenge(self._nonce, self.window, proof)
