@@ -125,6 +125,7 @@ class Link(PumpHost):
             self._watch_uplink()
             self.on_start()
             self._act(self.session.start(time.monotonic()))
+            self._arm_session_timer()
             self.loop.run()
         finally:
             self._teardown()

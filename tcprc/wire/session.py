@@ -167,19 +167,18 @@ class DeviceSession(Session):
             self._offer_deadline = now + self._offer_wait
         return [(SEND, frames.LISTEN, 0, b"")]
 
-    def frame(self, command: int, client_id: int, payload: Any, open_ids: Any,
-              now: float) -> List[Action]:
-        if self.state == "listen" and command in (frames.CONNECT, frames.DATA, frames.CLOSE):
-            # A legacy server: it had no OFFER for our LISTEN.
+    def _stream_frame(self, name: str) -> Optional[List[Action]]:
+        """A CONNECT, DATA or CLOSE came: before any OFFER it tells a legacy
+        server.  None: go on with the frame; else what to do instead."""
+        if self.state == "listen":
             if self.strict:
                 return [(FAIL, "the server speaks only the legacy protocol (it sent %s without "
-                         "an OFFER): refusing to fall back, %s"
-                         % (frames.COMMAND_NAMES[command], self._why_strict()))]
+                         "an OFFER): refusing to fall back, %s" % (name, self._why_strict()))]
             self.state = "legacy"
             self._offer_deadline = None
-        elif self.state == "hello" and command in (frames.CONNECT, frames.DATA, frames.CLOSE):
-            return [(FAIL, "%s during the v2 handshake" % frames.COMMAND_NAMES[command])]
-        return Session.frame(self, command, client_id, payload, open_ids, now)
+        elif self.state == "hello":
+            return [(FAIL, "%s during the v2 handshake" % name)]
+        return None
 
     def _why_strict(self) -> str:
         if self.protocol == "v2":
@@ -226,6 +225,10 @@ class DeviceSession(Session):
                     (FAIL, "v2 handshake failed: %s" % exc)]
 
     def connect(self, client_id: int, payload: Any, busy: bool, now: float) -> List[Action]:
+        if self.state != "legacy" and self.state != "v2":
+            refused = self._stream_frame("CONNECT")
+            if refused is not None:
+                return refused
         quiet = self._quiet.pop(client_id, None)
         if quiet is not None and quiet[1] and now - quiet[0] < QUIET:
             # Sent before the server saw our CLOSE: its client is gone already.
@@ -245,6 +248,10 @@ class DeviceSession(Session):
         return actions
 
     def unknown_data(self, client_id: int, payloads: List[Any], now: float) -> List[Action]:
+        if self.state != "legacy" and self.state != "v2":
+            refused = self._stream_frame("DATA")
+            if refused is not None:
+                return refused
         if self.v2:
             # No early DATA in v2 (CONNECT always comes first): it crossed our CLOSE.
             return [(DEBUG, "DATA for closed client %d dropped" % client_id)]
@@ -267,6 +274,10 @@ class DeviceSession(Session):
         return NONE
 
     def peer_close(self, client_id: int, known: bool, answered: bool, now: float) -> List[Action]:
+        if self.state != "legacy" and self.state != "v2":
+            refused = self._stream_frame("CLOSE")
+            if refused is not None:
+                return refused
         # The server's CLOSE ends the quiet time, and any wait for a CONNECT.
         self._quiet.pop(client_id, None)
         self._drop_early(client_id)

@@ -184,3 +184,39 @@ PAIRS = (
 
 def pairs(under_test: str) -> list:
     return [p for p in PAIRS if p.under_test == under_test]
+
+
+def greet_as_v2_server(peer: RawPeer, window: int = 1 << 18) -> Any:
+    """Play a tcprc server on an accepted uplink: LISTEN, OFFER, HELLO, CHALLENGE,
+    AUTH, WELCOME (no identity).  Returns the device's HELLO fields."""
+    from tcprc.wire.handshake import ServerHandshake
+    assert peer.read_frame() == (LISTEN, 0, b"")
+    peer.send_raw(protocol.OFFER_FRAME)
+    command, _, hello = peer.read_frame()
+    assert command == protocol.HELLO
+    handshake = ServerHandshake(lambda device_id: None, window, legacy_allowed=True)
+    peer.send(protocol.CHALLENGE, 0, handshake.on_hello(hello))
+    command, _, auth = peer.read_frame()
+    assert command == protocol.AUTH
+    handshake.on_auth(auth)
+    peer.send(protocol.WELCOME, 0, protocol.encode_welcome("127.0.0.1:1"))
+    return protocol.decode_hello(hello)
+
+
+def greet_as_v2_device(peer: RawPeer, device_id: str = "", secret: bytes = b"",
+                       window: int = 1 << 18) -> Any:
+    """Play a tcprc device on a fresh uplink up to the server's answer to AUTH.
+    Returns (frames sent after LISTEN: [HELLO, AUTH] payloads, the server's answer)."""
+    from tcprc.wire.handshake import DeviceHandshake
+    handshake = DeviceHandshake(device_id, secret or None, window)
+    peer.send(LISTEN, 0)
+    peer.expect(protocol.OFFER_FRAME)
+    hello = handshake.hello()
+    peer.send(protocol.HELLO, 0, hello)
+    command, _, challenge = peer.read_frame()
+    if command != protocol.CHALLENGE:
+        return [hello], (command, challenge)
+    auth = handshake.on_challenge(challenge)
+    peer.send(protocol.AUTH, 0, auth)
+    command, _, answer = peer.read_frame()
+    return [hello, auth], (command, answer)
