@@ -123,14 +123,18 @@ class ServerApp:
         pass
 
     def auth_failed(self, link: ServerLink, device_id: str, message: str) -> None:
-        """One line per failure, naming the id and the source; the source slows down."""
-        import time
-        penalty = self.throttle.failed(link.source, time.monotonic())
+        """One line per failure, naming the id and the source.  A failure that named
+        an id (a guess at its secret, maybe) slows its source down."""
         with self._lock:
             self.auth_failures += 1
+        if not device_id:
+            self.uplink_log.warning(link.source, "%s: device without id refused: %s",
+                                    link.name, message)
+            return
+        import time
+        penalty = self.throttle.failed(link.source, time.monotonic())
         self.uplink_log.warning(link.source, "%s: device %s refused: %s (its source waits %.1f s "
-                                "before its next try)", link.name, device_id or "without id",
-                                message, penalty)
+                                "before its next try)", link.name, device_id, message, penalty)
 
     # ---- lifecycle --------------------------------------------------------------
     def start(self) -> None:

@@ -62,8 +62,7 @@ class ServerLink(Link):
 
     def _no_listen(self) -> None:
         if not self.listening:
-            self.fail(("no LISTEN within %.1f s" if not self.session.listening
-                       else "handshake not done within %.1f s") % self.settings.listen_timeout)
+            self._act(self.session.timed_out(self.settings.listen_timeout))
 
     def evict(self, reason: str) -> None:
         """Thread-safe: drop this uplink unless its session got established first."""

@@ -372,7 +372,9 @@ class ServerSession(Session):
             return [(WARN, "repeated LISTEN ignored")]
         self.listening = True
         self.state = "offered"
-        self._deadline = now + min(HELLO_WAIT_CAP, HELLO_WAIT_FLOOR + HELLO_WAIT_RTTS * self._rtt())
+        if self.legacy_allowed:   # else only a HELLO helps: listen_timeout bounds the wait
+            self._deadline = now + min(HELLO_WAIT_CAP,
+                                       HELLO_WAIT_FLOOR + HELLO_WAIT_RTTS * self._rtt())
         # Zero length: a legacy (Lua) device logs it as a bad command and carries on.
         return [(SEND, frames.OFFER, frames.V2, b"")]
 
@@ -404,6 +406,8 @@ class ServerSession(Session):
             raise HandshakeError(frames.REJECT_MALFORMED, "%s out of order" % name)
         except HandshakeError as exc:
             self.state = "failed"
+            if self._handshake is not None:
+                self.device_id = self._handshake.device_id
             return [(DENIED, self.device_id, str(exc)),
                     (SEND, frames.REJECT, 0, frames.encode_reject(exc.code, str(exc))),
                     (FAIL, "v2 handshake failed: %s" % exc)]
@@ -434,12 +438,18 @@ class ServerSession(Session):
         if self.state != "offered":
             return NONE
         self.state = "legacy"
-        if not self.legacy_allowed:
+        return [(LISTENED,)]
+
+    def timed_out(self, limit: float) -> List[Action]:
+        """listen_timeout ran out before the session was established."""
+        if not self.listening:
+            return [(FAIL, "no LISTEN within %.1f s" % limit)]
+        if self.state == "offered":   # legacy not allowed, and no HELLO came
             self.state = "failed"
-            return [(DENIED, "", "legacy LISTEN (no answer to our OFFER)"),
+            return [(DENIED, "", "legacy LISTEN (no HELLO within %.1f s)" % limit),
                     (FAIL, "legacy LISTEN refused: this server requires authenticated devices "
                            "([server] legacy = false)")]
-        return [(LISTENED,)]
+        return [(FAIL, "handshake not done within %.1f s" % limit)]
 
     def _before_listen(self, what: str) -> Optional[List[Action]]:
         if self.established:
