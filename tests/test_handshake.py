@@ -25,27 +25,54 @@ def fails(code, call, *args):
     with pytest.raises(HandshakeError) as caught:
         call(*args)
     assert caught.value.code == code, str(caught.value)
-    assert "\n" not in str(caught.value)
+    assert "\n" not in str(caught.value) and "\n" not in caught.value.wire_text
     return str(caught.value)
+
+
+def refused_on_the_wire(call, *args):
+    """What the server logs and the REJECT payload it sends for a failed AUTH."""
+    with pytest.raises(HandshakeError) as caught:
+        call(*args)
+    return str(caught.value), p.encode_reject(caught.value.code, caught.value.wire_text)
+
+
+def exchange(dev, srv, host="0.0.0.0:2201"):
+    """A whole handshake; the host the device was told."""
+    srv.on_auth(dev.on_challenge(srv.on_hello(dev.hello())))
+    return dev.on_welcome(srv.welcome(host))
 
 
 def test_a_device_with_its_secret_is_welcomed_and_both_learn_the_windows():
     dev, srv = device(), server(legacy_allowed=False)
-    srv.on_auth(dev.on_challenge(srv.on_hello(dev.hello())))
+    assert exchange(dev, srv) == "0.0.0.0:2201"
     assert srv.done and srv.authenticated and srv.device_id == "gw-17"
     assert srv.peer_window == 32768 and dev.peer_window == 65536
-    assert dev.on_welcome(p.encode_welcome("0.0.0.0:2201")) == "0.0.0.0:2201"
     assert dev.host == "0.0.0.0:2201"
+
+
+def test_the_device_proves_first_and_the_server_proves_in_welcome():
+    dev, srv = device(), server()
+    hello = dev.hello()
+    challenge = srv.on_hello(hello)
+    assert len(challenge) == 37 and p.decode_challenge(challenge)[1] == 65536   # no proof in it
+    auth = dev.on_challenge(challenge)
+    assert auth == b"\x20" + device_proof(SECRET, hello, challenge)
+    srv.on_auth(auth)
+    welcome = srv.welcome("0.0.0.0:2201")
+    assert p.decode_welcome(welcome) == (server_proof(SECRET, hello, challenge, auth),
+                                         "0.0.0.0:2201")
+    assert dev.on_welcome(welcome) == "0.0.0.0:2201"
 
 
 def test_a_device_without_id_is_welcomed_anonymously_when_legacy_is_allowed():
     dev, srv = device("", None), server(legacy_allowed=True)
-    challenge = srv.on_hello(dev.hello())
-    assert p.decode_challenge(challenge)[2] == b""
-    auth = dev.on_challenge(challenge)
+    auth = dev.on_challenge(srv.on_hello(dev.hello()))
     assert auth == b"\x00"
     srv.on_auth(auth)
     assert srv.done and not srv.authenticated and srv.device_id == ""
+    welcome = srv.welcome("0.0.0.0:2201")
+    assert p.decode_welcome(welcome) == (b"", "0.0.0.0:2201")
+    assert dev.on_welcome(welcome) == "0.0.0.0:2201"
 
 
 def test_a_device_without_id_is_refused_when_the_server_requires_identity():
@@ -54,18 +81,34 @@ def test_a_device_without_id_is_refused_when_the_server_requires_identity():
     assert message == "HELLO without id: this server requires one"
 
 
-def test_an_unknown_id_is_refused_with_code_1_naming_it():
-    srv = server()
-    assert fails(p.REJECT_UNKNOWN_ID, srv.on_hello, device("gw-99").hello()) == "unknown id gw-99"
-    assert srv.device_id == "gw-99" and not srv.done
+def test_an_unknown_id_is_challenged_like_a_known_one():
+    # Same nonce, same window: the CHALLENGE bytes are the same, known id or not.
+    known = server(nonce=bytes(range(32))).on_hello(device("gw-17", nonce=bytes(32)).hello())
+    unknown_srv = server(nonce=bytes(range(32)))
+    unknown = unknown_srv.on_hello(device("gw-99", nonce=bytes(32)).hello())
+    assert unknown == known and len(unknown) == 37
+    assert unknown_srv.device_id == "gw-99" and not unknown_srv.done
 
 
-def test_a_device_with_the_wrong_secret_refuses_the_server_first():
-    # The device checks proof_s before it proves anything itself.
-    dev = device(secret=OTHER)
-    challenge = server().on_hello(dev.hello())
-    assert fails(p.REJECT_BAD_PROOF, dev.on_challenge, challenge) == \
-        "the server failed to prove the secret for id gw-17 (wrong proof)"
+def test_an_unknown_id_and_a_bad_proof_give_the_same_reject_and_only_the_log_differs():
+    unknown_dev, unknown_srv = device("gw-99"), server()
+    unknown_auth = unknown_dev.on_challenge(unknown_srv.on_hello(unknown_dev.hello()))
+    unknown_log, unknown_wire = refused_on_the_wire(unknown_srv.on_auth, unknown_auth)
+    wrong_dev, wrong_srv = device(secret=OTHER), server()
+    wrong_auth = wrong_dev.on_challenge(wrong_srv.on_hello(wrong_dev.hello()))
+    wrong_log, wrong_wire = refused_on_the_wire(wrong_srv.on_auth, wrong_auth)
+    assert unknown_wire == wrong_wire == b"\x02authentication failed"
+    assert unknown_log == "unknown id gw-99" and wrong_log == "bad proof for id gw-17"
+    assert unknown_srv.device_id == "gw-99" and wrong_srv.device_id == "gw-17"
+    assert not (unknown_srv.authenticated or wrong_srv.authenticated)
+
+
+def test_an_unknown_id_fails_even_with_a_proof_under_an_empty_or_guessed_key():
+    for key in (b"", SECRET, bytes(32)):
+        dev, srv = device("gw-99"), server()
+        hello = dev.hello()
+        challenge = srv.on_hello(hello)
+        fails(p.REJECT_BAD_PROOF, srv.on_auth, p.encode_auth(device_proof(key, hello, challenge)))
 
 
 def test_a_proof_made_with_the_wrong_secret_is_refused_by_the_server():
@@ -75,6 +118,8 @@ def test_a_proof_made_with_the_wrong_secret_is_refused_by_the_server():
     forged = p.encode_auth(device_proof(OTHER, hello, challenge))
     assert fails(p.REJECT_BAD_PROOF, srv.on_auth, forged) == "bad proof for id gw-17"
     assert not srv.authenticated and not srv.done
+    with pytest.raises(ValueError):
+        srv.welcome("0.0.0.0:2201")             # no WELCOME, no proof_s, for a failed AUTH
 
 
 @pytest.mark.parametrize("auth", [b"\x00", p.encode_auth(bytes(32))], ids=["none", "zeros"])
@@ -84,11 +129,40 @@ def test_an_id_without_a_valid_proof_is_refused(auth):
     fails(p.REJECT_BAD_PROOF, srv.on_auth, auth)
 
 
-def test_the_servers_proof_cannot_be_reflected_as_the_devices():
-    dev, srv = device(), server()
+def test_a_device_with_the_wrong_secret_gets_no_proof_from_the_server():
+    # The server says nothing computed from the secret before the device proved it.
+    dev, srv = device(secret=OTHER), server()
     challenge = srv.on_hello(dev.hello())
-    proof_s = p.decode_challenge(challenge)[2]
-    fails(p.REJECT_BAD_PROOF, srv.on_auth, p.encode_auth(proof_s))
+    fails(p.REJECT_BAD_PROOF, srv.on_auth, dev.on_challenge(challenge))
+    with pytest.raises(ValueError):
+        srv.welcome("0.0.0.0:2201")
+
+
+def test_a_server_with_the_wrong_secret_is_refused_by_the_device():
+    # An impostor that knows the id, not the secret, skips its AUTH check and
+    # signs WELCOME with what it has.
+    dev, impostor = device(), ServerHandshake({"gw-17": OTHER}.get, 65536, True)
+    hello = dev.hello()
+    challenge = impostor.on_hello(hello)
+    auth = dev.on_challenge(challenge)
+    forged = p.encode_welcome("0.0.0.0:2201", server_proof(OTHER, hello, challenge, auth))
+    assert fails(p.REJECT_BAD_PROOF, dev.on_welcome, forged) == \
+        "the server failed to prove the secret for id gw-17 (wrong proof)"
+    assert dev.host is None
+
+
+def test_a_welcome_without_proof_for_an_identified_device_is_refused():
+    dev, srv = device(), server()
+    srv.on_auth(dev.on_challenge(srv.on_hello(dev.hello())))
+    assert fails(p.REJECT_BAD_PROOF, dev.on_welcome, p.encode_welcome("0.0.0.0:2201")) == \
+        "the server failed to prove the secret for id gw-17 (no proof in its WELCOME)"
+    assert dev.host is None
+
+
+def test_the_devices_proof_cannot_be_reflected_as_the_servers():
+    dev, srv = device(), server()
+    auth = dev.on_challenge(srv.on_hello(dev.hello()))
+    fails(p.REJECT_BAD_PROOF, dev.on_welcome, p.encode_welcome("a:1", p.decode_auth(auth)))
 
 
 def test_a_recorded_hello_and_auth_replayed_to_a_new_server_are_refused():
@@ -101,13 +175,18 @@ def test_a_recorded_hello_and_auth_replayed_to_a_new_server_are_refused():
     assert fails(p.REJECT_BAD_PROOF, replayed.on_auth, auth) == "bad proof for id gw-17"
 
 
-def test_a_recorded_challenge_replayed_to_a_new_device_is_refused():
+def test_a_recorded_welcome_replayed_to_a_new_device_is_refused():
     dev, srv = device(), server()
     challenge = srv.on_hello(dev.hello())
-    dev.on_challenge(challenge)
-    fresh = device()                            # fresh nonce_d
+    srv.on_auth(dev.on_challenge(challenge))
+    welcome = srv.welcome("0.0.0.0:2201")
+    assert dev.on_welcome(welcome) == "0.0.0.0:2201"
+    # A fake server replays the recorded CHALLENGE and WELCOME to a device
+    # with a fresh nonce_d: proof_s does not cover its HELLO.
+    fresh = device()
     fresh.hello()
-    assert fails(p.REJECT_BAD_PROOF, fresh.on_challenge, challenge) == \
+    fresh.on_challenge(challenge)
+    assert fails(p.REJECT_BAD_PROOF, fresh.on_welcome, welcome) == \
         "the server failed to prove the secret for id gw-17 (wrong proof)"
 
 
@@ -118,26 +197,22 @@ def test_the_same_nonces_give_the_same_bytes_and_fresh_ones_differ():
         dev, srv = device(nonce=nonces[0]), server(nonce=nonces[1])
         hello = dev.hello()
         challenge = srv.on_hello(hello)
-        runs.append((hello, challenge, dev.on_challenge(challenge)))
-    assert runs[0] == runs[1] and runs[2][0] != runs[0][0] and runs[2][1] != runs[0][1]
-
-
-def test_a_server_without_proof_for_an_identified_device_is_refused():
-    dev = device()
-    dev.hello()
-    bare = p.encode_challenge(bytes(32), 65536)
-    assert fails(p.REJECT_BAD_PROOF, dev.on_challenge, bare) == \
-        "the server failed to prove the secret for id gw-17 (no proof in its CHALLENGE)"
+        auth = dev.on_challenge(challenge)
+        srv.on_auth(auth)
+        runs.append((hello, challenge, auth, srv.welcome("a:1")))
+    assert runs[0] == runs[1]
+    assert all(runs[2][n] != runs[0][n] for n in range(4))
 
 
 def test_a_proof_sent_to_a_device_without_id_is_malformed():
-    # The server sends proof_s only to a HELLO that named an id.
+    # The server sends proof_s only to a device that named an id.
     dev = device("", None)
     hello = dev.hello()
-    body = p.challenge_body(bytes(32), 65536)
-    challenge = p.encode_challenge(bytes(32), 65536, server_proof(SECRET, hello, body))
-    assert fails(p.REJECT_MALFORMED, dev.on_challenge, challenge) == \
-        "CHALLENGE carries a proof for a HELLO without id"
+    challenge = p.encode_challenge(bytes(32), 65536)
+    auth = dev.on_challenge(challenge)
+    welcome = p.encode_welcome("a:1", server_proof(SECRET, hello, challenge, auth))
+    assert fails(p.REJECT_MALFORMED, dev.on_welcome, welcome) == \
+        "WELCOME carries a proof for a HELLO without id"
 
 
 def test_a_proof_from_a_device_without_id_is_malformed():
@@ -168,7 +243,7 @@ def test_a_truncated_auth_is_malformed(cut):
     fails(p.REJECT_MALFORMED, server().on_hello, b"")      # and nothing leaks across objects
 
 
-def test_an_oversized_auth_or_challenge_is_malformed():
+def test_an_oversized_auth_challenge_or_welcome_is_malformed():
     dev, srv = device(), server()
     challenge = srv.on_hello(dev.hello())
     auth = dev.on_challenge(challenge)
@@ -179,6 +254,10 @@ def test_an_oversized_auth_or_challenge_is_malformed():
     later = device()
     later.hello()
     fails(p.REJECT_VERSION, later.on_challenge, b"\x03" + challenge[1:])
+    good, srv = device(), server()
+    srv.on_auth(good.on_challenge(srv.on_hello(good.hello())))
+    fails(p.REJECT_MALFORMED, good.on_welcome, srv.welcome("a:1") + b"\x00")
+    assert good.host is None
 
 
 def test_the_server_enforces_the_order():
@@ -196,6 +275,8 @@ def test_the_server_enforces_the_order():
     done.on_auth(dev.on_challenge(done.on_hello(dev.hello())))
     assert fails(p.REJECT_MALFORMED, done.on_auth, b"\x00") == \
         "AUTH out of order: expected nothing more"
+    with pytest.raises(ValueError):
+        server().welcome("a:1")                 # our own mistake, not the peer's
 
 
 def test_the_device_enforces_the_order():
@@ -215,7 +296,7 @@ def test_the_device_enforces_the_order():
     dev.on_challenge(challenge)
     assert fails(p.REJECT_MALFORMED, dev.on_challenge, challenge) == \
         "CHALLENGE out of order: expected WELCOME"
-    fails(p.REJECT_MALFORMED, dev.on_welcome, b"\x00\x03a:1\x00")
+    fails(p.REJECT_MALFORMED, dev.on_welcome, b"\x00\x00\x03a:1\x00")
     assert dev.host is None
 
 
@@ -227,16 +308,18 @@ def test_nothing_secret_in_any_message_or_repr():
     said = []
     dev, srv = device(secret=OTHER), server()
     said += [repr(dev), repr(srv)]
-    challenge = srv.on_hello(dev.hello())
+    auth = dev.on_challenge(srv.on_hello(dev.hello()))
     said += [repr(dev), repr(srv)]
-    for call, arg in ((dev.on_challenge, challenge), (srv.on_auth, b"\x20" + bytes(32)),
-                      (server().on_hello, device("gw-99").hello())):
+    stranger, unknown = device("gw-99"), server()
+    for call, arg in ((srv.on_auth, auth),
+                      (unknown.on_auth, stranger.on_challenge(unknown.on_hello(stranger.hello()))),
+                      (dev.on_welcome, p.encode_welcome("a:1", bytes(32)))):
         try:
             call(arg)
         except HandshakeError as exc:
-            said += [str(exc), repr(exc)]
-    said += [repr(dev), repr(srv)]
-    assert len(said) == 12
+            said += [str(exc), repr(exc), exc.wire_text]
+    said += [repr(dev), repr(srv), repr(unknown)]
+    assert len(said) == 16
     for secret in (SECRET, OTHER):
         for form in (secret.decode(), secret.hex(), repr(secret)):
             assert not any(form in line for line in said), form

@@ -161,8 +161,8 @@ def test_an_authenticated_device_gets_its_own_port(service, caplog):
 
 
 @pytest.mark.parametrize("device_id, secret, what", [
-    ("gw1", OTHER, "bad proof"),
-    ("gw9", SECRET, "unknown id"),
+    ("gw1", OTHER, "bad proof for id gw1"),
+    ("gw9", SECRET, "unknown id gw9"),        # the device cannot tell: no enumeration
 ])
 def test_a_wrong_secret_or_unknown_id_is_refused_with_one_line(service, caplog, device_id,
                                                                secret, what):
@@ -171,11 +171,12 @@ def test_a_wrong_secret_or_unknown_id_is_refused_with_one_line(service, caplog, 
                      reconnect_min=30, reconnect_max=30)
     try:
         error = wait_for(lambda: device.status()["last_error"], what="the refusal")
-        assert error.startswith("the server rejected this device: " + what)
+        assert error == "the server rejected this device: bad proof: authentication failed"
         line = wait_for(lambda: [r.getMessage() for r in caplog.records
                                  if "refused:" in r.getMessage() and r.name == "tcprc.server"],
                         what="the server's line")
         assert len(line) == 1 and "device %s" % device_id in line[0] and "127.0.0.1" in line[0]
+        assert what in line[0]                    # only the server's log says which
         assert app.device_host_address("gw1") is None and app.host_address is None
         assert app.status()["auth_failures"] == 1
         assert SECRET not in caplog.text and OTHER not in caplog.text
@@ -204,6 +205,85 @@ def test_a_replayed_handshake_fails():
         assert is_eof(replay.sock)
     finally:
         app.close()
+
+
+def _refusal_on_the_wire(app, device_id, secret, source):
+    """A device that names `device_id` and proves `secret`, from `source`:
+    the CHALLENGE it gets and the server's answer to its AUTH (raw bytes)."""
+    from tcprc.wire.handshake import DeviceHandshake
+    sock = socket.create_connection(app.listen_address, timeout=10, source_address=(source, 0))
+    peer = RawPeer(sock)
+    try:
+        handshake = DeviceHandshake(device_id, secret.encode(), 1 << 18)
+        peer.send(LISTEN, 0)
+        peer.expect(protocol.OFFER_FRAME)
+        peer.send(protocol.HELLO, 0, handshake.hello())
+        command, _, challenge = peer.read_frame()
+        assert command == protocol.CHALLENGE
+        peer.send(protocol.AUTH, 0, handshake.on_challenge(challenge))
+        answer = peer.read_frame()
+        assert is_eof(peer.sock)
+        return challenge, answer
+    finally:
+        peer.close()
+
+
+def test_an_unknown_id_and_a_wrong_secret_look_the_same_on_the_wire(caplog):
+    app = _fleet_server()
+    try:
+        # Two sources, so that the first failure does not hold the second CHALLENGE.
+        unknown = _refusal_on_the_wire(app, "gw9", SECRET, "127.0.0.1")
+        wrong = _refusal_on_the_wire(app, "gw1", OTHER, "127.0.0.2")
+        # The CHALLENGE of an unknown id is a CHALLENGE like any other: 37 bytes
+        # of version, fresh nonce and window.
+        for challenge, _ in (unknown, wrong):
+            assert len(challenge) == 37 and protocol.decode_challenge(challenge)[1] > 0
+        assert unknown[0][33:] == wrong[0][33:] and unknown[0][1:33] != wrong[0][1:33]
+        # ... and the refusal is byte for byte the same.
+        assert unknown[1] == wrong[1] == (protocol.REJECT, 0, b"\x02authentication failed")
+        wait_for(lambda: len([r for r in caplog.records if "refused:" in r.getMessage()
+                              and r.name == "tcprc.server"]) == 2, what="both lines")
+        lines = [r.getMessage() for r in caplog.records
+                 if "refused:" in r.getMessage() and r.name == "tcprc.server"]
+        assert "device gw9 refused: unknown id gw9" in lines[0]
+        assert "device gw1 refused: bad proof for id gw1" in lines[1]
+        assert app.device_host_address("gw1") is None
+    finally:
+        app.close()
+
+
+def test_a_device_refuses_a_server_that_cannot_prove_the_secret(legacy_server, service):
+    # An impostor that knows the id but not the secret: it takes the device's
+    # AUTH without a check and answers WELCOME with a proof made of what it has.
+    from tcprc.wire.handshake import ServerHandshake, server_proof
+    device = DeviceApp(settings("device", server=legacy_server.address, id="gw1", secret=SECRET,
+                                local="%s:%d" % service.address, reconnect_min=30,
+                                reconnect_max=30))
+    device.start()
+    try:
+        peer = legacy_server.accept()
+        assert peer.read_frame() == (LISTEN, 0, b"")
+        peer.send_raw(protocol.OFFER_FRAME)
+        command, _, hello = peer.read_frame()
+        assert command == protocol.HELLO
+        impostor = ServerHandshake(lambda device_id: OTHER.encode(), 1 << 18, True)
+        challenge = impostor.on_hello(hello)
+        peer.send(protocol.CHALLENGE, 0, challenge)
+        command, _, auth = peer.read_frame()
+        assert command == protocol.AUTH and len(auth) == 33
+        proof = server_proof(OTHER.encode(), hello, challenge, auth)
+        peer.send(protocol.WELCOME, 0, protocol.encode_welcome("127.0.0.1:1", proof))
+        command, _, payload = peer.read_frame()
+        assert command == protocol.REJECT
+        assert protocol.decode_reject(payload) == (
+            protocol.REJECT_BAD_PROOF, "the server failed to prove the secret for id gw1 "
+            "(wrong proof)")
+        assert is_eof(peer.sock)
+        error = wait_for(lambda: device.status()["last_error"], what="the device's error")
+        assert "the server failed to prove the secret for id gw1" in error
+        assert device.status()["protocol"] != "v2"
+    finally:
+        device.close()
 
 
 @pytest.mark.parametrize("payload", [b"\x02\x00" + b"n" * 10,      # truncated

@@ -25,7 +25,7 @@ SERVER_WINDOW = 1048576
 
 
 def example_exchange(device_id="gw-17", secret=SECRET):
-    """(HELLO, CHALLENGE, AUTH payloads) of the doc's example handshake."""
+    """(HELLO, CHALLENGE, AUTH, WELCOME payloads) of the doc's example handshake."""
     device = h.DeviceHandshake(device_id, secret, DEVICE_WINDOW, nonce=NONCE_D)
     server = h.ServerHandshake(lambda name: secret if name == device_id else None,
                                SERVER_WINDOW, True, nonce=NONCE_S)
@@ -33,11 +33,24 @@ def example_exchange(device_id="gw-17", secret=SECRET):
     challenge = server.on_hello(hello)
     auth = device.on_challenge(challenge)
     server.on_auth(auth)
-    return hello, challenge, auth
+    welcome = server.welcome("127.0.0.1:2222")
+    assert device.on_welcome(welcome) == "127.0.0.1:2222"
+    return hello, challenge, auth, welcome
 
 
-HELLO, CHALLENGE_, AUTH = example_exchange()
-A_HELLO, A_CHALLENGE, A_AUTH = example_exchange("", None)
+def refusal(device_id, secret):
+    """The REJECT payload a server sends for this device's AUTH (it knows gw-17 only)."""
+    device = h.DeviceHandshake(device_id, secret, DEVICE_WINDOW, nonce=NONCE_D)
+    server = h.ServerHandshake({"gw-17": SECRET}.get, SERVER_WINDOW, True, nonce=NONCE_S)
+    with pytest.raises(h.HandshakeError) as caught:
+        server.on_auth(device.on_challenge(server.on_hello(device.hello())))
+    return p.encode_reject(caught.value.code, caught.value.wire_text)
+
+
+HELLO, CHALLENGE_, AUTH, WELCOME = example_exchange()
+A_HELLO, A_CHALLENGE, A_AUTH, A_WELCOME = example_exchange("", None)
+REJECT_UNKNOWN = refusal("gw-99", SECRET)
+REJECT_WRONG = refusal("gw-17", b"not-the-secret-of-gw-17")
 
 # (name, frame built by the code, the bytes docs/protocol.md shows)
 EXAMPLES = [
@@ -45,24 +58,25 @@ EXAMPLES = [
     ("HELLO, id gw-17", p.encode(p.HELLO, 0, HELLO),
      "00 2c 06 00 02 00 00 01 02 03 04 05 06 07 08 09 0a 0b 0c 0d 0e 0f 10 11 12 13 14 15 16"
      " 17 18 19 1a 1b 1c 1d 1e 1f 00 04 00 00 05 67 77 2d 31 37"),
-    ("CHALLENGE with proof_s", p.encode(p.CHALLENGE, 0, CHALLENGE_),
-     "00 46 07 00 02 20 21 22 23 24 25 26 27 28 29 2a 2b 2c 2d 2e 2f 30 31 32 33 34 35 36 37"
-     " 38 39 3a 3b 3c 3d 3e 3f 00 10 00 00 20 9f f6 9a 84 51 66 c6 bf c5 6d 7a 48 36 46 ef 1a"
-     " f2 1d ce fc 18 ac 0d 35 8e 5a bc 3d ca 7a 7c da"),
+    ("CHALLENGE", p.encode(p.CHALLENGE, 0, CHALLENGE_),
+     "00 25 07 00 02 20 21 22 23 24 25 26 27 28 29 2a 2b 2c 2d 2e 2f 30 31 32 33 34 35 36 37"
+     " 38 39 3a 3b 3c 3d 3e 3f 00 10 00 00"),
     ("AUTH with proof_d", p.encode(p.AUTH, 0, AUTH),
-     "00 21 08 00 20 b0 dc 1b 63 29 f9 a0 d1 b5 db c2 62 31 03 a2 0d fb 54 85 39 97 a4 be ab"
-     " f4 74 45 b9 2c fb 48 bf"),
+     "00 21 08 00 20 2d 91 52 46 0c ad b7 d3 43 fd 6c 8e 84 85 6e a3 23 f1 f2 19 59 85 56 d8"
+     " ff 7b 27 1b 6f 5c 96 48"),
+    ("WELCOME with proof_s", p.encode(p.WELCOME, 0, WELCOME),
+     "00 31 09 00 20 d5 c7 0d 6d 62 0f 6c 7c 89 48 50 fe 16 a3 d5 7c c1 18 47 1f b8 cc 4b 16"
+     " e5 8b b2 80 a9 0c e1 67 00 0e 31 32 37 2e 30 2e 30 2e 31 3a 32 32 32 32"),
     ("HELLO without id", p.encode(p.HELLO, 0, A_HELLO),
      "00 27 06 00 02 00 00 01 02 03 04 05 06 07 08 09 0a 0b 0c 0d 0e 0f 10 11 12 13 14 15 16"
      " 17 18 19 1a 1b 1c 1d 1e 1f 00 04 00 00 00"),
-    ("CHALLENGE without proof", p.encode(p.CHALLENGE, 0, A_CHALLENGE),
-     "00 26 07 00 02 20 21 22 23 24 25 26 27 28 29 2a 2b 2c 2d 2e 2f 30 31 32 33 34 35 36 37"
-     " 38 39 3a 3b 3c 3d 3e 3f 00 10 00 00 00"),
     ("AUTH without proof", p.encode(p.AUTH, 0, A_AUTH), "00 01 08 00 00"),
-    ("WELCOME", p.encode(p.WELCOME, 0, p.encode_welcome("127.0.0.1:2222")),
-     "00 10 09 00 00 0e 31 32 37 2e 30 2e 30 2e 31 3a 32 32 32 32"),
-    ("REJECT 1", p.encode(p.REJECT, 0, p.encode_reject(p.REJECT_UNKNOWN_ID, "unknown id gw-17")),
-     "00 11 0a 00 01 75 6e 6b 6e 6f 77 6e 20 69 64 20 67 77 2d 31 37"),
+    ("WELCOME without proof", p.encode(p.WELCOME, 0, A_WELCOME),
+     "00 11 09 00 00 00 0e 31 32 37 2e 30 2e 30 2e 31 3a 32 32 32 32"),
+    ("REJECT 2, unknown id", p.encode(p.REJECT, 0, REJECT_UNKNOWN),
+     "00 16 0a 00 02 61 75 74 68 65 6e 74 69 63 61 74 69 6f 6e 20 66 61 69 6c 65 64"),
+    ("REJECT 2, wrong secret", p.encode(p.REJECT, 0, REJECT_WRONG),
+     "00 16 0a 00 02 61 75 74 68 65 6e 74 69 63 61 74 69 6f 6e 20 66 61 69 6c 65 64"),
     ("CREDIT", p.credit_frame(7, 65536), "00 04 0b 07 00 01 00 00"),
     ("EOF", p.encode(p.EOF, 7), "00 00 0c 07"),
     ("PING", p.encode(p.PING, 0, p.encode_ping(0x0123456789abcdef)),
@@ -90,13 +104,15 @@ def test_the_byte_examples_of_the_doc_are_what_the_code_builds(name, built, show
 
 def test_the_doc_examples_decode_back_to_their_fields():
     assert p.decode_hello(HELLO) == (NONCE_D, DEVICE_WINDOW, "gw-17")
-    nonce, window, proof, body = p.decode_challenge(CHALLENGE_)
-    assert nonce == NONCE_S and window == SERVER_WINDOW
-    assert len(proof) == 32 and body == CHALLENGE_[:37]
+    assert p.decode_challenge(CHALLENGE_) == (NONCE_S, SERVER_WINDOW)
+    assert A_CHALLENGE == CHALLENGE_            # the same for any HELLO: nothing of the id in it
+    proof, host = p.decode_welcome(WELCOME)
+    assert len(proof) == 32 and host == "127.0.0.1:2222"
     assert p.decode_hello(A_HELLO) == (NONCE_D, DEVICE_WINDOW, "")
-    assert p.decode_challenge(A_CHALLENGE) == (NONCE_S, SERVER_WINDOW, b"", A_CHALLENGE[:37])
     assert p.decode_auth(A_AUTH) == b""
-    assert p.decode_welcome(p.encode_welcome("[::1]:22")) == "[::1]:22"
+    assert p.decode_welcome(A_WELCOME) == (b"", "127.0.0.1:2222")
+    assert p.decode_welcome(p.encode_welcome("[::1]:22")) == (b"", "[::1]:22")
+    assert p.decode_reject(REJECT_UNKNOWN) == (p.REJECT_BAD_PROOF, "authentication failed")
     assert p.decode_reject(p.encode_reject(5, "host port busy")) == (5, "host port busy")
     assert p.decode_credit(struct.pack("!I", 1)) == 1
     assert p.decode_credit(struct.pack("!I", 1 << 31)) == 1 << 31
@@ -112,11 +128,11 @@ def test_the_doc_examples_decode_back_to_their_fields():
 def test_the_macs_are_the_spec_formula_over_the_example_bytes():
     import hashlib
     import hmac
-    body = CHALLENGE_[:1 + 32 + 4]
-    proof_s = hmac.new(SECRET, b"tcprc v2 server\x00" + HELLO + body, hashlib.sha256).digest()
     proof_d = hmac.new(SECRET, b"tcprc v2 device\x00" + HELLO + CHALLENGE_, hashlib.sha256).digest()
-    assert CHALLENGE_ == body + b"\x20" + proof_s
+    proof_s = hmac.new(SECRET, b"tcprc v2 server\x00" + HELLO + CHALLENGE_ + AUTH,
+                       hashlib.sha256).digest()
     assert AUTH == b"\x20" + proof_d
+    assert WELCOME == b"\x20" + proof_s + b"\x00\x0e127.0.0.1:2222"
 
 
 def _hello(version=2, flags=0, window=DEVICE_WINDOW, raw_id=b"gw-17", id_len=None):
@@ -124,8 +140,8 @@ def _hello(version=2, flags=0, window=DEVICE_WINDOW, raw_id=b"gw-17", id_len=Non
     return struct.pack("!BB32sIB", version, flags, NONCE_D, window, id_len) + raw_id
 
 
-def _challenge(version=2, window=SERVER_WINDOW, proof_len=0, proof=b""):
-    return struct.pack("!B32sIB", version, NONCE_S, window, proof_len) + proof
+def _challenge(version=2, window=SERVER_WINDOW):
+    return struct.pack("!B32sI", version, NONCE_S, window)
 
 
 MALFORMED = [
@@ -144,13 +160,10 @@ MALFORMED = [
     (p.decode_hello, _hello(raw_id=b"gw\xe917"), "characters outside [A-Za-z0-9._-]"),
     # CHALLENGE
     (p.decode_challenge, b"", "CHALLENGE payload is empty"),
-    (p.decode_challenge, _challenge()[:36], "CHALLENGE payload of 36 bytes is too short"),
-    (p.decode_challenge, _challenge()[:37], "CHALLENGE payload of 37 bytes has no proof length"),
-    (p.decode_challenge, _challenge(proof_len=16, proof=b"x" * 16),
-     "CHALLENGE proof length 16 is neither 0 nor 32"),
-    (p.decode_challenge, _challenge(proof_len=32, proof=b"x" * 31),
-     "CHALLENGE payload of 69 bytes does not match proof length 32"),
-    (p.decode_challenge, _challenge() + b"x", "does not match proof length 0"),
+    (p.decode_challenge, _challenge()[:36], "CHALLENGE payload of 36 bytes is not 37"),
+    (p.decode_challenge, _challenge() + b"x", "CHALLENGE payload of 38 bytes is not 37"),
+    (p.decode_challenge, _challenge() + b"\x20" + b"x" * 32,   # the old proof_s field
+     "CHALLENGE payload of 70 bytes is not 37"),
     (p.decode_challenge, _challenge(window=0), "CHALLENGE window 0 is outside"),
     # AUTH
     (p.decode_auth, b"", "AUTH payload of 0 bytes has no proof length"),
@@ -159,13 +172,18 @@ MALFORMED = [
     (p.decode_auth, b"\x20" + b"x" * 33, "AUTH payload of 34 bytes does not match proof length 32"),
     (p.decode_auth, b"\x00\x00", "AUTH payload of 2 bytes does not match proof length 0"),
     # WELCOME
-    (p.decode_welcome, b"\x00", "WELCOME payload of 1 bytes is too short"),
-    (p.decode_welcome, b"\x00\x05abc", "does not match text length 5"),
-    (p.decode_welcome, b"\x00\x00", "WELCOME text of 0 bytes is outside 1..255"),
-    (p.decode_welcome, b"\x01\x00" + b"a" * 256, "WELCOME text of 256 bytes is outside 1..255"),
-    (p.decode_welcome, b"\x00\x03\xe9:1", "WELCOME text is not ASCII"),
-    (p.decode_welcome, b"\x00\x04a :1", "spaces or control characters"),
-    (p.decode_welcome, b"\x00\x04a\n:1", "spaces or control characters"),
+    (p.decode_welcome, b"", "WELCOME payload of 0 bytes has no proof length"),
+    (p.decode_welcome, b"\x00\x00", "WELCOME payload of 2 bytes is too short"),
+    (p.decode_welcome, b"\x10" + b"x" * 16 + b"\x00\x03a:1", "proof length 16 is neither 0 nor 32"),
+    (p.decode_welcome, b"\x20" + b"x" * 32 + b"\x00", "WELCOME payload of 34 bytes is too short"),
+    (p.decode_welcome, b"\x20" + b"x" * 31 + b"\x00\x03a:1", "does not match text length"),
+    (p.decode_welcome, b"\x00\x00\x05abc", "does not match text length 5"),
+    (p.decode_welcome, b"\x00\x00\x00", "WELCOME text of 0 bytes is outside 1..255"),
+    (p.decode_welcome, b"\x00\x01\x00" + b"a" * 256, "WELCOME text of 256 bytes is outside 1..255"),
+    (p.decode_welcome, b"\x00\x00\x03\xe9:1", "WELCOME text is not ASCII"),
+    (p.decode_welcome, b"\x00\x00\x04a :1", "spaces or control characters"),
+    (p.decode_welcome, b"\x00\x00\x04a\n:1", "spaces or control characters"),
+    (p.decode_welcome, b"\x00\x0e127.0.0.1:2222", "does not match text length 3633"),  # old form
     # REJECT
     (p.decode_reject, b"", "REJECT payload is empty"),
     (p.decode_reject, b"\x00why", "REJECT code 0 is not a code"),
@@ -202,12 +220,13 @@ def test_a_malformed_payload_raises_a_one_line_protocol_error(decode, payload, r
         assert not isinstance(caught.value, VersionError)
 
 
-@pytest.mark.parametrize("payload", [HELLO, CHALLENGE_, AUTH, A_HELLO, A_CHALLENGE],
-                         ids=["hello", "challenge", "auth", "anonymous hello", "bare challenge"])
-def test_every_truncation_and_extension_of_a_handshake_payload_is_refused(payload):
-    decode = {len(HELLO): p.decode_hello, len(A_HELLO): p.decode_hello,
-              len(CHALLENGE_): p.decode_challenge, len(A_CHALLENGE): p.decode_challenge,
-              len(AUTH): p.decode_auth}[len(payload)]
+@pytest.mark.parametrize("decode,payload", [
+    (p.decode_hello, HELLO), (p.decode_challenge, CHALLENGE_), (p.decode_auth, AUTH),
+    (p.decode_welcome, WELCOME), (p.decode_hello, A_HELLO), (p.decode_auth, A_AUTH),
+    (p.decode_welcome, A_WELCOME)],
+    ids=["hello", "challenge", "auth", "welcome", "anonymous hello", "anonymous auth",
+         "anonymous welcome"])
+def test_every_truncation_and_extension_of_a_handshake_payload_is_refused(decode, payload):
     decode(payload)
     for cut in range(len(payload)):
         with pytest.raises(ProtocolError):
@@ -241,8 +260,9 @@ def test_texts_sent_are_clipped_to_one_printable_line_of_200_bytes():
 @pytest.mark.parametrize("call", [
     lambda: p.credit_frame(1, 0), lambda: p.credit_frame(1, (1 << 31) + 1),
     lambda: p.encode_hello(b"short", 1), lambda: p.encode_hello(NONCE_D, 0),
-    lambda: p.encode_hello(NONCE_D, 1, "bad id"), lambda: p.encode_challenge(NONCE_S, 1, b"x"),
+    lambda: p.encode_hello(NONCE_D, 1, "bad id"), lambda: p.encode_challenge(NONCE_S, 0),
     lambda: p.encode_auth(b"x" * 31), lambda: p.encode_welcome(""),
+    lambda: p.encode_welcome("a:1", b"x" * 31),
     lambda: p.encode_reject(0), lambda: p.encode_close_reason(256)])
 def test_our_own_bad_fields_are_a_value_error_not_a_frame(call):
     with pytest.raises(ValueError):

@@ -204,7 +204,7 @@ PING_SIZE = 8
 OFFER_FRAME = HEADER.pack(0, OFFER, V2)   # 00 00 05 02
 
 # REJECT codes.
-REJECT_UNKNOWN_ID = 1
+REJECT_UNKNOWN_ID = 1       # reserved: a server does not tell unknown ids apart (it sends 2)
 REJECT_BAD_PROOF = 2
 REJECT_IDENTITY_REQUIRED = 3
 REJECT_VERSION = 4
@@ -228,7 +228,7 @@ CLOSE_REASONS = {0: "done", 1: "reset", 2: "refused", 3: "unreachable", 4: "time
 
 _ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 _HELLO_FIXED = struct.Struct("!BB32sIB")     # version, flags, nonce_d, window, id_len
-_CHALLENGE_FIXED = struct.Struct("!B32sI")   # version, nonce_s, window; then proof_len
+_CHALLENGE = struct.Struct("!B32sI")         # version, nonce_s, window
 _CREDIT_FRAME = struct.Struct("!HBBI")
 _U32 = struct.Struct("!I")
 _U64 = struct.Struct("!Q")
@@ -284,18 +284,15 @@ def _window(window: int, what: str) -> int:
     return window
 
 
-def _proof(payload: Any, at: int, what: str) -> bytes:
-    """The `u8 proof_len, proof` tail starting at `at`, which must end the payload."""
+def _proof_len(payload: Any, at: int, what: str) -> int:
+    """The u8 proof_len at `at`: 0 or PROOF_SIZE."""
     if len(payload) <= at:
         raise ProtocolError("%s payload of %d bytes has no proof length" % (what, len(payload)))
     proof_len = payload[at]
     if proof_len not in (0, PROOF_SIZE):
         raise ProtocolError("%s proof length %d is neither 0 nor %d"
                             % (what, proof_len, PROOF_SIZE))
-    if len(payload) != at + 1 + proof_len:
-        raise ProtocolError("%s payload of %d bytes does not match proof length %d"
-                            % (what, len(payload), proof_len))
-    return bytes(payload[at + 1:])
+    return proof_len
 
 
 def _version(payload: Any, what: str) -> None:
@@ -335,28 +332,20 @@ def decode_hello(payload: Any) -> Tuple[bytes, int, str]:
     return nonce, _window(window, "HELLO"), device_id
 
 
-def encode_challenge(nonce: bytes, window: int, proof: bytes = b"") -> bytes:
-    if len(nonce) != NONCE_SIZE or not 0 < window <= MAX_CREDIT \
-            or len(proof) not in (0, PROOF_SIZE):
+def encode_challenge(nonce: bytes, window: int) -> bytes:
+    if len(nonce) != NONCE_SIZE or not 0 < window <= MAX_CREDIT:
         raise ValueError("bad CHALLENGE field")
-    return challenge_body(nonce, window) + bytes((len(proof),)) + proof
+    return _CHALLENGE.pack(V2, nonce, window)
 
 
-def challenge_body(nonce: bytes, window: int) -> bytes:
-    """The CHALLENGE payload up to and excluding proof_len: what proof_s signs."""
-    return _CHALLENGE_FIXED.pack(V2, nonce, window)
-
-
-def decode_challenge(payload: Any) -> Tuple[bytes, int, bytes, bytes]:
-    """(nonce_s, window, proof: b"" or PROOF_SIZE bytes, the body up to and
-    excluding proof_len, which proof_s signs) of a version 2 CHALLENGE."""
+def decode_challenge(payload: Any) -> Tuple[bytes, int]:
+    """(nonce_s, window) of a version 2 CHALLENGE."""
     _version(payload, "CHALLENGE")
-    fixed = _CHALLENGE_FIXED.size
-    if len(payload) < fixed:
-        raise ProtocolError("CHALLENGE payload of %d bytes is too short" % len(payload))
-    _, nonce, window = _CHALLENGE_FIXED.unpack_from(payload)
-    proof = _proof(payload, fixed, "CHALLENGE")
-    return nonce, _window(window, "CHALLENGE"), proof, bytes(payload[:fixed])
+    if len(payload) != _CHALLENGE.size:
+        raise ProtocolError("CHALLENGE payload of %d bytes is not %d"
+                            % (len(payload), _CHALLENGE.size))
+    _, nonce, window = _CHALLENGE.unpack_from(payload)
+    return nonce, _window(window, "CHALLENGE")
 
 
 def encode_auth(proof: bytes = b"") -> bytes:
@@ -367,33 +356,41 @@ def encode_auth(proof: bytes = b"") -> bytes:
 
 def decode_auth(payload: Any) -> bytes:
     """The proof: b"" or PROOF_SIZE bytes."""
-    return _proof(payload, 0, "AUTH")
+    proof_len = _proof_len(payload, 0, "AUTH")
+    if len(payload) != 1 + proof_len:
+        raise ProtocolError("AUTH payload of %d bytes does not match proof length %d"
+                            % (len(payload), proof_len))
+    return bytes(payload[1:])
 
 
-def encode_welcome(host: str) -> bytes:
+def encode_welcome(host: str, proof: bytes = b"") -> bytes:
     raw = host.encode("ascii")
-    if not raw or len(raw) > MAX_HOST:
-        raise ValueError("bad WELCOME host")
-    return _PORT.pack(len(raw)) + raw
+    if not raw or len(raw) > MAX_HOST or len(proof) not in (0, PROOF_SIZE):
+        raise ValueError("bad WELCOME field")
+    return bytes((len(proof),)) + proof + _PORT.pack(len(raw)) + raw
 
 
-def decode_welcome(payload: Any) -> str:
-    """The "ADDR:PORT" text: printable ASCII without spaces, 1..255 bytes."""
-    if len(payload) < 2:
+def decode_welcome(payload: Any) -> Tuple[bytes, str]:
+    """(proof: b"" or PROOF_SIZE bytes, the "ADDR:PORT" text: printable ASCII
+    without spaces, 1..255 bytes)."""
+    at = 1 + _proof_len(payload, 0, "WELCOME")
+    if len(payload) < at + 2:
         raise ProtocolError("WELCOME payload of %d bytes is too short" % len(payload))
-    (size,) = _PORT.unpack_from(payload)
-    if len(payload) != 2 + size:
+    proof = bytes(payload[1:at])
+    (size,) = _PORT.unpack_from(payload, at)
+    at += 2
+    if len(payload) != at + size:
         raise ProtocolError("WELCOME payload of %d bytes does not match text length %d"
                             % (len(payload), size))
     if not 0 < size <= MAX_HOST:
         raise ProtocolError("WELCOME text of %d bytes is outside 1..%d" % (size, MAX_HOST))
     try:
-        host = bytes(payload[2:]).decode("ascii")
+        host = bytes(payload[at:]).decode("ascii")
     except UnicodeDecodeError:
         raise ProtocolError("WELCOME text is not ASCII") from None
     if not host.isprintable() or " " in host:
         raise ProtocolError("WELCOME text contains spaces or control characters")
-    return host
+    return proof, host
 
 
 def encode_reject(code: int, text: str = "") -> bytes:

@@ -1,6 +1,12 @@
 """The protocol v2 handshake as two state machines without I/O (docs/protocol.md,
 "Protocol version 2"): bytes of HELLO, CHALLENGE, AUTH, WELCOME in, payloads to
-send out, HandshakeError (with the REJECT code to send) on anything wrong.
+send out, HandshakeError (with the REJECT code and text to send) on anything wrong.
+
+The device proves first (AUTH), the server after it (in WELCOME): a server
+that answered a HELLO with a proof would hand anyone who names an id a MAC
+under that id's secret, to guess it offline.  The server also answers a
+known id and an unknown one alike until AUTH, and refuses both alike, so
+that nobody can list its ids.
 
 Only a v2 uplink imports this module: hmac and hashlib stay out of a legacy
 agent.  Nothing secret appears in a message, an error or a repr.
@@ -17,6 +23,7 @@ from .frames import ProtocolError, VersionError
 
 SERVER_LABEL = b"tcprc v2 server\0"
 DEVICE_LABEL = b"tcprc v2 device\0"
+AUTH_FAILED = "authentication failed"   # the server's REJECT 2 text, whatever the cause
 _HEX = frozenset("0123456789abcdefABCDEF")
 _EXPECTING = {"start": "nothing before HELLO", "hello": "HELLO", "challenge": "CHALLENGE",
               "auth": "AUTH", "welcome": "WELCOME", "done": "nothing more",
@@ -24,11 +31,13 @@ _EXPECTING = {"start": "nothing before HELLO", "hello": "HELLO", "challenge": "C
 
 
 class HandshakeError(PeerError):
-    """The handshake failed; `code` is the REJECT code to send, the message one line."""
+    """The handshake failed: `code` and `wire_text` go in the REJECT to send;
+    str() is the one line for this side's log, which may say more."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, wire_text: Optional[str] = None) -> None:
         super().__init__(message)
         self.code = code
+        self.wire_text = message if wire_text is None else wire_text
 
 
 def check_secret(text: str) -> Optional[str]:
@@ -45,14 +54,14 @@ def valid_device_id(text: str) -> bool:
     return bool(text) and frames.valid_id(text)
 
 
-def server_proof(key: bytes, hello: bytes, challenge_body: bytes) -> bytes:
-    """proof_s: over the HELLO payload and the CHALLENGE payload before proof_len."""
-    return hmac.new(key, SERVER_LABEL + hello + challenge_body, hashlib.sha256).digest()
-
-
 def device_proof(key: bytes, hello: bytes, challenge: bytes) -> bytes:
-    """proof_d: over the HELLO payload and the whole CHALLENGE payload."""
+    """proof_d: over the HELLO and CHALLENGE payloads."""
     return hmac.new(key, DEVICE_LABEL + hello + challenge, hashlib.sha256).digest()
+
+
+def server_proof(key: bytes, hello: bytes, challenge: bytes, auth: bytes) -> bytes:
+    """proof_s: over the HELLO, CHALLENGE and AUTH payloads."""
+    return hmac.new(key, SERVER_LABEL + hello + challenge + auth, hashlib.sha256).digest()
 
 
 def _malformed(exc: ProtocolError) -> HandshakeError:
@@ -77,10 +86,10 @@ def _nonce(nonce: Optional[bytes]) -> bytes:
 class DeviceHandshake:
     """The device's side: hello(), on_challenge() -> AUTH, on_welcome() -> host.
 
-    An id and a secret go together: the server proves the secret (proof_s)
-    only to a HELLO that named an id, so a device with an id refuses a
-    CHALLENGE without a valid proof, and a device without one refuses a
-    CHALLENGE that carries a proof (malformed: it answers no question we asked).
+    An id and a secret go together.  A device with an id proves the secret in
+    AUTH, and refuses a WELCOME whose proof_s is missing or wrong; a device
+    without one refuses a WELCOME that carries a proof (malformed: it answers
+    no question we asked).
     """
 
     def __init__(self, device_id: str, secret: Optional[bytes], window: int,
@@ -94,6 +103,8 @@ class DeviceHandshake:
         self.window = window
         self._nonce = _nonce(nonce)
         self._hello = None          # type: Optional[bytes]
+        self._challenge = b""
+        self._auth = b""
         self._state = "start"
         self.peer_window = None     # type: Optional[int]
         self.host = None            # type: Optional[str]
@@ -108,37 +119,43 @@ class DeviceHandshake:
         return self._hello
 
     def on_challenge(self, payload) -> bytes:
-        """The AUTH payload to send; HandshakeError when the CHALLENGE is bad."""
+        """The AUTH payload to send; HandshakeError when the CHALLENGE is malformed."""
         self._expect("challenge", "CHALLENGE")
         try:
-            _, window, proof, body = frames.decode_challenge(payload)
+            _, window = frames.decode_challenge(payload)
         except ProtocolError as exc:
             raise self._fail(_malformed(exc)) from None
+        challenge = bytes(payload)
         if self._key is None:
-            if proof:
-                raise self._fail(HandshakeError(
-                    frames.REJECT_MALFORMED, "CHALLENGE carries a proof for a HELLO without id"))
             auth = frames.encode_auth()
         else:
-            if not proof:
-                raise self._fail(self._unproven("no proof in its CHALLENGE"))
-            expected = server_proof(self._key, self._hello, body)
-            if not hmac.compare_digest(proof, expected):
-                raise self._fail(self._unproven("wrong proof"))
-            auth = frames.encode_auth(device_proof(self._key, self._hello, bytes(payload)))
+            auth = frames.encode_auth(device_proof(self._key, self._hello, challenge))
+        self._challenge, self._auth = challenge, auth
         self.peer_window = window
         self._state = "welcome"
         return auth
 
     def on_welcome(self, payload) -> str:
-        """The "ADDR:PORT" where the server accepts this device's clients."""
+        """The "ADDR:PORT" where the server accepts this device's clients,
+        once the server proved the secret (a device with an id)."""
         self._expect("welcome", "WELCOME")
         try:
-            self.host = frames.decode_welcome(payload)
+            proof, host = frames.decode_welcome(payload)
         except ProtocolError as exc:
             raise self._fail(_malformed(exc)) from None
+        if self._key is None:
+            if proof:
+                raise self._fail(HandshakeError(
+                    frames.REJECT_MALFORMED, "WELCOME carries a proof for a HELLO without id"))
+        else:
+            expected = server_proof(self._key, self._hello, self._challenge, self._auth)
+            if not proof:
+                raise self._fail(self._unproven("no proof in its WELCOME"))
+            if not hmac.compare_digest(proof, expected):
+                raise self._fail(self._unproven("wrong proof"))
+        self.host = host
         self._state = "done"
-        return self.host
+        return host
 
     def _unproven(self, why: str) -> HandshakeError:
         return HandshakeError(frames.REJECT_BAD_PROOF, "the server failed to prove the secret "
@@ -154,11 +171,16 @@ class DeviceHandshake:
 
 
 class ServerHandshake:
-    """The server's side: on_hello() -> CHALLENGE, on_auth() checks the proof.
+    """The server's side: on_hello() -> CHALLENGE, on_auth() checks the proof,
+    welcome(host) -> WELCOME.
 
     `lookup(id)` gives the secret of a configured device id, None for an
-    unknown one.  Afterwards: device_id ("" = anonymous), peer_window,
-    authenticated (the device proved the secret of device_id), done.
+    unknown one.  An unknown id gets a CHALLENGE like any other and fails at
+    AUTH exactly as a wrong proof does (REJECT 2, AUTH_FAILED on the wire);
+    only str() of the error, for the server's log, tells them apart.
+    Afterwards: device_id ("" = anonymous; set from the HELLO even when the
+    handshake fails), peer_window, authenticated (the device proved the
+    secret of device_id), done.
     """
 
     def __init__(self, lookup: Callable[[str], Optional[bytes]], window: int,
@@ -168,8 +190,10 @@ class ServerHandshake:
         self.legacy_allowed = legacy_allowed
         self._nonce = _nonce(nonce)
         self._key = None            # type: Optional[bytes]
+        self._known = False
         self._hello = b""
         self._challenge = b""
+        self._auth = b""
         self._state = "hello"
         self.device_id = ""
         self.peer_window = None     # type: Optional[int]
@@ -192,15 +216,14 @@ class ServerHandshake:
                 raise self._fail(HandshakeError(
                     frames.REJECT_IDENTITY_REQUIRED, "HELLO without id: this server requires one"))
         else:
-            self._key = self._lookup(device_id) or None
-            if self._key is None:
-                raise self._fail(HandshakeError(
-                    frames.REJECT_UNKNOWN_ID, "unknown id %s" % device_id))
-        self._hello = bytes(payload)
+            key = self._lookup(device_id) or None
+            self._known = key is not None
+            # An unknown id is checked against a random key: AUTH takes the
+            # same path and the same time, and fails.
+            self._key = key if key is not None else os.urandom(frames.PROOF_SIZE)
         self.peer_window = window
-        body = frames.challenge_body(self._nonce, self.window)
-        proof = b"" if self._key is None else server_proof(self._key, self._hello, body)
-        self._challenge = frames.encode_challenge(self._nonce, self.window, proof)
+        self._hello = bytes(payload)
+        self._challenge = frames.encode_challenge(self._nonce, self.window)
         self._state = "auth"
         return self._challenge
 
@@ -219,12 +242,23 @@ class ServerHandshake:
             expected = device_proof(self._key, self._hello, self._challenge)
             # compare_digest also when the proof is missing: one path, one timing.
             matches = hmac.compare_digest(proof or bytes(frames.PROOF_SIZE), expected)
-            if not (matches and proof):
-                raise self._fail(HandshakeError(
-                    frames.REJECT_BAD_PROOF, "bad proof for id %s" % self.device_id))
+            if not (matches and proof and self._known):
+                why = "bad proof for id %s" if self._known else "unknown id %s"
+                raise self._fail(HandshakeError(frames.REJECT_BAD_PROOF,
+                                                why % self.device_id, AUTH_FAILED))
             self.authenticated = True
+        self._auth = bytes(payload)
         self._state = "done"
         self.done = True
+
+    def welcome(self, host: str) -> bytes:
+        """The WELCOME payload: the host, and proof_s when the device authenticated."""
+        if not self.done:
+            raise ValueError("WELCOME before the device passed AUTH")
+        proof = b""
+        if self.authenticated:
+            proof = server_proof(self._key, self._hello, self._challenge, self._auth)
+        return frames.encode_welcome(host, proof)
 
     def _expect(self, state: str, name: str) -> None:
         if self._state != state:

@@ -221,7 +221,7 @@ class DeviceSession(Session):
                                  "%s is not for a device" % frames.COMMAND_NAMES[command])
         except HandshakeError as exc:
             self.rejected = str(exc)
-            return [(SEND, frames.REJECT, 0, frames.encode_reject(exc.code, str(exc))),
+            return [(SEND, frames.REJECT, 0, frames.encode_reject(exc.code, exc.wire_text)),
                     (FAIL, "v2 handshake failed: %s" % exc)]
 
     def connect(self, client_id: int, payload: Any, busy: bool, now: float) -> List[Action]:
@@ -408,8 +408,10 @@ class ServerSession(Session):
             self.state = "failed"
             if self._handshake is not None:
                 self.device_id = self._handshake.device_id
+            # The log line may name the cause; the REJECT says only what the
+            # device may know (an unknown id looks like a bad proof).
             return [(DENIED, self.device_id, str(exc)),
-                    (SEND, frames.REJECT, 0, frames.encode_reject(exc.code, str(exc))),
+                    (SEND, frames.REJECT, 0, frames.encode_reject(exc.code, exc.wire_text)),
                     (FAIL, "v2 handshake failed: %s" % exc)]
 
     def welcome(self, host: str) -> List[Action]:
@@ -417,7 +419,7 @@ class ServerSession(Session):
         self.state = "v2"
         self.v2 = True
         detail = ("authenticated as %s" % self.device_id if self.device_id else "no identity")
-        return [(SEND, frames.WELCOME, 0, frames.encode_welcome(host)),
+        return [(SEND, frames.WELCOME, 0, self._handshake.welcome(host)),
                 (UPGRADED, self._handshake.peer_window, detail)]
 
     def reject(self, code: int, text: str) -> List[Action]:

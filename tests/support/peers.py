@@ -199,7 +199,7 @@ def greet_as_v2_server(peer: RawPeer, window: int = 1 << 18) -> Any:
     command, _, auth = peer.read_frame()
     assert command == protocol.AUTH
     handshake.on_auth(auth)
-    peer.send(protocol.WELCOME, 0, protocol.encode_welcome("127.0.0.1:1"))
+    peer.send(protocol.WELCOME, 0, handshake.welcome("127.0.0.1:1"))
     return protocol.decode_hello(hello)
 
 
