@@ -61,8 +61,14 @@ class ServerLink(Link):
         self._listen_timer = self.loop.call_later(self.settings.listen_timeout, self._no_listen)
 
     def _no_listen(self) -> None:
-        if not self.listening:
-            self._act(self.session.timed_out(self.settings.listen_timeout))
+        if self.listening:
+            return
+        partial = self.frames.incomplete_frame()
+        if partial and self.session.listening:
+            self.fail("handshake not done within %.1f s (%s)"
+                      % (self.settings.listen_timeout, partial))
+            return
+        self._act(self.session.timed_out(self.settings.listen_timeout))
 
     def evict(self, reason: str) -> None:
         """Thread-safe: drop this uplink unless its session got established first."""
