@@ -35,7 +35,12 @@ def plain_tcp():
     return PlainTransport(near), PlainTransport(far)
 
 
-TRANSPORTS = [plain_socketpair, plain_tcp]
+def tls_tcp():
+    from support.tls import tls_transport_pair
+    return tls_transport_pair()
+
+
+TRANSPORTS = [plain_socketpair, plain_tcp, tls_tcp]
 
 
 @pytest.fixture(params=TRANSPORTS, ids=lambda f: f.__name__)

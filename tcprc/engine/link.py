@@ -101,6 +101,9 @@ class Link(PumpHost):
         self.rtt: Optional[float] = None       # smoothed PING round trip, seconds
         self.last_heard = _monotonic()         # the last read that gave bytes
         self._last_ping = 0.0
+        # Chosen once: a plain transport's reads pay nothing for the TLS case.
+        self._on_readable = (self._on_uplink_buffered if transport.buffers
+                             else self._on_uplink_readable)
         self._dispatch = {
             protocol.CONNECT: self._on_connect,
             protocol.CLOSE: self._on_close,
@@ -216,10 +219,23 @@ class Link(PumpHost):
     def _watch_uplink(self) -> None:
         if self._closing:
             return
-        self.loop.set_handlers(self.transport,
-                               None if self._paused or self._control_full
-                               else self._on_uplink_readable,
+        reading = not (self._paused or self._control_full)
+        self.loop.set_handlers(self.transport, self._on_readable if reading else None,
                                self._on_uplink_writable if self._watch_uplink_write else None)
+        if reading and self.transport.buffers:
+            self.loop.call_soon(self._read_buffered)
+
+    def _on_uplink_buffered(self) -> None:
+        """The read handler over a transport that buffers (TLS): what it took
+        from the socket beyond this read would wait for the next packet."""
+        self._on_uplink_readable()
+        if self.transport.has_buffered():
+            self.loop.call_soon(self._read_buffered)
+
+    def _read_buffered(self) -> None:
+        if not (self._paused or self._control_full or self.end_reason or self._closing) \
+                and self.transport.has_buffered():
+            self._on_uplink_buffered()
 
     def _on_uplink_readable(self) -> None:
         try:

@@ -27,6 +27,9 @@ class Transport:
     """Interface; see the module docstring for who calls what."""
 
     can_splice = False    # splice_from() moves bytes from a pipe without a copy
+    # has_buffered() may be true: bytes taken from the socket wait inside the
+    # transport, and no readability will announce them (TLS)
+    buffers = False
 
     def fileno(self) -> int:
         raise NotImplementedError
@@ -52,6 +55,10 @@ class Transport:
 
     def close(self) -> None:
         raise NotImplementedError
+
+    def has_buffered(self) -> bool:
+        """Bytes can be read without the socket being readable (see `buffers`)."""
+        return False
 
     def tcp_info(self, size: int) -> Optional[bytes]:
         """The kernel's struct tcp_info (at most `size` bytes), or None if there is none."""
@@ -90,6 +97,10 @@ class PlainTransport(Transport):
 
     def close(self) -> None:
         self.sock.close()
+
+    def has_buffered(self) -> bool:
+        """Bytes can be read without the socket being readable (see `buffers`)."""
+        return False
 
     def tcp_info(self, size: int) -> Optional[bytes]:
         try:
