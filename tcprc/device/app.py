@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from ..addr import format_hostport, parse_hostport
 from ..engine.sockets import connect_tcp
-from .link import DeviceLink, open_device_link
+from .link import DeviceLink, device_tls, for_server, open_device_link
 from ..settings import DeviceSettings
 
 log = logging.getLogger("tcprc.device")
@@ -67,6 +67,7 @@ class DeviceApp:
         self._totals = [0, 0]                         # bytes up/down of finished uplinks
         self._backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
         self._thread: Optional[threading.Thread] = None
+        self._tls = device_tls(settings)   # ConfigError here: the start stops
 
     # ---- public API (thread-safe) -------------------------------------------------
     def start(self) -> None:
@@ -94,9 +95,11 @@ class DeviceApp:
 
     def apply_settings(self, settings: DeviceSettings) -> None:
         """New settings (SIGHUP, config set): the tunnel restarts only if its own settings changed."""
+        tls = device_tls(settings)   # before anything changes: a bad file keeps the old settings
         with self._cond:
             changed = _tunnel_settings_key(settings) != _tunnel_settings_key(self.settings)
             self.settings = settings
+            self._tls = tls
             self._backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
             if not changed:
                 return
@@ -124,6 +127,7 @@ class DeviceApp:
                 "server": format_hostport(*self._server) if self._server else "",
                 "local": format_hostport(*self._local),
                 "protocol": stats["protocol"] if stats else "",
+                "tls": stats["tls"] if stats else ("on" if self._tls else "off"),
                 "device_id": self.settings.id,
                 "rtt": stats["rtt"] if stats else None,
                 "clients": stats["clients"] if stats else 0,
@@ -179,13 +183,17 @@ class DeviceApp:
                                                                   exc.strerror or exc)
             log.warning("%s", self._last_error)
             return False
+        tls = self._tls
         try:
             allowed = {parse_hostport(item) for item in settings.allow}
-            link = open_device_link(sock, settings, name, local, allowed)
+            link = open_device_link(sock, settings, name, local, allowed,
+                                    tls and for_server(tls, settings, server[0]))
         except OSError as exc:
             sock.close()
             with self._cond:
-                self._last_error = "uplink setup failed: %s" % exc
+                self._last_error = ("TLS with %s failed: %s" if tls else "uplink setup failed: %s") \
+                    % ((format_hostport(*server), exc) if tls else (exc,))
+            log.warning("%s", self._last_error)
             return False
         with self._cond:
             if self._closing or generation != self._generation:

@@ -85,12 +85,37 @@ class DeviceLink(Link):
 
 
 def open_device_link(sock: socket.socket, settings: DeviceSettings, name: str, target: HostPort,
-                     allowed: Set[HostPort]) -> DeviceLink:
+                     allowed: Set[HostPort], tls: Any = None) -> DeviceLink:
     """A DeviceLink over a connected uplink socket, with its parts: the socket
-    tuned and wrapped in a plain transport, a loop and a session of its own."""
+    tuned and wrapped in a transport (TLS, handshake done, when `tls` is a
+    context: raises TlsError saying which check failed), a loop and a session."""
     tune_uplink_socket(sock, settings)
-    return DeviceLink(PlainTransport(sock), Loop(), device_session(settings), settings, name,
+    if tls is None:
+        transport: Transport = PlainTransport(sock)
+    else:
+        from ..engine.tls import TlsTransport
+        transport = TlsTransport(sock, tls)
+        transport.handshake(settings.connect_timeout)
+    return DeviceLink(transport, Loop(), device_session(settings), settings, name,
                       TargetPolicy(target, allowed))
+
+
+def device_tls(settings: DeviceSettings) -> Any:
+    """The TLS context [device] asks for, or None; ConfigError on unusable files.
+    Built once (at start: a bad file stops the start); each dial names its
+    server (for_server)."""
+    if not settings.tls:
+        return None
+    from ..engine.tls import device_context
+    return device_context(settings.tls_server_name, ca=settings.tls_ca or None,
+                          fingerprint=settings.tls_fingerprint or None,
+                          cert=settings.tls_cert or None, key=settings.tls_key or None)
+
+
+def for_server(tls: Any, settings: DeviceSettings, host: str) -> Any:
+    """`tls` checking the name the server's certificate must carry: tls_server_name,
+    or else the host this dial goes to."""
+    return tls._replace(server_name=settings.tls_server_name or host)
 
 
 def device_session(settings: DeviceSettings) -> DeviceSession:

@@ -826,6 +826,7 @@ class Link(PumpHost):
             "bytes_received": self.bytes_from_peer,
             "uptime": time.monotonic() - self.started,
             "protocol": "v2" if self.v2 else "legacy",
+            "tls": self.transport.version or "off",
             "rtt": self.rtt,
         }
 

@@ -446,6 +446,12 @@ class TlsTransport(Transport):
     tcp_info = PlainTransport.tcp_info
     quick_ack = PlainTransport.quick_ack
 
+    @property
+    def version(self) -> str:
+        """The negotiated protocol ("TLSv1.3"), for status."""
+        with self._lock:
+            return self.ssl.version() or ""
+
 
 def peer_identity(transport: TlsTransport) -> str:
     """The verified peer certificate's CN, else its first DNS name; "" without one

@@ -27,6 +27,7 @@ class Transport:
     """Interface; see the module docstring for who calls what."""
 
     can_splice = False    # splice_from() moves bytes from a pipe without a copy
+    version = ""          # the TLS version when the transport encrypts, for status
     # has_buffered() may be true: bytes taken from the socket wait inside the
     # transport, and no readability will announce them (TLS)
     buffers = False

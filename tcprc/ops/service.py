@@ -88,7 +88,11 @@ class Service:
                            cfg.log.target, exc.strerror or exc)
         if cfg.control.socket != self.cfg.control.socket:
             self.log.warning("reload: [control] socket change takes effect at the next restart")
-        app.apply_settings(getattr(cfg, cfg.role))
+        try:
+            app.apply_settings(getattr(cfg, cfg.role))
+        except ConfigError as exc:   # a TLS file the new config names cannot be used
+            self.log.error("reload failed, keeping the running config: %s", exc)
+            return
         self.cfg = cfg
         self.log.info("reloaded %s", cfg.path or "the defaults")
 

@@ -63,6 +63,14 @@ class HostSlot:
             self.sock = None
 
 
+def server_tls(settings: ServerSettings) -> Any:
+    """The TLS context [server] asks for, or None; ConfigError on unusable files."""
+    if not settings.tls_cert:
+        return None
+    from ..engine.tls import server_context
+    return server_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca or None)
+
+
 class ServerApp:
     """The server agent: an acceptor loop in its own thread takes uplinks; each
     ServerLink runs in a thread of its own; one of them holds the host port.
@@ -90,6 +98,8 @@ class ServerApp:
         self._accept_errors = LimitedLog(log)
         self.throttle = AuthThrottle()
         self.auth_failures = 0
+        self._tls = server_tls(settings)   # ConfigError here: the start stops
+        self.client_certificates = bool(settings.tls_client_ca)
 
     @property
     def host_address(self) -> Optional[HostPort]:
@@ -179,6 +189,11 @@ class ServerApp:
         allow_changed = settings.allow_from != self.settings.allow_from
         old_host = self.settings.host
         old_devices = self.settings.devices
+        tls_changed = (settings.tls_cert, settings.tls_key, settings.tls_client_ca) != \
+            (self.settings.tls_cert, self.settings.tls_key, self.settings.tls_client_ca)
+        if tls_changed:   # a rotated certificate: new uplinks get it, live ones keep theirs
+            self._tls = server_tls(settings)
+            self.client_certificates = bool(settings.tls_client_ca)
         self.settings = settings
         if settings.devices != old_devices:
             # A device removed or changed (secret, host) loses its session; it redials.
@@ -250,7 +265,8 @@ class ServerApp:
             self.uplink_log.warning(source_key(peer[0]), "uplink from %s refused: not in allow_from", who)
             return
         try:
-            link = open_server_link(sock, self.settings, "uplink %s" % who, self, peer[0])
+            link = open_server_link(sock, self.settings, "uplink %s" % who, self, peer[0],
+                                    self._tls)
         except OSError as exc:
             sock.close()
             self._accept_errors.warning("uplink from %s: setup failed: %s", who, exc.strerror or exc)
@@ -292,6 +308,8 @@ class ServerApp:
 
     def _serve(self, link: ServerLink) -> None:
         try:
+            if link.transport.buffers and not self._handshake(link):
+                return
             link.run()
         finally:
             with self._lock:
@@ -299,6 +317,18 @@ class ServerApp:
                 self._pending.pop(link, None)
                 if link.listening and link.end_reason:
                     self._last_error = "%s: %s" % (link.name, link.end_reason)
+
+    def _handshake(self, link: ServerLink) -> bool:
+        """The TLS handshake, in the link's own thread; False (logged, closed) if it failed."""
+        from ..engine.tls import TlsError
+        try:
+            link.transport.handshake(self.settings.listen_timeout)
+            return True
+        except (TlsError, OSError) as exc:
+            self.uplink_log.warning(link.source, "%s: TLS failed: %s", link.name,
+                                    exc if isinstance(exc, TlsError) else exc.strerror or exc)
+            link.transport.close()
+            return False
 
     def claim_host(self, link: ServerLink) -> Any:
         """Link thread, once its session is established: the host listener for `link`

@@ -10,7 +10,7 @@ import logging
 import socket
 import struct
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..addr import format_hostport, source_key
 from ..engine.link import Link
@@ -46,6 +46,26 @@ class ServerLink(Link):
         self._accept_paused = False
         self.refusals = LimitedLog(self.log)
         self._listen_timer = None
+        if not transport.buffers:   # plain: the first read checks for a TLS client
+            self._on_readable = self._first_read
+
+    def _first_read(self) -> None:
+        """A device configured for TLS, on this plaintext port: say so at once
+        (its ClientHello would otherwise wait as a partial frame)."""
+        from ..engine.tls import looks_like_tls
+        try:
+            first = self.transport.sock.recv(3, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            first = b""
+        if looks_like_tls(first):
+            self.fail("the device speaks TLS, this uplink port is plaintext (set [server] "
+                      "tls_cert and tls_key, or [device] tls = false)")
+            return
+        self._on_readable = self._on_uplink_readable
+        self._watch_uplink()
+        self._on_uplink_readable()
 
     @property
     def listening(self) -> bool:
@@ -71,7 +91,12 @@ class ServerLink(Link):
         self._act(self.session.timed_out(self.settings.listen_timeout))
 
     def evict(self, reason: str) -> None:
-        """Thread-safe: drop this uplink unless its session got established first."""
+        """Thread-safe: drop this uplink unless its session got established first.
+        One still in its TLS handshake (no loop running yet) is cut at once."""
+        if self.transport.buffers and not self.session.listening:
+            self.evicted = True
+            self.end_reason = self.end_reason or reason
+            self.transport.shutdown()
         def drop() -> None:
             if not self.listening:
                 self.evicted = True
@@ -88,7 +113,18 @@ class ServerLink(Link):
         self._claim()
 
     def authenticated(self, device_id: str) -> None:
-        """A v2 session passed its handshake: its device's host port, then WELCOME."""
+        """A v2 session passed its handshake: its device's host port, then WELCOME.
+
+        With [server] tls_client_ca, the certificate the device showed must name
+        the id it proved: a stolen certificate does not open another's port."""
+        if self.app.client_certificates and device_id:
+            from ..engine.tls import peer_identity
+            named = peer_identity(self.transport)
+            if named != device_id:
+                message = "its certificate names %s, not %s" % (named or "nobody", device_id)
+                self.app.auth_failed(self, device_id, message)
+                self._act(self.session.reject(protocol.REJECT_BAD_PROOF, message))
+                return
         self.app.auth_passed(self)
         self._claim()
 
@@ -197,11 +233,16 @@ class ServerLink(Link):
 
 
 def open_server_link(sock: socket.socket, settings: ServerSettings, name: str, app: "ServerApp",
-                     host: str) -> ServerLink:
+                     host: str, tls: Any = None) -> ServerLink:
     """A ServerLink over an accepted uplink socket, with its parts: the socket
-    tuned and wrapped in a plain transport, a loop and a session of its own."""
+    tuned and wrapped in a transport (TLS when `tls` is a context: its
+    handshake is the link thread's, ServerApp._serve), a loop and a session."""
     tune_uplink_socket(sock, settings)
-    transport = PlainTransport(sock)
+    if tls is None:
+        transport: Transport = PlainTransport(sock)
+    else:
+        from ..engine.tls import TlsTransport
+        transport = TlsTransport(sock, tls)
     source = source_key(host)
     session = ServerSession(
         ClientIds(settings.id_quarantine),
