@@ -160,6 +160,8 @@ class FrameWriter:
 
     def _sent_head(self, head: bytes) -> None:
         """Under the lock: `head`, the first queued frame, is all on the wire."""
+        if not self._queued or self._queued[0] is not head:
+            return   # close() emptied the queue while the send ran (the link's teardown)
         self._queued.popleft()
         self._head_sent = 0
         self._flushed_bytes += len(head)

@@ -26,14 +26,15 @@ class Agents:
         self.tmp = tmp_path
         self.procs = []
 
-    def start(self, role, *args, config="", env=None):
-        """Start `tcprc ROLE`; its log goes to a file (a full pipe would block it)."""
+    def start(self, role, *args, config="", env=None, prefix=()):
+        """Start `tcprc ROLE`; its log goes to a file (a full pipe would block it).
+        `prefix`: argv in front, e.g. `ip netns exec NS` (support.netns)."""
         n = len(self.procs)
         path = self.tmp / ("%s-%d.toml" % (role, n))
         sock = self.tmp / ("%s-%d.sock" % (role, n))
         path.write_text("[control]\nsocket = \"%s\"\n%s" % (sock, config))
         log = open(str(self.tmp / ("%s-%d.log" % (role, n))), "w+")
-        proc = subprocess.Popen(tcprc_command(role, "-c", str(path), *args), cwd=ROOT,
+        proc = subprocess.Popen(list(prefix) + tcprc_command(role, "-c", str(path), *args), cwd=ROOT,
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 env=dict(os.environ, **(env or {})))
         proc.log_file = log

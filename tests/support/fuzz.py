@@ -1,0 +1,542 @@
+"""Fuzz targets with a seeded random.Random (no hypothesis): one place for
+tests/test_fuzz.py (fixed seed, small budget) and scripts/fuzz (long runs).
+
+A target is a class with make(rng) -> an input, and check(input), which
+raises AssertionError (or anything else) when a property breaks.  Inputs
+are plain data (bytes, str, lists), so a failing one can be written out
+with repr() and replayed.  Properties, for every target: no exception
+escapes but the documented ones, no thread dies (threading.excepthook is
+watched), a link ends at most itself, and memory stays bounded.
+"""
+
+import os
+import random
+import socket
+import struct
+import tempfile
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from tcprc.wire import frames as wire
+from tcprc.wire.frames import CLOSE, CONNECT, DATA, LISTEN
+
+from . import ROOT
+
+KNOWN = (CONNECT, CLOSE, DATA, LISTEN)
+
+
+# ---- thread deaths ------------------------------------------------------------------
+class ThreadDeaths:
+    """Collects exceptions that end any thread while installed."""
+
+    def __init__(self) -> None:
+        self.deaths: List[str] = []
+        self._old: Any = None
+
+    def __enter__(self) -> "ThreadDeaths":
+        self._old = threading.excepthook
+
+        def hook(args: Any) -> None:
+            self.deaths.append("%s in %s: %s" % (args.exc_type.__name__,
+                                                 getattr(args.thread, "name", "?"), args.exc_value))
+        threading.excepthook = hook
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        threading.excepthook = self._old
+
+
+def _bytes(rng: random.Random, count: int) -> bytes:
+    """Random bytes from `rng` (not os.urandom: a seed must replay its inputs)."""
+    return rng.getrandbits(8 * count).to_bytes(count, "big") if count else b""
+
+
+# ---- frames --------------------------------------------------------------------------
+def reference_frames(data: bytes) -> Tuple[List[Tuple[int, int, bytes]], int]:
+    """The frames in `data` by the protocol's definition, and the bytes left over."""
+    out, i = [], 0
+    while len(data) - i >= 4:
+        length, command, client_id = struct.unpack_from("!HBB", data, i)
+        if len(data) - i - 4 < length:
+            break
+        out.append((command, client_id, data[i + 4:i + 4 + length]))
+        i += 4 + length
+    return out, len(data) - i
+
+
+def random_frames(rng: random.Random, count: int, ids: int = 128,
+                  big: bool = True) -> List[Tuple[int, int, bytes]]:
+    frames = []
+    for _ in range(count):
+        command = rng.choice(KNOWN + KNOWN + (0, 5, 9, 13, 14, 255))
+        size = rng.choice((0, 0, 1, 3, 4, 7, 64, 300, 1400) + ((65535, 40000) if big else ()))
+        frames.append((command, rng.randrange(ids), _bytes(rng, size)))
+    return frames
+
+
+def mutate_wire(rng: random.Random, frames: List[Tuple[int, int, bytes]]) -> bytes:
+    """Valid headers, then some lengths made wrong, bytes flipped, cut or garbage added."""
+    out = bytearray()
+    for command, client_id, payload in frames:
+        length = len(payload)
+        if rng.random() < 0.2:
+            length = max(0, min(0xFFFF, length + rng.choice((-5, -1, 1, 3, 100, 65535))))
+        out += struct.pack("!HBB", length, command, client_id) + payload
+    for _ in range(rng.choice((0, 0, 1, 3))):
+        if out:
+            out[rng.randrange(len(out))] = rng.randrange(256)
+    if out and rng.random() < 0.3:
+        del out[rng.randrange(len(out)):]
+    if rng.random() < 0.2:
+        out += _bytes(rng, rng.randrange(1, 9))
+    return bytes(out)
+
+
+def connect_payload(rng: random.Random, target: Tuple[str, int]) -> bytes:
+    """A CONNECT payload: valid (often the target), or with a wrong length or bad bytes.
+
+    Addresses are IP literals, loopback names or garbage: never a name that
+    would need DNS (a fuzz run must not depend on the network)."""
+    address = rng.choice(("", target[0], "127.0.0.1", "::1", "localhost", "10.%d.0.1" % rng.randrange(256),
+                          "0.0.0.0", "\x00\x01", "é", "a b", "1.2.3.4\n"))
+    port = rng.choice((target[1], 23, 0, 1, 65535, rng.randrange(65536)))
+    raw = address.encode("utf-8")
+    payload = struct.pack("!H", len(raw)) + raw + struct.pack("!H", port)
+    roll = rng.random()
+    if roll < 0.15:
+        payload = payload[:rng.randrange(len(payload))]
+    elif roll < 0.25:
+        payload = struct.pack("!H", rng.randrange(65536)) + payload[2:]
+    elif roll < 0.3:
+        payload += _bytes(rng, 3)
+    return payload
+
+
+class Decoder:
+    """FrameDecoder over random and structure-aware streams, in random read sizes:
+    it yields exactly the reference frames, and its buffer never grows."""
+    name = "decoder"
+
+    def make(self, rng: random.Random) -> Any:
+        if rng.random() < 0.3:
+            data = _bytes(rng, rng.randrange(0, 3000))
+        else:
+            data = mutate_wire(rng, random_frames(rng, rng.randrange(1, 12)))
+        cuts = sorted(rng.randrange(len(data) + 1) for _ in range(rng.randrange(0, 8)))
+        return [data, cuts, rng.random() < 0.5]
+
+    @staticmethod
+    def decode(data: bytes, cuts: List[int], sole: bool) -> Tuple[List[Any], int]:
+        buf = bytearray(wire.HEADER_SIZE + wire.MAX_PAYLOAD)
+        decoder = wire.FrameDecoder(buf)
+        out: List[Any] = []
+        pieces = [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                free = decoder.writable()
+                assert len(free), "the decoder has no room after its frames were taken"
+                count = min(len(free), len(view))
+                free[:count] = view[:count]
+                decoder.filled(count)
+                view = view[count:]
+                if sole:
+                    one = decoder.sole_data()
+                    if one is not None:
+                        out.append((DATA, one[0], bytes(one[1])))
+                out.extend((c, i, bytes(p)) for c, i, p in decoder.frames())
+                assert len(buf) == wire.HEADER_SIZE + wire.MAX_PAYLOAD, "the buffer grew"
+                assert decoder.pending() < len(buf)
+        decoder.incomplete_frame()
+        return out, decoder.pending()
+
+    def check(self, case: Any) -> None:
+        data, cuts, sole = case
+        assert self.decode(data, cuts, sole) == reference_frames(data)
+
+
+class DecoderEverySplit(Decoder):
+    """Small streams split in two at every byte."""
+    name = "decoder-split"
+
+    def make(self, rng: random.Random) -> Any:
+        return mutate_wire(rng, random_frames(rng, rng.randrange(1, 6), big=False))[:400]
+
+    def check(self, data: Any) -> None:
+        want = reference_frames(data)
+        for cut in range(len(data) + 1):
+            assert self.decode(data, [cut], cut % 2 == 0) == want, "split at %d" % cut
+
+
+class ConnectPayload:
+    """decode_connect_payload: an (ASCII address, port) or ProtocolError, nothing else."""
+    name = "connect-payload"
+
+    def make(self, rng: random.Random) -> Any:
+        if rng.random() < 0.5:
+            return _bytes(rng, rng.randrange(0, 40))
+        return connect_payload(rng, ("127.0.0.1", 2323))
+
+    def check(self, payload: Any) -> None:
+        try:
+            address, port = wire.decode_connect_payload(payload)
+        except wire.ProtocolError:
+            return
+        assert address.isascii() and address.isprintable() and " " not in address
+        assert 0 <= port <= 65535
+
+
+# ---- links over real sockets ----------------------------------------------------------
+def _tcp_pair() -> Tuple[socket.socket, socket.socket]:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    near = socket.create_connection(listener.getsockname())
+    far, _ = listener.accept()
+    listener.close()
+    return near, far
+
+
+def _read_frames_until(sock: socket.socket, want: Callable[[Tuple[int, int, bytes]], bool],
+                       deadline: float) -> bool:
+    """Read frames from `sock` until one satisfies `want`; False on EOF or timeout."""
+    buf = b""
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            return False
+        except OSError:
+            return False
+        if not chunk:
+            return False
+        buf += chunk
+        frames, left = reference_frames(buf)
+        if any(want(f) for f in frames):
+            return True
+        buf = buf[len(buf) - left:]
+    return False
+
+
+class EchoTarget:
+    """The device's service: echoes, one thread per connection."""
+
+    def __init__(self) -> None:
+        from .services import Service
+        self.service = Service("echo")
+        self.address = self.service.address
+
+    def close(self) -> None:
+        self.service.close()
+
+
+class DeviceLinkTarget:
+    """A real DeviceLink (legacy DeviceSession) over TCP on 127.0.0.1, fed fuzzed frames.
+
+    Afterwards the link either ended (with a reason) or still serves a fresh
+    stream (CONNECT id 255, DATA echoed back); then it ends when the peer goes."""
+    name = "device-link"
+    PROBE = 255
+
+    def __init__(self) -> None:
+        self.target: Optional[EchoTarget] = None
+
+    def make(self, rng: random.Random) -> Any:
+        if self.target is None:
+            self.target = EchoTarget()
+        frames = []
+        for command, client_id, payload in random_frames(rng, rng.randrange(1, 25), big=False):
+            if command == CONNECT and rng.random() < 0.8:
+                payload = connect_payload(rng, self.target.address)
+            frames.append((command, client_id, payload))
+        return mutate_wire(rng, frames) if rng.random() < 0.3 else \
+            b"".join(wire.encode(*f) for f in frames)
+
+    def check(self, blob: Any) -> None:
+        from tcprc.device.link import open_device_link
+        from .tunnel import settings
+        if self.target is None:
+            self.target = EchoTarget()
+        address = self.target.address
+        frames, left = reference_frames(blob)
+        # A stream cut inside a frame waits for the rest of it, for ever: no probe then.
+        used = {f[1] for f in frames}
+        probe = None if left else next((i for i in range(255, 127, -1) if i not in used), None)
+        near, far = _tcp_pair()
+        link = open_device_link(near, settings("device", local="%s:%d" % address,
+                                               connect_timeout=2.0), "fuzz uplink", address, set())
+        thread = threading.Thread(target=link.run, name="fuzz-device-link", daemon=True)
+        with ThreadDeaths() as deaths:
+            thread.start()
+            try:
+                far.settimeout(5)
+                assert far.recv(4) == wire.encode(LISTEN, 0)
+                try:
+                    far.sendall(blob)
+                    if probe is not None:
+                        far.sendall(wire.encode(CONNECT, probe, wire.encode_connect_payload("", 0)) +
+                                    wire.encode(DATA, probe, b"probe"))
+                except OSError:
+                    pass   # the link ended on the blob: allowed, checked below
+                if probe is not None:
+                    echoed = _read_frames_until(far, lambda f: f[:2] == (DATA, probe) and b"probe" in f[2],
+                                                time.monotonic() + 10)
+                    assert echoed or link.wait_stopped(5) and link.end_reason, \
+                        "the link neither served a fresh stream nor ended"
+            finally:
+                far.close()
+                assert link.wait_stopped(15), "the link did not end after its peer left"
+                thread.join(5)
+            assert not thread.is_alive()
+            assert not link.streams and not link.retiring, "streams left after teardown"
+            assert not deaths.deaths, deaths.deaths
+
+    def close(self) -> None:
+        if self.target is not None:
+            self.target.close()
+
+
+class ServerLinkTarget:
+    """A real ServerApp: each input is an uplink that sends fuzzed frames (after
+    LISTEN, mostly); afterwards the app still gives the tunnel to a fresh
+    device, carries a client's bytes to it, and holds no link it should not."""
+    name = "server-link"
+
+    def __init__(self) -> None:
+        self.app: Any = None
+
+    def _app(self) -> Any:
+        if self.app is None:
+            from tcprc.server.app import ServerApp
+            from .tunnel import settings
+            self.app = ServerApp(settings("server", listen="127.0.0.1:0", host="127.0.0.1:0",
+                                          listen_timeout=2.0, max_pending_per_source=64))
+            self.app.start()
+        return self.app
+
+    def make(self, rng: random.Random) -> Any:
+        frames = random_frames(rng, rng.randrange(1, 25), big=False)
+        blob = mutate_wire(rng, frames) if rng.random() < 0.3 else \
+            b"".join(wire.encode(*f) for f in frames)
+        return (wire.encode(LISTEN, 0) if rng.random() < 0.85 else b"") + blob
+
+    def check(self, blob: Any) -> None:
+        app = self._app()
+        with ThreadDeaths() as deaths:
+            uplink = socket.create_connection(app.listen_address, timeout=5)
+            try:
+                uplink.sendall(blob)
+                uplink.shutdown(socket.SHUT_WR)
+                # Its link must end (on our EOF at the latest) before the next device
+                # comes: a LISTEN read later would take the tunnel over from it.
+                deadline = time.monotonic() + 10
+                while uplink.recv(65536) and time.monotonic() < deadline:
+                    pass
+                assert time.monotonic() < deadline, "the uplink was not closed after its EOF"
+            except socket.timeout:
+                raise AssertionError("the uplink was not closed after its EOF") from None
+            except OSError:
+                pass
+            finally:
+                uplink.close()
+            device = socket.create_connection(app.listen_address, timeout=5)
+            try:
+                device.sendall(wire.encode(LISTEN, 0))
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    status = app.status()
+                    if status["state"] == "up" and status["device"].endswith(
+                            ":%d" % device.getsockname()[1]) and app.host_address:
+                        break
+                    time.sleep(0.01)
+                else:
+                    raise AssertionError("a fresh device did not get the tunnel")
+                client = socket.create_connection(app.host_address, timeout=5)
+                try:
+                    client.sendall(b"hello")
+                    assert _read_frames_until(device, lambda f: f[0] == DATA and f[2] == b"hello",
+                                              time.monotonic() + 10), "a client's bytes did not arrive"
+                finally:
+                    client.close()
+            finally:
+                device.close()
+            deadline = time.monotonic() + 10
+            while app.status()["state"] != "waiting" and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert app.status()["state"] == "waiting", "the device left but its link stayed"
+            assert not deaths.deaths, deaths.deaths
+
+    def close(self) -> None:
+        if self.app is not None:
+            self.app.close()
+
+
+# ---- console, commands, config -----------------------------------------------------------
+class Console:
+    """LineEditor: any bytes in any pieces; lines are bounded, the buffer too."""
+    name = "console"
+    MAX = 64
+
+    def make(self, rng: random.Random) -> Any:
+        alphabet = b"abc \t\r\n\x1b[OA\x08\x7f\x03\x15\xc3\xa9\x00\xff"
+        size = rng.randrange(0, 400)
+        data = bytes(rng.choice(alphabet) for _ in range(size)) if rng.random() < 0.7 \
+            else _bytes(rng, size)
+        return [data, sorted(rng.randrange(size + 1) for _ in range(rng.randrange(4)))]
+
+    def check(self, case: Any) -> None:
+        from tcprc.ops.console import LineEditor
+        data, cuts = case
+        editor = LineEditor(max_line=self.MAX)
+        whole = LineEditor(max_line=self.MAX)
+        lines: List[Any] = []
+        for a, b in zip([0] + cuts, cuts + [len(data)]):
+            _, got = editor.feed(data[a:b])
+            lines += got
+            assert editor.pending() <= self.MAX
+        for line in lines:
+            assert line in (LineEditor.TOO_LONG, LineEditor.CANCELLED) or (
+                isinstance(line, str) and len(line) <= self.MAX)
+        assert whole.feed(data)[1] == lines, "pieces change the lines"
+
+
+COMMAND_WORDS = ("TCPRemoteConnect", "tcpremotedisconnect", "status", "config", "help", "get", "set",
+                 "save", "device.server", "device.local", "device.allow", "server.host", "log.level",
+                 "console.echo", "device.keepalive_idle", "device", "server", "log", "1.2.3.4", "9000",
+                 "", "\"\"", "'", "\"", "\\", "-1", "65536", "true", "nan", "1e309", "é", "\x00",
+                 "a,b", "127.0.0.1:22", "::1", "[::1]:80", "localhost", "x" * 300)
+
+
+class Commands:
+    """CommandParser against real (unstarted) apps: every answer ends in OK or ERROR,
+    and no line reaches the "internal error" net (that is a bug)."""
+    name = "commands"
+
+    def __init__(self) -> None:
+        self.parsers: Dict[str, Any] = {}
+
+    def make(self, rng: random.Random) -> Any:
+        words = [rng.choice(COMMAND_WORDS) for _ in range(rng.randrange(0, 6))]
+        if rng.random() < 0.2 and words:
+            i = rng.randrange(len(words))
+            words[i] = "".join(rng.choice("\"' \\abc.:,\t") for _ in range(rng.randrange(8)))
+        return [rng.choice(("device", "server")), " ".join(words)]
+
+    def _parser(self, role: str) -> Any:
+        if role not in self.parsers:
+            from tcprc.device.app import DeviceApp
+            from tcprc.ops.commands import CommandParser
+            from tcprc.ops.config import build_config
+            from tcprc.server.app import ServerApp
+            cfg = build_config(role, {}, "fuzz")
+            app = DeviceApp(getattr(cfg, role)) if role == "device" else ServerApp(getattr(cfg, role))
+            self.parsers[role] = CommandParser(app, cfg)
+        return self.parsers[role]
+
+    def check(self, case: Any) -> None:
+        role, line = case
+        answer = self._parser(role).execute(line)
+        assert isinstance(answer, list) and all(isinstance(a, str) for a in answer)
+        if answer:
+            assert answer[-1] == "OK" or answer[-1].startswith("ERROR ")
+            assert "internal error" not in answer[-1], answer[-1]
+            assert all("\n" not in a for a in answer)
+
+
+def _sample(role: str) -> str:
+    name = "tcprc.toml" if role == "device" else "tcprc-server.toml"
+    with open(os.path.join(ROOT, "etc", name)) as handle:
+        return handle.read()
+
+
+def _odd_value(rng: random.Random) -> Any:
+    return rng.choice((0, -1, 2 ** 70, 1.5, float("nan"), float("inf"), True, "", "x" * 2000,
+                       "127.0.0.1:0", "\x00", [], [1, "a"], ["10.0.0.0/8"], {"a": 1}, [{}],
+                       "0.0.0.0/0", "/tmp/x", "debug"))
+
+
+class ConfigText:
+    """load_config on random TOML-ish text and on mutations of etc/*.toml (text
+    and parsed values): a Config or one ConfigError line, nothing else."""
+    name = "config"
+
+    def make(self, rng: random.Random) -> Any:
+        role = rng.choice(("device", "server"))
+        lines = _sample(role).splitlines()
+        roll = rng.random()
+        if roll < 0.4:   # text: drop, repeat, cut or garble lines
+            for _ in range(rng.randrange(1, 6)):
+                i = rng.randrange(len(lines))
+                action = rng.randrange(4)
+                if action == 0:
+                    del lines[i]
+                elif action == 1:
+                    lines.insert(i, lines[rng.randrange(len(lines))])
+                elif action == 2:
+                    lines[i] = lines[i][:rng.randrange(len(lines[i]) + 1)]
+                else:
+                    lines[i] += rng.choice(("]", "\"", " = ", "[x]", "\\", "\x00", "é", "=1", "[["))
+            return ["text", role, "\n".join(lines)]
+        if roll < 0.5:
+            alphabet = "[]=\"'.,#\n abc123_-{}tfe"
+            return ["text", role, "".join(rng.choice(alphabet) for _ in range(rng.randrange(200)))]
+        # values: a key of the parsed sample (or an unknown one) gets an odd value
+        from tcprc.ops.config import SCHEMA
+        raw: Dict[str, Any] = {}
+        for _ in range(rng.randrange(1, 4)):
+            section = rng.choice(sorted(SCHEMA[role]) + ["nope"])
+            keys = sorted(SCHEMA[role].get(section, {"k": None})) + ["unknown"]
+            raw.setdefault(section, {})[rng.choice(keys)] = _odd_value(rng)
+        if rng.random() < 0.1:
+            raw[rng.choice(sorted(SCHEMA[role]))] = _odd_value(rng)
+        return ["values", role, raw]
+
+    def check(self, case: Any) -> None:
+        from tcprc.errors import ConfigError
+        from tcprc.ops.config import build_config, load_config
+        kind, role, body = case
+        try:
+            if kind == "values":
+                build_config(role, body, "fuzz")
+                return
+            fd, path = tempfile.mkstemp(suffix=".toml")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8", errors="surrogatepass") as handle:
+                    handle.write(body)
+                load_config(path, role)
+            finally:
+                os.unlink(path)
+        except ConfigError as exc:
+            assert "\n" not in str(exc), "a config error of more than one line"
+
+
+def targets() -> List[Any]:
+    return [Decoder(), DecoderEverySplit(), ConnectPayload(), Console(), Commands(), ConfigText(),
+            DeviceLinkTarget(), ServerLinkTarget()]
+
+
+class Outcome:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.tried = 0
+        self.failures: List[Tuple[Any, str]] = []
+
+
+def run(target: Any, seed: int, seconds: float, max_inputs: Optional[int] = None,
+        stop_on_failure: bool = False) -> Outcome:
+    """Inputs for `target` from random.Random(seed) for `seconds` (or `max_inputs`)."""
+    rng = random.Random("%s:%d" % (target.name, seed))
+    outcome = Outcome(target.name)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and (max_inputs is None or outcome.tried < max_inputs):
+        case = target.make(rng)
+        outcome.tried += 1
+        try:
+            target.check(case)
+        except Exception as exc:   # every failure is recorded with its input
+            outcome.failures.append((case, "%s: %s" % (type(exc).__name__, exc)))
+            if stop_on_failure:
+                break
+    return outcome
