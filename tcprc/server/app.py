@@ -239,6 +239,7 @@ class ServerApp:
                 "device": link.name if link is not None else "",
                 "device_id": link.device_id if link is not None else "",
                 "protocol": stats["protocol"] if stats else "",
+                "tls": stats["tls"] if stats else ("on" if self._tls else "off"),
                 "rtt": stats["rtt"] if stats else None,
                 "sessions": len(slots),
                 "clients": stats["clients"] if stats else 0,
