@@ -43,13 +43,19 @@ def check_variant(name, r):
     assert r["device_threads_after"] <= r["device_threads_idle"]
 
 
+def check_paused_row(name, r):
+    assert 0.001 < r["tput_4dl_gbps"] < 1000, (name, r)
+    assert r["tput_4dl_paused_gbps"] >= 0 and r["paused_max_gap_s"] >= 0, (name, r)
+    assert r["paused_ratio"] == pytest.approx(r["tput_4dl_paused_gbps"] / r["tput_4dl_gbps"])
+
+
 def test_every_installed_variant_runs_with_the_builtin_generator():
     code, out, err = run_bench(SMALL + ["--no-iperf3"])
     assert code == 0, err
     report = json.loads(out)
     assert report["bulk_tool"] == "built-in generator"
-    assert set(report["ran"]) | set(report["skipped"]) == {"direct", "socat", "ssh", "tcprc"}
-    assert "direct" in report["ran"] and "tcprc" in report["ran"], report["errors"]
+    assert set(report["ran"]) | set(report["skipped"]) == {"direct", "socat", "ssh", "tcprc-legacy", "tcprc"}
+    assert {"direct", "tcprc", "tcprc-legacy"} <= set(report["ran"]), report["errors"]
     for name in report["skipped"]:
         assert "skipping" in err and name in report["skipped"]
     for name in report["ran"]:
@@ -61,6 +67,18 @@ def test_every_installed_variant_runs_with_the_builtin_generator():
                                   / report["results"]["direct"]["tput_1_gbps"])
     names = {t["target"] for t in report["targets"]}
     assert "device RSS idle <= 15 MB (KB)" in names
+    assert {"v2: 1 stream >= 0.9x legacy", "v2: latency p50 <= 1.05x legacy",
+            "v2: 4 streams, 5th paused >= 0.8x not"} <= names
+    assert set(report["ratios"]["tcprc/tcprc-legacy"]) >= {"tput_1_gbps", "tput_4_gbps", "latency_p50_us"}
+    # The paused-client row, for v2 and legacy side by side.
+    v2, legacy = report["results"]["tcprc"], report["results"]["tcprc-legacy"]
+    for name in ("tcprc", "tcprc-legacy"):
+        check_paused_row(name, report["results"][name])
+    assert "4 downloads while a fifth client is paused" in err
+    # v2 keeps the paused client's stream: it reads all its download once it reads.
+    assert v2["paused_completed"] == "1 of 1", v2
+    # Legacy stalls the uplink behind it until stall_timeout cuts it.
+    assert legacy["paused_completed"].startswith("0 of 1 (cut: "), legacy
     for t in report["targets"]:
         assert isinstance(t["ok"], bool) and isinstance(t["value"], (int, float))
 
@@ -78,6 +96,12 @@ def test_tcprc_with_iperf3_and_the_text_table():
         assert float(rows[label]) > 0, (label, out)
     assert int(rows["device threads after they closed"]) <= int(rows["device threads idle"])
     assert "targets (tcprc):" in out and "RSS per open stream <= 32 KB" in out
+
+
+def check_paused_row(name, r):
+    assert 0.001 < r["tput_4dl_gbps"] < 1000, (name, r)
+    assert r["tput_4dl_paused_gbps"] >= 0 and r["paused_max_gap_s"] >= 0, (name, r)
+    assert r["paused_ratio"] == pytest.approx(r["tput_4dl_paused_gbps"] / r["tput_4dl_gbps"])
 
 
 def test_a_missing_peer_is_skipped_with_a_line():

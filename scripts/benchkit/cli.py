@@ -10,7 +10,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from .base import REPO, BenchError, Procs, note
-from .measure import conn_rate, echo_ready, latency, memory, throughput
+from .measure import conn_rate, echo_ready, latency, memory, paused, throughput
 from .procfs import sample
 from .report import machine, ratios, render
 from .services import Services, serve
@@ -23,6 +23,7 @@ def run_all(variants: Dict[str, Any], procs: Procs, services: Services, opts: ar
     """Open every variant's tunnels, then measure them side by side."""
     echo: Dict[str, Tunnel] = {}
     bulk: Dict[str, Tunnel] = {}
+    gen: Dict[str, Tunnel] = {}      # to the built-in generator: the paused-client row
     results: Dict[str, Dict[str, Any]] = report["results"]
 
     def failed(name: str, exc: Exception) -> None:
@@ -31,6 +32,7 @@ def run_all(variants: Dict[str, Any], procs: Procs, services: Services, opts: ar
         results.pop(name, None)
         echo.pop(name, None)
         bulk.pop(name, None)
+        gen.pop(name, None)
 
     for name, variant in variants.items():
         note("starting %s" % LABELS[name])
@@ -38,6 +40,8 @@ def run_all(variants: Dict[str, Any], procs: Procs, services: Services, opts: ar
             echo[name] = variant.open(procs, services.echo_port)
             echo_ready(echo[name].entry)
             bulk[name] = variant.open(procs, services.bulk_port)
+            if getattr(variant, "paused_row", False):
+                gen[name] = variant.open(procs, services.gen_port)
             results[name] = {}
         except (BenchError, OSError, subprocess.SubprocessError) as exc:
             failed(name, exc)
@@ -62,6 +66,10 @@ def run_all(variants: Dict[str, Any], procs: Procs, services: Services, opts: ar
         results[name].update(r)
         if bulk[name].device:
             results[name]["device_rss_bulk_kb"] = sample(bulk[name].device)["rss_kb"]
+    if gen:
+        note("4 downloads while a fifth client is paused")
+        for name, r in paused(dict(gen), 4, opts.seconds, opts.reps, failed).items():
+            results[name].update(r)
     report["ran"] = [n for n in variants if n in results]
 
 
@@ -114,6 +122,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # SIGTERM ends us through the finally blocks, so no child outlives the bench.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     makers = {"direct": Direct, "socat": Socat, "ssh": SshR, "tcprc": lambda: Tcprc(opts.python),
+              "tcprc-legacy": lambda: Tcprc(opts.python, device_args=["--protocol", "legacy"]),
               "tcprc-splice": lambda: Tcprc(opts.python, {"TCPRC_SPLICE": "1"}),
               "baseline": lambda: Tcprc(opts.python, repo=os.path.abspath(opts.baseline or REPO))}
     if opts.baseline and "baseline" not in names:

@@ -1,10 +1,12 @@
 """The measurements: latency, connection rate, memory and threads, throughput."""
 
+import fcntl
 import json
 import select
 import socket
 import struct
 import subprocess
+import termios
 import threading
 import time
 from typing import Any, Callable, Dict, List, Tuple
@@ -255,4 +257,134 @@ def throughput(services: Services, tunnels: Dict[str, Tunnel], seconds: float, r
         if tunnels[name].device:
             r["device_cpu_s_per_gb"] = moved[name][1] / (moved[name][0] / 1e9)
         out[name] = r
+    return out
+
+
+def downloads(port: int, streams: int, seconds: float) -> Tuple[float, int, float]:
+    """`streams` clients downloading from the generator for `seconds`:
+    (bits/s, bytes, the longest time in which none of them received a byte)."""
+    results: List[Any] = [None] * streams
+    stamps: List[List[float]] = [[] for _ in range(streams)]
+    t0 = time.perf_counter()
+
+    def one(i: int) -> None:
+        try:
+            with socket.create_connection((LOCAL, port), timeout=seconds + 30) as s:
+                s.sendall(GEN_HEAD.pack(b"R", seconds))
+                buf = bytearray(256 * 1024)
+                total, times = 0, stamps[i]
+                while True:
+                    n = s.recv_into(buf)
+                    if not n:
+                        break
+                    total += n
+                    times.append(time.perf_counter())
+                results[i] = (total, time.perf_counter() - t0)
+        except (OSError, BenchError) as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + 40)
+    for r in results:
+        if not isinstance(r, tuple):
+            raise BenchError("download stream failed: %s" % (r or "timed out"))
+    times = sorted([t0] + [t for ts in stamps for t in ts])
+    gap = max(b - a for a, b in zip(times, times[1:])) if len(times) > 1 else 0.0
+    total = sum(r[0] for r in results)
+    return total * 8 / max(r[1] for r in results), total, gap
+
+
+def _queued(sock: socket.socket) -> int:
+    """Bytes waiting in the socket's receive queue (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+def paused_client(port: int, size: int) -> socket.socket:
+    """A client that asked for `size` bytes and reads none: returned once its
+    receive queue has filled and stopped growing (the tunnel holds the rest)."""
+    sock = connect(port)
+    sock.sendall(GEN_HEAD.pack(b"N", size))
+    seen = [-1, time.monotonic()]
+
+    def still() -> bool:
+        now, queued = time.monotonic(), _queued(sock)
+        if queued != seen[0]:
+            seen[:] = [queued, now]
+        return queued > 0 and now - seen[1] >= 0.2
+    try:
+        wait_for(still, 15, "the paused client's receive queue to fill")
+    except BenchError:
+        sock.close()
+        raise
+    return sock
+
+
+def resume(sock: socket.socket, size: int, timeout: float) -> Tuple[int, str]:
+    """Read the paused client's download to its end: (bytes, how it ended)."""
+    sock.settimeout(timeout)
+    buf = bytearray(1 << 20)
+    got = 0
+    try:
+        while True:
+            n = sock.recv_into(buf)
+            if not n:
+                return got, "eof"
+            got += n
+    except socket.timeout:
+        return got, "timed out"
+    except OSError as exc:
+        return got, "reset" if isinstance(exc, ConnectionResetError) else str(exc)
+    finally:
+        sock.close()
+
+
+PAUSED_SIZE = 64 << 20   # beyond every socket buffer and window on the way
+
+
+def paused(tunnels: Dict[str, Tunnel], streams: int, seconds: float, reps: int,
+           failed: Callable[[str, Exception], None]) -> Dict[str, Dict[str, Any]]:
+    """`streams` downloads with and without a paused client on the same tunnel.
+
+    The tunnels lead to the built-in generator.  Each rep runs the downloads
+    alone, then with a fifth client that asked for PAUSED_SIZE bytes and reads
+    nothing; afterwards that client reads its download to the end, which says
+    whether the tunnel kept it (all bytes, EOF) or cut it.
+    """
+    per_run = seconds / reps
+    out: Dict[str, Dict[str, Any]] = {}
+    for name, tunnel in tunnels.items():
+        sums = {"alone": [0, 0.0], "paused": [0, 0.0]}
+        gaps, fates = [], []
+        try:
+            for _ in range(reps):
+                bps, nbytes, _ = downloads(tunnel.entry, streams, per_run)
+                sums["alone"][0] += nbytes
+                sums["alone"][1] += nbytes * 8 / bps
+                sock = paused_client(tunnel.entry, PAUSED_SIZE)
+                try:
+                    bps, nbytes, gap = downloads(tunnel.entry, streams, per_run)
+                finally:
+                    got, how = resume(sock, PAUSED_SIZE, 30)
+                sums["paused"][0] += nbytes
+                sums["paused"][1] += nbytes * 8 / bps
+                gaps.append(gap)
+                fates.append((got, how))
+        except BenchError as exc:
+            failed(name, BenchError("%s (paused client test)%s" % (exc, tunnel.log_tail())))
+            continue
+        alone = sums["alone"][0] * 8 / sums["alone"][1] / 1e9
+        with_paused = sums["paused"][0] * 8 / sums["paused"][1] / 1e9
+        kept = sum(1 for got, how in fates if got == PAUSED_SIZE and how == "eof")
+        worst = min(fates)
+        out[name] = {
+            "tput_4dl_gbps": alone, "tput_4dl_paused_gbps": with_paused,
+            "paused_ratio": with_paused / alone if alone else 0.0,
+            "paused_max_gap_s": max(gaps),
+            "paused_completed": "%d of %d" % (kept, len(fates)) if kept == len(fates) else
+            "%d of %d (cut: %.1f of %d MB, %s)" % (kept, len(fates), worst[0] / 2.0 ** 20,
+                                                  PAUSED_SIZE >> 20, worst[1]),
+        }
     return out

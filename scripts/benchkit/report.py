@@ -54,6 +54,11 @@ METRICS = [
     ("device_threads_idle", "device threads idle", "%d", False),
     ("device_threads_busy", "device threads, N streams open", "%d", False),
     ("device_threads_after", "device threads after they closed", "%d", False),
+    ("tput_4dl_gbps", "4 downloads, built-in generator (Gbit/s)", "%.2f", True),
+    ("tput_4dl_paused_gbps", "the same, a 5th client paused (Gbit/s)", "%.2f", True),
+    ("paused_ratio", "  paused / not paused", "%.2f", True),
+    ("paused_max_gap_s", "  longest stop of all 4 (s)", "%.2f", False),
+    ("paused_completed", "  paused client complete after it read", "%s", True),
 ]
 
 
@@ -78,7 +83,8 @@ def table(report: Dict[str, Any]) -> str:
     results, names = report["results"], report["ran"]
     streams = report["settings"]["streams"]
     heads = ["metric"] + [LABELS[n] for n in names]
-    compare = [("tcprc", "ssh", "tcprc / ssh -R"), ("tcprc", "direct", "tcprc / direct"),
+    compare = [("tcprc", "tcprc-legacy", "v2 / legacy"),
+               ("tcprc", "ssh", "tcprc / ssh -R"), ("tcprc", "direct", "tcprc / direct"),
                ("tcprc", "socat", "tcprc / socat"), ("tcprc-splice", "tcprc", "splice / tcprc"),
                ("tcprc", "baseline", "tcprc / baseline")]
     compare = [c for c in compare if c[0] in names and c[1] in names]

@@ -61,7 +61,8 @@ def _serve_echo(srv: socket.socket) -> None:
 
 # Mode b"S": we count what arrives for d seconds and answer the byte count (the
 # legacy protocol has no half-close, so the sender cannot just shut down);
-# mode b"R": we send for d seconds, then close.
+# mode b"R": we send for d seconds, then close; mode b"N": we send d bytes, then
+# close (a download of a known size, to tell a completed one from a cut one).
 GEN_HEAD = struct.Struct("!cd")
 
 
@@ -77,6 +78,10 @@ def _gen_conn(conn: socket.socket) -> None:
             conn.sendall(struct.pack("!Qd", total, seconds))
             while conn.recv_into(buf):
                 pass
+        elif mode == b"N":
+            left = int(seconds)
+            while left > 0:
+                left -= conn.send(memoryview(buf)[:min(left, len(buf))])
         else:
             end = time.monotonic() + seconds
             while time.monotonic() < end:
@@ -93,13 +98,16 @@ class Services:
     def __init__(self, procs: Procs, use_iperf3: bool):
         self.procs = procs
         self.echo_port = self._builtin("echo")
+        # The built-in generator runs always: the paused-client row needs its
+        # downloads of a known size, whichever tool measures the bulk rows.
+        self.gen_port = self._builtin("gen")
         self.iperf3 = use_iperf3
         self._iperf_proc: Optional[subprocess.Popen] = None
         if use_iperf3:
             self.bulk_port = free_port()
             self.restart_iperf3()
         else:
-            self.bulk_port = self._builtin("gen")
+            self.bulk_port = self.gen_port
 
     def _builtin(self, kind: str) -> int:
         proc = self.procs.start([sys.executable, BENCH, "--serve", kind],

@@ -1,24 +1,26 @@
-"""The goals of issue 5, checked against a run."""
+"""The goals of issues 5 and 11, checked against a run."""
 
 from typing import Any, Dict, List, Optional
 
 
 def targets(results: Dict[str, Dict[str, Any]], streams: int) -> List[Dict[str, Any]]:
-    """The goals of issue 5, checked against this run."""
+    """The goals of issues 5 and 11, checked against this run ("tcprc" is v2)."""
     t = results.get("tcprc") or {}
-    ssh, socat, direct = (results.get(n) or {} for n in ("ssh", "socat", "direct"))
+    ssh, socat, direct, legacy = (results.get(n) or {} for n in ("ssh", "socat", "direct", "tcprc-legacy"))
     checks = []
 
-    def ratio(name: str, key: str, base: Dict[str, Any], limit: float, higher: bool) -> None:
-        if key in t and key in base and base[key]:
-            value = t[key] / base[key]
+    def ratio(name: str, key: str, base: Dict[str, Any], limit: float, higher: bool,
+              subject: Optional[Dict[str, Any]] = None) -> None:
+        a = t if subject is None else subject
+        if key in a and key in base and base[key]:
+            value = a[key] / base[key]
             checks.append({"target": name, "value": round(value, 3), "limit": limit,
                            "ok": value >= limit if higher else value <= limit})
 
-    def absolute(name: str, value: Optional[float], limit: float) -> None:
+    def absolute(name: str, value: Optional[float], limit: float, higher: bool = False) -> None:
         if value is not None:
-            checks.append({"target": name, "value": round(value, 1), "limit": limit,
-                           "ok": value <= limit})
+            checks.append({"target": name, "value": round(value, 3 if higher else 1), "limit": limit,
+                           "ok": value >= limit if higher else value <= limit})
 
     ratio("1 stream >= 2.5x ssh -R", "tput_1_gbps", ssh, 2.5, True)
     ratio("1 stream >= 1.2x socat", "tput_1_gbps", socat, 1.2, True)
@@ -33,4 +35,9 @@ def targets(results: Dict[str, Dict[str, Any]], streams: int) -> List[Dict[str, 
         absolute("RSS growth in a 2nd round <= 256 KB (KB)",
                  t["device_rss_after2_kb"] - t["device_rss_after_kb"], 256)
     ratio("stretch: 1 stream >= 40% of direct", "tput_1_gbps", direct, 0.4, True)
+    # Issue 11: v2 costs little against legacy, and a paused client stops only itself.
+    ratio("v2: 1 stream >= 0.9x legacy", "tput_1_gbps", legacy, 0.9, True)
+    ratio("v2: 4 streams >= 0.9x legacy", "tput_4_gbps", legacy, 0.9, True)
+    ratio("v2: latency p50 <= 1.05x legacy", "latency_p50_us", legacy, 1.05, False)
+    absolute("v2: 4 streams, 5th paused >= 0.8x not", t.get("paused_ratio"), 0.8, higher=True)
     return checks

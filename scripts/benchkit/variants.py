@@ -11,22 +11,26 @@ from typing import Callable, Dict, List, Optional
 from .base import LOCAL, REPO, BenchError, Procs, free_port, listening, note, read_line, wait_for
 from .procfs import sample
 
-VARIANTS = ("direct", "socat", "ssh", "tcprc")
+# "tcprc" is what two tcprc ends negotiate by default (protocol v2);
+# "tcprc-legacy" is the device with --protocol legacy.
+VARIANTS = ("direct", "socat", "ssh", "tcprc-legacy", "tcprc")
 # Only on request (--only): tcprc with its opt-in zero-copy pumps (TCPRC_SPLICE=1).
 EXTRA = ("tcprc-splice", "baseline")
-LABELS = {"direct": "direct", "socat": "socat relay", "ssh": "ssh -R", "tcprc": "tcprc",
+LABELS = {"direct": "direct", "socat": "socat relay", "ssh": "ssh -R", "tcprc": "tcprc v2",
+          "tcprc-legacy": "tcprc legacy",
           "tcprc-splice": "tcprc, splice", "baseline": "tcprc baseline"}
 
 
 class Tunnel:
     def __init__(self, entry: int, device: Optional[int] = None,
                  server: Optional[int] = None, close: Callable[[], None] = lambda: None,
-                 log: str = ""):
+                 log: str = "", uplink: int = 0):
         self.entry = entry
         self.device = device     # pid of the process next to the service
         self.server = server     # pid of the process clients connect to
         self.close = close
         self.log = log           # the relay's log file, quoted when a test fails
+        self.uplink = uplink     # tcprc: the server's uplink port
 
     def log_tail(self, lines: int = 8) -> str:
         try:
@@ -154,14 +158,19 @@ STALL_TIMEOUT = 2.0
 
 
 class Tcprc:
-    """`python -m tcprc server` + `python -m tcprc device` from this checkout."""
+    """`python -m tcprc server` + `python -m tcprc device` from this checkout.
+
+    `device_args` go to the device's command line (say, --protocol legacy).
+    """
     name = "tcprc"
+    paused_row = True
 
     def __init__(self, python: str = sys.executable, extra_env: Optional[Dict[str, str]] = None,
-                 repo: str = REPO):
+                 repo: str = REPO, device_args: Optional[List[str]] = None):
         self.dir: Optional[str] = None
         self.python = python
         self.repo = repo
+        self.device_args = list(device_args or [])
         self.env = dict(os.environ)
         self.env["PYTHONPATH"] = repo + os.pathsep + self.env.get("PYTHONPATH", "")
         # As deployed: etc/init.d/tcprc and the systemd units set these.
@@ -225,7 +234,7 @@ class Tcprc:
             _wait_entry(listen, [server], "tcprc server")
             device = procs.start([self.python, "-m", "tcprc", "device", "-c", paths["device"],
                                   "--server", "%s:%d" % (LOCAL, listen),
-                                  "--local", "%s:%d" % (LOCAL, target)],
+                                  "--local", "%s:%d" % (LOCAL, target)] + self.device_args,
                                  env=self.env, stderr=log, cwd=self.repo)
             _wait_entry(host, [server, device], "tcprc device")
         except BenchError as exc:
@@ -237,7 +246,8 @@ class Tcprc:
         def close() -> None:
             procs.stop(device)
             procs.stop(server)
-        return Tunnel(host, device=device.pid, server=server.pid, close=close, log=log.name)
+        return Tunnel(host, device=device.pid, server=server.pid, close=close, log=log.name,
+                      uplink=listen)
 
     def close(self) -> None:
         if self.dir:
