@@ -54,7 +54,8 @@ def test_every_installed_variant_runs_with_the_builtin_generator():
     assert code == 0, err
     report = json.loads(out)
     assert report["bulk_tool"] == "built-in generator"
-    assert set(report["ran"]) | set(report["skipped"]) == {"direct", "socat", "ssh", "tcprc-legacy", "tcprc"}
+    assert set(report["ran"]) | set(report["skipped"]) == {"direct", "socat", "ssh", "tcprc-legacy", "tcprc",
+                                                           "tcprc-tls"}
     assert {"direct", "tcprc", "tcprc-legacy"} <= set(report["ran"]), report["errors"]
     for name in report["skipped"]:
         assert "skipping" in err and name in report["skipped"]
@@ -79,6 +80,12 @@ def test_every_installed_variant_runs_with_the_builtin_generator():
     assert v2["paused_completed"] == "1 of 1", v2
     # Legacy stalls the uplink behind it until stall_timeout cuts it.
     assert legacy["paused_completed"].startswith("0 of 1 (cut: "), legacy
+    if "tcprc-tls" in report["ran"]:   # skipped without the openssl command
+        tls = report["results"]["tcprc-tls"]
+        assert 0 < tls["tls_handshake_ms"] < 10000 and tls["tls_version"] in ("TLSv1.2", "TLSv1.3"), tls
+        assert "tls_handshake_ms" not in v2
+        assert "TLS: idle RSS - plain v2 <= 3 MB (KB)" in names
+        assert ("TLS: 1 stream >= 1.5x ssh -R" in names) == ("ssh" in report["ran"])
     for t in report["targets"]:
         assert isinstance(t["ok"], bool) and isinstance(t["value"], (int, float))
 

@@ -10,7 +10,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from .base import REPO, BenchError, Procs, note
-from .measure import conn_rate, echo_ready, latency, memory, paused, throughput
+from .measure import conn_rate, echo_ready, latency, memory, paused, throughput, tls_handshake
 from .procfs import sample
 from .report import machine, ratios, render
 from .services import Services, serve
@@ -54,6 +54,14 @@ def run_all(variants: Dict[str, Any], procs: Procs, services: Services, opts: ar
                 if hasattr(variants[name], "interpreter_rss_kb"):
                     results[name]["interpreter_rss_kb"] = variants[name].interpreter_rss_kb()
             except (BenchError, OSError) as exc:
+                failed(name, exc)
+    for name in list(echo):
+        if getattr(variants[name], "tls_ca", ""):
+            note("TLS handshakes of %s" % LABELS[name])
+            try:
+                results[name].update(tls_handshake(opts.python, echo[name].uplink, variants[name].tls_ca,
+                                                   5 if opts.quick else 50))
+            except BenchError as exc:
                 failed(name, exc)
     note("latency")
     for name, r in latency({n: t.entry for n, t in echo.items()}, opts.rounds, failed).items():
@@ -123,6 +131,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     makers = {"direct": Direct, "socat": Socat, "ssh": SshR, "tcprc": lambda: Tcprc(opts.python),
               "tcprc-legacy": lambda: Tcprc(opts.python, device_args=["--protocol", "legacy"]),
+              "tcprc-tls": lambda: Tcprc(opts.python, tls=True),
               "tcprc-splice": lambda: Tcprc(opts.python, {"TCPRC_SPLICE": "1"}),
               "baseline": lambda: Tcprc(opts.python, repo=os.path.abspath(opts.baseline or REPO))}
     if opts.baseline and "baseline" not in names:

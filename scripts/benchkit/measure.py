@@ -388,3 +388,35 @@ def paused(tunnels: Dict[str, Tunnel], streams: int, seconds: float, reps: int,
                                                   PAUSED_SIZE >> 20, worst[1]),
         }
     return out
+
+
+# Run by the interpreter that runs tcprc: its ssl module is the device's.
+_HANDSHAKES = r"""
+import socket, ssl, sys, time
+port, ca, count = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+context = ssl.create_default_context(cafile=ca)
+context.minimum_version = ssl.TLSVersion.TLSv1_2
+times = []
+for _ in range(count):
+    t0 = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            times.append(time.perf_counter() - t0)
+            version = tls.version()
+times.sort()
+print(times[len(times) // 2] * 1e3, version)
+"""
+
+
+def tls_handshake(python: str, port: int, ca: str, count: int) -> Dict[str, Any]:
+    """Median time of a TCP connect plus TLS handshake with the server's uplink
+    port, verifying its certificate as the device does (then closed, no LISTEN)."""
+    try:
+        out = subprocess.run([python, "-c", _HANDSHAKES, str(port), ca, str(count)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise BenchError("the TLS handshakes timed out")
+    if out.returncode != 0:
+        raise BenchError("TLS handshake failed: %s" % out.stderr.decode().strip()[-300:])
+    ms, version = out.stdout.decode().split()
+    return {"tls_handshake_ms": float(ms), "tls_version": version}

@@ -54,6 +54,8 @@ METRICS = [
     ("device_threads_idle", "device threads idle", "%d", False),
     ("device_threads_busy", "device threads, N streams open", "%d", False),
     ("device_threads_after", "device threads after they closed", "%d", False),
+    ("tls_handshake_ms", "TLS handshake, with TCP connect (ms)", "%.2f", False),
+    ("tls_version", "  TLS version", "%s", True),
     ("tput_4dl_gbps", "4 downloads, built-in generator (Gbit/s)", "%.2f", True),
     ("tput_4dl_paused_gbps", "the same, a 5th client paused (Gbit/s)", "%.2f", True),
     ("paused_ratio", "  paused / not paused", "%.2f", True),
@@ -83,7 +85,8 @@ def table(report: Dict[str, Any]) -> str:
     results, names = report["results"], report["ran"]
     streams = report["settings"]["streams"]
     heads = ["metric"] + [LABELS[n] for n in names]
-    compare = [("tcprc", "tcprc-legacy", "v2 / legacy"),
+    compare = [("tcprc", "tcprc-legacy", "v2 / legacy"), ("tcprc-tls", "ssh", "TLS / ssh -R"),
+               ("tcprc-tls", "tcprc", "TLS / plain v2"),
                ("tcprc", "ssh", "tcprc / ssh -R"), ("tcprc", "direct", "tcprc / direct"),
                ("tcprc", "socat", "tcprc / socat"), ("tcprc-splice", "tcprc", "splice / tcprc"),
                ("tcprc", "baseline", "tcprc / baseline")]

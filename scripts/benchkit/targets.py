@@ -1,10 +1,10 @@
-"""The goals of issues 5 and 11, checked against a run."""
+"""The goals of issues 5, 11 and 12, checked against a run."""
 
 from typing import Any, Dict, List, Optional
 
 
 def targets(results: Dict[str, Dict[str, Any]], streams: int) -> List[Dict[str, Any]]:
-    """The goals of issues 5 and 11, checked against this run ("tcprc" is v2)."""
+    """The goals of issues 5, 11 and 12, checked against this run ("tcprc" is v2)."""
     t = results.get("tcprc") or {}
     ssh, socat, direct, legacy = (results.get(n) or {} for n in ("ssh", "socat", "direct", "tcprc-legacy"))
     checks = []
@@ -40,4 +40,13 @@ def targets(results: Dict[str, Dict[str, Any]], streams: int) -> List[Dict[str, 
     ratio("v2: 4 streams >= 0.9x legacy", "tput_4_gbps", legacy, 0.9, True)
     ratio("v2: latency p50 <= 1.05x legacy", "latency_p50_us", legacy, 1.05, False)
     absolute("v2: 4 streams, 5th paused >= 0.8x not", t.get("paused_ratio"), 0.8, higher=True)
+    # Issue 12: TLS against ssh -R, which encrypts too.
+    tls = results.get("tcprc-tls") or {}
+    ratio("TLS: 1 stream >= 1.5x ssh -R", "tput_1_gbps", ssh, 1.5, True, tls)
+    ratio("TLS: 4 streams >= 1.5x ssh -R", "tput_4_gbps", ssh, 1.5, True, tls)
+    ratio("TLS: device CPU per GB < 1.0x ssh -R", "device_cpu_s_per_gb", ssh, 1.0, False, tls)
+    ratio("TLS: latency p50 <= 1.1x ssh -R", "latency_p50_us", ssh, 1.1, False, tls)
+    if "device_rss_idle_kb" in tls and "device_rss_idle_kb" in t:
+        absolute("TLS: idle RSS - plain v2 <= 3 MB (KB)",
+                 tls["device_rss_idle_kb"] - t["device_rss_idle_kb"], 3072)
     return checks

@@ -12,12 +12,13 @@ from .base import LOCAL, REPO, BenchError, Procs, free_port, listening, note, re
 from .procfs import sample
 
 # "tcprc" is what two tcprc ends negotiate by default (protocol v2);
-# "tcprc-legacy" is the device with --protocol legacy.
-VARIANTS = ("direct", "socat", "ssh", "tcprc-legacy", "tcprc")
+# "tcprc-legacy" is the device with --protocol legacy; "tcprc-tls" is v2 over
+# TLS with certificates from scripts/tcprc-pki.
+VARIANTS = ("direct", "socat", "ssh", "tcprc-legacy", "tcprc", "tcprc-tls")
 # Only on request (--only): tcprc with its opt-in zero-copy pumps (TCPRC_SPLICE=1).
 EXTRA = ("tcprc-splice", "baseline")
 LABELS = {"direct": "direct", "socat": "socat relay", "ssh": "ssh -R", "tcprc": "tcprc v2",
-          "tcprc-legacy": "tcprc legacy",
+          "tcprc-legacy": "tcprc legacy", "tcprc-tls": "tcprc TLS",
           "tcprc-splice": "tcprc, splice", "baseline": "tcprc baseline"}
 
 
@@ -155,22 +156,27 @@ class SshR:
 
 
 STALL_TIMEOUT = 2.0
+PKI = os.path.join(REPO, "scripts", "tcprc-pki")
 
 
 class Tcprc:
     """`python -m tcprc server` + `python -m tcprc device` from this checkout.
 
-    `device_args` go to the device's command line (say, --protocol legacy).
+    `device_args` go to the device's command line (say, --protocol legacy);
+    `tls` serves and dials the uplink over TLS, with a CA and a server
+    certificate made by scripts/tcprc-pki (the device checks both).
     """
     name = "tcprc"
     paused_row = True
 
     def __init__(self, python: str = sys.executable, extra_env: Optional[Dict[str, str]] = None,
-                 repo: str = REPO, device_args: Optional[List[str]] = None):
+                 repo: str = REPO, device_args: Optional[List[str]] = None, tls: bool = False):
         self.dir: Optional[str] = None
         self.python = python
         self.repo = repo
         self.device_args = list(device_args or [])
+        self.tls = tls
+        self.tls_ca = ""   # set once the PKI is made: the TLS handshake row needs it
         self.env = dict(os.environ)
         self.env["PYTHONPATH"] = repo + os.pathsep + self.env.get("PYTHONPATH", "")
         # As deployed: etc/init.d/tcprc and the systemd units set these.
@@ -205,8 +211,25 @@ class Tcprc:
         probe = subprocess.run([self.python, "-c", "import tcprc.cli, tcprc.device, tcprc.server"],
                                env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                timeout=30)
-        return None if probe.returncode == 0 else "the tcprc package does not import from %s with %s" % (
-            self.repo, self.python)
+        if probe.returncode != 0:
+            return "the tcprc package does not import from %s with %s" % (self.repo, self.python)
+        return self._make_pki() if self.tls else None
+
+    def _make_pki(self) -> Optional[str]:
+        """A CA and a server certificate for 127.0.0.1 ("localhost"), or why not."""
+        if not shutil.which("openssl"):
+            return "the openssl command is not installed (scripts/tcprc-pki needs it)"
+        self.dir = self.dir or tempfile.mkdtemp(prefix="tcprc-bench-")
+        ca = os.path.join(self.dir, "pki")
+        for args in (["ca", ca], ["server", ca, "localhost", "--ip", LOCAL]):
+            made = subprocess.run(["sh", PKI] + args, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, timeout=60)
+            if made.returncode != 0:
+                return "scripts/tcprc-pki %s failed: %s" % (args[0], made.stderr.decode().strip()[-200:])
+        self.tls_ca = os.path.join(ca, "ca.crt")
+        self.tls_cert = os.path.join(ca, "localhost.crt")
+        self.tls_key = os.path.join(ca, "localhost.key")
+        return None
 
     def open(self, procs: Procs, target: int) -> Tunnel:
         if self.dir is None:
@@ -225,6 +248,10 @@ class Tcprc:
                 # stream is cut (stall_timeout, 30 s by default; iperf3 gives
                 # up before that).  Only the end of a test waits these 2 s.
                 f.write('[%s]\nstall_timeout = %s\n' % (role, STALL_TIMEOUT))
+                if self.tls and role == "server":
+                    f.write('tls_cert = "%s"\ntls_key = "%s"\n' % (self.tls_cert, self.tls_key))
+                elif self.tls:
+                    f.write('tls = true\ntls_ca = "%s"\ntls_server_name = "localhost"\n' % self.tls_ca)
         log = open(os.path.join(self.dir, "tcprc-%d.log" % host), "w+")
         server = procs.start([self.python, "-m", "tcprc", "server", "-c", paths["server"],
                               "--listen", "%s:%d" % (LOCAL, listen), "--host", "%s:%d" % (LOCAL, host)],
