@@ -49,6 +49,14 @@ class ServerLink(Link):
         if not transport.buffers:   # plain: the first read checks for a TLS client
             self._on_readable = self._first_read
 
+    def _eof_reason(self) -> str:
+        if self.transport.buffers and not self.session.listening and not self.writer.error:
+            # TLS 1.3 ends the server's handshake before the device checked our
+            # certificate against its pin: its verdict is this close.
+            return ("the device closed the TLS session before its LISTEN (it may have refused "
+                    "our certificate: a pin, or a name it does not accept)")
+        return super()._eof_reason()
+
     def _first_read(self) -> None:
         """A device configured for TLS, on this plaintext port: say so at once
         (its ClientHello would otherwise wait as a partial frame)."""
