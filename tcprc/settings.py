@@ -59,6 +59,7 @@ class DeviceEntry(NamedTuple):
     id: str
     secret: Secret
     host: str
+    previous: Optional[Secret] = None    # previous_secret: still accepted while rotating
 
 
 class DeviceSettings(NamedTuple):

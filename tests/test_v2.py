@@ -688,3 +688,32 @@ def test_a_black_holed_uplink_ends_within_the_heartbeat_timeout(service, caplog)
         device.close()
         relay.close()
         app.close()
+
+
+def test_a_secret_is_rotated_without_losing_the_device(service):
+    new = "the-new-secret-for-gw1-rotation"
+    app = _fleet_server()
+    device = _device(app, service.address, id="gw1", secret=SECRET)
+    try:
+        wait_for(lambda: app.device_host_address("gw1"), what="gw1's port")
+        host = app.settings.devices["gw1"].host
+        rotating = {"gw1": {"host": host, "secret": new, "previous_secret": SECRET}}
+        app.apply_settings(settings("server", listen=app.settings.listen, host=app.settings.host,
+                                    devices=rotating))
+        # Its session restarts (the entry changed) and the old secret still proves it.
+        wait_for(lambda: app.device_host_address("gw1") and app.link_on(host)
+                 and app.link_on(host).device_id == "gw1", what="gw1 back with the old secret")
+        device.apply_settings(device.settings._replace(secret=app.settings.devices["gw1"].secret))
+        wait_for(lambda: device.status()["state"] == "up" and app.device_host_address("gw1"),
+                 what="gw1 back with the new secret")
+        before = app.link_on(host)
+        done = {"gw1": {"host": host, "secret": new}}
+        app.apply_settings(settings("server", listen=app.settings.listen, host=app.settings.host,
+                                    devices=done))
+        wait_for(lambda: app.link_on(host) not in (None, before) and app.link_on(host).listening,
+                 what="gw1 back after the old secret is gone")
+        _round_trip(app.device_host_address("gw1"))
+        assert app.status()["auth_failures"] == 0
+    finally:
+        device.close()
+        app.close()

@@ -260,7 +260,7 @@ def _type_name(tp: type) -> str:
             list: "a list", dict: "a table"}[tp]
 
 
-SECRET_KEYS = frozenset(("secret",))   # values no message, log line or `config get` shows
+SECRET_KEYS = frozenset(("secret", "previous_secret"))   # values no message, log line or `config get` shows
 
 
 def check_value(role: str, section: str, key: str, value: Any) -> Any:
@@ -320,7 +320,7 @@ class SectionProblem(ValueError):
 
 
 MAX_SECRET_FILE = 4096   # bytes; a secret is short, and /dev/zero must not fill the memory
-_DEVICE_TABLE_KEYS = ("host", "secret", "secret_file")
+_DEVICE_TABLE_KEYS = ("host", "secret", "secret_file", "previous_secret")
 
 
 def finish_section(name: str, values: Dict[str, Any]) -> Any:
@@ -475,7 +475,9 @@ def _device_entry(ident: str, table: Any) -> DeviceEntry:
     secret = _resolve_secret(name, table.get("secret", ""), table.get("secret_file", ""))
     if secret is None:
         raise SectionProblem(name, "needs secret or secret_file")
-    return DeviceEntry(id=ident, secret=secret, host=host)
+    # Rotation: the old secret stays valid until the device has the new one.
+    previous = _resolve_secret(name, table.get("previous_secret", ""), "")
+    return DeviceEntry(id=ident, secret=secret, host=host, previous=previous)
 
 
 _ANY_ADDRESS = ("", "0.0.0.0", "::")

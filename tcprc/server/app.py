@@ -118,9 +118,15 @@ class ServerApp:
         return slot.address if slot is not None else None
 
     # ---- what links ask (any thread) ------------------------------------------------
-    def secret_of(self, device_id: str) -> Optional[bytes]:
+    def secret_of(self, device_id: str) -> Any:
+        """The secret of a configured device (with its previous one while it is
+        rotated: either proves the id); None for an unknown id."""
         entry = self.settings.devices.get(device_id)
-        return entry.secret.reveal() if entry is not None else None
+        if entry is None:
+            return None
+        if entry.previous is not None:
+            return [entry.secret.reveal(), entry.previous.reveal()]
+        return entry.secret.reveal()
 
     def host_for(self, device_id: str) -> str:
         if device_id:

@@ -15,7 +15,7 @@ agent.  Nothing secret appears in a message, an error or a repr.
 import hashlib
 import hmac
 import os
-from typing import Callable, Optional
+from typing import Any, Callable, List, Optional
 
 from ..errors import PeerError
 from . import frames
@@ -174,8 +174,8 @@ class ServerHandshake:
     """The server's side: on_hello() -> CHALLENGE, on_auth() checks the proof,
     welcome(host) -> WELCOME.
 
-    `lookup(id)` gives the secret of a configured device id, None for an
-    unknown one.  An unknown id gets a CHALLENGE like any other and fails at
+    `lookup(id)` gives the secret of a configured device id (or a list of
+    secrets, any of which proves it: a rotation), None for an unknown one.  An unknown id gets a CHALLENGE like any other and fails at
     AUTH exactly as a wrong proof does (REJECT 2, AUTH_FAILED on the wire);
     only str() of the error, for the server's log, tells them apart.
     Afterwards: device_id ("" = anonymous; set from the HELLO even when the
@@ -183,12 +183,13 @@ class ServerHandshake:
     secret of device_id), done.
     """
 
-    def __init__(self, lookup: Callable[[str], Optional[bytes]], window: int,
+    def __init__(self, lookup: Callable[[str], Any], window: int,
                  legacy_allowed: bool, nonce: Optional[bytes] = None) -> None:
         self._lookup = lookup
         self.window = window
         self.legacy_allowed = legacy_allowed
         self._nonce = _nonce(nonce)
+        self._keys = []             # type: List[bytes]
         self._key = None            # type: Optional[bytes]
         self._known = False
         self._hello = b""
@@ -216,11 +217,16 @@ class ServerHandshake:
                 raise self._fail(HandshakeError(
                     frames.REJECT_IDENTITY_REQUIRED, "HELLO without id: this server requires one"))
         else:
-            key = self._lookup(device_id) or None
-            self._known = key is not None
+            found = self._lookup(device_id) or None
+            self._known = found is not None
             # An unknown id is checked against a random key: AUTH takes the
-            # same path and the same time, and fails.
-            self._key = key if key is not None else os.urandom(frames.PROOF_SIZE)
+            # same path and the same time, and fails.  A device may have two
+            # secrets while one is being rotated: either proves it.
+            if found is None:
+                self._keys = [os.urandom(frames.PROOF_SIZE)]
+            else:
+                self._keys = [found] if isinstance(found, bytes) else list(found)
+            self._key = self._keys[0]
         self.peer_window = window
         self._hello = bytes(payload)
         self._challenge = frames.encode_challenge(self._nonce, self.window)
@@ -239,9 +245,13 @@ class ServerHandshake:
                 raise self._fail(HandshakeError(
                     frames.REJECT_MALFORMED, "AUTH carries a proof for a HELLO without id"))
         else:
-            expected = device_proof(self._key, self._hello, self._challenge)
-            # compare_digest also when the proof is missing: one path, one timing.
-            matches = hmac.compare_digest(proof or bytes(frames.PROOF_SIZE), expected)
+            # compare_digest against every key, also when the proof is missing:
+            # one path, one timing.
+            matches = False
+            for key in self._keys:
+                if hmac.compare_digest(proof or bytes(frames.PROOF_SIZE),
+                                       device_proof(key, self._hello, self._challenge)):
+                    matches, self._key = True, key
             if not (matches and proof and self._known):
                 why = "bad proof for id %s" if self._known else "unknown id %s"
                 raise self._fail(HandshakeError(frames.REJECT_BAD_PROOF,
@@ -267,4 +277,5 @@ class ServerHandshake:
     def _fail(self, error: HandshakeError) -> HandshakeError:
         self._state = "failed"
         self._key = None
+        self._keys = []
         return error
