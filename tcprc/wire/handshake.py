@@ -24,7 +24,6 @@ from .frames import ProtocolError, VersionError
 SERVER_LABEL = b"tcprc v2 server\0"
 DEVICE_LABEL = b"tcprc v2 device\0"
 AUTH_FAILED = "authentication failed"   # the server's REJECT 2 text, whatever the cause
-_HEX = frozenset("0123456789abcdefABCDEF")
 _EXPECTING = {"start": "nothing before HELLO", "hello": "HELLO", "challenge": "CHALLENGE",
               "auth": "AUTH", "welcome": "WELCOME", "done": "nothing more",
               "failed": "nothing: the handshake failed"}
@@ -38,15 +37,6 @@ class HandshakeError(PeerError):
         super().__init__(message)
         self.code = code
         self.wire_text = message if wire_text is None else wire_text
-
-
-def check_secret(text: str) -> Optional[str]:
-    """Why `text` is too weak for a secret (under 128 bits), or None."""
-    need = 32 if text and set(text) <= _HEX else 22
-    if len(text) >= need:
-        return None
-    return ("the secret has %d characters: 128 bits need at least 22, or 32 when it is "
-            "hex digits only" % len(text))
 
 
 def valid_device_id(text: str) -> bool:
