@@ -302,6 +302,8 @@ def build_config(role: str, raw: Dict[str, Any], source: str, path: Optional[str
                 values[key] = check_value(role, name, key, value)
             except ValueError as exc:
                 raise ConfigError("%s: [%s] %s %s" % (source, name, key, exc)) from None
+        if path:
+            values = _files_beside(values, os.path.dirname(path))
         try:
             sections[name] = finish_section(name, values)
         except SectionProblem as exc:
@@ -310,6 +312,27 @@ def build_config(role: str, raw: Dict[str, Any], source: str, path: Optional[str
 
 
 # -- checks across keys, and what is resolved at build time (secrets, devices) --------
+
+_FILE_KEYS = ("secret_file", "tls_ca", "tls_cert", "tls_key", "tls_client_ca")
+
+
+def _files_beside(values: Dict[str, Any], directory: str) -> Dict[str, Any]:
+    """Relative file names are the config file's neighbours, not the working
+    directory's (a daemon runs in /, and a reload must find the same files)."""
+    def beside(name: Any) -> Any:
+        if isinstance(name, str) and name and not os.path.isabs(name):
+            return os.path.join(directory, name)
+        return name
+    values = dict(values)
+    for key in _FILE_KEYS:
+        if key in values:
+            values[key] = beside(values[key])
+    devices = values.get("devices")
+    if isinstance(devices, dict):
+        values["devices"] = {ident: dict(table, secret_file=beside(table["secret_file"]))
+                             if isinstance(table, dict) and "secret_file" in table else table
+                             for ident, table in devices.items()}
+    return values
 
 class SectionProblem(ValueError):
     """One line about a table: `table` as the file names it ("device", "server.devices.gw1")."""
