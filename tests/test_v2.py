@@ -717,3 +717,26 @@ def test_a_secret_is_rotated_without_losing_the_device(service):
     finally:
         device.close()
         app.close()
+
+
+def test_a_device_behind_a_slow_relay_still_gets_v2(service):
+    """The server waits for HELLO by the uplink's TCP round trip, which a relay or a
+    proxy in the path hides: a HELLO after that wait, before any client, still
+    makes the session v2 (it used to be refused as too late, every redial)."""
+    from support.impair import Relay
+    app = _server()
+    relay = Relay(app.listen_address, delay=0.3)
+    relay.start()
+    device = DeviceApp(settings("device", server="%s:%d" % relay.address, reconnect_min=5,
+                                reconnect_max=5, local="%s:%d" % service.address))
+    device.start()
+    try:
+        wait_for(lambda: app.status()["protocol"] == "v2" and device.status()["protocol"] == "v2",
+                 timeout=20, what="a v2 session through the relay")
+        link = app.link_on()
+        _round_trip(app.host_address)
+        assert app.link_on() is link and device.status()["last_error"] == ""
+    finally:
+        device.close()
+        relay.close()
+        app.close()

@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Set
 
 from ..wire import frames as protocol
 from ..wire.session import (AUTHED, DEBUG, DENIED, FAIL, LISTENED, OPEN, REPLACE, SEND,
-                            UPGRADED, WARN, Session)
+                            UNLISTEN, UPGRADED, WARN, Session)
 from .buffers import FrameBuffer
 from .loop import Loop
 from .pump import PumpHost, PumpThread, run_pump
@@ -205,6 +205,9 @@ class Link(PumpHost):
 
     def authenticated(self, device_id: str) -> None:
         """The session's AUTHED: a v2 handshake passed its checks (the server's part)."""
+
+    def unlisten(self) -> None:
+        """The session's UNLISTEN: it was not legacy after all (the server's part)."""
 
     def denied(self, device_id: str, message: str) -> None:
         """The session's DENIED: a handshake failed its checks (the server's part)."""
@@ -380,6 +383,8 @@ class Link(PumpHost):
                 self.authenticated(action[1])
             elif kind is DENIED:
                 self.denied(action[1], action[2])
+            elif kind is UNLISTEN:
+                self.unlisten()
             elif kind is UPGRADED:
                 self.upgrade(action[1], action[2])
             elif kind is FAIL:

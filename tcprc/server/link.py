@@ -139,6 +139,15 @@ class ServerLink(Link):
     def denied(self, device_id: str, message: str) -> None:
         self.app.auth_failed(self, device_id, message)
 
+    def unlisten(self) -> None:
+        """A HELLO after the legacy wait, before any client: the port goes back, and
+        the handshake gets the listen timeout again."""
+        if self.host_sock is not None:
+            self.loop.forget(self.host_sock)
+            self.host_sock = None
+        self.app.release_host(self)
+        self._listen_timer = self.loop.call_later(self.settings.listen_timeout, self._no_listen)
+
     @property
     def wanted_host(self) -> str:
         return self.app.host_for(self.device_id)
