@@ -329,18 +329,19 @@ def test_a_half_sent_handshake_ends_at_the_listen_timeout(caplog):
 def test_repeated_failures_from_one_source_slow_it_down():
     app = _fleet_server()
     try:
-        waits = []
+        waits, rejected = [], None
         for _ in range(3):
             peer = RawPeer(socket.create_connection(app.listen_address))
             peer.send(LISTEN, 0)
             peer.expect(protocol.OFFER_FRAME)
             from tcprc.wire.handshake import DeviceHandshake
             peer.send(protocol.HELLO, 0, DeviceHandshake("gw1", OTHER.encode(), 1 << 18).hello())
-            started = time.monotonic()
             assert peer.read_frame()[0] == protocol.CHALLENGE
-            waits.append(time.monotonic() - started)
+            # The penalty runs from the last failure, which came just before its REJECT.
+            waits.append(time.monotonic() - rejected if rejected else 0.0)
             peer.send(protocol.AUTH, 0, protocol.encode_auth(b"\x00" * 32))
             assert peer.read_frame()[0] == protocol.REJECT
+            rejected = time.monotonic()
             peer.close()
         # No wait before the first failure; then 0.5 s, then 1 s (lower bounds only).
         assert waits[1] >= 0.45 and waits[2] >= 0.95, waits

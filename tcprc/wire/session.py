@@ -467,6 +467,11 @@ class ServerSession(Session):
         """listen_timeout ran out before the session was established."""
         if not self.listening:
             return [(FAIL, "no LISTEN within %.1f s" % limit)]
+        if self.state == "offered" and self.legacy_allowed:
+            # A listen_timeout shorter than the HELLO wait decides it: legacy.
+            self._deadline = None
+            self.state = "legacy"
+            return [(LISTENED,)]
         if self.state == "offered":   # legacy not allowed, and no HELLO came
             self.state = "failed"
             return [(DENIED, "", "legacy LISTEN (no HELLO within %.1f s)" % limit),
