@@ -136,3 +136,144 @@ def test_the_fleet_commands_answer_on_the_serial_console_too(fleet):
     finally:
         console.close()
         terminal.close()
+
+
+# ---- item 2: devices_dir and `ctl device add` -------------------------------------------
+
+def _write(path, text):
+    """Replace a file whole (a rename), as an editor or a deploy tool does."""
+    temp = str(path) + ".part"
+    with open(temp, "w") as handle:
+        handle.write(text)
+    os.replace(temp, str(path))
+
+
+def _dir_server(tmp_path, scan=0.1, **keys):
+    """A server reading tmp_path/devices every `scan` seconds."""
+    folder = tmp_path / "devices"
+    folder.mkdir(exist_ok=True)
+    ServerApp.SCAN_INTERVAL, old = scan, ServerApp.SCAN_INTERVAL
+    try:
+        app = _server(devices_dir=str(folder), **keys)
+    finally:
+        ServerApp.SCAN_INTERVAL = old
+    app.SCAN_INTERVAL = scan
+    return app, folder
+
+
+def _refused(address):
+    try:
+        socket.create_connection(address, timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_a_dropped_file_adds_a_device_an_edit_moves_it_a_removal_closes_it(tmp_path, service,
+                                                                          caplog):
+    app, folder = _dir_server(tmp_path)
+    first, second = free_port(), free_port()
+    device = _device(app, service.address, id="gw3", secret=SECRET)
+    try:
+        _write(folder / "gw3.toml", 'host = "127.0.0.1:%d"\nsecret = "%s"\n' % (first, SECRET))
+        wait_for(lambda: app.device_host_address("gw3") == ("127.0.0.1", first),
+                 what="gw3 up on its port from the file")
+        _round_trip(("127.0.0.1", first))
+        _write(folder / "gw3.toml", 'host = "127.0.0.1:%d"\nsecret = "%s"\n' % (second, SECRET))
+        wait_for(lambda: app.device_host_address("gw3") == ("127.0.0.1", second),
+                 what="gw3 restarted on the edited port")
+        _round_trip(("127.0.0.1", second))
+        assert _refused(("127.0.0.1", first))
+        os.unlink(str(folder / "gw3.toml"))
+        wait_for(lambda: _row(app, "gw3") is None and app.device_host_address("gw3") is None,
+                 what="gw3 gone")
+        wait_for(lambda: _refused(("127.0.0.1", second)), what="gw3's port released")
+        assert "device gw3 removed from the configuration" in caplog.text
+        assert SECRET not in caplog.text
+    finally:
+        device.close()
+        app.close()
+
+
+def test_a_broken_file_is_one_line_and_the_others_keep_working(tmp_path, service, caplog):
+    app, folder = _dir_server(tmp_path)
+    port = free_port()
+    device = _device(app, service.address, id="gw4", secret=SECRET)
+    try:
+        _write(folder / "gw4.toml", 'host = "127.0.0.1:%d"\nsecret = "%s"\n' % (port, SECRET))
+        _write(folder / "bad.toml", 'host = "127.0.0.1:%d"\nsecret = "%s' % (free_port(), OTHER))
+        _write(folder / "short.toml", 'host = "127.0.0.1:%d"\nsecret = "tooshort"\n'
+               % free_port())
+        wait_for(lambda: app.device_host_address("gw4"), what="gw4 up beside broken files")
+        _round_trip(app.device_host_address("gw4"))
+        wait_for(lambda: len([r for r in caplog.records if "skipped" in r.getMessage()]) == 2,
+                 what="one line per broken file")
+        for _ in range(3):   # more scans: no more lines about the same files
+            scans = app.scans
+            wait_for(lambda: app.scans > scans + 1, what="two more scans")
+        lines = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+        assert len(lines) == 2, lines
+        assert any("bad.toml: invalid TOML" in line for line in lines)
+        assert any("short.toml: secret is shorter than 128 bits" in line for line in lines)
+        assert OTHER not in caplog.text and "tooshort" not in caplog.text
+        assert {row["id"] for row in app.devices()} == {"gw4"}
+    finally:
+        device.close()
+        app.close()
+
+
+def test_an_id_in_both_places_takes_the_config_file_table(tmp_path, service, caplog):
+    configured = free_port()
+    app, folder = _dir_server(tmp_path, devices={
+        "gw5": {"secret": SECRET, "host": "127.0.0.1:%d" % configured}})
+    _write(folder / "gw5.toml", 'host = "127.0.0.1:%d"\nsecret = "%s"\n' % (free_port(), OTHER))
+    app.apply_settings(app.settings)   # what SIGHUP does
+    device = _device(app, service.address, id="gw5", secret=SECRET)
+    try:
+        wait_for(lambda: app.device_host_address("gw5") == ("127.0.0.1", configured),
+                 what="gw5 on the config file's port, with its secret")
+        lines = [r.getMessage() for r in caplog.records
+                 if "in [server.devices] and in devices_dir" in r.getMessage()]
+        assert len(lines) == 1, lines
+    finally:
+        device.close()
+        app.close()
+
+
+def test_sighup_reads_the_directory_without_waiting_for_the_scan(tmp_path, service):
+    app, folder = _dir_server(tmp_path, scan=3600)
+    device = _device(app, service.address, id="gw6", secret=SECRET)
+    try:
+        _write(folder / "gw6.toml", 'host = "127.0.0.1:0"\nsecret = "%s"\n' % SECRET)
+        app.apply_settings(app.settings)   # Service.reload on SIGHUP
+        wait_for(lambda: app.device_host_address("gw6"), what="gw6 after the reload")
+    finally:
+        device.close()
+        app.close()
+
+
+def test_ctl_device_add_writes_a_private_file_the_server_serves(tmp_path, service):
+    app, folder = _dir_server(tmp_path)
+    config = tmp_path / "server.toml"
+    config.write_text('[server]\nlisten = "%s:%d"\ndevices_dir = "%s"\n'
+                      % (app.listen_address + (str(folder),)))
+    port = free_port()
+    command = [sys.executable, "-m", "tcprc", "ctl", "--role", "server", "-c", str(config),
+               "device", "add", "gw7", "--host", "127.0.0.1:%d" % port]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    path = folder / "gw7.toml"
+    assert stat.S_IMODE(os.stat(str(path)).st_mode) == 0o600
+    secret = [line for line in done.stdout.splitlines() if line.startswith("secret: ")][0][8:]
+    assert len(secret) >= 43 and "id = \"gw7\"" in done.stdout
+    assert "server = \"%s:%d\"" % app.listen_address in done.stdout
+    device = _device(app, service.address, id="gw7", secret=secret)
+    try:
+        wait_for(lambda: app.device_host_address("gw7") == ("127.0.0.1", port), what="gw7 up")
+        _round_trip(("127.0.0.1", port))
+    finally:
+        device.close()
+        app.close()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    assert again.returncode == 1 and "exists already" in again.stderr

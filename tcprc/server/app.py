@@ -115,6 +115,7 @@ class ServerApp:
         self._records: Dict[str, DeviceRecord] = {}
         sync_records(self._records, self._devices)
         self._http: Any = None
+        self.scans = 0   # periodic scans done (tests wait on it)
         self._open_dir(settings, force=True)
 
     @property
@@ -301,6 +302,7 @@ class ServerApp:
                         self._set_devices(self.settings)
         except Exception:   # a bug here must not stop the acceptor
             log.exception("devices_dir scan failed")
+        self.scans += 1
         self._arm_scan()
 
     def _set_devices(self, settings: ServerSettings) -> None:
@@ -320,8 +322,10 @@ class ServerApp:
         for link in links:
             ident = link.device_id
             if ident and old.get(ident) != self._devices.get(ident):
-                link.stop("device %s %s the configuration" % (
-                    ident, "changed in" if ident in self._devices else "removed from"))
+                reason = "device %s %s the configuration" % (
+                    ident, "changed in" if ident in self._devices else "removed from")
+                log.info("%s: its session (%s) is closed", reason, link.name)
+                link.stop(reason)
 
     def devices(self) -> List[Dict[str, Any]]:
         """The device table: every configured device, then the session on [server] host
