@@ -277,3 +277,78 @@ def test_ctl_device_add_writes_a_private_file_the_server_serves(tmp_path, servic
         app.close()
     again = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
     assert again.returncode == 1 and "exists already" in again.stderr
+
+
+# ---- item 3: per-device limits ------------------------------------------------------------
+
+def test_a_device_over_max_streams_refuses_clients_and_the_others_are_untouched(service, caplog):
+    app = _server({"gw1": {"secret": SECRET, "host": "127.0.0.1:0"},
+                   "gw2": {"secret": SECRET, "host": "127.0.0.1:%d" % free_port()}},
+                  max_streams_per_device=2)
+    gw1 = _device(app, service.address, id="gw1", secret=SECRET)
+    gw2 = _device(app, service.address, id="gw2", secret=SECRET)
+    held = []
+    try:
+        wait_for(lambda: app.device_host_address("gw1") and app.device_host_address("gw2"),
+                 what="both up")
+        for _ in range(2):
+            conn = socket.create_connection(app.device_host_address("gw1"), timeout=10)
+            conn.sendall(b"held")
+            assert recv_exactly(conn, 4) == b"held"
+            held.append(conn)
+        extra = socket.create_connection(app.device_host_address("gw1"), timeout=10)
+        with extra:
+            assert extra.recv(10) == b"", "the third client is closed"
+        line = wait_for(lambda: [r.getMessage() for r in caplog.records
+                                 if "max_streams_per_device" in r.getMessage()],
+                        what="the refusal line")
+        assert len(line) == 1 and "refused client 127.0.0.1:" in line[0]
+        assert _row(app, "gw1")["refused_clients"] == 1 and _row(app, "gw1")["streams"] == 2
+        for _ in range(3):   # gw2 has its own limit, untouched by gw1's
+            _round_trip(app.device_host_address("gw2"))
+        held.pop().close()
+        wait_for(lambda: _row(app, "gw1")["streams"] == 1, what="one stream closed")
+        _round_trip(app.device_host_address("gw1"))   # room again
+    finally:
+        for conn in held:
+            conn.close()
+        gw1.close()
+        gw2.close()
+        app.close()
+
+
+def test_idle_connections_from_one_source_cannot_keep_a_device_from_another_out(service):
+    """max_pending_per_source: a source holding many unauthenticated uplinks loses its
+    own oldest; a device from another address (127.0.0.2) still gets in."""
+    app = _server({"gw1": {"secret": SECRET, "host": "127.0.0.1:0"}}, max_pending=8,
+                  max_pending_per_source=2, listen_timeout=30)
+    idle = []
+    device = None
+    try:
+        for _ in range(20):   # the noisy source: 127.0.0.2
+            idle.append(socket.create_connection(app.listen_address, timeout=10,
+                                                 source_address=("127.0.0.2", 0)))
+        wait_for(lambda: sum(_closed(conn) for conn in idle) == 18,
+                 what="all but the noisy source's newest 2 dropped")
+        device = DeviceApp(settings("device", server="%s:%d" % app.listen_address,
+                                    local="%s:%d" % service.address, id="gw1", secret=SECRET,
+                                    reconnect_min=0.05, reconnect_max=0.5))
+        device.start()
+        wait_for(lambda: app.device_host_address("gw1"), what="gw1 up beside the flood")
+        _round_trip(app.device_host_address("gw1"))
+    finally:
+        for conn in idle:
+            conn.close()
+        if device is not None:
+            device.close()
+        app.close()
+
+
+def _closed(conn):
+    conn.setblocking(False)
+    try:
+        return conn.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
