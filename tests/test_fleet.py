@@ -352,3 +352,135 @@ def _closed(conn):
         return False
     except OSError:
         return True
+
+
+# ---- item 5: the status page, /api/devices and /metrics -----------------------------------
+
+def _get(app, path):
+    import urllib.request
+    url = "http://%s:%d%s" % (app.http_address + (path,))
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        return answer.status, answer.headers["Content-Type"], answer.read().decode()
+
+
+@pytest.fixture
+def http_fleet(service):
+    """gw1 up with some traffic, gw2 down with a failed authentication, the page on."""
+    devices = {"gw1": {"secret": SECRET, "host": "127.0.0.1:%d" % free_port()},
+               "gw2": {"secret": SECRET, "host": "127.0.0.1:%d" % free_port()}}
+    app = _server(devices, http="127.0.0.1:0")
+    gw1 = _device(app, service.address, id="gw1", secret=SECRET)
+    bad = _device(app, service.address, id="gw2", secret=OTHER, reconnect_min=30,
+                  reconnect_max=30)
+    wait_for(lambda: app.device_host_address("gw1") and _row(app, "gw2")["auth_failures"],
+             what="gw1 up, gw2 refused")
+    bad.close()
+    _round_trip(app.device_host_address("gw1"), b"y" * 500)
+    wait_for(lambda: _row(app, "gw1")["bytes_down"] >= 500 and _row(app, "gw1")["rtt"],
+             what="gw1's bytes and rtt")
+    yield app
+    gw1.close()
+    app.close()
+
+
+def test_api_devices_is_the_device_table(http_fleet):
+    import json
+    status, kind, body = _get(http_fleet, "/api/devices")
+    rows = {row["id"]: row for row in json.loads(body)}
+    assert status == 200 and kind == "application/json"
+    assert rows["gw1"]["state"] == "up" and rows["gw1"]["bytes_down"] >= 500
+    assert rows["gw2"]["auth_failures"] == 1 and SECRET not in body and OTHER not in body
+
+
+def test_metrics_carry_a_device_label(http_fleet):
+    status, kind, body = _get(http_fleet, "/metrics")
+    assert status == 200 and kind.startswith("text/plain; version=0.0.4")
+    samples = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    assert samples['tcprc_session_up{device="gw1"}'] == 1
+    assert samples['tcprc_session_up{device="gw2"}'] == 0
+    assert samples['tcprc_bytes_to_device_total{device="gw1"}'] >= 500
+    assert samples['tcprc_sessions_started_total{device="gw1"}'] == 1
+    assert samples['tcprc_auth_failures_total{device="gw2"}'] == 1
+    assert samples['tcprc_refused_clients_total{device="gw1"}'] == 0
+    assert 0 < samples['tcprc_heartbeat_rtt_seconds{device="gw1"}'] < 5
+    assert 'tcprc_heartbeat_rtt_seconds{device="gw2"}' not in samples   # no session, no rtt
+    assert "# TYPE tcprc_bytes_from_device_total counter" in body
+
+
+def test_label_values_and_the_page_escape_what_they_show():
+    from tcprc.server.http import PAGE, label, metrics_text
+    assert label('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
+    text = metrics_text([{"id": 'x"y', "state": "up", "streams": 0, "bytes_up": 0,
+                          "bytes_down": 0, "sessions": 1, "auth_failures": 0,
+                          "refused_clients": 0, "rtt": None}], 0)
+    assert 'tcprc_session_up{device="x\\"y"} 1' in text
+    assert "innerHTML" not in PAGE and "textContent" in PAGE   # rows never parsed as HTML
+    assert "http://" not in PAGE and "https://" not in PAGE      # no outside assets
+
+
+def test_an_unknown_path_is_404(http_fleet):
+    import urllib.error
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        _get(http_fleet, "/etc/passwd")
+    assert caught.value.code == 404
+
+
+def _chromium():
+    import shutil
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.skip("no Chromium on this machine (apt-get install chromium): the browser test "
+                "of the status page cannot run")
+
+
+def _browser(url, tmp_path, *extra):
+    command = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+               "--disable-dev-shm-usage", "--no-first-run", "--user-data-dir=%s" % tmp_path,
+               "--virtual-time-budget=5000"] + list(extra) + [url]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_a_real_browser_renders_the_table_from_the_api(http_fleet, tmp_path):
+    import html.parser
+
+    class Rows(html.parser.HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.rows, self.cell, self.summary = [], None, ""
+            self._in_summary = False
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "tr" and dict(attrs).get("data-device"):
+                self.rows.append([])
+            elif tag == "td" and self.rows:
+                self.cell = ""
+            self._in_summary = dict(attrs).get("id") == "summary"
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+            if self._in_summary:
+                self.summary += data
+
+        def handle_endtag(self, tag):
+            if tag == "td" and self.cell is not None:
+                self.rows[-1].append(self.cell)
+                self.cell = None
+            self._in_summary = False
+
+    url = "http://%s:%d/" % http_fleet.http_address
+    done = _browser(url, tmp_path / "profile", "--dump-dom")
+    assert done.returncode == 0, done.stderr[-2000:]
+    parsed = Rows()
+    parsed.feed(done.stdout)
+    by_id = {row[0]: row for row in parsed.rows}
+    assert set(by_id) == {"gw1", "gw2"}, done.stdout[-3000:]   # only the script makes rows
+    assert by_id["gw1"][1] == "up" and by_id["gw2"][1] == "down"
+    assert by_id["gw2"][9] == "1" and "authentication failed" in by_id["gw2"][10]
+    assert parsed.summary.startswith("2 device(s), 1 up; updated")

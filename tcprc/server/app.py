@@ -124,6 +124,11 @@ class ServerApp:
         slot = self._slots.get(self.settings.host)
         return slot.address if slot is not None else None
 
+    @property
+    def http_address(self) -> Optional[HostPort]:
+        """Where [server] http serves the status page, once started."""
+        return self._http.address if self._http is not None else None
+
     def link_on(self, host: Optional[str] = None) -> Optional[ServerLink]:
         """The uplink that serves `host` ([server] host by default), if any."""
         slot = self._slots.get(host or self.settings.host)
