@@ -95,7 +95,8 @@ def make_app(cfg: Config) -> Any:
         from .device.app import DeviceApp
         return DeviceApp(cfg.device)
     from .server.app import ServerApp
-    return ServerApp(cfg.server)
+    from .ops.devdir import DeviceFiles
+    return ServerApp(cfg.server, device_files=DeviceFiles)
 
 
 def remove_stale_save_temps(config_path: str) -> None:

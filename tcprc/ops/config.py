@@ -207,11 +207,14 @@ SCHEMA: Dict[str, Dict[str, Dict[str, Key]]] = {
             "connect_address": Key(str, "127.0.0.1", _wire_address, "address sent in CONNECT: a legacy device dials exactly it (with connect_port: 127.0.0.1:23 by default); a tcprc device takes \"\" or this default as its own `local`"),
             "connect_port": Key(int, 23, _between(0, 65535), "port sent in CONNECT"),
             "id_quarantine": Key(float, 10.0, _between(0.1, 600), "seconds at most a client id the server closed waits for the device's answering CLOSE before reuse, once the device is seen to answer (legacy Lua agents do); otherwise a few uplink round trips"),
-            "legacy": Key(bool, None, None, "identity-less (legacy) devices may dial in; absent: true without [server.devices.ID] tables, false with"),
+            "legacy": Key(bool, None, None, "identity-less (legacy) devices may dial in; absent: true without [server.devices.ID] tables and devices_dir, false with"),
             "tls_cert": Key(str, "", None, "PEM certificate of the uplink listener (with tls_key); empty: no TLS"),
             "tls_key": Key(str, "", None, "PEM private key of tls_cert"),
             "tls_client_ca": Key(str, "", None, "PEM file of the CAs devices' certificates must be signed by; empty: none asked"),
             "devices": Key(dict, {}, None, "[server.devices.ID] tables: host (ADDR:PORT, required), secret or secret_file"),
+            "devices_dir": Key(str, "", None, "directory of one ID.toml file per device (host, secret or secret_file), read again on SIGHUP and every few seconds; empty: none"),
+            "max_streams_per_device": Key(int, 255, _between(1, 255), "clients one device's session carries at once; over it a client is refused"),
+            "http": Key(str, "", _hostport(True, bind=True), "ADDR:PORT of the status page, /api/devices and /metrics; empty: off (it has no authentication: keep it on loopback)"),
         }, **_LINK_KEYS),
         "control": {
             "socket": Key(str, "/run/tcprc/tcprc-server.sock", None, "Unix socket for `tcprc ctl`; empty: none"),
@@ -459,7 +462,7 @@ def _finish_server(values: Dict[str, Any]) -> None:
         values["devices"] = MappingProxyType(
             {ident: _device_entry(ident, table) for ident, table in devices.items()})
     if values["legacy"] is None:
-        values["legacy"] = not values["devices"]
+        values["legacy"] = not values["devices"] and not values["devices_dir"]
     _check_files("server", values, ("tls_cert", "tls_key", "tls_client_ca"))
     if values["tls_client_ca"] and not values["tls_cert"]:
         raise SectionProblem("server", "tls_client_ca needs tls_cert and tls_key (TLS on the "

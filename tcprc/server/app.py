@@ -23,12 +23,14 @@ uplink port is rate-limited per source.
 import logging
 import socket
 import threading
-from typing import Any, Dict, List, Optional, Set, Tuple
+from types import MappingProxyType
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from ..addr import address_in, format_hostport, parse_hostport, parse_network, source_key
 from ..engine.ratelog import LimitedLog, SourceLog
 from ..engine.loop import Loop
 from ..engine.sockets import accept_nowait, bind_listener
+from .fleet import SHARED, DeviceRecord, sync_records
 from .link import HANDOVER, ServerLink, open_server_link
 from .throttle import AuthThrottle
 from ..settings import ServerSettings
@@ -80,7 +82,11 @@ class ServerApp:
     own threads, under the app's lock, and never wait for another link.
     """
 
-    def __init__(self, settings: ServerSettings):
+    SCAN_INTERVAL = 5.0   # seconds between looks at devices_dir (a stat per file)
+
+    def __init__(self, settings: ServerSettings, device_files: Optional[Callable[[str], Any]] = None):
+        """`device_files(path)`: what reads [server] devices_dir (ops.devdir.DeviceFiles;
+        the wiring passes it in: the server layer does not parse config files)."""
         self.settings = settings
         self.listen_address: Optional[HostPort] = None
         self._lock = threading.Lock()
@@ -100,12 +106,28 @@ class ServerApp:
         self.auth_failures = 0
         self._tls = server_tls(settings)   # ConfigError here: the start stops
         self.client_certificates = bool(settings.tls_client_ca)
+        self._device_files = device_files
+        self._dir: Any = None
+        self._dir_path = ""
+        self._from_files: Dict[str, Any] = {}
+        self._scan_lock = threading.Lock()   # one scan at a time (timer, SIGHUP)
+        self._devices: Mapping[str, Any] = settings.devices   # [server.devices] + devices_dir
+        self._records: Dict[str, DeviceRecord] = {}
+        sync_records(self._records, self._devices)
+        self._http: Any = None
+        self.scans = 0   # periodic scans done (tests wait on it)
+        self._open_dir(settings, force=True)
 
     @property
     def host_address(self) -> Optional[HostPort]:
         """Where [server] host accepts clients, while a session holds it."""
         slot = self._slots.get(self.settings.host)
         return slot.address if slot is not None else None
+
+    @property
+    def http_address(self) -> Optional[HostPort]:
+        """Where [server] http serves the status page, once started."""
+        return self._http.address if self._http is not None else None
 
     def link_on(self, host: Optional[str] = None) -> Optional[ServerLink]:
         """The uplink that serves `host` ([server] host by default), if any."""
@@ -121,7 +143,7 @@ class ServerApp:
     def secret_of(self, device_id: str) -> Any:
         """The secret of a configured device (with its previous one while it is
         rotated: either proves the id); None for an unknown id."""
-        entry = self.settings.devices.get(device_id)
+        entry = self._devices.get(device_id)
         if entry is None:
             return None
         if entry.previous is not None:
@@ -130,7 +152,7 @@ class ServerApp:
 
     def host_for(self, device_id: str) -> str:
         if device_id:
-            entry = self.settings.devices.get(device_id)
+            entry = self._devices.get(device_id)
             if entry is not None:
                 return entry.host
         return self.settings.host
@@ -143,6 +165,10 @@ class ServerApp:
         an id (a guess at its secret, maybe) slows its source down."""
         with self._lock:
             self.auth_failures += 1
+            record = self._records.get(device_id) if device_id else None
+            if record is not None:   # a configured id: its table shows it
+                record.auth_failures += 1
+                record.last_error = "%s: authentication failed: %s" % (link.name, message)
         if not device_id:
             self.uplink_log.warning(link.source, "%s: device without id refused: %s",
                                     link.name, message)
@@ -162,6 +188,10 @@ class ServerApp:
         self._thread.start()
         log.info("waiting for devices on %s", format_hostport(*self.listen_address))
         self._warn_if_open()
+        self._loop.call_soon(self._arm_scan)
+        if self.settings.http:
+            from .http import StatusServer
+            self._http = StatusServer(self, self.settings.http)   # OSError: the start stops
 
     def _warn_if_open(self) -> None:
         wide = [n for n, (_, _, prefix) in zip(self.settings.allow_from, self._allow) if prefix == 0]
@@ -172,6 +202,8 @@ class ServerApp:
                         ", ".join(wide), format_hostport(*self.listen_address))
 
     def close(self) -> None:
+        if self._http is not None:
+            self._http.close()
         self._loop.call_soon(self._loop.stop)
         if self._thread is not None:
             self._thread.join(5)
@@ -194,21 +226,13 @@ class ServerApp:
             or settings.connect_address != self.settings.connect_address
         allow_changed = settings.allow_from != self.settings.allow_from
         old_host = self.settings.host
-        old_devices = self.settings.devices
         tls_changed = (settings.tls_cert, settings.tls_key, settings.tls_client_ca) != \
             (self.settings.tls_cert, self.settings.tls_key, self.settings.tls_client_ca)
         if tls_changed:   # a rotated certificate: new uplinks get it, live ones keep theirs
             self._tls = server_tls(settings)
             self.client_certificates = bool(settings.tls_client_ca)
         self.settings = settings
-        if settings.devices != old_devices:
-            # A device removed or changed (secret, host) loses its session; it redials.
-            with self._lock:
-                links = list(self._links)
-            for link in links:
-                if link.device_id and old_devices.get(link.device_id) != \
-                        settings.devices.get(link.device_id):
-                    link.stop("device %s changed in the configuration" % link.device_id)
+        self._open_dir(settings, force=True)   # SIGHUP: every device file read again
         if allow_changed:
             self._allow = [parse_network(n) for n in settings.allow_from]
             self._warn_if_open()
@@ -255,6 +279,102 @@ class ServerApp:
                 "auth_failures": self.auth_failures,
                 "last_error": self._last_error,
             }
+
+    # ---- the fleet --------------------------------------------------------------------
+    def _open_dir(self, settings: ServerSettings, force: bool) -> None:
+        """[server] devices_dir read (again), merged with [server.devices]."""
+        with self._scan_lock:
+            if settings.devices_dir != self._dir_path:
+                self._dir_path = settings.devices_dir
+                self._dir = None
+                if settings.devices_dir and self._device_files is None:
+                    log.warning("devices_dir %s is not read: this server was built without a "
+                                "reader for device files", settings.devices_dir)
+                elif settings.devices_dir:
+                    self._dir = self._device_files(settings.devices_dir)
+                self._from_files = {}
+            if self._dir is not None:
+                found = self._dir.scan(force)
+                if found is not None:
+                    self._from_files = found
+            self._set_devices(settings)
+
+    def _arm_scan(self) -> None:
+        self._loop.call_later(self.SCAN_INTERVAL, self._scan)
+
+    def _scan(self) -> None:
+        """Acceptor thread, every SCAN_INTERVAL: files added, edited or removed."""
+        try:
+            if self._dir is not None:
+                with self._scan_lock:
+                    found = self._dir.scan(False)
+                    if found is not None:
+                        self._from_files = found
+                        self._set_devices(self.settings)
+        except Exception:   # a bug here must not stop the acceptor
+            log.exception("devices_dir scan failed")
+        self.scans += 1
+        self._arm_scan()
+
+    def _set_devices(self, settings: ServerSettings) -> None:
+        """Under the scan lock: the merged devices take effect; a removed or changed
+        device's session ends (a removed one's port is released; a changed one redials)."""
+        merged = dict(self._from_files)
+        for ident in settings.devices:
+            if ident in merged:
+                log.warning("device %s is in [server.devices] and in devices_dir: the "
+                            "configuration file's table is used", ident)
+        merged.update(settings.devices)
+        _drop_colliding_hosts(merged, settings)
+        old, self._devices = self._devices, MappingProxyType(merged)
+        with self._lock:
+            sync_records(self._records, self._devices)
+            links = list(self._links)
+        for link in links:
+            ident = link.device_id
+            if ident and old.get(ident) != self._devices.get(ident):
+                reason = "device %s %s the configuration" % (
+                    ident, "changed in" if ident in self._devices else "removed from")
+                log.info("%s: its session (%s) is closed", reason, link.name)
+                link.stop(reason)
+
+    def devices(self) -> List[Dict[str, Any]]:
+        """The device table: every configured device, then the session on [server] host
+        (id ":legacy") while it is up.  Thread-safe."""
+        with self._lock:
+            rows = []
+            for ident, record in sorted(self._records.items()):
+                if ident == SHARED and record.link is None:
+                    continue
+                host = self.host_for("" if ident == SHARED else ident)
+                slot = self._slots.get(host)
+                bound = slot.address if slot is not None and slot.active is record.link else None
+                rows.append(record.row(host, bound))
+            return rows
+
+    def kick(self, device_id: str) -> bool:
+        """End a device's session (it may redial); False when it has none."""
+        with self._lock:
+            record = self._records.get(device_id)
+            link = record.link if record is not None else None
+        if link is None:
+            return False
+        log.info("device %s: session closed by the operator (kick)", device_id)
+        link.stop("kicked by the operator")
+        return True
+
+    def session_up(self, link: ServerLink) -> None:
+        """Link thread: its session has its host port: the device's record is up."""
+        with self._lock:
+            record = self._records.get(link.device_id or SHARED)
+            if record is not None:
+                record.started(link)
+                link.record = record
+
+    def client_refused(self, link: ServerLink) -> None:
+        with self._lock:
+            if link.record is not None:
+                link.record.refused += 1
 
     # ---- uplinks ------------------------------------------------------------------
     def _accept_uplink(self) -> None:
@@ -324,6 +444,8 @@ class ServerApp:
                 self._pending.pop(link, None)
                 if link.listening and link.end_reason:
                     self._last_error = "%s: %s" % (link.name, link.end_reason)
+                if link.record is not None:
+                    link.record.ended(link, link.end_reason)
 
     def _handshake(self, link: ServerLink) -> bool:
         """The TLS handshake, in the link's own thread; False (logged, closed) if it failed."""
@@ -396,3 +518,33 @@ class ServerApp:
                 error = exc
                 del self._slots[slot.host]
         successor.loop.call_soon(lambda: successor.host_ready(sock, error))
+
+
+def _drop_colliding_hosts(devices: Dict[str, Any], settings: ServerSettings) -> None:
+    """Skip (one line each) a device from a file whose host port is another's, or
+    [server] host's or listen's (the configuration file's were checked at load)."""
+    taken: List[Tuple[str, int, str]] = []
+
+    def owner_of(host: str) -> Tuple[str, int, str]:
+        addr, port = parse_hostport(host, allow_empty_host=True, allow_zero_port=True)
+        for other, other_port, owner in taken:
+            if port and port == other_port and (addr == other or addr in _ANY or other in _ANY):
+                return addr, port, owner
+        return addr, port, ""
+
+    for owner, host in [("[server] listen", settings.listen), ("[server] host", settings.host)] + \
+            [("device %s" % ident, settings.devices[ident].host) for ident in settings.devices]:
+        taken.append(owner_of(host)[:2] + (owner,))
+    for ident in sorted(devices):
+        if ident in settings.devices:
+            continue
+        addr, port, owner = owner_of(devices[ident].host)
+        if owner:
+            log.warning("devices_dir: device %s skipped: its host %s is the port of %s",
+                        ident, devices[ident].host, owner)
+            del devices[ident]
+        else:
+            taken.append((addr, port, "device %s" % ident))
+
+
+_ANY = ("", "0.0.0.0", "::")
