@@ -702,16 +702,16 @@ def test_a_secret_is_rotated_without_losing_the_device(service):
         app.apply_settings(settings("server", listen=app.settings.listen, host=app.settings.host,
                                     devices=rotating))
         # Its session restarts (the entry changed) and the old secret still proves it.
-        wait_for(lambda: app.device_host_address("gw1") and app.link_on(host)
-                 and app.link_on(host).device_id == "gw1", what="gw1 back with the old secret")
+        wait_for(lambda: app.device_host_address("gw1") and app.link_on("gw1")
+                 and app.link_on("gw1").device_id == "gw1", what="gw1 back with the old secret")
         device.apply_settings(device.settings._replace(secret=app.settings.devices["gw1"].secret))
         wait_for(lambda: device.status()["state"] == "up" and app.device_host_address("gw1"),
                  what="gw1 back with the new secret")
-        before = app.link_on(host)
+        before = app.link_on("gw1")
         done = {"gw1": {"host": host, "secret": new}}
         app.apply_settings(settings("server", listen=app.settings.listen, host=app.settings.host,
                                     devices=done))
-        wait_for(lambda: app.link_on(host) not in (None, before) and app.link_on(host).listening,
+        wait_for(lambda: app.link_on("gw1") not in (None, before) and app.link_on("gw1").listening,
                  what="gw1 back after the old secret is gone")
         _round_trip(app.device_host_address("gw1"))
         assert app.status()["auth_failures"] == 0
@@ -740,4 +740,23 @@ def test_a_device_behind_a_slow_relay_still_gets_v2(service):
     finally:
         device.close()
         relay.close()
+        app.close()
+
+
+def test_two_devices_with_any_free_port_get_a_port_each(service):
+    devices = {"gw1": {"secret": SECRET, "host": "127.0.0.1:0"},
+               "gw2": {"secret": SECRET + "-2", "host": "127.0.0.1:0"}}
+    app = _server(devices=devices)
+    one = _device(app, service.address, id="gw1", secret=SECRET)
+    two = _device(app, service.address, id="gw2", secret=SECRET + "-2")
+    try:
+        wait_for(lambda: app.device_host_address("gw1") and app.device_host_address("gw2"),
+                 what="both ports")
+        assert app.device_host_address("gw1") != app.device_host_address("gw2")
+        assert app.link_on("gw1") is not app.link_on("gw2")
+        _round_trip(app.device_host_address("gw1"))
+        _round_trip(app.device_host_address("gw2"))
+    finally:
+        one.close()
+        two.close()
         app.close()

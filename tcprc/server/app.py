@@ -42,9 +42,13 @@ HostPort = Tuple[str, int]
 
 class HostSlot:
     """One host port: its listener (the app's to open and close), the uplink that
-    serves it, and the one waiting to take it over.  Under the app's lock."""
+    serves it, and the one waiting to take it over.  Under the app's lock.
 
-    def __init__(self, host: str) -> None:
+    Slots are the owners' (a device id, "" for [server] host), not the host
+    strings': two devices with "127.0.0.1:0" get a port each."""
+
+    def __init__(self, owner: str, host: str) -> None:
+        self.owner = owner
         self.host = host
         self.active: Optional[ServerLink] = None
         self.successor: Optional[ServerLink] = None
@@ -90,7 +94,7 @@ class ServerApp:
         self.settings = settings
         self.listen_address: Optional[HostPort] = None
         self._lock = threading.Lock()
-        self._slots: Dict[str, HostSlot] = {}   # host -> its slot, while claimed
+        self._slots: Dict[str, HostSlot] = {}   # owner (device id, "" shared) -> slot, while claimed
         self._links: Set[ServerLink] = set()
         self._threads: Set[threading.Thread] = set()
         self._loop = Loop()
@@ -121,7 +125,7 @@ class ServerApp:
     @property
     def host_address(self) -> Optional[HostPort]:
         """Where [server] host accepts clients, while a session holds it."""
-        slot = self._slots.get(self.settings.host)
+        slot = self._slots.get("")
         return slot.address if slot is not None else None
 
     @property
@@ -129,14 +133,14 @@ class ServerApp:
         """Where [server] http serves the status page, once started."""
         return self._http.address if self._http is not None else None
 
-    def link_on(self, host: Optional[str] = None) -> Optional[ServerLink]:
-        """The uplink that serves `host` ([server] host by default), if any."""
-        slot = self._slots.get(host or self.settings.host)
+    def link_on(self, device_id: str = "") -> Optional[ServerLink]:
+        """The uplink that holds `device_id`'s host port ([server] host by default)."""
+        slot = self._slots.get(device_id)
         return slot.active if slot is not None else None
 
     def device_host_address(self, device_id: str) -> Optional[HostPort]:
         """Where a configured device's clients are accepted, while its session is up."""
-        slot = self._slots.get(self.host_for(device_id))
+        slot = self._slots.get(device_id) if device_id else None
         return slot.address if slot is not None else None
 
     # ---- what links ask (any thread) ------------------------------------------------
@@ -225,7 +229,6 @@ class ServerApp:
         changed = settings.host != self.settings.host or settings.connect_port != self.settings.connect_port \
             or settings.connect_address != self.settings.connect_address
         allow_changed = settings.allow_from != self.settings.allow_from
-        old_host = self.settings.host
         tls_changed = (settings.tls_cert, settings.tls_key, settings.tls_client_ca) != \
             (self.settings.tls_cert, self.settings.tls_key, self.settings.tls_client_ca)
         if tls_changed:   # a rotated certificate: new uplinks get it, live ones keep theirs
@@ -243,7 +246,7 @@ class ServerApp:
                     link.stop("source no longer in allow_from")
         if changed:
             with self._lock:
-                slot = self._slots.get(old_host)
+                slot = self._slots.get("")
                 active = slot.active if slot is not None else None
             if active is not None:
                 active.stop("settings changed")
@@ -252,7 +255,7 @@ class ServerApp:
         """The tunnel of [server] host, or else the latest device session, and totals."""
         with self._lock:
             slots = [slot for slot in self._slots.values() if slot.active is not None]
-            slot = self._slots.get(self.settings.host)
+            slot = self._slots.get("")
             if slot is None or slot.active is None:
                 slot = max(slots, key=lambda s: s.active.started) if slots else None
             link = slot.active if slot is not None else None
@@ -347,7 +350,7 @@ class ServerApp:
                 if ident == SHARED and record.link is None:
                     continue
                 host = self.host_for("" if ident == SHARED else ident)
-                slot = self._slots.get(host)
+                slot = self._slots.get("" if ident == SHARED else ident)
                 bound = slot.address if slot is not None and slot.active is record.link else None
                 rows.append(record.row(host, bound))
             return rows
@@ -465,13 +468,13 @@ class ServerApp:
         it: that one is told to stop, and its teardown hands the port to `link`
         (release_host).  Never waits.  A device's host is only ever claimed by
         sessions that authenticated as that device (host_for)."""
-        host = link.wanted_host
+        host, owner = link.wanted_host, link.device_id
         with self._lock:
-            slot = self._slots.get(host)
+            slot = self._slots.get(owner)
             if slot is None:
-                slot = HostSlot(host)
+                slot = HostSlot(owner, host)
                 sock = slot.bind(link)   # OSError: the caller says why
-                self._slots[host] = slot
+                self._slots[owner] = slot
                 return sock
             current = slot.active
             if not self.settings.takeover:
@@ -509,14 +512,14 @@ class ServerApp:
             slot.unbind()
             successor, slot.successor = slot.successor, None
             if successor is None:
-                del self._slots[slot.host]
+                del self._slots[slot.owner]
                 return
             sock, error = None, None
             try:
                 sock = slot.bind(successor)
             except OSError as exc:
                 error = exc
-                del self._slots[slot.host]
+                del self._slots[slot.owner]
         successor.loop.call_soon(lambda: successor.host_ready(sock, error))
 
 
