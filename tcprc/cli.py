@@ -5,6 +5,7 @@ ctl: one command to a running agent (ops/ctl.py). demo: a tunnel on 127.0.0.1.
 """
 
 import argparse
+import os
 import logging
 import sys
 import threading
@@ -74,6 +75,8 @@ def load_role_config(role: str, args: argparse.Namespace) -> Config:
     for flag, key in _ROLE_FLAGS[role]:
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
+            if key == "secret_file":   # the shell's file, not the config file's neighbour
+                value = os.path.abspath(value)
             overrides.append((role, key, value, flag))
             if key == "secret_file":   # the file's own secret gives way, not "exclusive"
                 overrides.append((role, "secret", "", flag))
@@ -92,7 +95,8 @@ def make_app(cfg: Config) -> Any:
         from .device.app import DeviceApp
         return DeviceApp(cfg.device)
     from .server.app import ServerApp
-    return ServerApp(cfg.server)
+    from .ops.devdir import DeviceFiles
+    return ServerApp(cfg.server, device_files=DeviceFiles)
 
 
 def remove_stale_save_temps(config_path: str) -> None:

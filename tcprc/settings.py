@@ -59,6 +59,7 @@ class DeviceEntry(NamedTuple):
     id: str
     secret: Secret
     host: str
+    previous: Optional[Secret] = None    # previous_secret: still accepted while rotating
 
 
 class DeviceSettings(NamedTuple):
@@ -112,6 +113,10 @@ class ServerSettings(NamedTuple):
     tls_key: str
     tls_client_ca: str
     devices: Mapping[str, DeviceEntry]   # read-only: id -> entry
+    # the fleet: more devices from files, limits, the status page
+    devices_dir: str
+    max_streams_per_device: int
+    http: str
     # the uplink keys both ends have (Link)
     keepalive_idle: int
     keepalive_interval: int

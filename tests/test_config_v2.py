@@ -211,9 +211,9 @@ def test_secret_file_that_is_a_directory(tmp_path):
 
 @pytest.mark.parametrize("tables, expected", [
     ('[server.devices.gw1]\nhost = "127.0.0.1:2301"\nsecret = "%s"\nservices = "x"\n' % HEX,
-     "[server.devices.gw1] unknown key 'services' (known: host, secret, secret_file)"),
+     "[server.devices.gw1] unknown key 'services' (known: host, secret, secret_file, previous_secret)"),
     ('[server.devices.gw.1]\nhost = "127.0.0.1:2301"\nsecret = "%s"\n' % HEX,
-     "[server.devices.gw] unknown key '1' (known: host, secret, secret_file); an id with a "
+     "[server.devices.gw] unknown key '1' (known: host, secret, secret_file, previous_secret); an id with a "
      "dot is quoted: [server.devices.\"gw.1\"]"),
     ('[server.devices.gw1]\nsecret = "%s"\n' % HEX,
      "[server.devices.gw1] host is required: the ADDR:PORT where this device's clients connect"),
@@ -519,3 +519,18 @@ def test_status_order_with_v2_keys():
         "state: up", "protocol: legacy", "tls: off", "server: 1.2.3.4:9", "device_id: -",
         "local: 127.0.0.1:23", "clients: 0", "bytes_up: 1", "bytes_down: 2", "rtt: 2.1 ms",
         "uptime: 5s", "last_error: -", "OK"]
+
+
+def test_relative_secret_and_tls_files_are_read_beside_the_config_file(tmp_path, monkeypatch):
+    from tcprc.ops.config import load_config
+    conf = tmp_path / "etc"
+    conf.mkdir()
+    (conf / "gw1.secret").write_text("correct-horse-battery-staple-42\n")
+    (conf / "tcprc.toml").write_text('[device]\nid = "gw1"\nsecret_file = "gw1.secret"\n')
+    (conf / "server.toml").write_text(
+        '[server.devices.gw1]\nhost = "127.0.0.1:2301"\nsecret_file = "gw1.secret"\n')
+    monkeypatch.chdir("/")   # as a daemon does before a reload
+    device = load_config(str(conf / "tcprc.toml"), "device").device
+    assert device.secret.reveal() == b"correct-horse-battery-staple-42"
+    server = load_config(str(conf / "server.toml"), "server").server
+    assert server.devices["gw1"].secret.reveal() == b"correct-horse-battery-staple-42"

@@ -10,6 +10,9 @@ import pytest
 
 from support.tls import Pki
 
+pytestmark = pytest.mark.skipif(__import__("shutil").which("openssl") is None,
+                                reason="the openssl command is missing: tcprc-pki needs it")
+
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):

@@ -329,18 +329,19 @@ def test_a_half_sent_handshake_ends_at_the_listen_timeout(caplog):
 def test_repeated_failures_from_one_source_slow_it_down():
     app = _fleet_server()
     try:
-        waits = []
+        waits, rejected = [], None
         for _ in range(3):
             peer = RawPeer(socket.create_connection(app.listen_address))
             peer.send(LISTEN, 0)
             peer.expect(protocol.OFFER_FRAME)
             from tcprc.wire.handshake import DeviceHandshake
             peer.send(protocol.HELLO, 0, DeviceHandshake("gw1", OTHER.encode(), 1 << 18).hello())
-            started = time.monotonic()
             assert peer.read_frame()[0] == protocol.CHALLENGE
-            waits.append(time.monotonic() - started)
+            # The penalty runs from the last failure, which came just before its REJECT.
+            waits.append(time.monotonic() - rejected if rejected else 0.0)
             peer.send(protocol.AUTH, 0, protocol.encode_auth(b"\x00" * 32))
             assert peer.read_frame()[0] == protocol.REJECT
+            rejected = time.monotonic()
             peer.close()
         # No wait before the first failure; then 0.5 s, then 1 s (lower bounds only).
         assert waits[1] >= 0.45 and waits[2] >= 0.95, waits
@@ -687,4 +688,75 @@ def test_a_black_holed_uplink_ends_within_the_heartbeat_timeout(service, caplog)
     finally:
         device.close()
         relay.close()
+        app.close()
+
+
+def test_a_secret_is_rotated_without_losing_the_device(service):
+    new = "the-new-secret-for-gw1-rotation"
+    app = _fleet_server()
+    device = _device(app, service.address, id="gw1", secret=SECRET)
+    try:
+        wait_for(lambda: app.device_host_address("gw1"), what="gw1's port")
+        host = app.settings.devices["gw1"].host
+        rotating = {"gw1": {"host": host, "secret": new, "previous_secret": SECRET}}
+        app.apply_settings(settings("server", listen=app.settings.listen, host=app.settings.host,
+                                    devices=rotating))
+        # Its session restarts (the entry changed) and the old secret still proves it.
+        wait_for(lambda: app.device_host_address("gw1") and app.link_on("gw1")
+                 and app.link_on("gw1").device_id == "gw1", what="gw1 back with the old secret")
+        device.apply_settings(device.settings._replace(secret=app.settings.devices["gw1"].secret))
+        wait_for(lambda: device.status()["state"] == "up" and app.device_host_address("gw1"),
+                 what="gw1 back with the new secret")
+        before = app.link_on("gw1")
+        done = {"gw1": {"host": host, "secret": new}}
+        app.apply_settings(settings("server", listen=app.settings.listen, host=app.settings.host,
+                                    devices=done))
+        wait_for(lambda: app.link_on("gw1") not in (None, before) and app.link_on("gw1").listening,
+                 what="gw1 back after the old secret is gone")
+        _round_trip(app.device_host_address("gw1"))
+        assert app.status()["auth_failures"] == 0
+    finally:
+        device.close()
+        app.close()
+
+
+def test_a_device_behind_a_slow_relay_still_gets_v2(service):
+    """The server waits for HELLO by the uplink's TCP round trip, which a relay or a
+    proxy in the path hides: a HELLO after that wait, before any client, still
+    makes the session v2 (it used to be refused as too late, every redial)."""
+    from support.impair import Relay
+    app = _server()
+    relay = Relay(app.listen_address, delay=0.3)
+    relay.start()
+    device = DeviceApp(settings("device", server="%s:%d" % relay.address, reconnect_min=5,
+                                reconnect_max=5, local="%s:%d" % service.address))
+    device.start()
+    try:
+        wait_for(lambda: app.status()["protocol"] == "v2" and device.status()["protocol"] == "v2",
+                 timeout=20, what="a v2 session through the relay")
+        link = app.link_on()
+        _round_trip(app.host_address)
+        assert app.link_on() is link and device.status()["last_error"] == ""
+    finally:
+        device.close()
+        relay.close()
+        app.close()
+
+
+def test_two_devices_with_any_free_port_get_a_port_each(service):
+    devices = {"gw1": {"secret": SECRET, "host": "127.0.0.1:0"},
+               "gw2": {"secret": SECRET + "-2", "host": "127.0.0.1:0"}}
+    app = _server(devices=devices)
+    one = _device(app, service.address, id="gw1", secret=SECRET)
+    two = _device(app, service.address, id="gw2", secret=SECRET + "-2")
+    try:
+        wait_for(lambda: app.device_host_address("gw1") and app.device_host_address("gw2"),
+                 what="both ports")
+        assert app.device_host_address("gw1") != app.device_host_address("gw2")
+        assert app.link_on("gw1") is not app.link_on("gw2")
+        _round_trip(app.device_host_address("gw1"))
+        _round_trip(app.device_host_address("gw2"))
+    finally:
+        one.close()
+        two.close()
         app.close()

@@ -225,3 +225,34 @@ def test_reset_forgets_every_id():
     device.receive((DATA, 3, b"x"), 0.0)
     device.session.reset()
     assert device.session.next_deadline() is None and device.session.held_bytes() == 0
+
+
+def test_a_hello_too_late_leaves_both_ends_legacy():
+    """The server's wait for HELLO ran out and a client came first: the server
+    ignores the late HELLO, and an auto device, seeing CONNECT where it waited
+    for CHALLENGE, stays legacy instead of hanging up (and redialing into the
+    same race); a device that must speak v2 hangs up."""
+    from tcprc.wire.frames import HELLO
+    device = Side(wire.DeviceSession())
+    server = Side(wire.ServerSession(ClientIds(10.0), encode_connect_payload("", 23)))
+    device.act(device.session.start(0.0))
+    deliver(device, server)
+    offer = server.out
+    server.out = []
+    server.act(server.session.expire(server.session.next_deadline(), True))   # legacy now
+    accept(server)                                                          # a client came
+    connect = server.out
+    server.out = offer + connect
+    deliver(server, device)                  # OFFER -> HELLO, then the CONNECT
+    assert device.failed == "" and device.opened and device.session.state == "legacy"
+    assert [frame[0] for frame in device.out] == [HELLO]
+    deliver(device, server)
+    assert server.failed == "" and server.session.state == "legacy"
+    assert any("stays legacy" in text for _, text in server.logs)
+
+    strict = Side(wire.DeviceSession(protocol="v2"))
+    strict.act(strict.session.start(0.0))
+    strict.out = []
+    for frame in offer + connect:
+        strict.receive(frame, 0.0)
+    assert strict.failed == "CONNECT during the v2 handshake" and not strict.opened

@@ -47,7 +47,8 @@ class DeviceLink(Link):
         # at once is how a server turns a device away.
         self.refused = True
         return ("refused by the server: it closed the uplink %.1f s after LISTEN, before any "
-                "frame (another device may hold its tunnel, or this one is not let in)" % up)
+                "frame (another device may hold its tunnel, this one is not let in, or the port "
+                "expects TLS: [device] tls)" % up)
 
     def open_requested(self, client_id: int, address: str, port: int, early: bytearray) -> None:
         direct = self.policy.direct(address, port)

@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Set
 
 from ..wire import frames as protocol
 from ..wire.session import (AUTHED, DEBUG, DENIED, FAIL, LISTENED, OPEN, REPLACE, SEND,
-                            UPGRADED, WARN, Session)
+                            UNLISTEN, UPGRADED, WARN, Session)
 from .buffers import FrameBuffer
 from .loop import Loop
 from .pump import PumpHost, PumpThread, run_pump
@@ -42,6 +42,7 @@ from .ratelog import LimitedLog
 from .sockets import shutdown_quietly
 from .stream import DRAINING, RELEASED, SHUT, Stream
 from .transport import Transport
+from .v2rules import V2Rules, close_reason, failure_code
 from .writer import QUEUE_LIMIT, FrameWriter
 from ..settings import LinkSettings
 
@@ -58,7 +59,7 @@ _TCPI_SIZE = _TCPI_BYTES_RECEIVED + 8
 LINGER = 5.0
 
 
-class Link(PumpHost):
+class Link(PumpHost, V2Rules):
     """One uplink over an injected transport, loop and session.
 
     Threads: run() is the link thread (it runs the loop, then tears down);
@@ -94,13 +95,7 @@ class Link(PumpHost):
         self._housekeeping_armed = False
         self._session_timer_armed = False
         self._stopped = threading.Event()
-        # Protocol v2, once negotiated.
-        self.v2 = False
-        self.window = 0                        # what each stream lets the peer send us
-        self.peer_window = 0                   # what each stream may send the peer at first
-        self.rtt: Optional[float] = None       # smoothed PING round trip, seconds
-        self.last_heard = _monotonic()         # the last read that gave bytes
-        self._last_ping = 0.0
+        self.last_heard = _monotonic()         # the last read that gave bytes (heartbeats)
         # Chosen once: a plain transport's reads pay nothing for the TLS case.
         self._on_readable = (self._on_uplink_buffered if transport.buffers
                              else self._on_uplink_readable)
@@ -205,6 +200,9 @@ class Link(PumpHost):
 
     def authenticated(self, device_id: str) -> None:
         """The session's AUTHED: a v2 handshake passed its checks (the server's part)."""
+
+    def unlisten(self) -> None:
+        """The session's UNLISTEN: it was not legacy after all (the server's part)."""
 
     def denied(self, device_id: str, message: str) -> None:
         """The session's DENIED: a handshake failed its checks (the server's part)."""
@@ -380,6 +378,8 @@ class Link(PumpHost):
                 self.authenticated(action[1])
             elif kind is DENIED:
                 self.denied(action[1], action[2])
+            elif kind is UNLISTEN:
+                self.unlisten()
             elif kind is UPGRADED:
                 self.upgrade(action[1], action[2])
             elif kind is FAIL:
@@ -452,7 +452,7 @@ class Link(PumpHost):
                 sent = 0
             except OSError as exc:
                 self.close_stream(stream, "write failed: %s" % (exc.strerror or exc),
-                                  code=_failure_code(exc))
+                                  code=failure_code(exc))
                 return
             if stream.window:
                 self._delivered(stream, sent)
@@ -482,7 +482,7 @@ class Link(PumpHost):
         answered = not stream.mark_closed()
         code = 0
         if stream.window:
-            code, text = _close_reason(payload)
+            code, text = close_reason(payload)
             if not answered:
                 self.post(protocol.CLOSE, client_id)   # v2: every CLOSE is answered
         self._act(self.session.peer_close(client_id, True, answered, time.monotonic()))
@@ -627,7 +627,7 @@ class Link(PumpHost):
                 self._shut(stream, graceful=False)
             else:
                 self.close_stream(stream, "write failed: %s" % (exc.strerror or exc),
-                                  code=_failure_code(exc))
+                                  code=failure_code(exc))
             return
         if stream.window:
             self._delivered(stream, before - stream.pending_bytes)
@@ -650,137 +650,6 @@ class Link(PumpHost):
         self._paused = False
         if not self.end_reason:
             self._watch_uplink()
-
-    # ---- protocol v2: credit, half-close, heartbeats ----------------------------------
-    def upgrade(self, peer_window: int, detail: str) -> None:
-        """The session's UPGRADED: v2 rules for every stream opened from now on."""
-        self.v2 = True
-        self.peer_window = peer_window
-        self.window = self.session.window
-        self._dispatch.update({protocol.CREDIT: self._on_credit, protocol.EOF: self._on_eof,
-                               protocol.PING: self._on_ping, protocol.PONG: self._on_pong})
-        self.on_upgraded(detail)
-        self._heartbeat()
-
-    def on_upgraded(self, detail: str) -> None:
-        self.log.info("%s: protocol v2 (%s)", self.name, detail)
-
-    def new_stream(self, client_id: int, peer: str) -> Stream:
-        """A Stream under this uplink's rules (credit windows once v2)."""
-        if self.v2:
-            return Stream(client_id, peer, self.window, self.peer_window)
-        return Stream(client_id, peer)
-
-    def _delivered(self, stream: Stream, count: int) -> None:
-        """`count` bytes of a v2 stream reached its local socket: credit goes back
-        in steps of a quarter window (a CREDIT per byte would cost a frame each)."""
-        stream.to_return += count
-        if stream.to_return >= stream.window >> 2 and not stream.closed and not stream.peer_eof:
-            self.post(protocol.CREDIT, stream.id, protocol.encode_credit(stream.to_return))
-            stream.allowed += stream.to_return
-            stream.to_return = 0
-
-    def _on_credit(self, client_id: int, payload: memoryview) -> None:
-        stream = self.streams.get(client_id)
-        if stream is None or not stream.window:
-            return   # crossed our CLOSE
-        try:
-            count = protocol.decode_credit(payload)
-        except protocol.ProtocolError as exc:
-            self.close_stream(stream, "bad CREDIT: %s" % exc, code=protocol.CLOSE_ERROR)
-            return
-        if stream.credit + count > protocol.MAX_CREDIT:
-            self.close_stream(stream, "the peer granted more than 2 GB of credit",
-                              code=protocol.CLOSE_ERROR)
-            return
-        stream.add_credit(count)
-
-    def _on_eof(self, client_id: int, payload: memoryview) -> None:
-        stream = self.streams.get(client_id)
-        if stream is None or not stream.window:
-            return
-        if stream.peer_eof or len(payload):
-            self.close_stream(stream, "repeated or malformed EOF", code=protocol.CLOSE_ERROR)
-            return
-        stream.peer_eof = True
-        if stream.sock is not None and not stream.pending:
-            self._deliver_eof(stream)
-        # else: stream_connected or the drain delivers it
-
-    def _deliver_eof(self, stream: Stream) -> None:
-        """The peer's EOF, after every byte before it: the local socket's write half ends."""
-        try:
-            stream.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        self._maybe_finish(stream)
-
-    def _maybe_finish(self, stream: Stream) -> None:
-        """Both directions ended (EOF each way, all delivered): CLOSE, and release."""
-        if not (stream.pump_done and stream.sent_eof and stream.peer_eof) or stream.pending \
-                or self.streams.get(stream.id) is not stream:
-            return
-        del self.streams[stream.id]
-        self.session.closed_here(stream.id, time.monotonic())
-        if stream.mark_closed():
-            self.post(protocol.CLOSE, stream.id)
-        self.on_stream_closed(stream, "closed both ways")
-        self._release(stream)
-
-    def _abort(self, stream: Stream) -> None:
-        """End the local socket with RST once its pump is out of recv()."""
-        stream.abort = True
-        stream.state = SHUT
-        stream.drop_pending()
-        if stream.sock is None:
-            return   # still connecting: stream_connected cuts it
-        self._watch_stream_write(stream, False)
-        if stream.pump_done:
-            self._release(stream)
-            return
-        try:
-            stream.sock.shutdown(socket.SHUT_RD)   # wakes the pump; sends nothing
-        except OSError:
-            pass
-
-    def on_stream_failed(self, stream: Stream, code: int, text: str) -> None:
-        """The peer's CLOSE said why the stream failed (v2)."""
-        self.log.info("%s: client %d (%s) closed by peer: %s%s", self.name, stream.id,
-                      stream.peer, protocol.close_reason_name(code),
-                      ": " + text if text else "")
-
-    def _on_ping(self, client_id: int, payload: memoryview) -> None:
-        try:
-            self.post(protocol.PONG, 0, protocol.decode_ping(payload))
-        except protocol.ProtocolError as exc:
-            self.fail("malformed PING: %s" % exc)
-
-    def _on_pong(self, client_id: int, payload: memoryview) -> None:
-        try:
-            sample = (_monotonic_ns() - protocol.decode_pong(payload)) / 1e9
-        except protocol.ProtocolError as exc:
-            self.fail("malformed PONG: %s" % exc)
-            return
-        if not 0 <= sample < 3600:
-            return   # not an echo of ours
-        self.rtt = sample if self.rtt is None else 0.875 * self.rtt + 0.125 * sample
-
-    def _heartbeat(self) -> None:
-        """PING every heartbeat_interval; end the uplink after heartbeat_timeout of silence."""
-        if self._closing or self.end_reason:
-            return
-        interval = self.settings.heartbeat_interval
-        timeout = self.settings.heartbeat_timeout
-        now = _monotonic()
-        silent = now - self.last_heard
-        if silent >= timeout:
-            self.fail("no frame from the peer for %.0f s: heartbeat timeout" % silent)
-            return
-        if now - self._last_ping >= interval:
-            self._last_ping = now
-            self.post(protocol.PING, 0, protocol.encode_ping(_monotonic_ns()))
-        self.loop.call_later(max(0.05, min(interval, timeout / 8, timeout - silent)),
-                             self._heartbeat)
 
     # ---- stalls and lingering closes ---------------------------------------------
     def _arm_housekeeping(self) -> None:
@@ -829,19 +698,3 @@ class Link(PumpHost):
             "tls": self.transport.version or "off",
             "rtt": self.rtt,
         }
-
-
-def _monotonic_ns() -> int:
-    return int(_monotonic() * 1e9)   # time.monotonic_ns is 3.7+, but keeps one clock
-
-
-def _failure_code(exc: OSError) -> int:
-    """The v2 CLOSE reason for a local socket that failed: a reset shows as one."""
-    return protocol.CLOSE_RESET if isinstance(exc, (ConnectionResetError, BrokenPipeError)) else protocol.CLOSE_ERROR
-
-
-def _close_reason(payload: memoryview) -> Any:
-    try:
-        return protocol.decode_close_reason(payload)
-    except protocol.ProtocolError:
-        return protocol.CLOSE_ERROR, "malformed CLOSE reason"

@@ -203,8 +203,7 @@ def _copy_with_credit(stream: Stream, sock: socket.socket, writer: FrameWriter,
     """
     if _spliced(stream, sock, writer):
         return
-    mapping = anonymous(READ_FRAMES * READ_CHUNK)
-    view, pages = memoryview(mapping), Pages(mapping)
+    view, pages = _read_buffer()
     still_open: Callable[[], bool] = stream.is_open
     take_credit = stream.take_credit
     count = 0
@@ -228,14 +227,7 @@ def _copy_to_uplink(stream: Stream, sock: socket.socket, writer: FrameWriter,
                     open_streams: Sized) -> None:
     if _spliced(stream, sock, writer):
         return
-    # An anonymous mapping, not a bytearray: its pages cost RSS only once a
-    # read reaches them (an interactive stream touches one page, not 64 KB),
-    # and they go back to the kernel when the stream calms down or closes,
-    # instead of fragmenting the malloc arenas that 255 pump threads would
-    # otherwise grow.
-    # (Unmapped when the last view goes, which may be a traceback's: no close().)
-    mapping = anonymous(READ_FRAMES * READ_CHUNK)
-    view, pages = memoryview(mapping), Pages(mapping)
+    view, pages = _read_buffer()
     still_open: Callable[[], bool] = stream.is_open
     while True:
         count = sock.recv_into(view, _READ_SIZES[len(open_streams)])
@@ -247,6 +239,17 @@ def _copy_to_uplink(stream: Stream, sock: socket.socket, writer: FrameWriter,
         stream.bytes_to_peer += count
         if count > KEEP or pages.wide:
             pages.note(count)   # sent: nothing in the buffer is live
+
+
+def _read_buffer() -> Tuple[memoryview, Pages]:
+    """A pump's read buffer: an anonymous mapping, not a bytearray: its pages
+    cost RSS only once a read reaches them (an interactive stream touches one
+    page, not 64 KB), and they go back to the kernel when the stream calms
+    down or closes, instead of fragmenting the malloc arenas that 255 pump
+    threads would otherwise grow.  (Unmapped when the last view goes, which
+    may be a traceback's: no close().)"""
+    mapping = anonymous(READ_FRAMES * READ_CHUNK)
+    return memoryview(mapping), Pages(mapping)
 
 
 def _spliced(stream: Stream, sock: socket.socket, writer: FrameWriter) -> bool:

@@ -434,15 +434,8 @@ class TlsTransport(Transport):
         except (BlockingIOError, InterruptedError):
             return 0
 
-    def shutdown(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.sock.close()
-
+    shutdown = PlainTransport.shutdown
+    close = PlainTransport.close
     tcp_info = PlainTransport.tcp_info
     quick_ack = PlainTransport.quick_ack
 

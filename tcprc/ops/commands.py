@@ -61,6 +61,30 @@ def _format_status_value(key: str, value: Any) -> str:
 _STATUS_ORDER = ("state", "protocol", "tls", "server", "listen", "host", "device", "device_id",
                  "local", "clients", "bytes_up", "bytes_down", "rtt", "uptime", "last_error")
 
+_DEVICE_LINE = "%-16s %-5s %-21s %-20s %7s %9s %9s %8s %s"
+_DEVICE_HEADER = ("ID", "STATE", "SOURCE", "SINCE (UTC)", "STREAMS", "UP", "DOWN", "RTT",
+                  "LAST ERROR")
+
+
+def _since(when: Any) -> str:
+    if not when:
+        return "-"
+    import time
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when))
+
+
+def _size(count: int) -> str:
+    """999 B, 12.3 KB, 4.6 MB, ..."""
+    if count < 1000:
+        return "%d B" % count
+    value = float(count)
+    for unit in ("KB", "MB", "GB", "TB"):
+        value /= 1000
+        if value < 1000:
+            break
+    return "%.1f %s" % (value, unit)
+
+
 HIDDEN = "<hidden>"
 # `config set device.secret VALUE` and the like: the value never reaches a log.
 _SECRET_SET = re.compile(r"(?i)^(\s*config\s+set\s+\S*secret\S*)\s.*$")
@@ -174,6 +198,48 @@ class CommandParser:
         keys = [key for key in _STATUS_ORDER if key in status]
         keys += sorted(key for key in status if key not in _STATUS_ORDER)
         return ["%s: %s" % (key, _format_status_value(key, status[key])) for key in keys] + [OK]
+
+    # -- the fleet (server) --------------------------------------------------
+
+    def _devices(self, args: List[str]) -> List[str]:
+        if args:
+            raise CommandError("devices takes no parameters, got %d" % len(args))
+        rows = self.app.devices()
+        lines = [_DEVICE_LINE % _DEVICE_HEADER]
+        for row in rows:
+            error = _one_line(row["last_error"]) or "-"
+            lines.append(_DEVICE_LINE % (
+                row["id"], row["state"], row["source"] or "-", _since(row["since"]),
+                row["streams"], _size(row["bytes_up"]), _size(row["bytes_down"]),
+                _format_status_value("rtt", row["rtt"]),
+                error if len(error) <= 60 else error[:57] + "..."))
+        return lines + ["%d device(s), %d up" % (len(rows), sum(r["state"] == "up" for r in rows)),
+                        OK]
+
+    def _device(self, args: List[str]) -> List[str]:
+        if len(args) != 1:
+            raise CommandError("usage: device ID (see devices for the ids)")
+        row = self._row(args[0])
+        lines = []
+        for key, value in row.items():
+            if key == "since":
+                value = _since(value)
+            lines.append("%s: %s" % (key, _format_status_value(key, value)))
+        return lines + [OK]
+
+    def _kick(self, args: List[str]) -> List[str]:
+        if len(args) != 1:
+            raise CommandError("usage: kick ID (see devices for the ids)")
+        self._row(args[0])
+        if not self.app.kick(args[0]):
+            raise CommandError("device %s has no session to close" % _one_line(args[0]))
+        return ["device %s: session closed (the device may redial)" % args[0], OK]
+
+    def _row(self, ident: str) -> Dict[str, Any]:
+        for row in self.app.devices():
+            if row["id"] == ident:
+                return row
+        raise CommandError("no device %r (see devices for the ids)" % _one_line(ident)[:80])
 
     # -- config ------------------------------------------------------------
 
@@ -345,6 +411,18 @@ COMMANDS: Tuple[Command, ...] = (
     Command("status", BOTH, "status",
             "uplink state, addresses, clients, bytes each way, uptime, last error", (),
             CommandParser._status),
+    Command("devices", ("server",), "devices",
+            "the device table: id, state, source, since, streams, bytes each way, rtt, last error",
+            ("One line per configured device ([server.devices] and devices_dir), and",
+             "\":legacy\" for the session on [server] host while one is up.",
+             "UP: bytes from the device, DOWN: bytes to it, over all its sessions."),
+            CommandParser._devices),
+    Command("device", ("server",), "device ID",
+            "one device in detail (sessions started, auth failures, refused clients, ...)", (),
+            CommandParser._device),
+    Command("kick", ("server",), "kick ID",
+            "close a device's session (the device may redial)", (),
+            CommandParser._kick),
     Command("config", BOTH, "config get KEY | config set KEY VALUE | config save",
             "read, change and save settings",
             ("KEY is section.key, e.g. device.server; `config get SECTION` lists a section.",

@@ -207,11 +207,14 @@ SCHEMA: Dict[str, Dict[str, Dict[str, Key]]] = {
             "connect_address": Key(str, "127.0.0.1", _wire_address, "address sent in CONNECT: a legacy device dials exactly it (with connect_port: 127.0.0.1:23 by default); a tcprc device takes \"\" or this default as its own `local`"),
             "connect_port": Key(int, 23, _between(0, 65535), "port sent in CONNECT"),
             "id_quarantine": Key(float, 10.0, _between(0.1, 600), "seconds at most a client id the server closed waits for the device's answering CLOSE before reuse, once the device is seen to answer (legacy Lua agents do); otherwise a few uplink round trips"),
-            "legacy": Key(bool, None, None, "identity-less (legacy) devices may dial in; absent: true without [server.devices.ID] tables, false with"),
+            "legacy": Key(bool, None, None, "identity-less (legacy) devices may dial in; absent: true without [server.devices.ID] tables and devices_dir, false with"),
             "tls_cert": Key(str, "", None, "PEM certificate of the uplink listener (with tls_key); empty: no TLS"),
             "tls_key": Key(str, "", None, "PEM private key of tls_cert"),
             "tls_client_ca": Key(str, "", None, "PEM file of the CAs devices' certificates must be signed by; empty: none asked"),
             "devices": Key(dict, {}, None, "[server.devices.ID] tables: host (ADDR:PORT, required), secret or secret_file"),
+            "devices_dir": Key(str, "", None, "directory of one ID.toml file per device (host, secret or secret_file), read again on SIGHUP and every few seconds; empty: none"),
+            "max_streams_per_device": Key(int, 255, _between(1, 255), "clients one device's session carries at once; over it a client is refused"),
+            "http": Key(str, "", _hostport(True, bind=True), "ADDR:PORT of the status page, /api/devices and /metrics; empty: off (it has no authentication: keep it on loopback)"),
         }, **_LINK_KEYS),
         "control": {
             "socket": Key(str, "/run/tcprc/tcprc-server.sock", None, "Unix socket for `tcprc ctl`; empty: none"),
@@ -260,7 +263,7 @@ def _type_name(tp: type) -> str:
             list: "a list", dict: "a table"}[tp]
 
 
-SECRET_KEYS = frozenset(("secret",))   # values no message, log line or `config get` shows
+SECRET_KEYS = frozenset(("secret", "previous_secret"))   # values no message, log line or `config get` shows
 
 
 def check_value(role: str, section: str, key: str, value: Any) -> Any:
@@ -302,6 +305,8 @@ def build_config(role: str, raw: Dict[str, Any], source: str, path: Optional[str
                 values[key] = check_value(role, name, key, value)
             except ValueError as exc:
                 raise ConfigError("%s: [%s] %s %s" % (source, name, key, exc)) from None
+        if path:
+            values = _files_beside(values, os.path.dirname(path))
         try:
             sections[name] = finish_section(name, values)
         except SectionProblem as exc:
@@ -310,6 +315,27 @@ def build_config(role: str, raw: Dict[str, Any], source: str, path: Optional[str
 
 
 # -- checks across keys, and what is resolved at build time (secrets, devices) --------
+
+_FILE_KEYS = ("secret_file", "tls_ca", "tls_cert", "tls_key", "tls_client_ca")
+
+
+def _files_beside(values: Dict[str, Any], directory: str) -> Dict[str, Any]:
+    """Relative file names are the config file's neighbours, not the working
+    directory's (a daemon runs in /, and a reload must find the same files)."""
+    def beside(name: Any) -> Any:
+        if isinstance(name, str) and name and not os.path.isabs(name):
+            return os.path.join(directory, name)
+        return name
+    values = dict(values)
+    for key in _FILE_KEYS:
+        if key in values:
+            values[key] = beside(values[key])
+    devices = values.get("devices")
+    if isinstance(devices, dict):
+        values["devices"] = {ident: dict(table, secret_file=beside(table["secret_file"]))
+                             if isinstance(table, dict) and "secret_file" in table else table
+                             for ident, table in devices.items()}
+    return values
 
 class SectionProblem(ValueError):
     """One line about a table: `table` as the file names it ("device", "server.devices.gw1")."""
@@ -320,7 +346,7 @@ class SectionProblem(ValueError):
 
 
 MAX_SECRET_FILE = 4096   # bytes; a secret is short, and /dev/zero must not fill the memory
-_DEVICE_TABLE_KEYS = ("host", "secret", "secret_file")
+_DEVICE_TABLE_KEYS = ("host", "secret", "secret_file", "previous_secret")
 
 
 def finish_section(name: str, values: Dict[str, Any]) -> Any:
@@ -436,7 +462,7 @@ def _finish_server(values: Dict[str, Any]) -> None:
         values["devices"] = MappingProxyType(
             {ident: _device_entry(ident, table) for ident, table in devices.items()})
     if values["legacy"] is None:
-        values["legacy"] = not values["devices"]
+        values["legacy"] = not values["devices"] and not values["devices_dir"]
     _check_files("server", values, ("tls_cert", "tls_key", "tls_client_ca"))
     if values["tls_client_ca"] and not values["tls_cert"]:
         raise SectionProblem("server", "tls_client_ca needs tls_cert and tls_key (TLS on the "
@@ -475,7 +501,9 @@ def _device_entry(ident: str, table: Any) -> DeviceEntry:
     secret = _resolve_secret(name, table.get("secret", ""), table.get("secret_file", ""))
     if secret is None:
         raise SectionProblem(name, "needs secret or secret_file")
-    return DeviceEntry(id=ident, secret=secret, host=host)
+    # Rotation: the old secret stays valid until the device has the new one.
+    previous = _resolve_secret(name, table.get("previous_secret", ""), "")
+    return DeviceEntry(id=ident, secret=secret, host=host, previous=previous)
 
 
 _ANY_ADDRESS = ("", "0.0.0.0", "::")

@@ -2,6 +2,13 @@
 
 Runs in its own short-lived process; exit status 0 on OK, 1 on ERROR, 2 when
 no agent answers.
+
+`ctl --role server device add ID --host ADDR:PORT` is the exception: it runs
+here, not in the server.  It writes ID.toml into the [server] devices_dir of
+the server's config file (-c), and the server picks it up by itself (scan or
+SIGHUP).  So the fresh secret never crosses the control socket or reaches
+the server's log, it needs no running server, and the file belongs to
+whoever may write the directory, like the config file.
 """
 
 import argparse
@@ -34,6 +41,8 @@ def add_ctl_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socket", metavar="PATH", help="control socket path (overrides -c)")
     parser.add_argument("--timeout", metavar="S", type=_seconds, default=10.0,
                         help="seconds to wait for the answer (default: 10)")
+    parser.add_argument("--host", metavar="ADDR:PORT",
+                        help="device add: where the new device's clients connect")
     parser.add_argument("command", nargs="+", metavar="COMMAND",
                         help="a command and its parameters, e.g. status")
 
@@ -71,8 +80,31 @@ def send_command(path: str, line: str, timeout: float) -> List[str]:
                     return lines
 
 
+def device_add(args: argparse.Namespace) -> int:
+    """`device add ID --host ADDR:PORT` (server role): write the device's file."""
+    from .devdir import add_device, device_instructions
+    if args.role != "server" or len(args.command) != 3 or not args.host:
+        print("tcprc ctl: usage: tcprc ctl --role server -c SERVER.toml device add ID "
+              "--host ADDR:PORT", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        cfg = load_config(args.config, "server")
+        path, secret = add_device(cfg.server.devices_dir, args.command[2], args.host)
+    except ConfigError as exc:
+        print("tcprc ctl: device add: %s" % exc, file=sys.stderr)
+        return EXIT_ERROR
+    print("wrote %s (mode 0600); the server reads it within seconds (or at once on SIGHUP)"
+          % path)
+    for line in device_instructions(args.command[2], secret, cfg.server.listen):
+        print(line)
+    return EXIT_OK
+
+
 def ctl_main(args: argparse.Namespace) -> int:
     """`tcprc ctl`: 0 on OK, 1 on ERROR, 2 when no agent answers."""
+    if [word.lower() for word in args.command[:2]] == ["device", "add"] and \
+            (len(args.command) > 2 or args.host):
+        return device_add(args)
     try:
         path = socket_path(args)
     except ConfigError as exc:

@@ -23,12 +23,14 @@ uplink port is rate-limited per source.
 import logging
 import socket
 import threading
-from typing import Any, Dict, List, Optional, Set, Tuple
+from types import MappingProxyType
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from ..addr import address_in, format_hostport, parse_hostport, parse_network, source_key
 from ..engine.ratelog import LimitedLog, SourceLog
 from ..engine.loop import Loop
 from ..engine.sockets import accept_nowait, bind_listener
+from .fleet import SHARED, DeviceRecord, sync_records
 from .link import HANDOVER, ServerLink, open_server_link
 from .throttle import AuthThrottle
 from ..settings import ServerSettings
@@ -40,9 +42,13 @@ HostPort = Tuple[str, int]
 
 class HostSlot:
     """One host port: its listener (the app's to open and close), the uplink that
-    serves it, and the one waiting to take it over.  Under the app's lock."""
+    serves it, and the one waiting to take it over.  Under the app's lock.
 
-    def __init__(self, host: str) -> None:
+    Slots are the owners' (a device id, "" for [server] host), not the host
+    strings': two devices with "127.0.0.1:0" get a port each."""
+
+    def __init__(self, owner: str, host: str) -> None:
+        self.owner = owner
         self.host = host
         self.active: Optional[ServerLink] = None
         self.successor: Optional[ServerLink] = None
@@ -80,11 +86,15 @@ class ServerApp:
     own threads, under the app's lock, and never wait for another link.
     """
 
-    def __init__(self, settings: ServerSettings):
+    SCAN_INTERVAL = 5.0   # seconds between looks at devices_dir (a stat per file)
+
+    def __init__(self, settings: ServerSettings, device_files: Optional[Callable[[str], Any]] = None):
+        """`device_files(path)`: what reads [server] devices_dir (ops.devdir.DeviceFiles;
+        the wiring passes it in: the server layer does not parse config files)."""
         self.settings = settings
         self.listen_address: Optional[HostPort] = None
         self._lock = threading.Lock()
-        self._slots: Dict[str, HostSlot] = {}   # host -> its slot, while claimed
+        self._slots: Dict[str, HostSlot] = {}   # owner (device id, "" shared) -> slot, while claimed
         self._links: Set[ServerLink] = set()
         self._threads: Set[threading.Thread] = set()
         self._loop = Loop()
@@ -100,31 +110,53 @@ class ServerApp:
         self.auth_failures = 0
         self._tls = server_tls(settings)   # ConfigError here: the start stops
         self.client_certificates = bool(settings.tls_client_ca)
+        self._device_files = device_files
+        self._dir: Any = None
+        self._dir_path = ""
+        self._from_files: Dict[str, Any] = {}
+        self._scan_lock = threading.Lock()   # one scan at a time (timer, SIGHUP)
+        self._devices: Mapping[str, Any] = settings.devices   # [server.devices] + devices_dir
+        self._records: Dict[str, DeviceRecord] = {}
+        sync_records(self._records, self._devices)
+        self._http: Any = None
+        self.scans = 0   # periodic scans done (tests wait on it)
+        self._open_dir(settings, force=True)
 
     @property
     def host_address(self) -> Optional[HostPort]:
         """Where [server] host accepts clients, while a session holds it."""
-        slot = self._slots.get(self.settings.host)
+        slot = self._slots.get("")
         return slot.address if slot is not None else None
 
-    def link_on(self, host: Optional[str] = None) -> Optional[ServerLink]:
-        """The uplink that serves `host` ([server] host by default), if any."""
-        slot = self._slots.get(host or self.settings.host)
+    @property
+    def http_address(self) -> Optional[HostPort]:
+        """Where [server] http serves the status page, once started."""
+        return self._http.address if self._http is not None else None
+
+    def link_on(self, device_id: str = "") -> Optional[ServerLink]:
+        """The uplink that holds `device_id`'s host port ([server] host by default)."""
+        slot = self._slots.get(device_id)
         return slot.active if slot is not None else None
 
     def device_host_address(self, device_id: str) -> Optional[HostPort]:
         """Where a configured device's clients are accepted, while its session is up."""
-        slot = self._slots.get(self.host_for(device_id))
+        slot = self._slots.get(device_id) if device_id else None
         return slot.address if slot is not None else None
 
     # ---- what links ask (any thread) ------------------------------------------------
-    def secret_of(self, device_id: str) -> Optional[bytes]:
-        entry = self.settings.devices.get(device_id)
-        return entry.secret.reveal() if entry is not None else None
+    def secret_of(self, device_id: str) -> Any:
+        """The secret of a configured device (with its previous one while it is
+        rotated: either proves the id); None for an unknown id."""
+        entry = self._devices.get(device_id)
+        if entry is None:
+            return None
+        if entry.previous is not None:
+            return [entry.secret.reveal(), entry.previous.reveal()]
+        return entry.secret.reveal()
 
     def host_for(self, device_id: str) -> str:
         if device_id:
-            entry = self.settings.devices.get(device_id)
+            entry = self._devices.get(device_id)
             if entry is not None:
                 return entry.host
         return self.settings.host
@@ -137,6 +169,10 @@ class ServerApp:
         an id (a guess at its secret, maybe) slows its source down."""
         with self._lock:
             self.auth_failures += 1
+            record = self._records.get(device_id) if device_id else None
+            if record is not None:   # a configured id: its table shows it
+                record.auth_failures += 1
+                record.last_error = "%s: authentication failed: %s" % (link.name, message)
         if not device_id:
             self.uplink_log.warning(link.source, "%s: device without id refused: %s",
                                     link.name, message)
@@ -156,6 +192,10 @@ class ServerApp:
         self._thread.start()
         log.info("waiting for devices on %s", format_hostport(*self.listen_address))
         self._warn_if_open()
+        self._loop.call_soon(self._arm_scan)
+        if self.settings.http:
+            from .http import StatusServer
+            self._http = StatusServer(self, self.settings.http)   # OSError: the start stops
 
     def _warn_if_open(self) -> None:
         wide = [n for n, (_, _, prefix) in zip(self.settings.allow_from, self._allow) if prefix == 0]
@@ -166,6 +206,8 @@ class ServerApp:
                         ", ".join(wide), format_hostport(*self.listen_address))
 
     def close(self) -> None:
+        if self._http is not None:
+            self._http.close()
         self._loop.call_soon(self._loop.stop)
         if self._thread is not None:
             self._thread.join(5)
@@ -187,22 +229,13 @@ class ServerApp:
         changed = settings.host != self.settings.host or settings.connect_port != self.settings.connect_port \
             or settings.connect_address != self.settings.connect_address
         allow_changed = settings.allow_from != self.settings.allow_from
-        old_host = self.settings.host
-        old_devices = self.settings.devices
         tls_changed = (settings.tls_cert, settings.tls_key, settings.tls_client_ca) != \
             (self.settings.tls_cert, self.settings.tls_key, self.settings.tls_client_ca)
         if tls_changed:   # a rotated certificate: new uplinks get it, live ones keep theirs
             self._tls = server_tls(settings)
             self.client_certificates = bool(settings.tls_client_ca)
         self.settings = settings
-        if settings.devices != old_devices:
-            # A device removed or changed (secret, host) loses its session; it redials.
-            with self._lock:
-                links = list(self._links)
-            for link in links:
-                if link.device_id and old_devices.get(link.device_id) != \
-                        settings.devices.get(link.device_id):
-                    link.stop("device %s changed in the configuration" % link.device_id)
+        self._open_dir(settings, force=True)   # SIGHUP: every device file read again
         if allow_changed:
             self._allow = [parse_network(n) for n in settings.allow_from]
             self._warn_if_open()
@@ -213,7 +246,7 @@ class ServerApp:
                     link.stop("source no longer in allow_from")
         if changed:
             with self._lock:
-                slot = self._slots.get(old_host)
+                slot = self._slots.get("")
                 active = slot.active if slot is not None else None
             if active is not None:
                 active.stop("settings changed")
@@ -222,7 +255,7 @@ class ServerApp:
         """The tunnel of [server] host, or else the latest device session, and totals."""
         with self._lock:
             slots = [slot for slot in self._slots.values() if slot.active is not None]
-            slot = self._slots.get(self.settings.host)
+            slot = self._slots.get("")
             if slot is None or slot.active is None:
                 slot = max(slots, key=lambda s: s.active.started) if slots else None
             link = slot.active if slot is not None else None
@@ -249,6 +282,102 @@ class ServerApp:
                 "auth_failures": self.auth_failures,
                 "last_error": self._last_error,
             }
+
+    # ---- the fleet --------------------------------------------------------------------
+    def _open_dir(self, settings: ServerSettings, force: bool) -> None:
+        """[server] devices_dir read (again), merged with [server.devices]."""
+        with self._scan_lock:
+            if settings.devices_dir != self._dir_path:
+                self._dir_path = settings.devices_dir
+                self._dir = None
+                if settings.devices_dir and self._device_files is None:
+                    log.warning("devices_dir %s is not read: this server was built without a "
+                                "reader for device files", settings.devices_dir)
+                elif settings.devices_dir:
+                    self._dir = self._device_files(settings.devices_dir)
+                self._from_files = {}
+            if self._dir is not None:
+                found = self._dir.scan(force)
+                if found is not None:
+                    self._from_files = found
+            self._set_devices(settings)
+
+    def _arm_scan(self) -> None:
+        self._loop.call_later(self.SCAN_INTERVAL, self._scan)
+
+    def _scan(self) -> None:
+        """Acceptor thread, every SCAN_INTERVAL: files added, edited or removed."""
+        try:
+            if self._dir is not None:
+                with self._scan_lock:
+                    found = self._dir.scan(False)
+                    if found is not None:
+                        self._from_files = found
+                        self._set_devices(self.settings)
+        except Exception:   # a bug here must not stop the acceptor
+            log.exception("devices_dir scan failed")
+        self.scans += 1
+        self._arm_scan()
+
+    def _set_devices(self, settings: ServerSettings) -> None:
+        """Under the scan lock: the merged devices take effect; a removed or changed
+        device's session ends (a removed one's port is released; a changed one redials)."""
+        merged = dict(self._from_files)
+        for ident in settings.devices:
+            if ident in merged:
+                log.warning("device %s is in [server.devices] and in devices_dir: the "
+                            "configuration file's table is used", ident)
+        merged.update(settings.devices)
+        _drop_colliding_hosts(merged, settings)
+        old, self._devices = self._devices, MappingProxyType(merged)
+        with self._lock:
+            sync_records(self._records, self._devices)
+            links = list(self._links)
+        for link in links:
+            ident = link.device_id
+            if ident and old.get(ident) != self._devices.get(ident):
+                reason = "device %s %s the configuration" % (
+                    ident, "changed in" if ident in self._devices else "removed from")
+                log.info("%s: its session (%s) is closed", reason, link.name)
+                link.stop(reason)
+
+    def devices(self) -> List[Dict[str, Any]]:
+        """The device table: every configured device, then the session on [server] host
+        (id ":legacy") while it is up.  Thread-safe."""
+        with self._lock:
+            rows = []
+            for ident, record in sorted(self._records.items()):
+                if ident == SHARED and record.link is None:
+                    continue
+                host = self.host_for("" if ident == SHARED else ident)
+                slot = self._slots.get("" if ident == SHARED else ident)
+                bound = slot.address if slot is not None and slot.active is record.link else None
+                rows.append(record.row(host, bound))
+            return rows
+
+    def kick(self, device_id: str) -> bool:
+        """End a device's session (it may redial); False when it has none."""
+        with self._lock:
+            record = self._records.get(device_id)
+            link = record.link if record is not None else None
+        if link is None:
+            return False
+        log.info("device %s: session closed by the operator (kick)", device_id)
+        link.stop("kicked by the operator")
+        return True
+
+    def session_up(self, link: ServerLink) -> None:
+        """Link thread: its session has its host port: the device's record is up."""
+        with self._lock:
+            record = self._records.get(link.device_id or SHARED)
+            if record is not None:
+                record.started(link)
+                link.record = record
+
+    def client_refused(self, link: ServerLink) -> None:
+        with self._lock:
+            if link.record is not None:
+                link.record.refused += 1
 
     # ---- uplinks ------------------------------------------------------------------
     def _accept_uplink(self) -> None:
@@ -318,6 +447,8 @@ class ServerApp:
                 self._pending.pop(link, None)
                 if link.listening and link.end_reason:
                     self._last_error = "%s: %s" % (link.name, link.end_reason)
+                if link.record is not None:
+                    link.record.ended(link, link.end_reason)
 
     def _handshake(self, link: ServerLink) -> bool:
         """The TLS handshake, in the link's own thread; False (logged, closed) if it failed."""
@@ -337,13 +468,13 @@ class ServerApp:
         it: that one is told to stop, and its teardown hands the port to `link`
         (release_host).  Never waits.  A device's host is only ever claimed by
         sessions that authenticated as that device (host_for)."""
-        host = link.wanted_host
+        host, owner = link.wanted_host, link.device_id
         with self._lock:
-            slot = self._slots.get(host)
+            slot = self._slots.get(owner)
             if slot is None:
-                slot = HostSlot(host)
+                slot = HostSlot(owner, host)
                 sock = slot.bind(link)   # OSError: the caller says why
-                self._slots[host] = slot
+                self._slots[owner] = slot
                 return sock
             current = slot.active
             if not self.settings.takeover:
@@ -381,12 +512,42 @@ class ServerApp:
             slot.unbind()
             successor, slot.successor = slot.successor, None
             if successor is None:
-                del self._slots[slot.host]
+                del self._slots[slot.owner]
                 return
             sock, error = None, None
             try:
                 sock = slot.bind(successor)
             except OSError as exc:
                 error = exc
-                del self._slots[slot.host]
+                del self._slots[slot.owner]
         successor.loop.call_soon(lambda: successor.host_ready(sock, error))
+
+
+def _drop_colliding_hosts(devices: Dict[str, Any], settings: ServerSettings) -> None:
+    """Skip (one line each) a device from a file whose host port is another's, or
+    [server] host's or listen's (the configuration file's were checked at load)."""
+    taken: List[Tuple[str, int, str]] = []
+
+    def owner_of(host: str) -> Tuple[str, int, str]:
+        addr, port = parse_hostport(host, allow_empty_host=True, allow_zero_port=True)
+        for other, other_port, owner in taken:
+            if port and port == other_port and (addr == other or addr in _ANY or other in _ANY):
+                return addr, port, owner
+        return addr, port, ""
+
+    for owner, host in [("[server] listen", settings.listen), ("[server] host", settings.host)] + \
+            [("device %s" % ident, settings.devices[ident].host) for ident in settings.devices]:
+        taken.append(owner_of(host)[:2] + (owner,))
+    for ident in sorted(devices):
+        if ident in settings.devices:
+            continue
+        addr, port, owner = owner_of(devices[ident].host)
+        if owner:
+            log.warning("devices_dir: device %s skipped: its host %s is the port of %s",
+                        ident, devices[ident].host, owner)
+            del devices[ident]
+        else:
+            taken.append((addr, port, "device %s" % ident))
+
+
+_ANY = ("", "0.0.0.0", "::")

@@ -46,8 +46,17 @@ class ServerLink(Link):
         self._accept_paused = False
         self.refusals = LimitedLog(self.log)
         self._listen_timer = None
+        self.record: Any = None            # the app's DeviceRecord, once the session is up
         if not transport.buffers:   # plain: the first read checks for a TLS client
             self._on_readable = self._first_read
+
+    def _eof_reason(self) -> str:
+        if self.transport.buffers and not self.session.listening and not self.writer.error:
+            # TLS 1.3 ends the server's handshake before the device checked our
+            # certificate against its pin: its verdict is this close.
+            return ("the device closed the TLS session before its LISTEN (it may have refused "
+                    "our certificate: a pin, or a name it does not accept)")
+        return super()._eof_reason()
 
     def _first_read(self) -> None:
         """A device configured for TLS, on this plaintext port: say so at once
@@ -131,6 +140,15 @@ class ServerLink(Link):
     def denied(self, device_id: str, message: str) -> None:
         self.app.auth_failed(self, device_id, message)
 
+    def unlisten(self) -> None:
+        """A HELLO after the legacy wait, before any client: the port goes back, and
+        the handshake gets the listen timeout again."""
+        if self.host_sock is not None:
+            self.loop.forget(self.host_sock)
+            self.host_sock = None
+        self.app.release_host(self)
+        self._listen_timer = self.loop.call_later(self.settings.listen_timeout, self._no_listen)
+
     @property
     def wanted_host(self) -> str:
         return self.app.host_for(self.device_id)
@@ -172,6 +190,7 @@ class ServerLink(Link):
             if self.end_reason:
                 return
         self.loop.set_handlers(self.host_sock, self._accept, None)
+        self.app.session_up(self)
         self.app.uplink_log.info(self.source, "%s: %s: clients accepted on %s", self.name,
                                  "v2 session of %s" % (self.device_id or "a device without id")
                                  if self.v2 else "LISTEN", bound)
@@ -182,6 +201,10 @@ class ServerLink(Link):
             self.loop.set_handlers(self.host_sock, self._accept, None)
 
     def _accept(self) -> None:
+        if len(self.streams) >= self.settings.max_streams_per_device:
+            self._refuse_client("%d clients are open (max_streams_per_device)"
+                                % len(self.streams))
+            return
         client_id, announce = self.session.open(self.streams, time.monotonic())
         if client_id is None and self.ids.wait:
             # Clients wait in the backlog until the first id's grace ends.
@@ -205,6 +228,7 @@ class ServerLink(Link):
                                   self.name, who, MAX_CLIENTS,
                                   " (%d closed, awaiting the device's CLOSE)" % held if held else "")
             client.close()
+            self.app.client_refused(self)
             return
         tune_stream_socket(client)
         stream = self.new_stream(client_id, who)
@@ -213,6 +237,20 @@ class ServerLink(Link):
         # CONNECT is queued before the pump starts, so it precedes the client's DATA.
         self._act(announce)
         self.open_stream(stream)
+
+    def _refuse_client(self, why: str) -> None:
+        try:
+            accepted = accept_nowait(self.host_sock)
+        except OSError as exc:
+            self.refusals.warning("%s: accept failed: %s", self.name, exc.strerror or exc)
+            return
+        if accepted is None:
+            return
+        client, peer = accepted
+        client.close()
+        self.app.client_refused(self)
+        self.refusals.warning("%s: refused client %s: %s", self.name,
+                              format_hostport(*peer[:2]), why)
 
     def on_stream_failed(self, stream: Stream, code: int, text: str) -> None:
         if not protocol.CLOSE_REFUSED <= code <= protocol.CLOSE_NOT_ALLOWED:

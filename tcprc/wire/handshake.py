@@ -15,7 +15,7 @@ message, an error or a repr.
 """
 
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 from ..errors import PeerError
 from . import frames
@@ -24,7 +24,6 @@ from .frames import ProtocolError, VersionError
 SERVER_LABEL = b"tcprc v2 server\0"
 DEVICE_LABEL = b"tcprc v2 device\0"
 AUTH_FAILED = "authentication failed"   # the server's REJECT 2 text, whatever the cause
-_HEX = frozenset("0123456789abcdefABCDEF")
 _EXPECTING = {"start": "nothing before HELLO", "hello": "HELLO", "challenge": "CHALLENGE",
               "auth": "AUTH", "welcome": "WELCOME", "done": "nothing more",
               "failed": "nothing: the handshake failed"}
@@ -38,15 +37,6 @@ class HandshakeError(PeerError):
         super().__init__(message)
         self.code = code
         self.wire_text = message if wire_text is None else wire_text
-
-
-def check_secret(text: str) -> Optional[str]:
-    """Why `text` is too weak for a secret (under 128 bits), or None."""
-    need = 32 if text and set(text) <= _HEX else 22
-    if len(text) >= need:
-        return None
-    return ("the secret has %d characters: 128 bits need at least 22, or 32 when it is "
-            "hex digits only" % len(text))
 
 
 def valid_device_id(text: str) -> bool:
@@ -179,8 +169,8 @@ class ServerHandshake:
     """The server's side: on_hello() -> CHALLENGE, on_auth() checks the proof,
     welcome(host) -> WELCOME.
 
-    `lookup(id)` gives the secret of a configured device id, None for an
-    unknown one.  An unknown id gets a CHALLENGE like any other and fails at
+    `lookup(id)` gives the secret of a configured device id (or a list of
+    secrets, any of which proves it: a rotation), None for an unknown one.  An unknown id gets a CHALLENGE like any other and fails at
     AUTH exactly as a wrong proof does (REJECT 2, AUTH_FAILED on the wire);
     only str() of the error, for the server's log, tells them apart.
     Afterwards: device_id ("" = anonymous; set from the HELLO even when the
@@ -188,12 +178,13 @@ class ServerHandshake:
     secret of device_id), done.
     """
 
-    def __init__(self, lookup: Callable[[str], Optional[bytes]], window: int,
+    def __init__(self, lookup: Callable[[str], Any], window: int,
                  legacy_allowed: bool, nonce: Optional[bytes] = None) -> None:
         self._lookup = lookup
         self.window = window
         self.legacy_allowed = legacy_allowed
         self._nonce = _nonce(nonce)
+        self._keys = []             # type: List[bytes]
         self._key = None            # type: Optional[bytes]
         self._known = False
         self._hello = b""
@@ -221,11 +212,16 @@ class ServerHandshake:
                 raise self._fail(HandshakeError(
                     frames.REJECT_IDENTITY_REQUIRED, "HELLO without id: this server requires one"))
         else:
-            key = self._lookup(device_id) or None
-            self._known = key is not None
+            found = self._lookup(device_id) or None
+            self._known = found is not None
             # An unknown id is checked against a random key: AUTH takes the
-            # same path and the same time, and fails.
-            self._key = key if key is not None else os.urandom(frames.PROOF_SIZE)
+            # same path and the same time, and fails.  A device may have two
+            # secrets while one is being rotated: either proves it.
+            if found is None:
+                self._keys = [os.urandom(frames.PROOF_SIZE)]
+            else:
+                self._keys = [found] if isinstance(found, bytes) else list(found)
+            self._key = self._keys[0]
         self.peer_window = window
         self._hello = bytes(payload)
         self._challenge = frames.encode_challenge(self._nonce, self.window)
@@ -244,9 +240,13 @@ class ServerHandshake:
                 raise self._fail(HandshakeError(
                     frames.REJECT_MALFORMED, "AUTH carries a proof for a HELLO without id"))
         else:
-            expected = device_proof(self._key, self._hello, self._challenge)
-            # compare_digest also when the proof is missing: one path, one timing.
-            matches = _hmac().compare_digest(proof or bytes(frames.PROOF_SIZE), expected)
+            # compare_digest against every key, also when the proof is missing:
+            # one path, one timing.
+            matches = False
+            for key in self._keys:
+                if _hmac().compare_digest(proof or bytes(frames.PROOF_SIZE),
+                                          device_proof(key, self._hello, self._challenge)):
+                    matches, self._key = True, key
             if not (matches and proof and self._known):
                 why = "bad proof for id %s" if self._known else "unknown id %s"
                 raise self._fail(HandshakeError(frames.REJECT_BAD_PROOF,
@@ -272,4 +272,5 @@ class ServerHandshake:
     def _fail(self, error: HandshakeError) -> HandshakeError:
         self._state = "failed"
         self._key = None
+        self._keys = []
         return error

@@ -13,6 +13,8 @@ a list of actions for the link to carry out, in order:
     (UPGRADED, peer window, detail)   v2 is negotiated: v2 rules from now on
     (DENIED, device id, message)      server: a handshake failed its checks (the
                             link logs it with the source and slows the source down)
+    (UNLISTEN,)             server: a HELLO came after the session was taken as
+                            legacy, before any client: give the host port back
     (FAIL, reason)          end the uplink
     (WARN, message) / (DEBUG, message)   one log line about this uplink
 
@@ -35,7 +37,7 @@ from . import frames
 
 SEND, OPEN, REPLACE, LISTENED, FAIL, WARN, DEBUG = (
     "send", "open", "replace", "listened", "fail", "warn", "debug")
-AUTHED, UPGRADED, DENIED = "authed", "upgraded", "denied"
+AUTHED, UPGRADED, DENIED, UNLISTEN = "authed", "upgraded", "denied", "unlisten"
 Action = Tuple[Any, ...]
 NONE: List[Action] = []   # shared and never appended to: the common answer costs nothing
 
@@ -53,10 +55,12 @@ QUIET = 10.0
 GRACE_FLOOR = 0.05
 GRACE_RTTS = 4
 # Server: how long after its OFFER a device that says nothing is taken as
-# legacy: a tcprc device answers at once, so a few round trips (capped).
-HELLO_WAIT_FLOOR = 0.25
+# legacy: a tcprc device answers at once, so a few round trips, but at least
+# a second: a relay or a proxy in the path hides the real round trip from the
+# uplink's TCP_INFO (a HELLO even later still counts until a client came).
+HELLO_WAIT_FLOOR = 1.0
 HELLO_WAIT_RTTS = 4
-HELLO_WAIT_CAP = 2.0
+HELLO_WAIT_CAP = 3.0
 
 _HANDSHAKE = (frames.OFFER, frames.HELLO, frames.CHALLENGE, frames.AUTH, frames.WELCOME,
               frames.REJECT)
@@ -225,6 +229,12 @@ class DeviceSession(Session):
                     (FAIL, "v2 handshake failed: %s" % exc)]
 
     def connect(self, client_id: int, payload: Any, busy: bool, now: float) -> List[Action]:
+        if self.state == "hello" and not self.strict:
+            # The server took us as legacy before our HELLO reached it, and
+            # carried a client: it ignores the HELLO, so this uplink is legacy.
+            self.state, self._handshake = "legacy", None
+            return [(WARN, "the server took this uplink as legacy before our HELLO reached it: "
+                           "staying legacy")] + self.connect(client_id, payload, busy, now)
         if self.state != "legacy" and self.state != "v2":
             refused = self._stream_frame("CONNECT")
             if refused is not None:
@@ -361,6 +371,7 @@ class ServerSession(Session):
         self._handshake: Any = None
         self._challenge = b""
         self.device_id = ""
+        self._carried = False   # a CONNECT went out: a late HELLO can no longer change the session
 
     @property
     def established(self) -> bool:
@@ -373,14 +384,21 @@ class ServerSession(Session):
         self.listening = True
         self.state = "offered"
         if self.legacy_allowed:   # else only a HELLO helps: listen_timeout bounds the wait
-            self._deadline = now + min(HELLO_WAIT_CAP,
-                                       HELLO_WAIT_FLOOR + HELLO_WAIT_RTTS * self._rtt())
+            self._deadline = now + min(HELLO_WAIT_CAP, max(HELLO_WAIT_FLOOR,
+                                                           HELLO_WAIT_RTTS * self._rtt()))
         # Zero length: a legacy (Lua) device logs it as a bad command and carries on.
         return [(SEND, frames.OFFER, frames.V2, b"")]
 
     def handshake(self, command: int, payload: Any, now: float) -> List[Action]:
         from .handshake import HandshakeError, ServerHandshake
         name = frames.COMMAND_NAMES[command]
+        unlisten: List[Action] = []
+        if command == frames.HELLO and self.state == "legacy" and not self._carried:
+            # Slower than our wait (a relay or a proxy in the path hides the
+            # real round trip from TCP_INFO), but nothing was carried as legacy yet.
+            self.state = "offered"
+            unlisten = [(UNLISTEN,), (DEBUG, "HELLO after the legacy wait, before any client: "
+                                             "the session is v2 after all")]
         try:
             if command == frames.HELLO and self.state == "offered":
                 self._handshake = ServerHandshake(self._lookup, self.window, self.legacy_allowed)
@@ -389,9 +407,10 @@ class ServerSession(Session):
                 wait = self._throttle(now)
                 if wait > 0:   # failures from this source: its answer waits
                     self.state, self._deadline = "delayed", now + wait
-                    return [(DEBUG, "CHALLENGE held %.1f s: recent failures from this source" % wait)]
+                    return unlisten + [(DEBUG, "CHALLENGE held %.1f s: recent failures from "
+                                               "this source" % wait)]
                 self.state, self._deadline = "challenged", None
-                return [(SEND, frames.CHALLENGE, 0, self._challenge)]
+                return unlisten + [(SEND, frames.CHALLENGE, 0, self._challenge)]
             if command == frames.AUTH and self.state == "challenged":
                 self._handshake.on_auth(payload)
                 self.state = "authed"
@@ -401,8 +420,10 @@ class ServerSession(Session):
                 return [(FAIL, "the device rejected the handshake: %s%s" % (
                     frames.reject_name(code), ": " + text if text else ""))]
             if command == frames.HELLO and self.state == "legacy":
-                return [(FAIL, "HELLO after the uplink was taken as legacy (the device answered "
-                         "our OFFER too late): it will redial")]
+                # The device sees our CONNECT before any CHALLENGE and stays legacy
+                # too (or hangs up, if it must not).
+                return [(WARN, "HELLO after the uplink carried clients as legacy (the device "
+                         "answered our OFFER too late): the session stays legacy")]
             raise HandshakeError(frames.REJECT_MALFORMED, "%s out of order" % name)
         except HandshakeError as exc:
             self.state = "failed"
@@ -410,7 +431,7 @@ class ServerSession(Session):
                 self.device_id = self._handshake.device_id
             # The log line may name the cause; the REJECT says only what the
             # device may know (an unknown id looks like a bad proof).
-            return [(DENIED, self.device_id, str(exc)),
+            return unlisten + [(DENIED, self.device_id, str(exc)),
                     (SEND, frames.REJECT, 0, frames.encode_reject(exc.code, exc.wire_text)),
                     (FAIL, "v2 handshake failed: %s" % exc)]
 
@@ -446,6 +467,11 @@ class ServerSession(Session):
         """listen_timeout ran out before the session was established."""
         if not self.listening:
             return [(FAIL, "no LISTEN within %.1f s" % limit)]
+        if self.state == "offered" and self.legacy_allowed:
+            # A listen_timeout shorter than the HELLO wait decides it: legacy.
+            self._deadline = None
+            self.state = "legacy"
+            return [(LISTENED,)]
         if self.state == "offered":   # legacy not allowed, and no HELLO came
             self.state = "failed"
             return [(DENIED, "", "legacy LISTEN (no HELLO within %.1f s)" % limit),
@@ -484,6 +510,7 @@ class ServerSession(Session):
         client_id = self.ids.allocate(open_ids, now)
         if client_id is None:
             return None, NONE
+        self._carried = True
         return client_id, [(SEND, frames.CONNECT, client_id, self.connect_payload)]
 
     def closed_here(self, client_id: int, now: float) -> None:

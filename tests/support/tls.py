@@ -64,6 +64,9 @@ _shared: Dict[str, Pki] = {}
 
 def shared_pki() -> Pki:
     """One PKI per test process (made on first use, removed at exit)."""
+    if shutil.which("openssl") is None:
+        import pytest
+        pytest.skip("the openssl command is missing: scripts/tcprc-pki needs it")
     if "pki" not in _shared:
         directory = tempfile.mkdtemp(prefix="tcprc-pki-")
         import atexit
