@@ -427,7 +427,12 @@ def test_a_paused_client_pauses_only_its_own_stream():
         assert set(results.values()) == {hashlib.sha256(pattern(size)).digest()}
         # The paused stream held at most its window on the server, and is still open.
         link = tunnel.server.link_on()
-        assert all(s.pending_bytes <= link.window for s in link.streams.values())
+        # Held here: at most its window (grown, maybe, while its kernel buffers
+        # still took everything), within the uplink's growth budget.
+        from tcprc.engine.v2rules import GROWTH, GROWTH_BUDGET
+        assert all(s.pending_bytes <= s.window <= GROWTH * link.window
+                   for s in link.streams.values())
+        assert link.grown <= GROWTH_BUDGET
         assert tunnel.server.status()["clients"] == 1
         assert recv_until_eof(paused) == pattern(size)
         paused.close()
@@ -760,3 +765,24 @@ def test_two_devices_with_any_free_port_get_a_port_each(service):
         one.close()
         two.close()
         app.close()
+
+
+def test_a_stream_that_keeps_up_gets_a_bigger_window_within_the_uplinks_budget():
+    from tcprc.engine.v2rules import GROWTH, GROWTH_BUDGET
+    source = Service("source")
+    tunnel = Tunnel(source.address)
+    size = 48 << 20
+    try:
+        with tunnel.client(timeout=60) as conn:
+            conn.sendall(struct.pack("!Q", size))
+            got = recv_exactly(conn, 8 << 20)
+            link = tunnel.server.link_on()
+            stream = next(iter(link.streams.values()))
+            assert link.window < stream.window <= GROWTH * link.window
+            assert link.grown == stream.window - link.window <= GROWTH_BUDGET
+            got += recv_until_eof(conn)
+        assert got == pattern(size)
+        wait_for(lambda: not link.streams and link.grown == 0, what="the growth given back")
+    finally:
+        tunnel.close()
+        source.close()

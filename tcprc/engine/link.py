@@ -593,6 +593,8 @@ class Link(PumpHost, V2Rules):
         stream.state = RELEASED
         self.retiring.discard(stream)
         stream.drop_pending()
+        if stream.window:
+            self._forget_growth(stream)
         if stream.sock is not None:
             self._watch_stream_write(stream, False)
             if stream.abort:

@@ -67,7 +67,7 @@ class Stream:
         self.bytes_to_peer = 0                # pump thread
         self.bytes_from_peer = 0              # link thread
         # Protocol v2 only (window 0: a legacy stream).
-        self.window = window                  # fixed: what the peer may have in flight to us
+        self.window = window                  # link thread: what the peer may have in flight to us
         self.credit = peer_window             # what we may send: pump spends, link adds (_close_lock)
         self._credit_wait: Optional[Any] = None   # a held lock the pump waits on while credit is 0
         self.allowed = window                 # link thread: what the peer may still send us

@@ -41,7 +41,7 @@ import time
 from typing import Any, List, NamedTuple, Optional
 
 from ..errors import ConfigError, PeerError
-from .transport import PlainTransport, Transport
+from .transport import PlainTransport, Transport, looks_like_tls  # noqa: F401 (re-exported)
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 RECV_CHUNK = 64 * 1024     # ciphertext per socket read
@@ -68,11 +68,6 @@ class TlsError(PeerError, OSError):
 def _ssl() -> Any:
     import ssl
     return ssl
-
-
-def looks_like_tls(first_bytes: bytes) -> bool:
-    """A TLS ClientHello begins with a handshake record: 0x16, then version 3.x."""
-    return first_bytes[:2] == b"\x16\x03"
 
 
 # ---- contexts -----------------------------------------------------------------------

@@ -120,3 +120,8 @@ class PlainTransport(Transport):
 def as_transport(thing: Any) -> Transport:
     """A Transport as is; a bare socket as a PlainTransport."""
     return thing if isinstance(thing, Transport) else PlainTransport(thing)
+
+
+def looks_like_tls(first_bytes: bytes) -> bool:
+    """A TLS ClientHello begins with a handshake record: 0x16, then version 3.x."""
+    return first_bytes[:2] == b"\x16\x03"

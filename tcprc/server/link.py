@@ -18,7 +18,7 @@ from ..engine.ratelog import LimitedLog
 from ..engine.loop import Loop
 from ..engine.stream import Stream
 from ..engine.sockets import accept_nowait, tune_stream_socket, tune_uplink_socket
-from ..engine.transport import PlainTransport, Transport
+from ..engine.transport import PlainTransport, Transport, looks_like_tls
 from ..wire import frames as protocol
 from ..wire.session import ServerSession
 from .ids import MAX_CLIENTS, ClientIds
@@ -61,7 +61,6 @@ class ServerLink(Link):
     def _first_read(self) -> None:
         """A device configured for TLS, on this plaintext port: say so at once
         (its ClientHello would otherwise wait as a partial frame)."""
-        from ..engine.tls import looks_like_tls
         try:
             first = self.transport.sock.recv(3, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
