@@ -429,10 +429,10 @@ def test_a_paused_client_pauses_only_its_own_stream():
         link = tunnel.server.link_on()
         # Held here: at most its window (grown, maybe, while its kernel buffers
         # still took everything), within the uplink's growth budget.
-        from tcprc.engine.v2rules import GROWTH, GROWTH_BUDGET
+        from tcprc.engine.v2rules import GROWTH, GROWTH_BUDGET_WINDOWS
         assert all(s.pending_bytes <= s.window <= GROWTH * link.window
                    for s in link.streams.values())
-        assert link.grown <= GROWTH_BUDGET
+        assert link.grown <= GROWTH_BUDGET_WINDOWS * link.window
         assert tunnel.server.status()["clients"] == 1
         assert recv_until_eof(paused) == pattern(size)
         paused.close()
@@ -768,7 +768,7 @@ def test_two_devices_with_any_free_port_get_a_port_each(service):
 
 
 def test_a_stream_that_keeps_up_gets_a_bigger_window_within_the_uplinks_budget():
-    from tcprc.engine.v2rules import GROWTH, GROWTH_BUDGET
+    from tcprc.engine.v2rules import GROWTH, GROWTH_BUDGET_WINDOWS
     source = Service("source")
     tunnel = Tunnel(source.address)
     size = 48 << 20
@@ -779,7 +779,7 @@ def test_a_stream_that_keeps_up_gets_a_bigger_window_within_the_uplinks_budget()
             link = tunnel.server.link_on()
             stream = next(iter(link.streams.values()))
             assert link.window < stream.window <= GROWTH * link.window
-            assert link.grown == stream.window - link.window <= GROWTH_BUDGET
+            assert link.grown == stream.window - link.window <= GROWTH_BUDGET_WINDOWS * link.window
             got += recv_until_eof(conn)
         assert got == pattern(size)
         wait_for(lambda: not link.streams and link.grown == 0, what="the growth given back")
