@@ -524,8 +524,9 @@ class ServerApp:
 
 
 def _drop_colliding_hosts(devices: Dict[str, Any], settings: ServerSettings) -> None:
-    """Skip (one line each) a device from a file whose host port is another's, or
-    [server] host's or listen's (the configuration file's were checked at load)."""
+    """Skip (one line each) a device from a file with a port (its host or a service's)
+    that is another's, or [server] host's or listen's (the configuration file's
+    were checked at load)."""
     taken: List[Tuple[str, int, str]] = []
 
     def owner_of(host: str) -> Tuple[str, int, str]:
@@ -536,18 +537,32 @@ def _drop_colliding_hosts(devices: Dict[str, Any], settings: ServerSettings) -> 
         return addr, port, ""
 
     for owner, host in [("[server] listen", settings.listen), ("[server] host", settings.host)] + \
-            [("device %s" % ident, settings.devices[ident].host) for ident in settings.devices]:
+            [(owner, host) for entry in settings.devices.values()
+             for _, owner, host in _ports_of(entry)]:
         taken.append(owner_of(host)[:2] + (owner,))
     for ident in sorted(devices):
         if ident in settings.devices:
             continue
-        addr, port, owner = owner_of(devices[ident].host)
-        if owner:
-            log.warning("devices_dir: device %s skipped: its host %s is the port of %s",
-                        ident, devices[ident].host, owner)
+        clash, mine = "", []
+        for what, owner, host in _ports_of(devices[ident]):
+            addr, port, other = owner_of(host)
+            if other:
+                clash = "%s %s is the port of %s" % (what, host, other)
+                break
+            taken.append((addr, port, owner))   # its next port must differ too
+            mine.append(taken[-1])
+        if clash:
+            log.warning("devices_dir: device %s skipped: %s", ident, clash)
             del devices[ident]
-        else:
-            taken.append((addr, port, "device %s" % ident))
+            for item in mine:
+                taken.remove(item)
+
+
+def _ports_of(entry: Any) -> List[Tuple[str, str, str]]:
+    """(what, owner, host) of each port of a DeviceEntry: its host, then its services'."""
+    return [("its host", "device %s" % entry.id, entry.host)] + [
+        ("its service %s's host" % name, "service %s of device %s" % (name, entry.id), host)
+        for name, host in sorted(entry.services.items())]
 
 
 _ANY = ("", "0.0.0.0", "::")
