@@ -286,6 +286,11 @@ def test_each_service_has_its_port_and_reaches_its_local(fleet, service, service
         thread.join(30)
     assert errors == []
     assert (services["src"].accepted, services["snk"].accepted, service.accepted) == (4, 4, 4)
+    # The session's end closes every port it had.
+    device.close()
+    wait_for(lambda: all(_refused(_address(host)) for host in ports.values()),
+             what="the service ports closed with the session")
+    assert server.service_address("gw1", "src") is None
 
 
 def test_a_service_the_device_does_not_have_is_refused(service, services, caplog):
