@@ -312,6 +312,13 @@ def test_a_service_the_device_does_not_have_is_refused(service, services, caplog
         assert (service.accepted, services["src"].accepted) == (0, 0)
         _source(_address(ports["src"]))
         _echo(server.device_host_address("gw1"))
+        # The device learns the service (SIGHUP, config): it redials, and it works.
+        link = server.link_on("gw1")
+        device.apply_settings(device.settings._replace(services={
+            "src": "%s:%d" % services["src"].address, "ghost": "%s:%d" % services["snk"].address}))
+        wait_for(lambda: server.link_on("gw1") not in (None, link)
+                 and server.service_address("gw1", "ghost"), what="the device's new session")
+        _sink(_address(ports["ghost"]))
     finally:
         device.close()
         server.close()
