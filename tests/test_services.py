@@ -268,6 +268,11 @@ def test_each_service_has_its_port_and_reaches_its_local(fleet, service, service
     assert (services["src"].accepted, services["snk"].accepted, service.accepted) == (1, 1, 1)
     row = {row["id"]: row for row in server.devices()}["gw1"]
     assert row["services"] == "snk=%s, src=%s" % (ports["snk"], ports["src"])
+    link = server.link_on("gw1")
+    before = link.stats()["bytes_sent"]
+    status = server.status()   # one session, its bytes counted once (not once per port)
+    assert before <= status["bytes_down"] <= link.stats()["bytes_sent"]
+    assert status["sessions"] == 1 and status["host"] == "%s:%d" % server.device_host_address("gw1")
     # Both services at once, and the main host, over the one uplink.
     import threading
     errors = []

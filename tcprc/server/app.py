@@ -264,7 +264,8 @@ class ServerApp:
     def status(self) -> Dict[str, Any]:
         """The tunnel of [server] host, or else the latest device session, and totals."""
         with self._lock:
-            slots = [slot for slot in self._slots.values() if slot.active is not None]
+            slots = [slot for slot in self._slots.values()   # a session each: no service port
+                     if slot.active is not None and "/" not in slot.owner]
             slot = self._slots.get("")
             if slot is None or slot.active is None:
                 slot = max(slots, key=lambda s: s.active.started) if slots else None
