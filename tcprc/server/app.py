@@ -94,7 +94,7 @@ class ServerApp:
         self.settings = settings
         self.listen_address: Optional[HostPort] = None
         self._lock = threading.Lock()
-        self._slots: Dict[str, HostSlot] = {}   # owner (device id, "" shared) -> slot, while claimed
+        self._slots: Dict[str, HostSlot] = {}   # owner (device id, "" shared, "ID/NAME" a service) -> slot
         self._links: Set[ServerLink] = set()
         self._threads: Set[threading.Thread] = set()
         self._loop = Loop()
