@@ -7,6 +7,7 @@ over whole (`_replace`), so a thread holding the old one sees consistent
 values. NamedTuple, not dataclasses: those import inspect, ast and dis (~1 MB).
 """
 
+from types import MappingProxyType
 from typing import Any, List, Mapping, NamedTuple, Optional, Union
 
 
@@ -60,6 +61,7 @@ class DeviceEntry(NamedTuple):
     secret: Secret
     host: str
     previous: Optional[Secret] = None    # previous_secret: still accepted while rotating
+    services: Mapping[str, str] = MappingProxyType({})   # name -> host ("ADDR:PORT")
 
 
 class DeviceSettings(NamedTuple):
@@ -83,6 +85,7 @@ class DeviceSettings(NamedTuple):
     tls_server_name: str
     tls_cert: str
     tls_key: str
+    services: Mapping[str, str]  # read-only: [device.services.NAME] name -> local ("ADDR:PORT")
     # the uplink keys both ends have (Link)
     keepalive_idle: int
     keepalive_interval: int

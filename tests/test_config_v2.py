@@ -211,9 +211,9 @@ def test_secret_file_that_is_a_directory(tmp_path):
 
 @pytest.mark.parametrize("tables, expected", [
     ('[server.devices.gw1]\nhost = "127.0.0.1:2301"\nsecret = "%s"\nservices = "x"\n' % HEX,
-     "[server.devices.gw1] unknown key 'services' (known: host, secret, secret_file, previous_secret)"),
+     "[server.devices.gw1] services must be tables [server.devices.gw1.services.NAME]"),
     ('[server.devices.gw.1]\nhost = "127.0.0.1:2301"\nsecret = "%s"\n' % HEX,
-     "[server.devices.gw] unknown key '1' (known: host, secret, secret_file, previous_secret); an id with a "
+     "[server.devices.gw] unknown key '1' (known: host, secret, secret_file, previous_secret, services); an id with a "
      "dot is quoted: [server.devices.\"gw.1\"]"),
     ('[server.devices.gw1]\nsecret = "%s"\n' % HEX,
      "[server.devices.gw1] host is required: the ADDR:PORT where this device's clients connect"),

@@ -40,7 +40,7 @@ def _tunnel_settings_key(settings: DeviceSettings) -> Tuple[Any, ...]:
         "server", "local", "allow", "keepalive_idle", "keepalive_interval",
         "keepalive_count", "send_timeout", "stream_buffer", "stall_timeout", "connect_timeout",
         "protocol", "id", "secret", "window", "heartbeat_interval", "heartbeat_timeout",
-        "tls", "tls_ca", "tls_fingerprint", "tls_server_name", "tls_cert", "tls_key"))
+        "tls", "tls_ca", "tls_fingerprint", "tls_server_name", "tls_cert", "tls_key", "services"))
 
 
 class DeviceApp:
@@ -186,8 +186,9 @@ class DeviceApp:
         tls = self._tls
         try:
             allowed = {parse_hostport(item) for item in settings.allow}
+            services = {key: parse_hostport(value) for key, value in settings.services.items()}
             link = open_device_link(sock, settings, name, local, allowed,
-                                    tls and for_server(tls, settings, server[0]))
+                                    tls and for_server(tls, settings, server[0]), services)
         except OSError as exc:
             sock.close()
             with self._cond:

@@ -8,7 +8,7 @@ dialing, and telling a refusal from a lost uplink.
 
 import socket
 import time
-from typing import Any, Set, Tuple
+from typing import Any, Dict, Optional, Set, Tuple
 
 from ..addr import format_hostport
 from ..engine.link import Link
@@ -52,13 +52,16 @@ class DeviceLink(Link):
 
     def open_requested(self, client_id: int, address: str, port: int, early: bytearray) -> None:
         direct = self.policy.direct(address, port)
+        service = self.policy.service(address)
         if direct is None:
-            # Needs name lookups: the pump thread does them, never this one.
-            peer = format_hostport(address, port)
+            # Needs name lookups (or a refusal): the pump thread does them, never this one.
+            peer = "service %s" % service[:40] if service is not None \
+                else format_hostport(address, port)
             connect_to: Any = lambda: self._dial_checked(client_id, address, port)
         else:
             peer = format_hostport(*direct)
-            self.log.info("%s: client %d: connecting to %s", self.name, client_id, peer)
+            self.log.info("%s: client %d: connecting to %s%s", self.name, client_id, peer,
+                          " (service %s)" % service if service is not None else "")
             connect_to = direct + (self.settings.connect_timeout,)
         stream = self.new_stream(client_id, peer)
         self._give_early(stream, early)   # either way: held DATA goes first
@@ -86,7 +89,8 @@ class DeviceLink(Link):
 
 
 def open_device_link(sock: socket.socket, settings: DeviceSettings, name: str, target: HostPort,
-                     allowed: Set[HostPort], tls: Any = None) -> DeviceLink:
+                     allowed: Set[HostPort], tls: Any = None,
+                     services: Optional[Dict[str, HostPort]] = None) -> DeviceLink:
     """A DeviceLink over a connected uplink socket, with its parts: the socket
     tuned and wrapped in a transport (TLS, handshake done, when `tls` is a
     context: raises TlsError saying which check failed), a loop and a session."""
@@ -98,7 +102,7 @@ def open_device_link(sock: socket.socket, settings: DeviceSettings, name: str, t
         transport = TlsTransport(sock, tls)
         transport.handshake(settings.connect_timeout)
     return DeviceLink(transport, Loop(), device_session(settings), settings, name,
-                      TargetPolicy(target, allowed))
+                      TargetPolicy(target, allowed, services))
 
 
 def device_tls(settings: DeviceSettings) -> Any:

@@ -16,14 +16,19 @@ device itself), is what a tcprc server sends by default and what legacy
 servers send when told nothing else.  When it is neither `local` nor in
 `allow`, it is taken as a request for the default target, like an empty
 address: the device dials its own `local`, so this grants nothing new.
+
+A v2 server names a service of the device ([device.services.NAME]) as
+"service:NAME" (port 0): it goes to that service's `local` and nowhere
+else; a name the device does not list is refused.
 """
 
 import socket
-from typing import Callable, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from ..addr import SockAddr, format_hostport, sockaddr_key
 from ..engine.pump import TargetRefused
 from ..engine.sockets import connect_resolved, connect_tcp, resolve_tcp
+from ..wire.frames import SERVICE_PREFIX
 
 HostPort = Tuple[str, int]
 
@@ -56,13 +61,22 @@ class TargetPolicy:
     """Where a CONNECT may go.  Built in the link thread; read-only afterwards,
     so pump threads call dial() without a lock."""
 
-    def __init__(self, target: HostPort, allowed: Set[HostPort]) -> None:
+    def __init__(self, target: HostPort, allowed: Set[HostPort],
+                 services: Optional[Dict[str, HostPort]] = None) -> None:
         self.target = target
         self.allowed = allowed
+        self.services = services or {}
         self._port_23_configured = any(p == LEGACY_DEFAULT_PORT for _, p in [target] + list(allowed))
+
+    def service(self, address: str) -> Optional[str]:
+        """The service name a CONNECT's address asks for ("service:NAME"), or None."""
+        return address[len(SERVICE_PREFIX):] if address.startswith(SERVICE_PREFIX) else None
 
     def direct(self, address: str, port: int) -> Optional[HostPort]:
         """The host and port to dial with no lookup, or None when the pump must check."""
+        name = self.service(address)
+        if name is not None:
+            return self.services.get(name)   # a name not listed: the pump refuses it
         if not address or (port == LEGACY_DEFAULT_PORT and not self._port_23_configured
                            and _is_loopback(address)):
             # The legacy default cannot resolve to a target on another port:
@@ -75,6 +89,10 @@ class TargetPolicy:
     def dial(self, address: str, port: int, timeout: float,
              said: Callable[[str], None]) -> socket.socket:
         """Pump thread: resolve the CONNECT's target and dial it only where the policy allows."""
+        name = self.service(address)
+        if name is not None:   # never a lookup: it is not a host name
+            raise TargetRefused("CONNECT to service %r: no such service in [device.services]"
+                                % name[:40])
         requested = format_hostport(address, port)
         try:
             wanted = resolve_tcp(address, port)

@@ -14,8 +14,8 @@ from typing import Any, Callable, Dict, List, NamedTuple, Sequence, Tuple
 from ..addr import format_hostport, parse_hostport, parse_port
 from ..errors import CommandError, ConfigError
 from . import tomlwrite
-from .config import (SCHEMA, SECRET_KEYS, Config, SectionProblem, check_value, device_table,
-                     replace_value, save_config, value_from_words)
+from .config import (SCHEMA, SECRET_KEYS, Config, SectionProblem, check_value, device_hosts,
+                     device_table, replace_value, save_config, value_from_words)
 from .config import one_line as _one_line
 
 log = logging.getLogger("tcprc.commands")
@@ -287,8 +287,14 @@ class CommandParser:
         if key == "devices":
             if not value:
                 return ["server.devices = (none)"]
-            return ["%s.host = %s" % (device_table(ident), tomlwrite.format_value(entry.host))
-                    for ident, entry in value.items()]
+            return ["%s.host = %s" % (table, tomlwrite.format_value(host))
+                    for entry in value.values() for table, _, host in device_hosts(entry)]
+        if key == "services":   # [device.services.NAME] tables
+            if not value:
+                return ["%s.services = (none)" % section]
+            return ["%s.services.%s.local = %s" % (section, tomlwrite.format_key(name),
+                                                   tomlwrite.format_value(local))
+                    for name, local in sorted(value.items())]
         if key in SECRET_KEYS:
             return ["%s.%s = %s" % (section, key, HIDDEN if value is not None else '""')]
         return ["%s.%s = %s" % (section, key, tomlwrite.format_value(value))]
@@ -312,7 +318,8 @@ class CommandParser:
             return [host]
         if key:
             return ["%s.%s = %s" % (device_table(ident), key, HIDDEN)]
-        return [host, secret]
+        return [host, secret] + ["%s.host = %s" % (table, tomlwrite.format_value(host))
+                                 for table, _, host in device_hosts(devices[ident])[1:]]
 
     def _config_set(self, args: List[str]) -> List[str]:
         if len(args) < 2:

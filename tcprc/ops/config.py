@@ -10,7 +10,7 @@ Also here, next to the schema they follow: command words to values
 
 import os
 from types import MappingProxyType
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 from ..addr import parse_hostport, parse_network
 from ..errors import ConfigError
@@ -180,6 +180,7 @@ SCHEMA: Dict[str, Dict[str, Dict[str, Key]]] = {
             "tls_server_name": Key(str, "", _wire_address, "name the server's certificate must carry; empty: the host of `server`"),
             "tls_cert": Key(str, "", None, "PEM certificate this device shows the server (with tls_key)"),
             "tls_key": Key(str, "", None, "PEM private key of tls_cert"),
+            "services": Key(dict, {}, None, "[device.services.NAME] tables: local (ADDR:PORT), where the server's service NAME of this device goes (protocol v2)"),
         }, **_LINK_KEYS),
         "console": {
             "port": Key(str, "", None, "serial device or pyserial URL; empty: no console"),
@@ -211,7 +212,7 @@ SCHEMA: Dict[str, Dict[str, Dict[str, Key]]] = {
             "tls_cert": Key(str, "", None, "PEM certificate of the uplink listener (with tls_key); empty: no TLS"),
             "tls_key": Key(str, "", None, "PEM private key of tls_cert"),
             "tls_client_ca": Key(str, "", None, "PEM file of the CAs devices' certificates must be signed by; empty: none asked"),
-            "devices": Key(dict, {}, None, "[server.devices.ID] tables: host (ADDR:PORT, required), secret or secret_file"),
+            "devices": Key(dict, {}, None, "[server.devices.ID] tables: host (ADDR:PORT, required), secret or secret_file, and [server.devices.ID.services.NAME] tables with a host each"),
             "devices_dir": Key(str, "", None, "directory of one ID.toml file per device (host, secret or secret_file), read again on SIGHUP and every few seconds; empty: none"),
             "max_streams_per_device": Key(int, 255, _between(1, 255), "clients one device's session carries at once; over it a client is refused"),
             "http": Key(str, "", _hostport(True, bind=True), "ADDR:PORT of the status page, /api/devices and /metrics; empty: off (it has no authentication: keep it on loopback)"),
@@ -346,7 +347,9 @@ class SectionProblem(ValueError):
 
 
 MAX_SECRET_FILE = 4096   # bytes; a secret is short, and /dev/zero must not fill the memory
-_DEVICE_TABLE_KEYS = ("host", "secret", "secret_file", "previous_secret")
+_DEVICE_TABLE_KEYS = ("host", "secret", "secret_file", "previous_secret", "services")
+MAX_SERVICE_NAME = 32
+MAX_SERVICES = 64   # per device: each is a listening port on the server
 
 
 def finish_section(name: str, values: Dict[str, Any]) -> Any:
@@ -451,6 +454,7 @@ def _finish_device(values: Dict[str, Any]) -> None:
     if tls_keys and not values["tls"]:
         raise SectionProblem("device", "%s is set but tls is false: set tls = true"
                              % " and ".join(tls_keys))
+    values["services"] = _services("device", values["services"], "local", _hostport(False))
     _check_files("device", values, ("tls_ca", "tls_cert", "tls_key"))
     if values["tls_fingerprint"]:
         values["tls_fingerprint"] = _normal_fingerprint(values["tls_fingerprint"])
@@ -488,6 +492,8 @@ def _device_entry(ident: str, table: Any) -> DeviceEntry:
                 hint = "; an id with a dot is quoted: [server.devices.\"%s.%s\"]" % (ident, key)
             raise SectionProblem(name, "unknown key %r (known: %s)%s"
                                  % (key, ", ".join(_DEVICE_TABLE_KEYS), hint))
+        if key == "services":
+            continue   # checked by _services
         if not isinstance(value, str):
             raise SectionProblem(name, "%s must be a string" % key
                                  + ("" if key in SECRET_KEYS else ", got %r" % (value,)))
@@ -503,25 +509,70 @@ def _device_entry(ident: str, table: Any) -> DeviceEntry:
         raise SectionProblem(name, "needs secret or secret_file")
     # Rotation: the old secret stays valid until the device has the new one.
     previous = _resolve_secret(name, table.get("previous_secret", ""), "")
-    return DeviceEntry(id=ident, secret=secret, host=host, previous=previous)
+    services = _services(name, table.get("services", {}), "host", _hostport(False, bind=True))
+    return DeviceEntry(id=ident, secret=secret, host=host, previous=previous, services=services)
+
+
+def _services(table: str, services: Any, key: str,
+              check: Callable[[Any], Optional[str]]) -> Mapping[str, str]:
+    """[TABLE.services.NAME] tables of one `key` ("ADDR:PORT") each: name -> value, read-only.
+    A built mapping (`config set` passes one back) is kept."""
+    if not isinstance(services, dict):
+        if isinstance(services, MappingProxyType):
+            return services
+        raise SectionProblem(table, "services must be tables [%s.services.NAME]" % table)
+    if len(services) > MAX_SERVICES:
+        raise SectionProblem(table, "%d services: at most %d" % (len(services), MAX_SERVICES))
+    found = {}
+    for service, entry in services.items():
+        if not 0 < len(service) <= MAX_SERVICE_NAME or not _ID_CHARS.issuperset(service):
+            raise SectionProblem(table, "service name must be 1 to %d characters of A-Z a-z "
+                                 "0-9 . _ -, got %r" % (MAX_SERVICE_NAME, service[:40]))
+        name = "%s.services.%s" % (table, tomlwrite.format_key(service))
+        if not isinstance(entry, dict):
+            raise SectionProblem(table, "services.%s must be a table [%s]" % (service, name))
+        unknown = sorted(set(entry) - {key})
+        if unknown:
+            raise SectionProblem(name, "unknown key %r (known: %s)" % (unknown[0], key))
+        value = entry.get(key)
+        if not value:
+            raise SectionProblem(name, "%s is required (ADDR:PORT)" % key)
+        if not isinstance(value, str):
+            raise SectionProblem(name, "%s must be a string, got %r" % (key, value))
+        problem = check(value)
+        if problem:
+            raise SectionProblem(name, "%s %s" % (key, problem))
+        found[service] = value
+    return MappingProxyType(found)
 
 
 _ANY_ADDRESS = ("", "0.0.0.0", "::")
 
 
+def device_hosts(entry: DeviceEntry) -> List[Tuple[str, str, str]]:
+    """(table, what, host) of every port a device has: its host, then its services'."""
+    table = device_table(entry.id)
+    return [(table, "the host of device %r" % entry.id, entry.host)] + [
+        ("%s.services.%s" % (table, tomlwrite.format_key(name)),
+         "service %r of device %r" % (name, entry.id), host)
+        for name, host in sorted(entry.services.items())]
+
+
 def _check_hosts(values: Dict[str, Any]) -> None:
-    """Every device's host can be bound beside the others and [server] listen and host."""
+    """Every device's host and service hosts can be bound beside the others and [server]
+    listen and host."""
     taken = [("[server] listen", values["listen"]), ("[server] host", values["host"])]
     for entry in values["devices"].values():
-        host, port = parse_hostport(entry.host, allow_empty_host=True, allow_zero_port=True)
-        for owner, other in taken:
-            other_host, other_port = parse_hostport(other, allow_empty_host=True,
-                                                    allow_zero_port=True)
-            if port and port == other_port and (
-                    host == other_host or host in _ANY_ADDRESS or other_host in _ANY_ADDRESS):
-                raise SectionProblem(device_table(entry.id), "host %s collides with %s %s"
-                                     % (entry.host, owner, other))
-        taken.append(("the host of device %r" % entry.id, entry.host))
+        for table, what, mine in device_hosts(entry):
+            host, port = parse_hostport(mine, allow_empty_host=True, allow_zero_port=True)
+            for owner, other in taken:
+                other_host, other_port = parse_hostport(other, allow_empty_host=True,
+                                                        allow_zero_port=True)
+                if port and port == other_port and (
+                        host == other_host or host in _ANY_ADDRESS or other_host in _ANY_ADDRESS):
+                    raise SectionProblem(table, "host %s collides with %s %s"
+                                         % (mine, owner, other))
+            taken.append((what, mine))
 
 
 def replace_value(cfg: Config, section: str, key: str, value: Any) -> Any:

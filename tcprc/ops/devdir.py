@@ -104,7 +104,8 @@ def read_device_file(ident: str, full: str) -> DeviceEntry:
     try:
         return _device_entry(ident, table)
     except SectionProblem as exc:
-        raise ConfigError("%s: %s" % (full, exc)) from None
+        where = "[%s] " % exc.table if ".services." in exc.table else ""   # which service
+        raise ConfigError("%s: %s%s" % (full, where, exc)) from None
 
 
 def add_device(directory: str, ident: str, host: str) -> Tuple[str, str]:

@@ -94,7 +94,7 @@ class ServerApp:
         self.settings = settings
         self.listen_address: Optional[HostPort] = None
         self._lock = threading.Lock()
-        self._slots: Dict[str, HostSlot] = {}   # owner (device id, "" shared) -> slot, while claimed
+        self._slots: Dict[str, HostSlot] = {}   # owner (device id, "" shared, "ID/NAME" a service) -> slot
         self._links: Set[ServerLink] = set()
         self._threads: Set[threading.Thread] = set()
         self._loop = Loop()
@@ -143,6 +143,11 @@ class ServerApp:
         slot = self._slots.get(device_id) if device_id else None
         return slot.address if slot is not None else None
 
+    def service_address(self, device_id: str, name: str) -> Optional[HostPort]:
+        """Where clients of a device's service `name` are accepted, while its session is up."""
+        slot = self._slots.get("%s/%s" % (device_id, name)) if device_id else None
+        return slot.address if slot is not None else None
+
     # ---- what links ask (any thread) ------------------------------------------------
     def secret_of(self, device_id: str) -> Any:
         """The secret of a configured device (with its previous one while it is
@@ -160,6 +165,11 @@ class ServerApp:
             if entry is not None:
                 return entry.host
         return self.settings.host
+
+    def services_of(self, device_id: str) -> Mapping[str, str]:
+        """A configured device's named services: name -> host."""
+        entry = self._devices.get(device_id)
+        return entry.services if entry is not None else MappingProxyType({})
 
     def auth_passed(self, link: ServerLink) -> None:
         pass
@@ -254,7 +264,8 @@ class ServerApp:
     def status(self) -> Dict[str, Any]:
         """The tunnel of [server] host, or else the latest device session, and totals."""
         with self._lock:
-            slots = [slot for slot in self._slots.values() if slot.active is not None]
+            slots = [slot for slot in self._slots.values()   # a session each: no service port
+                     if slot.active is not None and "/" not in slot.owner]
             slot = self._slots.get("")
             if slot is None or slot.active is None:
                 slot = max(slots, key=lambda s: s.active.started) if slots else None
@@ -321,7 +332,8 @@ class ServerApp:
 
     def _set_devices(self, settings: ServerSettings) -> None:
         """Under the scan lock: the merged devices take effect; a removed or changed
-        device's session ends (a removed one's port is released; a changed one redials)."""
+        device's session ends (a removed one's port is released; a changed one redials),
+        unless only its services changed: then its service ports follow, live."""
         merged = dict(self._from_files)
         for ident in settings.devices:
             if ident in merged:
@@ -335,7 +347,11 @@ class ServerApp:
             links = list(self._links)
         for link in links:
             ident = link.device_id
-            if ident and old.get(ident) != self._devices.get(ident):
+            before, after = old.get(ident), self._devices.get(ident)
+            if ident and before is not None and after is not None and before != after \
+                    and before._replace(services=after.services) == after:
+                link.loop.call_soon(link.sync_services)   # only its services changed
+            elif ident and before != after:
                 reason = "device %s %s the configuration" % (
                     ident, "changed in" if ident in self._devices else "removed from")
                 log.info("%s: its session (%s) is closed", reason, link.name)
@@ -353,7 +369,18 @@ class ServerApp:
                 slot = self._slots.get("" if ident == SHARED else ident)
                 bound = slot.address if slot is not None and slot.active is record.link else None
                 rows.append(record.row(host, bound))
+                services = self.services_of(ident) if ident != SHARED else {}
+                if services:   # "NAME=ADDR:PORT, ...": bound while up, else as configured
+                    rows[-1]["services"] = ", ".join(
+                        "%s=%s" % (name, self._service_address(ident, name, record.link)
+                                   or services[name]) for name in sorted(services))
             return rows
+
+    def _service_address(self, ident: str, name: str, link: Any) -> str:
+        slot = self._slots.get("%s/%s" % (ident, name))
+        if slot is None or slot.active is not link or slot.address is None:
+            return ""
+        return format_hostport(*slot.address)
 
     def kick(self, device_id: str) -> bool:
         """End a device's session (it may redial); False when it has none."""
@@ -493,18 +520,57 @@ class ServerApp:
             waiting.stop("replaced by %s" % link.name)
         return HANDOVER
 
-    def release_host(self, link: ServerLink) -> None:
-        """Link thread, at teardown (no longer watching its host listener): the
-        listener is closed, and the port goes to the uplink waiting for it, if
-        any, through that uplink's own loop."""
+    def claim_service(self, link: ServerLink, name: str, host: str) -> Optional[socket.socket]:
+        """Link thread, once it holds its device's host port: the listener of the
+        device's service `name` (OSError: it cannot be bound).  Its own slot,
+        keyed "ID/NAME" (no id has a slash); a takeover has released the
+        previous session's with its host port, so a slot still held is refused."""
+        owner = "%s/%s" % (link.device_id, name)
         with self._lock:
-            for slot in self._slots.values():
-                if slot.successor is link:
-                    slot.successor = None   # it ended while waiting
+            slot = self._slots.get(owner)
+            if slot is None:
+                slot = HostSlot(owner, host)
+                sock = slot.bind(link)
+                self._slots[owner] = slot
+                return sock
+            holder = slot.active
+        if holder is not link:
+            self.uplink_log.warning(link.source, "%s: service %s: its port %s is held by %s",
+                                    link.name, name, host, holder.name if holder else "nobody")
+        return None
+
+    def service_host(self, link: ServerLink, name: str) -> Optional[str]:
+        """The host `link` bound its service `name` to."""
+        slot = self._slots.get("%s/%s" % (link.device_id, name))
+        return slot.host if slot is not None and slot.active is link else None
+
+    def release_service(self, link: ServerLink, name: str) -> None:
+        """Link thread: one service port of `link` closed (no longer configured)."""
+        owner = "%s/%s" % (link.device_id, name)
+        with self._lock:
+            slot = self._slots.get(owner)
+            if slot is not None and slot.active is link:
+                slot.unbind()
+                del self._slots[owner]
+
+    def release_host(self, link: ServerLink) -> None:
+        """Link thread, at teardown (no longer watching its listeners): its host and
+        service listeners are closed, and the host port goes to the uplink waiting
+        for it, if any, through that uplink's own loop."""
+        with self._lock:
+            slot = None
+            for other in list(self._slots.values()):
+                if other.successor is link:
+                    other.successor = None   # it ended while waiting
                     return
-                if slot.active is link:
-                    break
-            else:
+                if other.active is not link:
+                    continue
+                if "/" in other.owner:   # a service port: never handed over
+                    other.unbind()
+                    del self._slots[other.owner]
+                else:
+                    slot = other
+            if slot is None:
                 return
             stats = link.stats()
             self._totals[0] += stats["bytes_received"]
@@ -524,8 +590,9 @@ class ServerApp:
 
 
 def _drop_colliding_hosts(devices: Dict[str, Any], settings: ServerSettings) -> None:
-    """Skip (one line each) a device from a file whose host port is another's, or
-    [server] host's or listen's (the configuration file's were checked at load)."""
+    """Skip (one line each) a device from a file with a port (its host or a service's)
+    that is another's, or [server] host's or listen's (the configuration file's
+    were checked at load)."""
     taken: List[Tuple[str, int, str]] = []
 
     def owner_of(host: str) -> Tuple[str, int, str]:
@@ -536,18 +603,32 @@ def _drop_colliding_hosts(devices: Dict[str, Any], settings: ServerSettings) -> 
         return addr, port, ""
 
     for owner, host in [("[server] listen", settings.listen), ("[server] host", settings.host)] + \
-            [("device %s" % ident, settings.devices[ident].host) for ident in settings.devices]:
+            [(owner, host) for entry in settings.devices.values()
+             for _, owner, host in _ports_of(entry)]:
         taken.append(owner_of(host)[:2] + (owner,))
     for ident in sorted(devices):
         if ident in settings.devices:
             continue
-        addr, port, owner = owner_of(devices[ident].host)
-        if owner:
-            log.warning("devices_dir: device %s skipped: its host %s is the port of %s",
-                        ident, devices[ident].host, owner)
+        clash, mine = "", []
+        for what, owner, host in _ports_of(devices[ident]):
+            addr, port, other = owner_of(host)
+            if other:
+                clash = "%s %s is the port of %s" % (what, host, other)
+                break
+            taken.append((addr, port, owner))   # its next port must differ too
+            mine.append(taken[-1])
+        if clash:
+            log.warning("devices_dir: device %s skipped: %s", ident, clash)
             del devices[ident]
-        else:
-            taken.append((addr, port, "device %s" % ident))
+            for item in mine:
+                taken.remove(item)
+
+
+def _ports_of(entry: Any) -> List[Tuple[str, str, str]]:
+    """(what, owner, host) of each port of a DeviceEntry: its host, then its services'."""
+    return [("its host", "device %s" % entry.id, entry.host)] + [
+        ("its service %s's host" % name, "service %s of device %s" % (name, entry.id), host)
+        for name, host in sorted(entry.services.items())]
 
 
 _ANY = ("", "0.0.0.0", "::")

@@ -10,7 +10,7 @@ import logging
 import socket
 import struct
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from ..addr import format_hostport, source_key
 from ..engine.link import Link
@@ -43,6 +43,10 @@ class ServerLink(Link):
         self.noisy = app.uplink_log.of(self.source)
         self.evicted = False
         self.host_sock: Optional[socket.socket] = None
+        # Every listener this link accepts on -> the CONNECT payload its clients
+        # get (None: the session's own, for host_sock); services by name.
+        self._connects: Dict[socket.socket, Optional[bytes]] = {}
+        self.services: Dict[str, socket.socket] = {}
         self._accept_paused = False
         self.refusals = LimitedLog(self.log)
         self._listen_timer = None
@@ -144,6 +148,7 @@ class ServerLink(Link):
         the handshake gets the listen timeout again."""
         if self.host_sock is not None:
             self.loop.forget(self.host_sock)
+            self._connects.pop(self.host_sock, None)
             self.host_sock = None
         self.app.release_host(self)
         self._listen_timer = self.loop.call_later(self.settings.listen_timeout, self._no_listen)
@@ -188,32 +193,72 @@ class ServerLink(Link):
             self._act(self.session.welcome(bound))
             if self.end_reason:
                 return
-        self.loop.set_handlers(self.host_sock, self._accept, None)
+        self._connects[self.host_sock] = None
+        self._watch(self.host_sock)
         self.app.session_up(self)
         self.app.uplink_log.info(self.source, "%s: %s: clients accepted on %s", self.name,
                                  "v2 session of %s" % (self.device_id or "a device without id")
                                  if self.v2 else "LISTEN", bound)
+        self.sync_services()
+
+    def sync_services(self) -> None:
+        """Link thread: the ports of its device's named services (v2 with an id only),
+        as configured now: removed or moved ones closed, new ones opened.  Their
+        clients get a CONNECT to "service:NAME", port 0; open streams stay."""
+        if not (self.v2 and self.device_id) or self.host_sock is None or self.end_reason \
+                or self._closing:
+            return
+        wanted = self.app.services_of(self.device_id)
+        for name in sorted(self.services):
+            if self.app.service_host(self, name) != wanted.get(name):
+                sock = self.services.pop(name)
+                self.loop.forget(sock)
+                del self._connects[sock]
+                self.app.release_service(self, name)   # closes it
+                self.log.info("%s: service %s closed", self.name, name)
+        for name in sorted(set(wanted) - set(self.services)):
+            try:
+                sock = self.app.claim_service(self, name, wanted[name])
+            except OSError as exc:
+                self.noisy.warning("%s: service %s: cannot open host port %s: %s", self.name,
+                                   name, wanted[name], exc.strerror or exc)
+                continue
+            if sock is None:
+                continue   # the app said why
+            self.services[name] = sock
+            self._connects[sock] = protocol.encode_connect_payload(
+                protocol.SERVICE_PREFIX + name, 0)
+            self._watch(sock)
+            self.log.info("%s: service %s: clients accepted on %s", self.name, name,
+                          format_hostport(*sock.getsockname()[:2]))
+
+    def _watch(self, listener: socket.socket) -> None:
+        if not self._accept_paused:
+            self.loop.set_handlers(listener, lambda: self._accept(listener), None)
 
     def _resume_accept(self) -> None:
         self._accept_paused = False
         if self.host_sock is not None and not self.end_reason:
-            self.loop.set_handlers(self.host_sock, self._accept, None)
+            for listener in self._connects:
+                self._watch(listener)
 
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket) -> None:
         if len(self.streams) >= self.settings.max_streams_per_device:
-            self._refuse_client("%d clients are open (max_streams_per_device)"
+            self._refuse_client(listener, "%d clients are open (max_streams_per_device)"
                                 % len(self.streams))
             return
-        client_id, announce = self.session.open(self.streams, time.monotonic())
+        client_id, announce = self.session.open(self.streams, time.monotonic(),
+                                                self._connects.get(listener))
         if client_id is None and self.ids.wait:
             # Clients wait in the backlog until the first id's grace ends.
             if not self._accept_paused:
                 self._accept_paused = True
-                self.loop.forget(self.host_sock)
+                for other in self._connects:
+                    self.loop.forget(other)
                 self.loop.call_later(self.ids.wait, self._resume_accept)
             return
         try:
-            accepted = accept_nowait(self.host_sock)
+            accepted = accept_nowait(listener)
         except OSError as exc:
             self.refusals.warning("%s: accept failed: %s", self.name, exc.strerror or exc)
             return
@@ -232,14 +277,16 @@ class ServerLink(Link):
         tune_stream_socket(client)
         stream = self.new_stream(client_id, who)
         stream.sock = client
-        self.log.info("%s: client %d (%s) connected", self.name, client_id, who)
+        service = "" if listener is self.host_sock else \
+            " to service %s" % next((n for n, s in self.services.items() if s is listener), "?")
+        self.log.info("%s: client %d (%s) connected%s", self.name, client_id, who, service)
         # CONNECT is queued before the pump starts, so it precedes the client's DATA.
         self._act(announce)
         self.open_stream(stream)
 
-    def _refuse_client(self, why: str) -> None:
+    def _refuse_client(self, listener: socket.socket, why: str) -> None:
         try:
-            accepted = accept_nowait(self.host_sock)
+            accepted = accept_nowait(listener)
         except OSError as exc:
             self.refusals.warning("%s: accept failed: %s", self.name, exc.strerror or exc)
             return
@@ -263,9 +310,11 @@ class ServerLink(Link):
         pass   # host_ready says it, with the port
 
     def on_teardown(self) -> None:
-        if self.host_sock is not None:
-            self.loop.forget(self.host_sock)
-            self.host_sock = None   # the app closes it
+        for listener in self._connects:
+            self.loop.forget(listener)
+        self._connects.clear()
+        self.services.clear()
+        self.host_sock = None   # the app closes them all
         self.app.release_host(self)
 
 

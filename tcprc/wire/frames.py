@@ -73,6 +73,12 @@ def data_frames(client_id: int, data: Any) -> Tuple[List[Any], int]:
     return parts, HEADER_SIZE * (len(parts) // 2) + size
 
 
+# A v2 CONNECT to a named service of the device ([device.services.NAME]): the
+# address is this prefix and the name, the port 0.  It is no host name (a
+# colon) nor IPv6 address ("s" is no hex digit): it names no real target.
+SERVICE_PREFIX = "service:"
+
+
 def encode_connect_payload(address: str, port: int) -> bytes:
     raw = address.encode("ascii")
     return _PORT.pack(len(raw)) + raw + _PORT.pack(port)

@@ -504,14 +504,17 @@ class ServerSession(Session):
             return [(DEBUG, "CLOSE for client %d answers ours: the id is free" % client_id)]
         return Session.peer_close(self, client_id, known, answered, now)
 
-    def open(self, open_ids: Any, now: float) -> Tuple[Optional[int], List[Action]]:
-        """A client is waiting to be accepted: its id and the CONNECT that announces it,
-        or (None, []) with `ids.wait` saying how long to wait (0.0: refuse it)."""
+    def open(self, open_ids: Any, now: float,
+             payload: Optional[bytes] = None) -> Tuple[Optional[int], List[Action]]:
+        """A client is waiting to be accepted: its id and the CONNECT that announces it
+        (`payload`, or the session's connect_payload), or (None, []) with `ids.wait`
+        saying how long to wait (0.0: refuse it)."""
         client_id = self.ids.allocate(open_ids, now)
         if client_id is None:
             return None, NONE
         self._carried = True
-        return client_id, [(SEND, frames.CONNECT, client_id, self.connect_payload)]
+        return client_id, [(SEND, frames.CONNECT, client_id,
+                            self.connect_payload if payload is None else payload)]
 
     def closed_here(self, client_id: int, now: float) -> None:
         self.ids.hold(client_id, now, GRACE_FLOOR + GRACE_RTTS * self._rtt())
