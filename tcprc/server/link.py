@@ -243,7 +243,8 @@ class ServerLink(Link):
                 self._watch(listener)
 
     def _accept(self, listener: socket.socket) -> None:
-        if len(self.streams) >= self.settings.max_streams_per_device:
+        # At 255 the ids run out first: that refusal says more (held ids).
+        if len(self.streams) >= self.settings.max_streams_per_device < MAX_CLIENTS:
             self._refuse_client(listener, "%d clients are open (max_streams_per_device)"
                                 % len(self.streams))
             return
