@@ -13,9 +13,9 @@ its backoff plus the time to connect; the host port belongs to the new
 session (the server's status names the relay's newest leg).
 
 Legacy sessions see a dead path only through TCP keepalive and
-TCP_USER_TIMEOUT, so the configs below set them low.  SESSION_KINDS is the
-parametrisation point for protocol v2: add its config there once it lands
-(heartbeats then also find the relay's black hole, which keeps both TCP legs up).
+TCP_USER_TIMEOUT, so the configs below set them low.  SESSION_KINDS holds
+both: legacy, and v2 with heartbeats set short (they also find the relay's
+black hole, which keeps both TCP legs up).
 """
 
 import re
@@ -39,15 +39,26 @@ CONNECT_TIMEOUT = 2.0
 DEVICE_KEYS = dict(DETECT, connect_timeout=CONNECT_TIMEOUT, reconnect_min=0.2,
                    reconnect_max=RECONNECT_MAX)
 SERVER_KEYS = dict(DETECT)
-
-# v2 joins here: {"v2": {"device": {"protocol": "v2", "heartbeat_interval": 1, ...}, "server": {...}}}
-SESSION_KINDS = {"legacy": {"device": {}, "server": {}}}
-V2_PENDING = pytest.param("v2", marks=pytest.mark.skip(
-    reason="protocol v2 (heartbeats) is not merged yet: add it to SESSION_KINDS"))
-KINDS = ["legacy", V2_PENDING]
-HEARTBEAT_KINDS = [V2_PENDING]   # kinds that see a path that ACKs but forwards nothing
-
 SERVER_LISTEN, HOST_PORT, RELAY_PORT = 9100, 9200, 9300
+LEGACY_HOST = 9201   # [server] host when HOST_PORT is a v2 device's
+
+# v2: heartbeats every second, a silent peer given up after 3 s (the black hole:
+# the relay keeps both TCP legs up and ACKing, so only heartbeats can see it).
+# An identified device on a server without legacy sessions: with legacy allowed
+# the server waits for HELLO 0.25 s + 4 RTTs of *its* socket, and the relay
+# hides the path's RTT from it (loopback), so a v2 device 400 ms away would be
+# taken for a legacy one.  HOST_PORT is the device's own host port then.
+HEARTBEATS = {"heartbeat_interval": 1.0, "heartbeat_timeout": 3.0}
+V2_SECRET = "fault-test-secret-0123456789"   # a test secret, not a real one
+SESSION_KINDS = {
+    "legacy": {"device": {"protocol": "legacy"}, "server": {}, "tables": ""},
+    "v2": {"device": dict(HEARTBEATS, protocol="v2", id="gw1", secret=V2_SECRET),
+           "server": dict(HEARTBEATS, legacy=False),
+           "tables": '[server.devices.gw1]\nhost = "127.0.0.1:%d"\nsecret = "%s"\n' % (HOST_PORT, V2_SECRET)},
+}
+KINDS = sorted(SESSION_KINDS)
+HEARTBEAT_KINDS = ["v2"]   # kinds that see a path that ACKs but forwards nothing
+
 # Back after the path returns: at most one backoff period, one dial, one LISTEN
 # round trip through the slow path; the rest is slack for a loaded machine.
 BACK_WITHIN = RECONNECT_MAX + CONNECT_TIMEOUT + 8.0
@@ -75,7 +86,7 @@ class World:
     """The two namespaces, the agents, the relay and the service of one test."""
 
     def __init__(self, net, agents, kind):
-        self.net, self.agents = net, agents
+        self.net, self.agents, self.kind = net, agents, kind
         keys = SESSION_KINDS[kind]
         net.shape("1mbit")
         self.service = net.call("dev", MixedService)
@@ -84,8 +95,10 @@ class World:
                            tune=keepalive_tuner(1, 1, 3, user_timeout=4.0))
         net.call("srv", self.relay.start)
         self.server = agents.start(
-            "server", "--listen", "127.0.0.1:%d" % SERVER_LISTEN, "--host", "127.0.0.1:%d" % HOST_PORT,
-            config=_toml("server", dict(SERVER_KEYS, **keys["server"])), prefix=net.wrap("srv"))
+            "server", "--listen", "127.0.0.1:%d" % SERVER_LISTEN,
+            "--host", "127.0.0.1:%d" % (LEGACY_HOST if keys["tables"] else HOST_PORT),
+            config=_toml("server", dict(SERVER_KEYS, **keys["server"])) + keys["tables"],
+            prefix=net.wrap("srv"))
         wait_for(lambda: _listening_in(self.server.pid, SERVER_LISTEN) or self.server.poll() is not None,
                  timeout=30, what="the server's uplink port")
         self.device = agents.start(
@@ -121,6 +134,7 @@ class World:
             port = self.session_port()
             return port is not None and port != old and port == self.newest_leg()
         wait_for(back, timeout=timeout, interval=0.1, what="the device's new session")
+        assert self.status(self.server).get("protocol") == self.kind, self.status(self.server)
         result = run_stream(self.connect, "echo", 2000, deadline=30)
         assert result.outcome == "complete", result
         return self.session_port()
