@@ -140,7 +140,10 @@ def run_stream(connect: Callable[[], socket.socket], mode: str, size: int,
     try:
         sock.settimeout(1.0)
         code = {"echo": b"e", "source": b"s", "sink": b"k", "half": b"h"}[mode]
-        sock.sendall(HEADER.pack(code, size))
+        try:
+            sock.sendall(HEADER.pack(code, size))
+        except OSError as exc:   # the tunnel reset it at once (its session just ended)
+            return check("cut", "reset before the header went: %s" % exc)
         if mode in ("echo", "sink", "half"):
             def send() -> None:
                 view = memoryview(want)
