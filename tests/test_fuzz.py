@@ -9,6 +9,10 @@ import logging
 import pytest
 
 from support import fuzz
+from support.net import is_eof
+from support.tunnel import settings
+from support.waiting import wait_for
+from tcprc.wire import frames
 
 FUZZ_SEED = 14
 # Inputs per target: a few seconds in all on a loaded 2-core machine.
@@ -33,3 +37,26 @@ def test_fuzz(target):
     assert outcome.tried == BUDGET[target.name]
     assert not outcome.failures, "%d of %d inputs failed; first: %s on %r" % (
         len(outcome.failures), outcome.tried, outcome.failures[0][1], outcome.failures[0][0])
+
+
+# ---- regressions: what the fuzzers found, one test each -----------------------------------
+@pytest.mark.parametrize("protocol", ["v2", "auto"])
+def test_a_server_silent_after_its_offer_does_not_hold_the_device_for_ever(legacy_server, service, protocol):
+    """Found by device-link-v2 (a second OFFER, then nothing): after an OFFER the
+    device waited for CHALLENGE without a deadline, so a server (or a black hole
+    on the path, TCP still up) that went quiet mid-handshake kept its uplink for ever."""
+    from tcprc.device.app import DeviceApp
+    device = DeviceApp(settings("device", server=legacy_server.address, protocol=protocol,
+                                connect_timeout=0.5, reconnect_min=5, reconnect_max=5,
+                                local="%s:%d" % service.address))
+    device.start()
+    try:
+        peer = legacy_server.accept()
+        peer.expect(b"\x00\x00\x04\x00")
+        peer.send_raw(frames.OFFER_FRAME)
+        assert peer.read_frame()[0] == frames.HELLO
+        assert is_eof(peer.sock, timeout=5), "the device still waits for a CHALLENGE"
+        error = wait_for(lambda: device.status()["last_error"], what="the device's error")
+        assert "the v2 handshake did not finish within 0.5 s of the OFFER" in error
+    finally:
+        device.close()
