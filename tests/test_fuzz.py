@@ -17,7 +17,8 @@ from tcprc.wire import frames
 FUZZ_SEED = 14
 # Inputs per target: a few seconds in all on a loaded 2-core machine.
 BUDGET = {"decoder": 1500, "decoder-split": 60, "connect-payload": 20000, "console": 800,
-          "commands": 4000, "config": 800, "device-link": 120, "server-link": 30}
+          "commands": 4000, "config": 800, "device-link": 120, "server-link": 30,
+          "handshake": 2000, "device-link-v2": 120, "server-link-v2": 100}
 
 pytestmark = pytest.mark.faults
 
