@@ -39,6 +39,7 @@ def test_a_short_soak_verifies_streams_through_faults_and_reconnects():
     if int(kills.group(1)) + int(kills.group(2)):
         assert figures["reconnects"] >= 1
     assert "corrupt 0, hung 0" in proc.stdout
+    assert "server sockets in CLOSE_WAIT 30 s after the last client: 0" in proc.stdout
     fds = dict((m.group(1), (int(m.group(2)), int(m.group(3)))) for m in
                re.finditer(r"^(server|device|device-v2) .* (-?\d+) +(-?\d+)$", proc.stdout, re.M))
     assert sorted(fds) == ["device", "device-v2", "server"]
