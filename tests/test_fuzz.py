@@ -61,3 +61,20 @@ def test_a_server_silent_after_its_offer_does_not_hold_the_device_for_ever(legac
         assert "the v2 handshake did not finish within 0.5 s of the OFFER" in error
     finally:
         device.close()
+
+
+@pytest.mark.parametrize("role, raw", [
+    ("server", {"server": {"tls_client_ca": "ca\x00.pem"}}),
+    ("server", {"server": {"tls_cert": "a\x00", "tls_key": "b"}}),
+    ("device", {"device": {"id": "gw1", "secret_file": "\x00"}}),
+    ("server", {"server": {"devices": {"gw1": {"host": "127.0.0.1:2301", "secret_file": "s\x00"}}}}),
+])
+def test_a_file_path_with_a_nul_byte_is_one_config_error(role, raw):
+    """Found by the config fuzzer (scripts/fuzz, seed 1414): open() raises
+    ValueError, not OSError, for a path with a NUL byte, and it escaped the
+    loader as a traceback instead of one ConfigError line."""
+    from tcprc.errors import ConfigError
+    from tcprc.ops.config import build_config
+    with pytest.raises(ConfigError) as caught:
+        build_config(role, raw, "fuzz.toml")
+    assert "NUL byte" in str(caught.value) and "\n" not in str(caught.value)

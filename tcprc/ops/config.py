@@ -369,6 +369,8 @@ def _read_secret(table: str, path: str) -> Secret:
         raise fail("permission denied") from None
     except OSError as exc:
         raise fail(exc.strerror or str(exc)) from None
+    except ValueError:   # open() says so of a NUL byte in the path
+        raise fail("the path has a NUL byte") from None
     if len(data) > MAX_SECRET_FILE:
         raise fail("longer than %d bytes: not a secret file" % MAX_SECRET_FILE)
     try:
@@ -403,6 +405,8 @@ def _check_files(table: str, values: Dict[str, Any], keys: Tuple[str, ...]) -> N
             problem = "permission denied"
         except OSError as exc:
             problem = exc.strerror or str(exc)
+        except ValueError:   # open() says so of a NUL byte in the path
+            problem = "the path has a NUL byte"
         else:
             continue
         raise SectionProblem(table, "%s %s: %s" % (key, path, problem))
