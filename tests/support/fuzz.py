@@ -14,6 +14,7 @@ escapes but the documented ones, no thread dies (threading.excepthook is
 watched), a link ends at most itself, and memory stays bounded.
 """
 
+import errno
 import os
 import random
 import socket
@@ -194,13 +195,25 @@ class ConnectPayload:
 
 # ---- links over real sockets ----------------------------------------------------------
 def _tcp_pair() -> Tuple[socket.socket, socket.socket]:
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    near = socket.create_connection(listener.getsockname())
-    far, _ = listener.accept()
-    listener.close()
-    return near, far
+    # Hundreds of inputs a second leave tens of thousands of TIME_WAIT sockets in a
+    # long run: when the ephemeral ports run out, wait for some (bounded), as the
+    # harness's own want, not the target's failure.
+    for attempt in range(240):
+        try:
+            listener = socket.socket()
+            try:
+                listener.bind(("127.0.0.1", 0))
+                listener.listen(1)
+                near = socket.create_connection(listener.getsockname())
+                far, _ = listener.accept()
+                return near, far
+            finally:
+                listener.close()
+        except OSError as exc:
+            if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL) or attempt == 239:
+                raise
+            time.sleep(0.5)
+    raise AssertionError("unreachable")
 
 
 def _read_frames_until(sock: socket.socket, want: Callable[[Tuple[int, int, bytes]], bool],
