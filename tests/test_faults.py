@@ -25,6 +25,7 @@ import time
 import pytest
 
 from support.impair import Relay, keepalive_tuner
+from support.net import recv_exactly
 from support.netns import netpair_or_skip
 from support.streams import Batch, MixedService, run_stream, tally
 from support.waiting import wait_for
@@ -259,3 +260,30 @@ def test_a_black_hole_that_keeps_tcp_up_is_found_by_heartbeats(world):
              what="the old session to end")
     world.relay.blackhole(False)
     world.wait_back(BACK_WITHIN, old=first)
+
+
+def test_a_v2_device_behind_a_slow_relay_is_not_taken_for_legacy_for_ever(service):
+    """Found by the v2 fault tests: the server waits 0.25 s + 4 RTTs of *its own*
+    socket for HELLO while legacy sessions are allowed.  Behind a TCP-terminating
+    relay or proxy that RTT is the relay's (loopback here), so a v2 device 400 ms
+    away answered every OFFER too late and redialled for ever.  A source that
+    answered late once gets the longest wait (2 s) from then on."""
+    from support.tunnel import settings
+    from tcprc.device.app import DeviceApp
+    from tcprc.server.app import ServerApp
+    server = ServerApp(settings("server", listen="127.0.0.1:0", host="127.0.0.1:0"))
+    server.start()
+    relay = Relay(server.listen_address, delay=0.2, jitter=0.0).start()
+    device = DeviceApp(settings("device", server="%s:%d" % relay.address, protocol="v2",
+                                local="%s:%d" % service.address, reconnect_min=0.2, reconnect_max=0.5))
+    device.start()
+    try:
+        wait_for(lambda: server.status()["protocol"] == "v2", timeout=20, interval=0.05,
+                 what="a v2 session through the slow relay")
+        with socket.create_connection(server.host_address, 10) as client:   # the echo service
+            client.sendall(b"through v2" * 200)
+            assert recv_exactly(client, 2000) == b"through v2" * 200
+    finally:
+        device.close()
+        relay.close()
+        server.close()

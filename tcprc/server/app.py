@@ -30,7 +30,7 @@ from ..engine.ratelog import LimitedLog, SourceLog
 from ..engine.loop import Loop
 from ..engine.sockets import accept_nowait, bind_listener
 from .link import HANDOVER, ServerLink, open_server_link
-from .throttle import AuthThrottle
+from .throttle import AuthThrottle, LateHellos
 from ..settings import ServerSettings
 
 log = logging.getLogger("tcprc.server")
@@ -97,6 +97,7 @@ class ServerApp:
         self.uplink_log = SourceLog(log)
         self._accept_errors = LimitedLog(log)
         self.throttle = AuthThrottle()
+        self.late_hellos = LateHellos()   # sources whose HELLO came after the legacy decision
         self.auth_failures = 0
         self._tls = server_tls(settings)   # ConfigError here: the start stops
         self.client_certificates = bool(settings.tls_client_ca)

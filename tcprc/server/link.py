@@ -248,7 +248,9 @@ def open_server_link(sock: socket.socket, settings: ServerSettings, name: str, a
         ClientIds(settings.id_quarantine),
         protocol.encode_connect_payload(settings.connect_address, settings.connect_port),
         lambda: _rtt(transport), lookup=app.secret_of, legacy_allowed=settings.legacy,
-        window=settings.window, throttle=lambda now: app.throttle.delay(source, now))
+        window=settings.window, throttle=lambda now: app.throttle.delay(source, now),
+        late=(lambda now: app.late_hellos.recent(source, now),
+              lambda now: app.late_hellos.note(source, now)))
     return ServerLink(transport, Loop(), session, settings, name, app, host)
 
 

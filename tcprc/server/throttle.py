@@ -47,3 +47,26 @@ class AuthThrottle:
 
     def __len__(self) -> int:
         return len(self._sources)
+
+
+class LateHellos:
+    """Per source: it answered an OFFER after the server had taken it for legacy.
+
+    The server waits for HELLO a few round trips of its own socket, which a
+    relay or proxy in front of it hides; such a source would redial into the
+    same too-short wait for ever, so from then on it gets the longest wait.
+    Bounded like AuthThrottle; forgotten after FORGET_AFTER.
+    """
+
+    def __init__(self) -> None:
+        self._sources: Dict[Any, float] = {}   # key -> when it was last late
+
+    def note(self, source: Any, now: float) -> None:
+        self._sources.pop(source, None)
+        if len(self._sources) >= MAX_SOURCES:
+            del self._sources[next(iter(self._sources))]
+        self._sources[source] = now
+
+    def recent(self, source: Any, now: float) -> bool:
+        when = self._sources.get(source)
+        return when is not None and now - when <= FORGET_AFTER

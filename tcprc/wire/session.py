@@ -351,7 +351,8 @@ class ServerSession(Session):
                  rtt: Callable[[], float] = lambda: 0.0,
                  lookup: Callable[[str], Optional[bytes]] = lambda device_id: None,
                  legacy_allowed: bool = True, window: int = 256 * 1024,
-                 throttle: Callable[[float], float] = lambda now: 0.0) -> None:
+                 throttle: Callable[[float], float] = lambda now: 0.0,
+                 late: Any = None) -> None:
         self.ids = ids
         self.connect_payload = connect_payload
         self.listening = False
@@ -362,6 +363,8 @@ class ServerSession(Session):
         self.legacy_allowed = legacy_allowed
         self.window = window
         self._throttle = throttle
+        # (recent(now), note(now)): this source answered an OFFER too late before.
+        self._late = late
         self.state = "listen"   # -> offered -> (legacy | challenged -> authed -> v2)
         self._deadline: Optional[float] = None
         self._handshake: Any = None
@@ -379,8 +382,10 @@ class ServerSession(Session):
         self.listening = True
         self.state = "offered"
         if self.legacy_allowed:   # else only a HELLO helps: listen_timeout bounds the wait
-            self._deadline = now + min(HELLO_WAIT_CAP,
-                                       HELLO_WAIT_FLOOR + HELLO_WAIT_RTTS * self._rtt())
+            wait = min(HELLO_WAIT_CAP, HELLO_WAIT_FLOOR + HELLO_WAIT_RTTS * self._rtt())
+            if self._late is not None and self._late[0](now):
+                wait = HELLO_WAIT_CAP   # its round trip is longer than our socket says
+            self._deadline = now + wait
         # Zero length: a legacy (Lua) device logs it as a bad command and carries on.
         return [(SEND, frames.OFFER, frames.V2, b"")]
 
@@ -407,8 +412,11 @@ class ServerSession(Session):
                 return [(FAIL, "the device rejected the handshake: %s%s" % (
                     frames.reject_name(code), ": " + text if text else ""))]
             if command == frames.HELLO and self.state == "legacy":
+                if self._late is not None:
+                    self._late[1](now)
                 return [(FAIL, "HELLO after the uplink was taken as legacy (the device answered "
-                         "our OFFER too late): it will redial")]
+                         "our OFFER too late): it will redial, and this source's HELLO gets "
+                         "%g s from now on" % HELLO_WAIT_CAP)]
             raise HandshakeError(frames.REJECT_MALFORMED, "%s out of order" % name)
         except HandshakeError as exc:
             self.state = "failed"
