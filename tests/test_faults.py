@@ -45,10 +45,10 @@ LEGACY_HOST = 9201   # [server] host when HOST_PORT is a v2 device's
 
 # v2: heartbeats every second, a silent peer given up after 3 s (the black hole:
 # the relay keeps both TCP legs up and ACKing, so only heartbeats can see it).
-# An identified device on a server without legacy sessions: with legacy allowed
-# the server waits for HELLO 0.25 s + 4 RTTs of *its* socket, and the relay
-# hides the path's RTT from it (loopback), so a v2 device 400 ms away would be
-# taken for a legacy one.  HOST_PORT is the device's own host port then.
+# An identified device on a server without legacy sessions (a v2 fleet's set-up):
+# with legacy allowed, the server's first wait for HELLO counts its own socket's
+# RTT, which the relay hides, so each first dial would be taken for legacy once
+# (the last test here).  HOST_PORT is the device's own host port then.
 HEARTBEATS = {"heartbeat_interval": 1.0, "heartbeat_timeout": 3.0}
 V2_SECRET = "fault-test-secret-0123456789"   # a test secret, not a real one
 SESSION_KINDS = {
