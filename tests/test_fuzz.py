@@ -78,3 +78,19 @@ def test_a_file_path_with_a_nul_byte_is_one_config_error(role, raw):
     with pytest.raises(ConfigError) as caught:
         build_config(role, raw, "fuzz.toml")
     assert "NUL byte" in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("role, raw", [
+    ("device", {"device": {"id": "gw1", "secret_file": "/no/such\ntls = false"}}),
+    ("server", {"server": {"tls_client_ca": "/no/such\r\nca.pem"}}),
+])
+def test_a_file_path_with_a_newline_is_one_config_error_line(role, raw):
+    """Found by the config fuzzer (scripts/fuzz, seed 1415: a multi-line TOML
+    string as secret_file): the path went into the error as it was, newlines
+    and all, so the "one line" error was several."""
+    from tcprc.errors import ConfigError
+    from tcprc.ops.config import build_config
+    with pytest.raises(ConfigError) as caught:
+        build_config(role, raw, "fuzz.toml")
+    assert "\n" not in str(caught.value) and "\r" not in str(caught.value)
+    assert "no such file" in str(caught.value)

@@ -355,9 +355,15 @@ def _resolve_secret(table: str, secret: Any, path: str) -> Optional[Secret]:
     return Secret(secret.encode("utf-8"))
 
 
+def _path(path: str) -> str:
+    """A path for an error line: as written, or quoted when it holds a newline or
+    another control character (the error stays one line)."""
+    return path if path.isprintable() else repr(path)
+
+
 def _read_secret(table: str, path: str) -> Secret:
     def fail(problem: str) -> SectionProblem:
-        return SectionProblem(table, "secret_file %s: %s" % (path, problem))
+        return SectionProblem(table, "secret_file %s: %s" % (_path(path), problem))
     try:
         with open(path, "rb") as handle:
             data = handle.read(MAX_SECRET_FILE + 1)
@@ -409,7 +415,7 @@ def _check_files(table: str, values: Dict[str, Any], keys: Tuple[str, ...]) -> N
             problem = "the path has a NUL byte"
         else:
             continue
-        raise SectionProblem(table, "%s %s: %s" % (key, path, problem))
+        raise SectionProblem(table, "%s %s: %s" % (key, _path(path), problem))
 
 
 def _finish_device(values: Dict[str, Any]) -> None:
