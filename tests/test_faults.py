@@ -13,9 +13,9 @@ its backoff plus the time to connect; the host port belongs to the new
 session (the server's status names the relay's newest leg).
 
 Legacy sessions see a dead path only through TCP keepalive and
-TCP_USER_TIMEOUT, so the configs below set them low.  SESSION_KINDS is the
-parametrisation point for protocol v2: add its config there once it lands
-(heartbeats then also find the relay's black hole, which keeps both TCP legs up).
+TCP_USER_TIMEOUT, so the configs below set them low.  SESSION_KINDS holds
+both: legacy, and v2 with heartbeats set short (they also find the relay's
+black hole, which keeps both TCP legs up).
 """
 
 import re
@@ -25,6 +25,7 @@ import time
 import pytest
 
 from support.impair import Relay, keepalive_tuner
+from support.net import recv_exactly
 from support.netns import netpair_or_skip
 from support.streams import Batch, MixedService, run_stream, tally
 from support.waiting import wait_for
@@ -39,15 +40,26 @@ CONNECT_TIMEOUT = 2.0
 DEVICE_KEYS = dict(DETECT, connect_timeout=CONNECT_TIMEOUT, reconnect_min=0.2,
                    reconnect_max=RECONNECT_MAX)
 SERVER_KEYS = dict(DETECT)
-
-# v2 joins here: {"v2": {"device": {"protocol": "v2", "heartbeat_interval": 1, ...}, "server": {...}}}
-SESSION_KINDS = {"legacy": {"device": {}, "server": {}}}
-V2_PENDING = pytest.param("v2", marks=pytest.mark.skip(
-    reason="protocol v2 (heartbeats) is not merged yet: add it to SESSION_KINDS"))
-KINDS = ["legacy", V2_PENDING]
-HEARTBEAT_KINDS = [V2_PENDING]   # kinds that see a path that ACKs but forwards nothing
-
 SERVER_LISTEN, HOST_PORT, RELAY_PORT = 9100, 9200, 9300
+LEGACY_HOST = 9201   # [server] host when HOST_PORT is a v2 device's
+
+# v2: heartbeats every second, a silent peer given up after 3 s (the black hole:
+# the relay keeps both TCP legs up and ACKing, so only heartbeats can see it).
+# An identified device on a server without legacy sessions (a v2 fleet's set-up):
+# with legacy allowed, the server's first wait for HELLO counts its own socket's
+# RTT, which the relay hides, so each first dial would be taken for legacy once
+# (the last test here).  HOST_PORT is the device's own host port then.
+HEARTBEATS = {"heartbeat_interval": 1.0, "heartbeat_timeout": 3.0}
+V2_SECRET = "fault-test-secret-0123456789"   # a test secret, not a real one
+SESSION_KINDS = {
+    "legacy": {"device": {"protocol": "legacy"}, "server": {}, "tables": ""},
+    "v2": {"device": dict(HEARTBEATS, protocol="v2", id="gw1", secret=V2_SECRET),
+           "server": dict(HEARTBEATS, legacy=False),
+           "tables": '[server.devices.gw1]\nhost = "127.0.0.1:%d"\nsecret = "%s"\n' % (HOST_PORT, V2_SECRET)},
+}
+KINDS = sorted(SESSION_KINDS)
+HEARTBEAT_KINDS = ["v2"]   # kinds that see a path that ACKs but forwards nothing
+
 # Back after the path returns: at most one backoff period, one dial, one LISTEN
 # round trip through the slow path; the rest is slack for a loaded machine.
 BACK_WITHIN = RECONNECT_MAX + CONNECT_TIMEOUT + 8.0
@@ -75,7 +87,7 @@ class World:
     """The two namespaces, the agents, the relay and the service of one test."""
 
     def __init__(self, net, agents, kind):
-        self.net, self.agents = net, agents
+        self.net, self.agents, self.kind = net, agents, kind
         keys = SESSION_KINDS[kind]
         net.shape("1mbit")
         self.service = net.call("dev", MixedService)
@@ -84,8 +96,10 @@ class World:
                            tune=keepalive_tuner(1, 1, 3, user_timeout=4.0))
         net.call("srv", self.relay.start)
         self.server = agents.start(
-            "server", "--listen", "127.0.0.1:%d" % SERVER_LISTEN, "--host", "127.0.0.1:%d" % HOST_PORT,
-            config=_toml("server", dict(SERVER_KEYS, **keys["server"])), prefix=net.wrap("srv"))
+            "server", "--listen", "127.0.0.1:%d" % SERVER_LISTEN,
+            "--host", "127.0.0.1:%d" % (LEGACY_HOST if keys["tables"] else HOST_PORT),
+            config=_toml("server", dict(SERVER_KEYS, **keys["server"])) + keys["tables"],
+            prefix=net.wrap("srv"))
         wait_for(lambda: _listening_in(self.server.pid, SERVER_LISTEN) or self.server.poll() is not None,
                  timeout=30, what="the server's uplink port")
         self.device = agents.start(
@@ -121,6 +135,7 @@ class World:
             port = self.session_port()
             return port is not None and port != old and port == self.newest_leg()
         wait_for(back, timeout=timeout, interval=0.1, what="the device's new session")
+        assert self.status(self.server).get("protocol") == self.kind, self.status(self.server)
         result = run_stream(self.connect, "echo", 2000, deadline=30)
         assert result.outcome == "complete", result
         return self.session_port()
@@ -245,3 +260,30 @@ def test_a_black_hole_that_keeps_tcp_up_is_found_by_heartbeats(world):
              what="the old session to end")
     world.relay.blackhole(False)
     world.wait_back(BACK_WITHIN, old=first)
+
+
+def test_a_v2_device_behind_a_slow_relay_is_not_taken_for_legacy_for_ever(service):
+    """Found by the v2 fault tests: the server waits 0.25 s + 4 RTTs of *its own*
+    socket for HELLO while legacy sessions are allowed.  Behind a TCP-terminating
+    relay or proxy that RTT is the relay's (loopback here), so a v2 device 400 ms
+    away answered every OFFER too late and redialled for ever.  The wait is at
+    least 1 s now, and a later HELLO before any client still makes it v2."""
+    from support.tunnel import settings
+    from tcprc.device.app import DeviceApp
+    from tcprc.server.app import ServerApp
+    server = ServerApp(settings("server", listen="127.0.0.1:0", host="127.0.0.1:0"))
+    server.start()
+    relay = Relay(server.listen_address, delay=0.2, jitter=0.0).start()
+    device = DeviceApp(settings("device", server="%s:%d" % relay.address, protocol="v2",
+                                local="%s:%d" % service.address, reconnect_min=0.2, reconnect_max=0.5))
+    device.start()
+    try:
+        wait_for(lambda: server.status()["protocol"] == "v2", timeout=20, interval=0.05,
+                 what="a v2 session through the slow relay")
+        with socket.create_connection(server.host_address, 10) as client:   # the echo service
+            client.sendall(b"through v2" * 200)
+            assert recv_exactly(client, 2000) == b"through v2" * 200
+    finally:
+        device.close()
+        relay.close()
+        server.close()

@@ -384,9 +384,15 @@ def _resolve_secret(table: str, secret: Any, path: str) -> Optional[Secret]:
     return Secret(secret.encode("utf-8"))
 
 
+def _path(path: str) -> str:
+    """A path for an error line: as written, or quoted when it holds a newline or
+    another control character (the error stays one line)."""
+    return path if path.isprintable() else repr(path)
+
+
 def _read_secret(table: str, path: str) -> Secret:
     def fail(problem: str) -> SectionProblem:
-        return SectionProblem(table, "secret_file %s: %s" % (path, problem))
+        return SectionProblem(table, "secret_file %s: %s" % (_path(path), problem))
     try:
         with open(path, "rb") as handle:
             data = handle.read(MAX_SECRET_FILE + 1)
@@ -398,6 +404,8 @@ def _read_secret(table: str, path: str) -> Secret:
         raise fail("permission denied") from None
     except OSError as exc:
         raise fail(exc.strerror or str(exc)) from None
+    except ValueError:   # open() says so of a NUL byte in the path
+        raise fail("the path has a NUL byte") from None
     if len(data) > MAX_SECRET_FILE:
         raise fail("longer than %d bytes: not a secret file" % MAX_SECRET_FILE)
     try:
@@ -432,9 +440,11 @@ def _check_files(table: str, values: Dict[str, Any], keys: Tuple[str, ...]) -> N
             problem = "permission denied"
         except OSError as exc:
             problem = exc.strerror or str(exc)
+        except ValueError:   # open() says so of a NUL byte in the path
+            problem = "the path has a NUL byte"
         else:
             continue
-        raise SectionProblem(table, "%s %s: %s" % (key, path, problem))
+        raise SectionProblem(table, "%s %s: %s" % (key, _path(path), problem))
 
 
 def _finish_device(values: Dict[str, Any]) -> None:

@@ -198,7 +198,9 @@ class DeviceSession(Session):
             from .handshake import DeviceHandshake
             self._handshake = DeviceHandshake(self.device_id, self._secret, self.window)
             self.state = "hello"
-            self._offer_deadline = None
+            # The same bound for the rest of the handshake: a server gone quiet now
+            # (or a path that black-holes, TCP still up) must not hold the uplink.
+            self._offer_deadline = now + self._offer_wait
             return [(SEND, frames.HELLO, 0, self._handshake.hello())]
         if command == frames.REJECT:
             code, text = _reject(payload)
@@ -216,6 +218,7 @@ class DeviceSession(Session):
             if command == frames.WELCOME:
                 host = self._handshake.on_welcome(payload)
                 self.state = "v2"
+                self._offer_deadline = None
                 self.v2 = True
                 return [(UPGRADED, self._handshake.peer_window,
                          "%s; the server takes our clients on %s" % (
@@ -232,7 +235,7 @@ class DeviceSession(Session):
         if self.state == "hello" and not self.strict:
             # The server took us as legacy before our HELLO reached it, and
             # carried a client: it ignores the HELLO, so this uplink is legacy.
-            self.state, self._handshake = "legacy", None
+            self.state, self._handshake, self._offer_deadline = "legacy", None, None
             return [(WARN, "the server took this uplink as legacy before our HELLO reached it: "
                            "staying legacy")] + self.connect(client_id, payload, busy, now)
         if self.state != "legacy" and self.state != "v2":
@@ -304,6 +307,9 @@ class DeviceSession(Session):
     def expire(self, now: float, reading: bool) -> List[Action]:
         if self._offer_deadline is not None and now >= self._offer_deadline:
             self._offer_deadline = None
+            if self.state == "hello":
+                return [(FAIL, "the v2 handshake did not finish within %g s of the OFFER"
+                         % self._offer_wait)]
             return [(FAIL, "no OFFER of protocol v2 within %g s of LISTEN (a legacy server?): "
                      "refusing to fall back, %s" % (self._offer_wait, self._why_strict()))]
         if not reading:

@@ -1,5 +1,10 @@
 """Fuzz targets with a seeded random.Random (no hypothesis): one place for
 tests/test_fuzz.py (fixed seed, small budget) and scripts/fuzz (long runs).
+Legacy: the frame decoder, CONNECT payloads, both link roles; protocol v2:
+the handshake state machines (real HELLO/CHALLENGE/AUTH/WELCOME payloads
+changed where their structure is) and both link roles after a genuine,
+changed or out-of-order handshake (CREDIT/EOF/PING/PONG/CLOSE with reasons);
+and the console, the command parser and the config loader.
 
 A target is a class with make(rng) -> an input, and check(input), which
 raises AssertionError (or anything else) when a property breaks.  Inputs
@@ -9,6 +14,7 @@ escapes but the documented ones, no thread dies (threading.excepthook is
 watched), a link ends at most itself, and memory stays bounded.
 """
 
+import errno
 import os
 import random
 import socket
@@ -189,13 +195,25 @@ class ConnectPayload:
 
 # ---- links over real sockets ----------------------------------------------------------
 def _tcp_pair() -> Tuple[socket.socket, socket.socket]:
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    near = socket.create_connection(listener.getsockname())
-    far, _ = listener.accept()
-    listener.close()
-    return near, far
+    # Hundreds of inputs a second leave tens of thousands of TIME_WAIT sockets in a
+    # long run: when the ephemeral ports run out, wait for some (bounded), as the
+    # harness's own want, not the target's failure.
+    for attempt in range(240):
+        try:
+            listener = socket.socket()
+            try:
+                listener.bind(("127.0.0.1", 0))
+                listener.listen(1)
+                near = socket.create_connection(listener.getsockname())
+                far, _ = listener.accept()
+                return near, far
+            finally:
+                listener.close()
+        except OSError as exc:
+            if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL) or attempt == 239:
+                raise
+            time.sleep(0.5)
+    raise AssertionError("unreachable")
 
 
 def _read_frames_until(sock: socket.socket, want: Callable[[Tuple[int, int, bytes]], bool],
@@ -373,6 +391,389 @@ class ServerLinkTarget:
             self.app.close()
 
 
+# ---- protocol v2: the handshake and both link roles -------------------------------------
+V2_ID, V2_SECRET = "gw1", b"fuzz-secret-0123456789abcdef"   # a test secret, not a real one
+V2_HANDSHAKE = (wire.OFFER, wire.HELLO, wire.CHALLENGE, wire.AUTH, wire.WELCOME, wire.REJECT)
+
+
+def _text_bytes(rng: random.Random) -> bytes:
+    return rng.choice((b"", b"bye", "é".encode(), b"\xff\xfe", b"x" * 200, b"y" * 201, b"a\nb", b"\x00"))
+
+
+def v2_payload(rng: random.Random, command: int) -> bytes:
+    """A payload for a v2 frame: mostly well formed, sometimes just off."""
+    odd = rng.random() < 0.3
+    if command == wire.CREDIT:
+        amount = rng.choice((1, 4096, 1 << 18, wire.MAX_CREDIT, 0, wire.MAX_CREDIT + 1, 0xFFFFFFFF)) \
+            if odd else rng.randrange(1, 1 << 20)
+        raw = struct.pack("!I", amount)
+        return raw[:rng.randrange(4)] if odd and rng.random() < 0.3 else raw
+    if command == wire.EOF:
+        return _bytes(rng, rng.randrange(1, 4)) if odd else b""
+    if command in (wire.PING, wire.PONG):
+        return _bytes(rng, rng.choice((0, 7, 9, 64))) if odd else _bytes(rng, 8)
+    if command == CLOSE:
+        if not odd and rng.random() < 0.3:
+            return b""
+        reason = rng.randrange(256) if odd else rng.randrange(7)
+        return bytes((reason,)) + _text_bytes(rng)
+    if command == wire.REJECT:
+        return bytes((rng.randrange(256),)) + _text_bytes(rng) if not odd or rng.random() < 0.5 else b""
+    if command == DATA:
+        return _bytes(rng, rng.choice((0, 1, 100, 1400, 16385, 40000)))
+    return _bytes(rng, rng.choice((0, 1, 8, 40, 300)))
+
+
+def v2_frames(rng: random.Random, count: int, target: Tuple[str, int], ids: int = 64) -> List[Tuple[int, int, bytes]]:
+    """Stream frames of a v2 session (CONNECT, DATA, CLOSE with reasons, CREDIT, EOF,
+    PING, PONG), handshake frames out of place, unknown commands; ids mostly few."""
+    frames = []
+    streams = (CONNECT, DATA, DATA, CLOSE, wire.CREDIT, wire.EOF, wire.PING, wire.PONG)
+    for _ in range(count):
+        command = rng.choice(streams * 4 + V2_HANDSHAKE + (LISTEN, 0, 15, 255))
+        client_id = rng.randrange(4) if rng.random() < 0.7 else rng.randrange(ids)
+        if command in (wire.PING, wire.PONG) or command in V2_HANDSHAKE:
+            client_id = 0 if rng.random() < 0.9 else client_id
+        payload = connect_payload(rng, target) if command == CONNECT else v2_payload(rng, command)
+        frames.append((command, client_id, payload))
+    return frames
+
+
+def mutate_payload(rng: random.Random, payload: bytes) -> bytes:
+    """A handshake payload changed where its structure is: one byte (version,
+    flags, a length, the nonce, the window, the proof, the id), cut, grown."""
+    out = bytearray(payload)
+    roll = rng.random()
+    if roll < 0.45 and out:
+        i = rng.randrange(len(out)) if rng.random() < 0.5 else rng.choice(
+            [0, 1, 34, 35, 36, 37, 38, len(out) - 1]) % len(out)
+        out[i] = (out[i] + rng.choice((1, 255, 128))) & 0xFF if rng.random() < 0.7 else rng.randrange(256)
+    elif roll < 0.6:
+        del out[rng.randrange(len(out) + 1):]
+    elif roll < 0.7:
+        out += _bytes(rng, rng.choice((1, 2, 32)))
+    elif roll < 0.8 and len(out) >= 2:
+        # the window (bytes 34..37 of HELLO, 33..36 of CHALLENGE) at its edges
+        at = 34 if len(out) >= 39 else 33
+        out[at:at + 4] = struct.pack("!I", rng.choice((0, 1, wire.MAX_CREDIT, wire.MAX_CREDIT + 1)))
+        del out[len(payload):]
+    else:
+        out[0:1] = bytes((rng.choice((0, 1, 3, 255)),)) if out else b"\x02"
+    return bytes(out)
+
+
+class Handshake:
+    """DeviceHandshake and ServerHandshake on real HELLO/CHALLENGE/AUTH/WELCOME
+    payloads with one or more changed (structure-aware) or out of order: each
+    step answers or raises HandshakeError (a REJECT code, one line, no secret);
+    a side accepts only what the secret proves: the server authenticates the
+    id only on the genuine HELLO and AUTH, the device accepts a WELCOME only
+    over the genuine CHALLENGE with the genuine proof."""
+    name = "handshake"
+
+    def make(self, rng: random.Random) -> Any:
+        nonces = [_bytes(rng, wire.NONCE_SIZE), _bytes(rng, wire.NONCE_SIZE)]
+        device_id = rng.choice((V2_ID, V2_ID, "", "other"))
+        mutate = [m for m in ("hello", "challenge", "auth", "welcome") if rng.random() < 0.35]
+        order = None
+        if rng.random() < 0.15:
+            order = [rng.choice(("hello", "challenge", "auth", "welcome")) for _ in range(rng.randrange(1, 6))]
+        return [nonces, device_id, mutate, [rng.getrandbits(32) for _ in mutate], order,
+                rng.choice((True, False))]
+
+    def check(self, case: Any) -> None:
+        from tcprc.wire.handshake import DeviceHandshake, HandshakeError, ServerHandshake
+        nonces, device_id, mutate, seeds, order, legacy = case
+        secrets = {V2_ID: V2_SECRET}
+        device = DeviceHandshake(device_id, secrets.get(device_id) or (V2_SECRET if device_id else None),
+                                 1 << 18, nonce=nonces[0])
+        server = ServerHandshake(secrets.get, 1 << 18, legacy_allowed=legacy, nonce=nonces[1])
+        changed = dict(zip(mutate, (random.Random(s) for s in seeds)))
+        secret_text = V2_SECRET.decode()
+
+        def step(fn: Callable[[], Any]) -> Any:
+            try:
+                return fn()
+            except HandshakeError as exc:
+                assert exc.code in wire.REJECT_CODES, exc.code
+                for text in (str(exc), exc.wire_text):
+                    assert "\n" not in text and secret_text not in text
+                    assert len(wire.clip_text(exc.wire_text)) <= wire.MAX_TEXT
+                return exc
+
+        def send(name: str, payload: bytes) -> bytes:
+            if name in changed:
+                payload = mutate_payload(changed[name], payload)
+            return payload
+
+        if order is not None:   # any sequence of calls: each answers or refuses, nothing else
+            for name in order:
+                if name == "hello":
+                    step(device.hello)
+                    step(lambda: server.on_hello(send("hello", device.hello())))
+                elif name == "challenge":
+                    step(lambda: device.on_challenge(send("challenge", wire.encode_challenge(nonces[1], 1 << 18))))
+                elif name == "auth":
+                    step(lambda: server.on_auth(send("auth", b"\x00")))
+                else:
+                    step(lambda: device.on_welcome(send("welcome", b"\x00\x00\x01x")))
+            assert secret_text not in repr(device) + repr(server)
+            return
+        hello = device.hello()
+        sent_hello = send("hello", hello)
+        challenge = step(lambda: server.on_hello(sent_hello))
+        if isinstance(challenge, Exception):
+            return
+        sent_challenge = send("challenge", challenge)
+        auth = step(lambda: device.on_challenge(sent_challenge))
+        if isinstance(auth, Exception):
+            return
+        sent_auth = send("auth", auth)
+        if isinstance(step(lambda: server.on_auth(sent_auth)), Exception):
+            return
+        if server.authenticated:
+            assert sent_hello == hello and sent_auth == auth and server.device_id == V2_ID, \
+                "the server authenticated a changed HELLO or AUTH"
+        welcome = server.welcome("127.0.0.1:2301")
+        sent_welcome = send("welcome", welcome)
+        host = step(lambda: device.on_welcome(sent_welcome))
+        if isinstance(host, Exception):
+            return
+        if device_id:
+            assert sent_challenge == challenge and sent_welcome[:33] == welcome[:33], \
+                "the device accepted a WELCOME the secret does not prove"
+        assert secret_text not in repr(device) + repr(server) + host
+
+
+class _V2Server:
+    """Plays a tcprc server on the far end of a device's uplink, by the book or not."""
+
+    def __init__(self, far: socket.socket) -> None:
+        from tcprc.wire.handshake import ServerHandshake
+        self.far = far
+        self.buf = b""
+        self.handshake = ServerHandshake({V2_ID: V2_SECRET}.get, 1 << 18, legacy_allowed=True)
+
+    def frame(self, deadline: float) -> Optional[Tuple[int, int, bytes]]:
+        while True:
+            frames, left = reference_frames(self.buf)
+            if frames:
+                first = frames[0]
+                self.buf = self.buf[4 + len(first[2]):]
+                return first
+            self.far.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = self.far.recv(65536)
+            except OSError:
+                return None
+            if not chunk:
+                return None
+            self.buf += chunk
+
+
+class DeviceLinkV2Target(DeviceLinkTarget):
+    """A real DeviceLink with protocol = "v2", an id and a secret, over TCP.  The far
+    end greets it as a server (CHALLENGE and WELCOME genuine, or changed, or
+    out of order), then sends v2 stream frames, random and structure-aware.
+    A changed CHALLENGE or WELCOME proof ends the link (never a session); after
+    a genuine handshake the link ends or still serves a fresh stream; it
+    ends when the peer goes; no stream, no thread is left."""
+    name = "device-link-v2"
+
+    def make(self, rng: random.Random) -> Any:
+        if self.target is None:
+            self.target = EchoTarget()
+        greet = rng.choice(("genuine",) * 6 + ("challenge", "welcome", "order"))
+        frames = v2_frames(rng, rng.randrange(1, 25), self.target.address)
+        blob = mutate_wire(rng, frames) if rng.random() < 0.25 else b"".join(wire.encode(*f) for f in frames)
+        return [greet, rng.getrandbits(32), blob]
+
+    def check(self, case: Any) -> None:
+        from tcprc.device.link import open_device_link
+        from .tunnel import settings
+        greet, seed, blob = case
+        if self.target is None:
+            self.target = EchoTarget()
+        address = self.target.address
+        frames, left = reference_frames(blob)
+        used = {f[1] for f in frames}
+        probe = None if left else next((i for i in range(255, 127, -1) if i not in used), None)
+        near, far = _tcp_pair()
+        link = open_device_link(near, settings("device", local="%s:%d" % address, connect_timeout=2.0,
+                                               protocol="v2", id=V2_ID, secret=V2_SECRET.decode()),
+                                "fuzz uplink", address, set())
+        thread = threading.Thread(target=link.run, name="fuzz-device-link-v2", daemon=True)
+        peer = _V2Server(far)
+        rng = random.Random(seed)
+        with ThreadDeaths() as deaths:
+            thread.start()
+            try:
+                deadline = time.monotonic() + 10
+                assert peer.frame(deadline) == (LISTEN, 0, b"")
+                far.sendall(wire.OFFER_FRAME)
+                hello = peer.frame(deadline)
+                assert hello is not None and hello[0] == wire.HELLO, hello
+                challenge = peer.handshake.on_hello(hello[2])
+                must_end = False
+                if greet == "order":   # WELCOME first, or CHALLENGE twice, or AUTH's reply skipped
+                    far.sendall(wire.encode(rng.choice((wire.WELCOME, wire.AUTH, wire.HELLO, wire.OFFER)), 0,
+                                            rng.choice((challenge, b"", b"\x00\x00\x01x"))))
+                    must_end = True
+                else:
+                    sent = mutate_payload(rng, challenge) if greet == "challenge" else challenge
+                    must_end = sent != challenge
+                    far.sendall(wire.encode(wire.CHALLENGE, 0, sent))
+                    auth = peer.frame(deadline)
+                    if auth is not None and auth[0] == wire.AUTH:
+                        if sent == challenge:
+                            peer.handshake.on_auth(auth[2])
+                            welcome = peer.handshake.welcome("127.0.0.1:2301")
+                        else:   # the device proved over the changed CHALLENGE: a server would refuse
+                            welcome = wire.encode_welcome("127.0.0.1:2301", bytes(32))
+                        sent_welcome = mutate_payload(rng, welcome) if greet == "welcome" else welcome
+                        must_end = must_end or sent_welcome[:33] != welcome[:33]
+                        far.sendall(wire.encode(wire.WELCOME, 0, sent_welcome))
+                if must_end:
+                    assert link.wait_stopped(10), "the device kept a session the secret does not prove"
+                    assert link.end_reason
+                try:
+                    far.sendall(blob)
+                    if probe is not None:
+                        far.sendall(wire.encode(CONNECT, probe, wire.encode_connect_payload("", 0)) +
+                                    wire.encode(DATA, probe, b"probe"))
+                except OSError:
+                    pass
+                if probe is not None and not must_end:
+                    echoed = _read_frames_until(far, lambda f: f[:2] == (DATA, probe) and b"probe" in f[2],
+                                                time.monotonic() + 10)
+                    assert echoed or link.wait_stopped(5) and link.end_reason, \
+                        "the link neither served a fresh stream nor ended"
+            finally:
+                far.close()
+                assert link.wait_stopped(15), "the link did not end after its peer left"
+                thread.join(5)
+            assert not thread.is_alive()
+            assert not link.streams and not link.retiring, "streams left after teardown"
+            assert not deaths.deaths, deaths.deaths
+
+
+class ServerLinkV2Target:
+    """A real ServerApp with one device table (gw1) and legacy sessions allowed.
+    Each input is an uplink from its own 127.x.y.z that greets it as a v2 device
+    (HELLO and AUTH genuine, changed or out of order), then sends v2 stream
+    frames.  The id's host port goes only to a genuine HELLO and AUTH; the
+    uplink is closed after its EOF; then a genuine device gets its port and a
+    client's bytes reach it, and the app holds no link once it leaves."""
+    name = "server-link-v2"
+
+    def __init__(self) -> None:
+        self.app: Any = None
+        self.gw_host = ""
+
+    def _app(self) -> Any:
+        if self.app is None:
+            from tcprc.server.app import ServerApp
+            from .net import free_port
+            from .tunnel import settings
+            self.gw_host = "127.0.0.1:%d" % free_port()
+            self.app = ServerApp(settings("server", listen="127.0.0.1:0", host="127.0.0.1:0", legacy=True,
+                                          listen_timeout=2.0, max_pending_per_source=64,
+                                          devices={V2_ID: {"secret": V2_SECRET.decode(), "host": self.gw_host}}))
+            self.app.start()
+        return self.app
+
+    def make(self, rng: random.Random) -> Any:
+        greet = rng.choice(("genuine",) * 4 + ("hello", "auth", "order", "anonymous"))
+        frames = v2_frames(rng, rng.randrange(1, 25), ("127.0.0.1", 2323))
+        blob = mutate_wire(rng, frames) if rng.random() < 0.25 else b"".join(wire.encode(*f) for f in frames)
+        source = "127.%d.%d.%d" % (rng.randrange(1, 255), rng.randrange(256), rng.randrange(1, 255))
+        return [greet, rng.getrandbits(32), source, blob]
+
+    def _greet(self, uplink: socket.socket, greet: str, rng: random.Random) -> Optional[str]:
+        """The handshake as `greet` says; the WELCOME's host, or None."""
+        from tcprc.wire.handshake import DeviceHandshake
+        peer = _V2Server(uplink)   # its frame reader
+        deadline = time.monotonic() + 10
+        uplink.sendall(wire.encode(LISTEN, 0))
+        if peer.frame(deadline) != (wire.OFFER, 2, b""):
+            return None
+        device_id = "" if greet == "anonymous" else V2_ID
+        handshake = DeviceHandshake(device_id, V2_SECRET if device_id else None, 1 << 18)
+        hello = handshake.hello()
+        if greet == "order":
+            uplink.sendall(wire.encode(rng.choice((wire.AUTH, wire.WELCOME, wire.CHALLENGE)), 0,
+                                       rng.choice((hello, b"\x00", b""))))
+        sent_hello = mutate_payload(rng, hello) if greet == "hello" else hello
+        uplink.sendall(wire.encode(wire.HELLO, 0, sent_hello))
+        challenge = peer.frame(deadline)
+        if challenge is None or challenge[0] != wire.CHALLENGE:
+            return None
+        try:
+            auth = handshake.on_challenge(challenge[2])
+        except Exception:
+            return None
+        sent_auth = mutate_payload(rng, auth) if greet == "auth" else auth
+        uplink.sendall(wire.encode(wire.AUTH, 0, sent_auth))
+        while True:
+            answer = peer.frame(deadline)
+            if answer is None or answer[0] == wire.REJECT:
+                return None
+            if answer[0] == wire.WELCOME:
+                host = wire.decode_welcome(answer[2])[1]
+                if host == self.gw_host:
+                    assert greet != "order" and (sent_hello, sent_auth) == (hello, auth), \
+                        "the id's port went to a changed handshake"
+                return host
+
+    def check(self, case: Any) -> None:
+        greet, seed, source, blob = case
+        app = self._app()
+        rng = random.Random(seed)
+        with ThreadDeaths() as deaths:
+            uplink = socket.socket()
+            try:
+                uplink.bind((source, 0))
+                uplink.settimeout(5)
+                uplink.connect(app.listen_address)
+                host = self._greet(uplink, greet, rng)
+                if greet == "genuine":   # (a change that left the bytes as they were counts as one)
+                    assert host == self.gw_host, "a genuine device did not get its port"
+                uplink.sendall(blob)
+                uplink.shutdown(socket.SHUT_WR)
+                deadline = time.monotonic() + 10
+                while uplink.recv(65536) and time.monotonic() < deadline:
+                    pass
+                assert time.monotonic() < deadline, "the uplink was not closed after its EOF"
+            except socket.timeout:
+                raise AssertionError("the uplink was not closed after its EOF") from None
+            except OSError:
+                pass
+            finally:
+                uplink.close()
+            device = socket.create_connection(app.listen_address, timeout=5)
+            try:
+                assert self._greet(device, "genuine", rng) == self.gw_host, "a genuine device was refused"
+                gw = self.gw_host.rsplit(":", 1)
+                client = socket.create_connection((gw[0], int(gw[1])), timeout=5)
+                try:
+                    client.sendall(b"hello")
+                    assert _read_frames_until(device, lambda f: f[0] == DATA and f[2] == b"hello",
+                                              time.monotonic() + 10), "a client's bytes did not arrive"
+                finally:
+                    client.close()
+            finally:
+                device.close()
+            deadline = time.monotonic() + 10
+            while app.status()["state"] != "waiting" and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert app.status()["state"] == "waiting", "the device left but its link stayed"
+            assert not deaths.deaths, deaths.deaths
+
+    def close(self) -> None:
+        if self.app is not None:
+            self.app.close()
+
+
 # ---- console, commands, config -----------------------------------------------------------
 class Console:
     """LineEditor: any bytes in any pieces; lines are bounded, the buffer too."""
@@ -514,7 +915,7 @@ class ConfigText:
 
 def targets() -> List[Any]:
     return [Decoder(), DecoderEverySplit(), ConnectPayload(), Console(), Commands(), ConfigText(),
-            DeviceLinkTarget(), ServerLinkTarget()]
+            DeviceLinkTarget(), ServerLinkTarget(), Handshake(), DeviceLinkV2Target(), ServerLinkV2Target()]
 
 
 class Outcome:

@@ -2,8 +2,11 @@
 
 A client's first 9 bytes name what it wants: mode (b"e" echo, b"s" source:
 the service sends COUNT seeded bytes and closes, b"k" sink: the client sends
-COUNT bytes and the service answers their sha256) and u64 COUNT; the source's
-seed is the count.  Every client ends in one outcome:
+COUNT bytes and the service answers their sha256, b"h" half-close: the client
+sends COUNT bytes and shuts its sending side, the service answers the sha256
+of everything up to that EOF and closes: protocol v2 only, a legacy tunnel
+ends the whole stream at the client's EOF) and u64 COUNT; the source's seed is
+the count.  Every client ends in one outcome:
 
     complete   every byte came back as sent (sha256 equal)
     cut        the stream ended early (EOF or reset) with a correct prefix: a fault's close
@@ -81,6 +84,14 @@ class MixedService:
                 conn.sendall(digest.digest())
                 while conn.recv(65536):
                     pass
+            elif mode == b"h":
+                digest = hashlib.sha256()
+                while True:   # up to the client's EOF, which it sends after COUNT bytes
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    digest.update(data)
+                conn.sendall(digest.digest())
         except OSError:
             pass
         finally:
@@ -103,7 +114,7 @@ class Result(NamedTuple):
 def run_stream(connect: Callable[[], socket.socket], mode: str, size: int,
                deadline: float = 120.0, pause: float = 0.0, abort_after: Optional[int] = None,
                chunk: int = 16384, progress: Optional[Callable[[int], None]] = None) -> Result:
-    """One client stream of `mode` ("echo", "source", "sink") and `size` bytes.
+    """One client stream of `mode` ("echo", "source", "sink", "half") and `size` bytes.
 
     pause: the reader stops that long after its first bytes (a paused reader);
     abort_after: the client resets the stream after that many bytes came back;
@@ -119,17 +130,21 @@ def run_stream(connect: Callable[[], socket.socket], mode: str, size: int,
     sender: Optional[threading.Thread] = None
 
     def check(outcome: str, detail: str) -> Result:
-        expect = want[:len(got)] if mode != "sink" else b""
-        if mode != "sink" and bytes(got) != expect:
+        digest = mode in ("sink", "half")
+        expect = want[:len(got)] if not digest else b""
+        if not digest and bytes(got) != expect:
             first = next(i for i in range(len(got)) if got[i] != expect[i])
             return Result(mode, size, "corrupt", len(got), "byte %d differs" % first)
         return Result(mode, size, outcome, len(got), detail)
 
     try:
         sock.settimeout(1.0)
-        code = {"echo": b"e", "source": b"s", "sink": b"k"}[mode]
-        sock.sendall(HEADER.pack(code, size))
-        if mode in ("echo", "sink"):
+        code = {"echo": b"e", "source": b"s", "sink": b"k", "half": b"h"}[mode]
+        try:
+            sock.sendall(HEADER.pack(code, size))
+        except OSError as exc:   # the tunnel reset it at once (its session just ended)
+            return check("cut", "reset before the header went: %s" % exc)
+        if mode in ("echo", "sink", "half"):
             def send() -> None:
                 view = memoryview(want)
                 while view and time.monotonic() < end:
@@ -139,9 +154,14 @@ def run_stream(connect: Callable[[], socket.socket], mode: str, size: int,
                         continue
                     except OSError:
                         return
+                if mode == "half" and not view:
+                    try:
+                        sock.shutdown(socket.SHUT_WR)   # the half-close: the answer still comes
+                    except OSError:
+                        pass
             sender = threading.Thread(target=send, daemon=True)
             sender.start()
-        expect_len = 32 if mode == "sink" else size
+        expect_len = 32 if mode in ("sink", "half") else size
         paused = False
         while len(got) < expect_len:
             if time.monotonic() > end:
@@ -163,9 +183,20 @@ def run_stream(connect: Callable[[], socket.socket], mode: str, size: int,
             got += data
             if progress is not None:
                 progress(len(data))
-        if mode == "sink":
+        if mode in ("sink", "half"):
             if bytes(got) != hashlib.sha256(want).digest():
                 return Result(mode, size, "corrupt", size, "the service's sha256 differs")
+            while mode == "half":   # both sides sent EOF: the stream must end
+                if time.monotonic() > end:
+                    return Result(mode, size, "hung", size, "no EOF after the answer")
+                try:
+                    if not sock.recv(1):
+                        break
+                    return Result(mode, size, "corrupt", size, "bytes after the answer")
+                except socket.timeout:
+                    continue
+                except OSError as exc:
+                    return Result(mode, size, "cut", 32, "reset after the answer: %s" % exc)
             return Result(mode, size, "complete", size, "")
         return check("complete", "")
     finally:
