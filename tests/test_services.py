@@ -226,7 +226,7 @@ def _closed_at_once(address):
 def _refused(address):
     try:
         socket.create_connection(address, timeout=5).close()
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):   # reset: closed with us in its backlog
         return True
     return False
 

@@ -256,3 +256,21 @@ def test_a_hello_too_late_leaves_both_ends_legacy():
     for frame in offer + connect:
         strict.receive(frame, 0.0)
     assert strict.failed == "CONNECT during the v2 handshake" and not strict.opened
+
+
+def test_handshake_frames_without_an_offer_are_unknown_commands_never_answered():
+    """A legacy server's garbage can hold a REJECT or a CHALLENGE: before an OFFER
+    (and on a legacy uplink) they are skipped, and no v2 frame goes back."""
+    from tcprc.wire import frames as f
+    for protocol in ("auto", "legacy"):
+        device = Side(wire.DeviceSession(protocol=protocol))
+        device.act(device.session.start(0.0))
+        device.out = []
+        for command in (f.REJECT, f.CHALLENGE, f.WELCOME, f.AUTH):
+            device.receive((command, 0, b"\x01garbage"), 0.0)
+        assert device.failed == "" and device.out == []
+        assert all(kind == wire.WARN and "skipped unknown command" in text
+                   for kind, text in device.logs)
+    server = Side(wire.ServerSession(ClientIds(10.0), encode_connect_payload("", 23)))
+    server.receive((f.AUTH, 0, b""), 0.0)
+    assert server.failed == "AUTH before LISTEN: not a tcprc device" and server.out == []

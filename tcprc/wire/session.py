@@ -202,15 +202,21 @@ class DeviceSession(Session):
             # (or a path that black-holes, TCP still up) must not hold the uplink.
             self._offer_deadline = now + self._offer_wait
             return [(SEND, frames.HELLO, 0, self._handshake.hello())]
+        if self.state != "hello":
+            # Only an OFFER opens the handshake: before it (a legacy server's garbage)
+            # or on a legacy uplink these are unknown commands, skipped and never
+            # answered with a v2 frame.
+            if self.state == "v2":
+                return [(SEND, frames.REJECT, 0, frames.encode_reject(
+                            frames.REJECT_MALFORMED, "%s out of order" % frames.COMMAND_NAMES[command])),
+                        (FAIL, "%s out of order (after the handshake)" % frames.COMMAND_NAMES[command])]
+            return [(WARN, "skipped unknown command %d (%d payload bytes): no v2 handshake on "
+                           "this uplink" % (command, len(payload)))]
         if command == frames.REJECT:
             code, text = _reject(payload)
             self.rejected = "the server rejected this device: %s%s" % (
                 frames.reject_name(code), ": " + text if text else "")
             return [(FAIL, self.rejected)]
-        if self.state != "hello":
-            return [(SEND, frames.REJECT, 0, frames.encode_reject(
-                        frames.REJECT_MALFORMED, "%s out of order" % frames.COMMAND_NAMES[command])),
-                    (FAIL, "%s out of order (%s)" % (frames.COMMAND_NAMES[command], self.state))]
         from .handshake import HandshakeError
         try:
             if command == frames.CHALLENGE:
@@ -396,8 +402,13 @@ class ServerSession(Session):
         return [(SEND, frames.OFFER, frames.V2, b"")]
 
     def handshake(self, command: int, payload: Any, now: float) -> List[Action]:
-        from .handshake import HandshakeError, ServerHandshake
         name = frames.COMMAND_NAMES[command]
+        if self.state == "listen":   # we offered nothing yet: no REJECT, a v2 frame
+            return [(FAIL, "%s before LISTEN: not a tcprc device" % name)]
+        if self.state == "legacy" and command != frames.HELLO:
+            return [(WARN, "skipped unknown command %d (%d payload bytes): a legacy session"
+                           % (command, len(payload)))]
+        from .handshake import HandshakeError, ServerHandshake
         unlisten: List[Action] = []
         if command == frames.HELLO and self.state == "legacy" and not self._carried:
             # Slower than our wait (a relay or a proxy in the path hides the
