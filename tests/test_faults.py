@@ -31,7 +31,7 @@ from support.streams import Batch, MixedService, run_stream, tally
 from support.waiting import wait_for
 from tcprc.ops.ctl import send_command
 
-pytestmark = [pytest.mark.faults, pytest.mark.e2e]
+pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.long]
 
 # Liveness low enough for a test: a silent path is seen in about 4 s.
 DETECT = {"keepalive_idle": 1, "keepalive_interval": 1, "keepalive_count": 3, "send_timeout": 4.0}

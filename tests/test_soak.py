@@ -14,7 +14,7 @@ import pytest
 
 from support import ROOT
 
-pytestmark = [pytest.mark.faults, pytest.mark.e2e]
+pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.long]
 
 MINUTES = 1.5   # plus start, the quiet end and the namespaces: about 2 minutes
 
