@@ -171,9 +171,6 @@ class ServerApp:
         entry = self._devices.get(device_id)
         return entry.services if entry is not None else MappingProxyType({})
 
-    def auth_passed(self, link: ServerLink) -> None:
-        pass
-
     def auth_failed(self, link: ServerLink, device_id: str, message: str) -> None:
         """One line per failure, naming the id and the source.  A failure that named
         an id (a guess at its secret, maybe) slows its source down."""

@@ -137,7 +137,6 @@ class ServerLink(Link):
                 self.app.auth_failed(self, device_id, message)
                 self._act(self.session.reject(protocol.REJECT_BAD_PROOF, message))
                 return
-        self.app.auth_passed(self)
         self._claim()
 
     def denied(self, device_id: str, message: str) -> None:
@@ -258,23 +257,15 @@ class ServerLink(Link):
                     self.loop.forget(other)
                 self.loop.call_later(self.ids.wait, self._resume_accept)
             return
-        try:
-            accepted = accept_nowait(listener)
-        except OSError as exc:
-            self.refusals.warning("%s: accept failed: %s", self.name, exc.strerror or exc)
-            return
-        if accepted is None:
-            return
-        client, peer = accepted
-        who = format_hostport(*peer[:2])
         if client_id is None:
             held = self.ids.held_count()
-            self.refusals.warning("%s: refused client %s: all %d client ids of this tunnel are in use%s",
-                                  self.name, who, MAX_CLIENTS,
-                                  " (%d closed, awaiting the device's CLOSE)" % held if held else "")
-            client.close()
-            self.app.client_refused(self)
+            self._refuse_client(listener, "all %d client ids of this tunnel are in use%s" % (
+                MAX_CLIENTS, " (%d closed, awaiting the device's CLOSE)" % held if held else ""))
             return
+        client, peer = self._accept_one(listener)
+        if client is None:
+            return
+        who = format_hostport(*peer[:2])
         tune_stream_socket(client)
         stream = self.new_stream(client_id, who)
         stream.sock = client
@@ -285,15 +276,20 @@ class ServerLink(Link):
         self._act(announce)
         self.open_stream(stream)
 
-    def _refuse_client(self, listener: socket.socket, why: str) -> None:
+    def _accept_one(self, listener: socket.socket) -> Any:
+        """(client, peer) from `listener`, or (None, None): nobody waiting, or an
+        accept error (rate-limited line)."""
         try:
             accepted = accept_nowait(listener)
         except OSError as exc:
             self.refusals.warning("%s: accept failed: %s", self.name, exc.strerror or exc)
+            return None, None
+        return accepted if accepted is not None else (None, None)
+
+    def _refuse_client(self, listener: socket.socket, why: str) -> None:
+        client, peer = self._accept_one(listener)
+        if client is None:
             return
-        if accepted is None:
-            return
-        client, peer = accepted
         client.close()
         self.app.client_refused(self)
         self.refusals.warning("%s: refused client %s: %s", self.name,
