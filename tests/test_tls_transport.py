@@ -309,6 +309,84 @@ def _queued(sock):
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
 
 
+# ---- the bulk paths --------------------------------------------------------------------
+def _records(data):
+    """The lengths of the TLS records in `data` (whole records only)."""
+    lengths, at = [], 0
+    while at + 5 <= len(data):
+        size = int.from_bytes(data[at + 3:at + 5], "big")
+        lengths.append(size)
+        at += 5 + size
+    assert at == len(data), "a record cut short"
+    return lengths
+
+
+def _raw_until_quiet(sock, expect_records):
+    """Ciphertext from a plain socket until `expect_records` records are in it."""
+    got = bytearray()
+    sock.settimeout(10)
+    while True:
+        try:
+            if len(_records(got)) >= expect_records:
+                return bytes(got)
+        except AssertionError:
+            pass
+        chunk = sock.recv(1 << 20)
+        assert chunk, "closed early"
+        got += chunk
+
+
+@pytest.mark.parametrize("sizes", [
+    [4, 65535] * 16,                # 16 DATA frames: one pump read
+    [4, 100],                       # a small frame: one record
+    [4, 16380],                     # exactly one record
+    [4, 16381],                     # one byte over
+    [1, 0, 40000, 3, 16384, 70000, 5],
+    [300000],
+])
+def test_parts_go_out_as_full_records_never_one_per_part(pki, sizes):
+    """sendmsg encrypts its parts as one byte stream: every record but the last
+    carries 16 KB (a frame header never becomes a record of its own), and the
+    bytes are the parts', in order, across the records the scratch copy joins."""
+    near, far, errors = handshake_pair(device_tls(pki), server_tls(pki))
+    assert errors == [None, None]
+    try:
+        rng = __import__("random").Random(len(sizes))
+        parts = [bytes(rng.getrandbits(8) for _ in range(min(n, 64))) * (n // 64) +
+                 bytes(rng.getrandbits(8) for _ in range(n % 64)) for n in sizes]
+        total = sum(sizes)
+        assert near.sendmsg([memoryview(p) for p in parts]) == total
+        records = -(-total // 16384)
+        raw = _raw_until_quiet(far.sock, records)
+        lengths = _records(raw)
+        overhead = lengths[-1] - total % 16384 if total % 16384 else lengths[-1] - 16384
+        assert len(lengths) == records
+        assert all(n == 16384 + overhead for n in lengths[:-1])
+        far._incoming.write(raw)   # the transport decrypts what was read past it
+        assert recv_all(far, total) == b"".join(parts)
+    finally:
+        near.close()
+        far.close()
+
+
+def test_one_read_takes_all_that_the_socket_holds(pki):
+    """A read of a large buffer decrypts every record already delivered, as a plain
+    socket's read takes all it holds, not one socket read's worth (64 KB) per
+    call of the link."""
+    near, far, errors = handshake_pair(device_tls(pki), server_tls(pki))
+    try:
+        far.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        data = os.urandom(300 * 1024)
+        near.sendall(data)
+        wait_for(lambda: _queued(far.sock) >= len(data), what="the records in the socket")
+        buf = bytearray(1 << 20)
+        assert far.recv_into(buf, 0, socket.MSG_DONTWAIT) == len(data)
+        assert bytes(buf[:len(data)]) == data and not far.has_buffered()
+    finally:
+        near.close()
+        far.close()
+
+
 # ---- bulk through two links -------------------------------------------------------------
 def test_sixteen_streams_both_ways_at_once_through_tls_three_times(pki):
     """Pump threads encrypt while the link thread decrypts, on both sides at once

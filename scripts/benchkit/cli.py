@@ -10,7 +10,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from .base import REPO, BenchError, Procs, note
-from .measure import conn_rate, echo_ready, latency, memory, paused, throughput, tls_handshake
+from .measure import conn_rate, echo_ready, idle_rss, latency, memory, paused, throughput, tls_handshake
 from .procfs import sample
 from .report import machine, ratios, render
 from .services import Services, serve
@@ -55,6 +55,20 @@ def run_all(variants: Dict[str, Any], procs: Procs, services: Services, opts: ar
                     results[name]["interpreter_rss_kb"] = variants[name].interpreter_rss_kb()
             except (BenchError, OSError) as exc:
                 failed(name, exc)
+    for name in list(echo):
+        if name in ("tcprc", "tcprc-tls"):
+            # As deployed: an id and a secret load libcrypto, with TLS or without.
+            note("idle memory of %s with an id and a secret" % LABELS[name])
+            tunnel = None
+            try:
+                tunnel = variants[name].open(procs, services.echo_port, identity=True)
+                results[name]["device_rss_idle_id_kb"] = idle_rss(tunnel.entry, tunnel.device,
+                                                                   0.1 if opts.quick else 0.5)
+            except (BenchError, OSError, subprocess.SubprocessError) as exc:
+                note("%s with an id: %s" % (LABELS[name], exc))
+            finally:
+                if tunnel is not None:
+                    tunnel.close()
     for name in list(echo):
         if getattr(variants[name], "tls_ca", ""):
             note("TLS handshakes of %s" % LABELS[name])

@@ -147,6 +147,15 @@ def memory(port: int, pid: int, streams: int, settle: float = 0.5) -> Dict[str, 
     }
 
 
+def idle_rss(port: int, pid: int, settle: float = 0.5) -> float:
+    """The device's RSS once idle, sampled as memory() samples it (KB)."""
+    start = sample(pid)
+    echo_ready(port)
+    wait_for(lambda: sample(pid)["threads"] <= start["threads"], 10, "the warm-up stream to end")
+    time.sleep(settle / 2)
+    return sample(pid)["rss_kb"]
+
+
 def iperf3(port: int, streams: int, seconds: float, reverse: bool) -> Tuple[float, int]:
     argv = ["iperf3", "-c", LOCAL, "-p", str(port), "-t", str(max(1, int(round(seconds)))),
             "-P", str(streams), "-J", "--connect-timeout", "5000"] + (["-R"] if reverse else [])

@@ -46,6 +46,7 @@ METRICS = [
     ("device_cpu_s_per_gb", "device CPU seconds per GB", "%.2f", False),
     ("device_rss_idle_kb", "device RSS idle (KB)", "%.0f", False),
     ("interpreter_rss_kb", "  of which its Python alone (KB)", "%.0f", False),
+    ("device_rss_idle_id_kb", "device RSS idle, with an id and secret (KB)", "%.0f", False),
     ("device_rss_busy_kb", "device RSS, N streams open (KB)", "%.0f", False),
     ("device_rss_per_stream_kb", "device RSS per open stream (KB)", "%.1f", False),
     ("device_rss_after_kb", "device RSS after they closed (KB)", "%.0f", False),

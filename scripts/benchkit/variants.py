@@ -156,6 +156,7 @@ class SshR:
 
 
 STALL_TIMEOUT = 2.0
+BENCH_SECRET = "bench-secret-not-for-use-outside-the-bench"
 PKI = os.path.join(REPO, "scripts", "tcprc-pki")
 
 
@@ -231,10 +232,13 @@ class Tcprc:
         self.tls_key = os.path.join(ca, "localhost.key")
         return None
 
-    def open(self, procs: Procs, target: int) -> Tunnel:
+    def open(self, procs: Procs, target: int, identity: bool = False) -> Tunnel:
+        """A server and a device carrying clients of the returned entry to `target`;
+        `identity`: the device proves an id with a secret, as a fleet deploys it."""
         if self.dir is None:
             self.dir = tempfile.mkdtemp(prefix="tcprc-bench-")
         listen, host = free_port(), free_port()
+        shared_host = free_port() if identity else host   # the device's own port is `host`
         paths = {}
         for role in ("server", "device"):
             paths[role] = os.path.join(self.dir, "%s-%d.toml" % (role, host))
@@ -252,9 +256,14 @@ class Tcprc:
                     f.write('tls_cert = "%s"\ntls_key = "%s"\n' % (self.tls_cert, self.tls_key))
                 elif self.tls:
                     f.write('tls = true\ntls_ca = "%s"\ntls_server_name = "localhost"\n' % self.tls_ca)
+                if identity and role == "device":
+                    f.write('id = "bench"\nsecret = "%s"\n' % BENCH_SECRET)
+                elif identity:
+                    f.write('[server.devices.bench]\nsecret = "%s"\nhost = "%s:%d"\n'
+                            % (BENCH_SECRET, LOCAL, host))
         log = open(os.path.join(self.dir, "tcprc-%d.log" % host), "w+")
         server = procs.start([self.python, "-m", "tcprc", "server", "-c", paths["server"],
-                              "--listen", "%s:%d" % (LOCAL, listen), "--host", "%s:%d" % (LOCAL, host)],
+                              "--listen", "%s:%d" % (LOCAL, listen), "--host", "%s:%d" % (LOCAL, shared_host)],
                              env=self.env, stderr=log, cwd=self.repo)
         device = None
         try:

@@ -18,33 +18,40 @@ kept ciphertext instead of encrypting again.  So no ciphertext is left
 without an owner that retries it, and `_unsent` holds at most the
 ciphertext of one control frame (65539 bytes of plaintext, +22 bytes a
 record).  Bytes OpenSSL produces while reading (TLS 1.3 post-handshake
-messages) wait in `_backlog` for the next sender: the link thread never
-writes them itself.  No session tickets are issued (no resumption is used),
-so in practice that is only a KeyUpdate answer, which can wait.
+messages) stay in the outgoing BIO, after any ciphertext made before them,
+and leave with the next sender's: the link thread never writes them itself.
+No session tickets are issued (no resumption is used), so in practice that
+is only a KeyUpdate answer, which can wait.
 
-Reads (link thread only): recv_into decrypts what OpenSSL holds into the
-caller's buffer until it is full or a record is incomplete, reading the
-socket (with the caller's flags) only when nothing decryptable is left.
-When it stopped because the buffer was full, has_buffered() is true: the
-socket may not become readable again for bytes already taken from it, so
-the link reads again without waiting for the loop (Link._on_uplink_buffered).
+Bulk writes are encrypted a batch at a time straight from the frames'
+buffers, never joined: see _write_records.
+
+Reads (link thread only): recv_into decrypts the whole records the socket
+has delivered into the caller's buffer, reading the socket again (without
+waiting) while it keeps delivering, as a plain socket's read takes all it
+holds.  When it stopped because the buffer was full, has_buffered() is
+true: the socket may not become readable again for bytes already taken
+from it, so the link reads again without waiting for the loop
+(Link._on_uplink_buffered).
 
 `ssl` is imported on first use: a plain uplink never loads it (~2 MB of RSS).
 """
 
 import errno
-import hashlib
-import hmac
 import socket
 import threading
 import time
 from typing import Any, List, NamedTuple, Optional
 
 from ..errors import ConfigError, PeerError
+from .buffers import anonymous
 from .transport import PlainTransport, Transport, looks_like_tls  # noqa: F401 (re-exported)
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 RECV_CHUNK = 64 * 1024     # ciphertext per socket read
+_RECORD = 16 * 1024        # the most plaintext one TLS record carries
+_BATCH = 4 * _RECORD       # plaintext encrypted per socket write
+_SMALL = _RECORD - 4       # a payload that fits one record with its frame header
 LISTEN_FRAME = b"\x00\x00\x04\x00"
 
 # OpenSSL's X509_V_ERR_* codes, by what they mean for an operator.
@@ -92,6 +99,7 @@ def parse_fingerprint(text: str) -> bytes:
 
 
 def fingerprint(der: bytes) -> str:
+    import hashlib   # here: only a pin needs it, and it costs the device ~0.6 MB of RSS
     return "sha256:" + hashlib.sha256(der).hexdigest()
 
 
@@ -183,15 +191,21 @@ class TlsTransport(Transport):
         self.tls = tls
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
+        name: Any = tls.server_name
+        if name and name.isascii():
+            name = name.encode()   # as is: a str would load the idna codec (~0.3 MB of RSS)
         self.ssl = tls.context.wrap_bio(self._incoming, self._outgoing,
-                                        server_side=tls.server_side,
-                                        server_hostname=tls.server_name)
+                                        server_side=tls.server_side, server_hostname=name)
         self._lock = threading.Lock()        # every call into self.ssl
-        self._backlog = b""                  # made while reading; under _lock
+        # The C object's methods, one Python frame less per record than SSLObject's.
+        sslobj = getattr(self.ssl, "_sslobj", self.ssl)
+        self._read, self._write, self._pending = sslobj.read, sslobj.write, sslobj.pending
+        self._scratch = memoryview(anonymous(_RECORD))   # a record spanning two parts
+        self._held = False                   # plaintext of a partly read record in OpenSSL
         self._unsent = b""                   # senders' (FrameWriter lock): goes first
         self._staged: Optional[bytes] = None  # the plaintext _unsent carries, if refused
         self._chunk = recv_chunk
-        self._rbuf = bytearray(recv_chunk)
+        self._rbuf = anonymous(recv_chunk)   # RSS only for the pages reads reach
         self._rview = memoryview(self._rbuf)
         self._eof = False                    # the peer closed (TLS or TCP)
         self._more = False                   # the last read stopped on a full buffer
@@ -240,7 +254,8 @@ class TlsTransport(Transport):
         self._more = self._incoming.pending > 0
         if self.tls.pin is not None:
             der = self.ssl.getpeercert(binary_form=True) or b""
-            if not hmac.compare_digest(hashlib.sha256(der).digest(), self.tls.pin):
+            # A certificate is public: a plain comparison gives nothing away.
+            if fingerprint(der) != "sha256:" + self.tls.pin.hex():
                 raise TlsError("pin mismatch: the server's certificate is %s, tls_fingerprint "
                                "wants sha256:%s" % (fingerprint(der), self.tls.pin.hex()))
 
@@ -329,52 +344,129 @@ class TlsTransport(Transport):
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)
         want = nbytes or len(view)
+        total = self._decrypt(None, view, 0, want) if (self._incoming.pending or self._held) else 0
+        # Like a plain socket's read, take what the socket holds now, up to `want`:
+        # one read of the link per burst, not one per socket read.  Only the first
+        # socket read may wait (the caller's flags); the others never do.
+        while total < want and not self._eof:
+            try:
+                count = self.sock.recv_into(self._rbuf, self._chunk, flags | _DONTWAIT if total else flags)
+            except (BlockingIOError, InterruptedError):
+                if total:
+                    break
+                raise
+            if not count:
+                self._eof = True
+                break
+            total = self._decrypt(self._rview[:count], view, total, want)
+            if total and count < self._chunk:
+                break   # the socket was drained: asking again would only cost a system call
+        # Left for has_buffered(): records or plaintext the socket will not announce.
+        # Short of `want`, all that is left is part of a record: the socket will.
+        self._more = total == want and bool(self._incoming.pending or self._held)
+        return total
+
+    def _decrypt(self, data: Optional[memoryview], view: memoryview, total: int, want: int) -> int:
+        """`data` (ciphertext from the socket) into the incoming BIO, then the
+        plaintext of the whole records there into view[total:want]; the new total.
+
+        Stops when the records run out without asking OpenSSL once more (its
+        SSLWantReadError costs more than the check): a small frame costs one
+        lock and one call into OpenSSL."""
+        incoming = self._incoming
+        read = self._read
         want_read, zero, eof, error = self._errors
-        while True:
-            total = 0
-            with self._lock:
-                try:
-                    while total < want:
-                        count = self.ssl.read(want - total, view[total:want])
-                        if not count:   # EOF, where ssl does not raise for it (3.8)
-                            self._eof = True
-                            break
-                        total += count
-                except want_read:
-                    pass
-                except (zero, eof):
-                    self._eof = True
-                except error as exc:
-                    raise TlsError(self._explain(exc)) from None
-                finally:
-                    if self._outgoing.pending:
-                        self._backlog += self._outgoing.read()
-            if total:
-                self._more = total == want
-                return total
-            self._more = False
-            if self._eof:
-                return 0
-            count = self.sock.recv_into(self._rbuf, self._chunk, flags)
-            with self._lock:
-                if count:
-                    self._incoming.write(self._rview[:count])
-                else:
-                    self._incoming.write_eof()
+        with self._lock:
+            if data is not None:
+                incoming.write(data)
+            try:
+                while total < want:
+                    count = read(want - total, view[total:want])
+                    if not count:   # EOF, where ssl does not raise for it (3.8)
+                        self._eof = True
+                        break
+                    total += count
+                    if total < want and not incoming.pending:
+                        break   # a short read ends its record, and no other is here
+            except want_read:
+                pass
+            except (zero, eof):
+                self._eof = True
+            except error as exc:
+                raise TlsError(self._explain(exc)) from None
+            self._held = total == want and self._pending() > 0
+        return total
 
     def has_buffered(self) -> bool:
         """Plaintext may be waiting that the socket will not announce."""
         return self._more
 
+    def _seal(self, data: Any) -> None:
+        """Encrypt `data`; send the ciphertext once a batch of it is waiting.
+
+        Outside the lock for the send, so the link thread decrypts meanwhile.
+        Bytes OpenSSL made while reading (a KeyUpdate answer) wait in the same
+        BIO, in order, and leave with these."""
+        with self._lock:
+            self._write(data)
+            if self._outgoing.pending < _BATCH:
+                return
+            out = self._outgoing.read()
+        self.sock.sendall(out)
+
+    def _flush(self) -> None:
+        with self._lock:
+            out = self._outgoing.read()
+        if out:
+            self.sock.sendall(out)
+
+    def _write_records(self, parts: Any) -> int:
+        """Encrypt `parts` as one byte stream and send it, blocking.
+
+        Whole records are encrypted straight from the parts; only a record that
+        spans the end of a part (a frame header and its payload) is copied, into
+        `_scratch`.  Ciphertext leaves a batch at a time: no copy of the whole,
+        no allocation larger than a batch (a 1 MB join and its 1 MB of records
+        cost more in page faults than the encryption)."""
+        size = 0
+        for part in parts:
+            size += len(part)
+        if size <= _RECORD:   # one record: the small frames that latency is made of
+            self._seal(parts[0] if len(parts) == 1 else b"".join(parts))
+            self._flush()
+            return size
+        scratch = self._scratch
+        fill = 0
+        for part in parts:
+            view = memoryview(part)
+            end = len(view)
+            at = 0
+            if fill:
+                at = min(_RECORD - fill, end)
+                scratch[fill:fill + at] = view[:at]
+                fill += at
+                if fill < _RECORD:
+                    continue
+                self._seal(scratch)
+                fill = 0
+            while end - at >= _RECORD:
+                step = min(_BATCH, end - at - (end - at) % _RECORD)
+                self._seal(view[at:at + step])
+                at += step
+            if at < end:
+                fill = end - at
+                scratch[:fill] = view[at:]
+        if fill:
+            self._seal(scratch[:fill])
+        self._flush()
+        return size
+
     def _encrypt(self, data: Any) -> bytes:
-        """Under the lock: `data` as records, after whatever reading produced."""
+        """Under the lock: `data` as records, after whatever is waiting."""
         with self._lock:
             if len(data):
-                self.ssl.write(data)
-            out = self._outgoing.read()
-            if self._backlog:
-                out, self._backlog = self._backlog + out, b""
-        return out
+                self._write(data)
+            return self._outgoing.read()
 
     def _check_repeat(self, data: Any) -> int:
         """A refused send is being repeated: its ciphertext waits in _unsent
@@ -393,14 +485,24 @@ class TlsTransport(Transport):
         if self._unsent:
             self.sock.sendall(self._unsent)
             self._unsent = b""
-        out = self._encrypt(data)
-        if out:
-            self.sock.sendall(out)
+        if len(data):
+            self._write_records((data,))
+        else:
+            self._flush()
 
     def sendmsg(self, parts: List[Any]) -> int:
-        data = b"".join(parts)   # one record for header and payload, not two
-        self.sendall(data)
-        return len(data)
+        if self._staged is not None or self._unsent:   # a refused send's records go first
+            data = b"".join(parts)
+            self.sendall(data)
+            return len(data)
+        if len(parts) == 2 and len(parts[1]) <= _SMALL:   # a header and a small payload
+            data = b"".join(parts)
+            with self._lock:
+                self._write(data)
+                out = self._outgoing.read()
+            self.sock.sendall(out)
+            return len(data)
+        return self._write_records(parts)
 
     def send(self, data: Any, flags: int = 0) -> int:
         if not flags & _DONTWAIT:
