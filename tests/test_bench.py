@@ -84,7 +84,9 @@ def test_every_installed_variant_runs_with_the_builtin_generator():
         tls = report["results"]["tcprc-tls"]
         assert 0 < tls["tls_handshake_ms"] < 10000 and tls["tls_version"] in ("TLSv1.2", "TLSv1.3"), tls
         assert "tls_handshake_ms" not in v2
-        assert "TLS: idle RSS - plain v2 <= 3 MB (KB)" in names
+        assert "TLS: idle RSS - plain v2, both with an id <= 3 MB (KB)" in names
+        for name in ("tcprc", "tcprc-tls"):   # both measured again with an id and a secret
+            assert report["results"][name]["device_rss_idle_id_kb"] > 1000
         assert ("TLS: 1 stream >= 1.5x ssh -R" in names) == ("ssh" in report["ran"])
     for t in report["targets"]:
         assert isinstance(t["ok"], bool) and isinstance(t["value"], (int, float))
