@@ -51,7 +51,6 @@ _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 RECV_CHUNK = 64 * 1024     # ciphertext per socket read
 _RECORD = 16 * 1024        # the most plaintext one TLS record carries
 _BATCH = 4 * _RECORD       # plaintext encrypted per socket write
-_SMALL = _RECORD - 4       # a payload that fits one record with its frame header
 LISTEN_FRAME = b"\x00\x00\x04\x00"
 
 # OpenSSL's X509_V_ERR_* codes, by what they mean for an operator.
@@ -432,8 +431,11 @@ class TlsTransport(Transport):
         for part in parts:
             size += len(part)
         if size <= _RECORD:   # one record: the small frames that latency is made of
-            self._seal(parts[0] if len(parts) == 1 else b"".join(parts))
-            self._flush()
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            with self._lock:
+                self._write(data)
+                out = self._outgoing.read()
+            self.sock.sendall(out)
             return size
         scratch = self._scratch
         fill = 0
@@ -494,13 +496,6 @@ class TlsTransport(Transport):
         if self._staged is not None or self._unsent:   # a refused send's records go first
             data = b"".join(parts)
             self.sendall(data)
-            return len(data)
-        if len(parts) == 2 and len(parts[1]) <= _SMALL:   # a header and a small payload
-            data = b"".join(parts)
-            with self._lock:
-                self._write(data)
-                out = self._outgoing.read()
-            self.sock.sendall(out)
             return len(data)
         return self._write_records(parts)
 
