@@ -3,7 +3,7 @@
 import socket
 import threading
 
-from support.net import recv_exactly
+from support.net import recv_exactly, tcp_pair
 from support.peers import RawPeer
 from support.tunnel import settings
 from support.waiting import wait_for
@@ -37,18 +37,8 @@ class _Target:
                 s.close()
 
 
-def _tcp_pair():
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    near = socket.create_connection(listener.getsockname())
-    far, _ = listener.accept()
-    listener.close()
-    return near, far
-
-
 def _start_link(target):
-    uplink, far = _tcp_pair()
+    uplink, far = tcp_pair()
     link = open_device_link(uplink, settings("device", local="%s:%d" % target.address,
                                              stream_buffer=16 << 20),
                             "test uplink", target.address, set())

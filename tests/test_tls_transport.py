@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from support.net import recv_exactly
+from support.net import read_exactly, recv_exactly
 from support.services import Service, pattern
 from support.tls import (TlsTunnel, device_tls, handshake_pair, server_tls, shared_pki, tcp_pair)
 from support.tunnel import settings
@@ -89,7 +89,7 @@ def test_pin_mismatch_and_match(pki):
     try:
         assert errors == [None, None]
         server.sendall(b"pinned")
-        assert recv_all(device, 6) == b"pinned"
+        assert read_exactly(device, 6) == b"pinned"
     finally:
         device.close()
         server.close()
@@ -175,17 +175,6 @@ def test_verification_is_on_and_tls_is_at_least_1_2(pki):
 
 
 # ---- the engine's side ----------------------------------------------------------------
-def recv_all(transport, count):
-    got = bytearray()
-    buf = bytearray(1 << 16)
-    while len(got) < count:
-        n = transport.recv_into(buf, min(len(buf), count - len(got)))
-        if not n:
-            raise EOFError("%d of %d bytes" % (len(got), count))
-        got += buf[:n]
-    return bytes(got)
-
-
 def test_control_frames_posted_while_the_uplink_is_full_arrive_whole_and_once(pki):
     """flush_nowait over a full socket: the ciphertext the socket refused is kept
     and the frame stays queued (FULL); once the peer reads, every frame arrives
@@ -238,7 +227,7 @@ def test_has_buffered_after_a_short_read(pki):
         wait_for(lambda: _readable(far), what="the record")
         assert far.recv_into(buf, 100, socket.MSG_DONTWAIT) == 100 and far.has_buffered()
         assert not _readable(far)    # the rest is inside OpenSSL, the socket is drained
-        assert recv_all(far, 10240 - 100) == (bytes(range(256)) * 40)[100:]
+        assert read_exactly(far, 10240 - 100) == (bytes(range(256)) * 40)[100:]
         with pytest.raises(BlockingIOError):
             far.recv_into(buf, 0, socket.MSG_DONTWAIT)
         assert not far.has_buffered()
@@ -359,7 +348,7 @@ def test_parts_go_out_as_full_records_never_one_per_part(pki, sizes):
         assert lengths[:-1] == [16384 + overhead] * (records - 1)
         assert lengths[-1] == total - 16384 * (records - 1) + overhead
         far._incoming.write(raw)   # what the test read past the transport, handed back
-        assert recv_all(far, total) == b"".join(parts)
+        assert read_exactly(far, total) == b"".join(parts)
     finally:
         near.close()
         far.close()

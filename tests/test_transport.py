@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from support.net import read_exactly, tcp_pair
 from support.waiting import wait_for
 from tcprc.engine.buffers import FrameBuffer
 from tcprc.engine.loop import Loop
@@ -24,14 +25,7 @@ def plain_socketpair():
 
 
 def plain_tcp():
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    try:
-        near = socket.create_connection(listener.getsockname())
-        far, _ = listener.accept()
-    finally:
-        listener.close()
+    near, far = tcp_pair()
     return PlainTransport(near), PlainTransport(far)
 
 
@@ -51,17 +45,6 @@ def pair(request):
         t.close()
 
 
-def _read(transport, count):
-    got = bytearray()
-    buf = bytearray(1 << 16)
-    while len(got) < count:
-        n = transport.recv_into(buf, min(len(buf), count - len(got)))
-        if not n:
-            raise EOFError("%d of %d bytes" % (len(got), count))
-        got += buf[:n]
-    return bytes(got)
-
-
 def test_is_a_transport_with_a_file_descriptor(pair):
     near, far = pair
     assert isinstance(near, Transport) and near.fileno() >= 0 and far.fileno() != near.fileno()
@@ -72,7 +55,7 @@ def test_send_sendall_and_sendmsg_arrive_in_order(pair):
     assert near.send(b"ab") == 2
     near.sendall(b"cd", getattr(socket, "MSG_MORE", 0))
     assert near.sendmsg([b"ef", memoryview(b"gh")]) == 4
-    assert _read(far, 8) == b"abcdefgh"
+    assert read_exactly(far, 8) == b"abcdefgh"
 
 
 def test_recv_into_without_waiting_raises_when_empty(pair):
@@ -98,7 +81,7 @@ def test_send_without_waiting_stops_when_full(pair):
         for _ in range(10000):   # bounded: kernel buffers are far smaller than 640 MB
             total += near.send(chunk, _DONTWAIT)
     assert total > 0
-    assert _read(far, total) == bytes(total)
+    assert read_exactly(far, total) == bytes(total)
 
 
 def test_shutdown_wakes_a_blocked_reader_with_eof(pair):
@@ -116,7 +99,7 @@ def test_the_peer_closing_reads_as_eof(pair):
     near, far = pair
     near.sendall(b"last")
     near.close()
-    assert _read(far, 4) == b"last"
+    assert read_exactly(far, 4) == b"last"
     assert far.recv_into(bytearray(8)) == 0
 
 
@@ -168,7 +151,7 @@ def test_splice_from_a_pipe_where_it_can(pair):
     try:
         os.write(write_end, b"spliced")
         near.splice_from(read_end, 7)
-        assert _read(far, 7) == b"spliced"
+        assert read_exactly(far, 7) == b"spliced"
     finally:
         os.close(read_end)
         os.close(write_end)

@@ -181,43 +181,31 @@ def iperf3(port: int, streams: int, seconds: float, reverse: bool) -> Tuple[floa
 
 def generator(port: int, streams: int, seconds: float, reverse: bool) -> Tuple[float, int]:
     """Built-in stand-in for iperf3: `streams` connections sending for `seconds`."""
-    results: List[Any] = [None] * streams
 
-    def one(i: int) -> None:
-        try:
-            with socket.create_connection((LOCAL, port), timeout=seconds + 20) as s:
-                s.sendall(GEN_HEAD.pack(b"R" if reverse else b"S", seconds))
-                buf = bytearray(256 * 1024)
-                t0 = time.perf_counter()
-                if reverse:
-                    total = 0
-                    while True:
-                        n = s.recv_into(buf)
-                        if not n:
-                            break
-                        total += n
-                else:
-                    # Send until the sink answers how much it took in its time window.
-                    end = t0 + seconds + 20
-                    while not select.select([s], [], [], 0)[0]:
-                        if time.perf_counter() > end:
-                            raise BenchError("the sink never answered")
-                        s.sendall(buf)
-                    total, elapsed = struct.unpack("!Qd", recv_exact(s, 16))
-                    results[i] = (total, elapsed)
-                    return
-                results[i] = (total, time.perf_counter() - t0)
-        except (OSError, BenchError) as exc:
-            results[i] = exc
+    def one(i: int) -> Tuple[int, float]:
+        with socket.create_connection((LOCAL, port), timeout=seconds + 20) as s:
+            s.sendall(GEN_HEAD.pack(b"R" if reverse else b"S", seconds))
+            buf = bytearray(256 * 1024)
+            t0 = time.perf_counter()
+            if reverse:
+                total = 0
+                while True:
+                    n = s.recv_into(buf)
+                    if not n:
+                        break
+                    total += n
+            else:
+                # Send until the sink answers how much it took in its time window.
+                end = t0 + seconds + 20
+                while not select.select([s], [], [], 0)[0]:
+                    if time.perf_counter() > end:
+                        raise BenchError("the sink never answered")
+                    s.sendall(buf)
+                total, elapsed = struct.unpack("!Qd", recv_exact(s, 16))
+                return total, elapsed
+            return total, time.perf_counter() - t0
 
-    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(streams)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(seconds + 30)
-    for r in results:
-        if not isinstance(r, tuple):
-            raise BenchError("generator stream failed: %s" % (r or "timed out"))
+    results = _in_threads(one, streams, seconds + 30, "generator")
     total = sum(r[0] for r in results)
     return total * 8 / max(r[1] for r in results), total
 
@@ -272,38 +260,50 @@ def throughput(services: Services, tunnels: Dict[str, Tunnel], seconds: float, r
 def downloads(port: int, streams: int, seconds: float) -> Tuple[float, int, float]:
     """`streams` clients downloading from the generator for `seconds`:
     (bits/s, bytes, the longest time in which none of them received a byte)."""
-    results: List[Any] = [None] * streams
     stamps: List[List[float]] = [[] for _ in range(streams)]
     t0 = time.perf_counter()
 
-    def one(i: int) -> None:
-        try:
-            with socket.create_connection((LOCAL, port), timeout=seconds + 30) as s:
-                s.sendall(GEN_HEAD.pack(b"R", seconds))
-                buf = bytearray(256 * 1024)
-                total, times = 0, stamps[i]
-                while True:
-                    n = s.recv_into(buf)
-                    if not n:
-                        break
-                    total += n
-                    times.append(time.perf_counter())
-                results[i] = (total, time.perf_counter() - t0)
-        except (OSError, BenchError) as exc:
-            results[i] = exc
+    def one(i: int) -> Tuple[int, float]:
+        with socket.create_connection((LOCAL, port), timeout=seconds + 30) as s:
+            s.sendall(GEN_HEAD.pack(b"R", seconds))
+            buf = bytearray(256 * 1024)
+            total, times = 0, stamps[i]
+            while True:
+                n = s.recv_into(buf)
+                if not n:
+                    break
+                total += n
+                times.append(time.perf_counter())
+            return total, time.perf_counter() - t0
 
-    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(streams)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(seconds + 40)
-    for r in results:
-        if not isinstance(r, tuple):
-            raise BenchError("download stream failed: %s" % (r or "timed out"))
+    results = _in_threads(one, streams, seconds + 40, "download")
     times = sorted([t0] + [t for ts in stamps for t in ts])
     gap = max(b - a for a, b in zip(times, times[1:])) if len(times) > 1 else 0.0
     total = sum(r[0] for r in results)
     return total * 8 / max(r[1] for r in results), total, gap
+
+
+def _in_threads(one: Callable[[int], Tuple[int, float]], count: int, timeout: float,
+                what: str) -> List[Tuple[int, float]]:
+    """one(0) .. one(count - 1) at once, a thread each: their (bytes, seconds),
+    or BenchError naming the first that failed or did not end within `timeout`."""
+    results: List[Any] = [None] * count
+
+    def run(i: int) -> None:
+        try:
+            results[i] = one(i)
+        except (OSError, BenchError) as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    for r in results:
+        if not isinstance(r, tuple):
+            raise BenchError("%s stream failed: %s" % (what, r or "timed out"))
+    return results
 
 
 def _queued(sock: socket.socket) -> int:

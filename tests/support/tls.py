@@ -4,7 +4,6 @@ the apps will once TLS is wired in)."""
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -16,7 +15,7 @@ from tcprc.engine.tls import TlsContext, TlsTransport, device_context, server_co
 from tcprc.wire import frames as protocol
 from tcprc.wire.session import DeviceSession, ServerSession
 
-from .net import HostPort
+from .net import HostPort, tcp_pair  # noqa: F401 (tests take tcp_pair from here too)
 from .tunnel import settings
 from .waiting import wait_for
 
@@ -90,19 +89,6 @@ def device_tls(pki: Pki, ca: str = "ca", server_name: str = "localhost",
     cert, key = crt(pki, device[0], device[1]) if device else (None, None)
     return device_context(server_name, ca=None if fingerprint else pki.path(ca + "/ca.crt"),
                           fingerprint=fingerprint, cert=cert, key=key)
-
-
-def tcp_pair() -> Tuple[socket.socket, socket.socket]:
-    """(dialed, accepted): a connected TCP pair on 127.0.0.1."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    try:
-        near = socket.create_connection(listener.getsockname())
-        far, _ = listener.accept()
-    finally:
-        listener.close()
-    return near, far
 
 
 def handshake_pair(device: TlsContext, server: TlsContext, timeout: float = 10.0
