@@ -9,9 +9,9 @@ import threading
 
 import pytest
 
-from support.net import read_exactly, recv_exactly
+from support.net import read_exactly, recv_exactly, tcp_pair
 from support.services import Service, pattern
-from support.tls import (TlsTunnel, device_tls, handshake_pair, server_tls, shared_pki, tcp_pair)
+from support.tls import TlsTunnel, device_tls, handshake_pair, server_tls, shared_pki
 from support.tunnel import settings
 from support.waiting import wait_for
 from tcprc.engine.buffers import FrameBuffer

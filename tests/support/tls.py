@@ -15,7 +15,7 @@ from tcprc.engine.tls import TlsContext, TlsTransport, device_context, server_co
 from tcprc.wire import frames as protocol
 from tcprc.wire.session import DeviceSession, ServerSession
 
-from .net import HostPort, tcp_pair  # noqa: F401 (tests take tcp_pair from here too)
+from .net import HostPort, tcp_pair
 from .tunnel import settings
 from .waiting import wait_for
 
