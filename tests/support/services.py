@@ -53,28 +53,7 @@ class Service:
 
     def _handle(self, conn: socket.socket) -> None:
         try:
-            if self.mode == "echo":
-                while True:
-                    data = conn.recv(65536)
-                    if not data:
-                        break
-                    conn.sendall(data)
-            elif self.mode == "source":
-                (count,) = struct.unpack("!Q", recv_exactly(conn, 8))
-                conn.sendall(pattern(count))
-            elif self.mode == "sink":
-                (count,) = struct.unpack("!Q", recv_exactly(conn, 8))
-                digest = hashlib.sha256()
-                while count:
-                    data = conn.recv(min(count, 1 << 20))
-                    if not data:
-                        break
-                    digest.update(data)
-                    count -= len(data)
-                conn.sendall(digest.digest())
-                # keep the connection until the client goes, like a real service
-                while conn.recv(65536):
-                    pass
+            self._talk(conn)
         except (OSError, EOFError):
             pass
         finally:
@@ -83,6 +62,31 @@ class Service:
                 if conn in self.open:
                     self.open.remove(conn)
             conn.close()
+
+    def _talk(self, conn: socket.socket) -> None:
+        """One connection, by `mode`; a subclass serves another protocol here."""
+        if self.mode == "echo":
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                conn.sendall(data)
+        elif self.mode == "source":
+            (count,) = struct.unpack("!Q", recv_exactly(conn, 8))
+            conn.sendall(pattern(count))
+        elif self.mode == "sink":
+            (count,) = struct.unpack("!Q", recv_exactly(conn, 8))
+            digest = hashlib.sha256()
+            while count:
+                data = conn.recv(min(count, 1 << 20))
+                if not data:
+                    break
+                digest.update(data)
+                count -= len(data)
+            conn.sendall(digest.digest())
+            # keep the connection until the client goes, like a real service
+            while conn.recv(65536):
+                pass
 
     def close(self) -> None:
         self._stop.set()

@@ -23,84 +23,50 @@ import time
 from typing import Callable, List, NamedTuple, Optional
 
 from .impair import abort
-from .services import pattern
+from .net import recv_exactly
+from .services import Service, pattern
 
 HEADER = struct.Struct("!cQ")
 OUTCOMES = ("complete", "cut", "corrupt", "hung", "aborted")
 
 
-class MixedService:
-    """The service behind the device: one thread per connection, on 127.0.0.1."""
+class MixedService(Service):
+    """The service behind the device, one thread per connection, on 127.0.0.1:
+    each connection's header picks what it does (see the module docstring)."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(256)
-        self.sock.settimeout(0.2)
-        self.address = self.sock.getsockname()
-        self.accepted = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True, name="mixed-service")
-        self._thread.start()
+        super().__init__("mixed")
 
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn: socket.socket) -> None:
+    def _talk(self, conn: socket.socket) -> None:
         conn.settimeout(120)   # a stream the tunnel forgot must not keep a thread for ever
-        try:
-            head = b""
-            while len(head) < HEADER.size:
-                chunk = conn.recv(HEADER.size - len(head))
-                if not chunk:
+        mode, count = HEADER.unpack(recv_exactly(conn, HEADER.size))   # EOF before it: closed
+        if mode == b"e":
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                conn.sendall(data)
+        elif mode == b"s":
+            conn.sendall(pattern(count, seed=count))
+        elif mode == b"k":
+            digest = hashlib.sha256()
+            while count:
+                data = conn.recv(min(count, 65536))
+                if not data:
                     return
-                head += chunk
-            mode, count = HEADER.unpack(head)
-            if mode == b"e":
-                while True:
-                    data = conn.recv(65536)
-                    if not data:
-                        break
-                    conn.sendall(data)
-            elif mode == b"s":
-                conn.sendall(pattern(count, seed=count))
-            elif mode == b"k":
-                digest = hashlib.sha256()
-                while count:
-                    data = conn.recv(min(count, 65536))
-                    if not data:
-                        return
-                    digest.update(data)
-                    count -= len(data)
-                conn.sendall(digest.digest())
-                while conn.recv(65536):
-                    pass
-            elif mode == b"h":
-                digest = hashlib.sha256()
-                while True:   # up to the client's EOF, which it sends after COUNT bytes
-                    data = conn.recv(65536)
-                    if not data:
-                        break
-                    digest.update(data)
-                conn.sendall(digest.digest())
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self.sock.close()
-        self._thread.join(2)
+                digest.update(data)
+                count -= len(data)
+            conn.sendall(digest.digest())
+            while conn.recv(65536):
+                pass
+        elif mode == b"h":
+            digest = hashlib.sha256()
+            while True:   # up to the client's EOF, which it sends after COUNT bytes
+                data = conn.recv(65536)
+                if not data:
+                    break
+                digest.update(data)
+            conn.sendall(digest.digest())
 
 
 class Result(NamedTuple):
