@@ -11,7 +11,7 @@ import pytest
 
 from support import ROOT
 from support.net import free_port, recv_exactly
-from support.tunnel import settings
+from support.tunnel import settings, start_device, start_server
 from support.waiting import wait_for
 from tcprc.device.app import DeviceApp
 from tcprc.ops.commands import CommandParser
@@ -26,22 +26,9 @@ OTHER = "a-different-secret-of-enough-bits"
 
 
 def _server(devices=None, **keys):
-    base = {"listen": "127.0.0.1:0", "host": "127.0.0.1:0"}
     if devices is not None:
-        base["devices"] = devices
-    base.update(keys)
-    app = ServerApp(settings("server", **base), device_files=DeviceFiles)
-    app.start()
-    return app
-
-
-def _device(server_app, target, **keys):
-    base = {"server": "%s:%d" % server_app.listen_address, "local": "%s:%d" % target,
-            "reconnect_min": 0.05, "reconnect_max": 0.5}
-    base.update(keys)
-    app = DeviceApp(settings("device", **base))
-    app.start()
-    return app
+        keys["devices"] = devices
+    return start_server({"device_files": DeviceFiles}, **keys)
 
 
 def _round_trip(host, data=b"ping through the fleet"):
@@ -61,8 +48,8 @@ def fleet(service, tmp_path):
     devices = {"gw1": {"secret": SECRET, "host": "127.0.0.1:%d" % free_port()},
                "gw2": {"secret": SECRET, "host": "127.0.0.1:%d" % free_port()}}
     app = _server(devices, legacy=True)
-    gw1 = _device(app, service.address, id="gw1", secret=SECRET)
-    anon = _device(app, service.address)
+    gw1 = start_device(app, service.address, id="gw1", secret=SECRET)
+    anon = start_device(app, service.address)
     wait_for(lambda: app.device_host_address("gw1") and app.host_address, what="both sessions")
     parser = CommandParser(app, build_config("server", {}, "test"))
     control = ControlServer(parser, str(tmp_path / "server.sock"))
@@ -95,7 +82,7 @@ def test_devices_lists_every_configured_device_and_the_shared_session(fleet):
 
 def test_device_shows_details_and_counts_auth_failures(fleet, service):
     app, parser, path = fleet
-    bad = _device(app, service.address, id="gw2", secret=OTHER, reconnect_min=30,
+    bad = start_device(app, service.address, id="gw2", secret=OTHER, reconnect_min=30,
                   reconnect_max=30)
     try:
         wait_for(lambda: _row(app, "gw2")["auth_failures"] == 1, what="gw2's failure recorded")
@@ -173,7 +160,7 @@ def test_a_dropped_file_adds_a_device_an_edit_moves_it_a_removal_closes_it(tmp_p
                                                                           caplog):
     app, folder = _dir_server(tmp_path)
     first, second = free_port(), free_port()
-    device = _device(app, service.address, id="gw3", secret=SECRET)
+    device = start_device(app, service.address, id="gw3", secret=SECRET)
     try:
         _write(folder / "gw3.toml", 'host = "127.0.0.1:%d"\nsecret = "%s"\n' % (first, SECRET))
         wait_for(lambda: app.device_host_address("gw3") == ("127.0.0.1", first),
@@ -198,7 +185,7 @@ def test_a_dropped_file_adds_a_device_an_edit_moves_it_a_removal_closes_it(tmp_p
 def test_a_broken_file_is_one_line_and_the_others_keep_working(tmp_path, service, caplog):
     app, folder = _dir_server(tmp_path)
     port = free_port()
-    device = _device(app, service.address, id="gw4", secret=SECRET)
+    device = start_device(app, service.address, id="gw4", secret=SECRET)
     try:
         _write(folder / "gw4.toml", 'host = "127.0.0.1:%d"\nsecret = "%s"\n' % (port, SECRET))
         _write(folder / "bad.toml", 'host = "127.0.0.1:%d"\nsecret = "%s' % (free_port(), OTHER))
@@ -228,7 +215,7 @@ def test_an_id_in_both_places_takes_the_config_file_table(tmp_path, service, cap
         "gw5": {"secret": SECRET, "host": "127.0.0.1:%d" % configured}})
     _write(folder / "gw5.toml", 'host = "127.0.0.1:%d"\nsecret = "%s"\n' % (free_port(), OTHER))
     app.apply_settings(app.settings)   # what SIGHUP does
-    device = _device(app, service.address, id="gw5", secret=SECRET)
+    device = start_device(app, service.address, id="gw5", secret=SECRET)
     try:
         wait_for(lambda: app.device_host_address("gw5") == ("127.0.0.1", configured),
                  what="gw5 on the config file's port, with its secret")
@@ -242,7 +229,7 @@ def test_an_id_in_both_places_takes_the_config_file_table(tmp_path, service, cap
 
 def test_sighup_reads_the_directory_without_waiting_for_the_scan(tmp_path, service):
     app, folder = _dir_server(tmp_path, scan=3600)
-    device = _device(app, service.address, id="gw6", secret=SECRET)
+    device = start_device(app, service.address, id="gw6", secret=SECRET)
     try:
         _write(folder / "gw6.toml", 'host = "127.0.0.1:0"\nsecret = "%s"\n' % SECRET)
         app.apply_settings(app.settings)   # Service.reload on SIGHUP
@@ -268,7 +255,7 @@ def test_ctl_device_add_writes_a_private_file_the_server_serves(tmp_path, servic
     secret = [line for line in done.stdout.splitlines() if line.startswith("secret: ")][0][8:]
     assert len(secret) >= 43 and "id = \"gw7\"" in done.stdout
     assert "server = \"%s:%d\"" % app.listen_address in done.stdout
-    device = _device(app, service.address, id="gw7", secret=secret)
+    device = start_device(app, service.address, id="gw7", secret=secret)
     try:
         wait_for(lambda: app.device_host_address("gw7") == ("127.0.0.1", port), what="gw7 up")
         _round_trip(("127.0.0.1", port))
@@ -285,8 +272,8 @@ def test_a_device_over_max_streams_refuses_clients_and_the_others_are_untouched(
     app = _server({"gw1": {"secret": SECRET, "host": "127.0.0.1:0"},
                    "gw2": {"secret": SECRET, "host": "127.0.0.1:%d" % free_port()}},
                   max_streams_per_device=2)
-    gw1 = _device(app, service.address, id="gw1", secret=SECRET)
-    gw2 = _device(app, service.address, id="gw2", secret=SECRET)
+    gw1 = start_device(app, service.address, id="gw1", secret=SECRET)
+    gw2 = start_device(app, service.address, id="gw2", secret=SECRET)
     held = []
     try:
         wait_for(lambda: app.device_host_address("gw1") and app.device_host_address("gw2"),
@@ -369,8 +356,8 @@ def http_fleet(service):
     devices = {"gw1": {"secret": SECRET, "host": "127.0.0.1:%d" % free_port()},
                "gw2": {"secret": SECRET, "host": "127.0.0.1:%d" % free_port()}}
     app = _server(devices, http="127.0.0.1:0")
-    gw1 = _device(app, service.address, id="gw1", secret=SECRET)
-    bad = _device(app, service.address, id="gw2", secret=OTHER, reconnect_min=30,
+    gw1 = start_device(app, service.address, id="gw1", secret=SECRET)
+    bad = start_device(app, service.address, id="gw2", secret=OTHER, reconnect_min=30,
                   reconnect_max=30)
     wait_for(lambda: app.device_host_address("gw1") and _row(app, "gw2")["auth_failures"],
              what="gw1 up, gw2 refused")

@@ -170,7 +170,7 @@ import struct       # noqa: E402
 
 from support.net import free_port, recv_exactly    # noqa: E402
 from support.services import Service, pattern      # noqa: E402
-from support.tunnel import settings                # noqa: E402
+from support.tunnel import settings, start_device   # noqa: E402
 from support.waiting import wait_for               # noqa: E402
 from tcprc.device.app import DeviceApp             # noqa: E402
 from tcprc.server.app import ServerApp             # noqa: E402
@@ -185,13 +185,10 @@ def _server_settings(services, **keys):
 
 
 def _device_app(server, local, services, **keys):
-    app = DeviceApp(settings("device", **dict({
-        "server": "%s:%d" % server.listen_address, "local": "%s:%d" % local,
-        "id": "gw1", "secret": SECRET, "reconnect_min": 0.05, "reconnect_max": 0.5,
+    return start_device(server, local, **dict({
+        "id": "gw1", "secret": SECRET,
         "services": {name: {"local": "%s:%d" % address} for name, address in services.items()}},
-        **keys)))
-    app.start()
-    return app
+        **keys))
 
 
 def _echo(address, data=b"through the main host"):

@@ -7,12 +7,11 @@ import threading
 
 import pytest
 
-from support.net import recv_exactly, recv_until_eof
+from support.net import recv_exactly
 from support.services import Service, pattern
 from support.tls import shared_pki
-from support.tunnel import settings
+from support.tunnel import settings, start_device, start_server
 from support.waiting import wait_for
-from tcprc.device.app import DeviceApp
 from tcprc.errors import ConfigError
 from tcprc.server.app import ServerApp
 
@@ -25,24 +24,15 @@ def pki():
 
 
 def _server(pki, cert="ca/localhost", client_ca=None, **keys):
-    base = dict(listen="127.0.0.1:0", host="127.0.0.1:0", tls_cert=pki.path(cert + ".crt"),
-                tls_key=pki.path(cert + ".key"))
+    tls = dict(tls_cert=pki.path(cert + ".crt"), tls_key=pki.path(cert + ".key"))
     if client_ca:
-        base["tls_client_ca"] = pki.path(client_ca + "/ca.crt")
-    base.update(keys)
-    app = ServerApp(settings("server", **base))
-    app.start()
-    return app
+        tls["tls_client_ca"] = pki.path(client_ca + "/ca.crt")
+    return start_server(**dict(tls, **keys))
 
 
 def _device(app, target, pki, **keys):
-    base = dict(server="%s:%d" % app.listen_address, local="%s:%d" % target, tls=True,
-                tls_ca=pki.path("ca/ca.crt"), tls_server_name="localhost",
-                reconnect_min=0.05, reconnect_max=0.5)
-    base.update(keys)
-    device = DeviceApp(settings("device", **base))
-    device.start()
-    return device
+    return start_device(app, target, **dict(dict(tls=True, tls_ca=pki.path("ca/ca.crt"),
+                                                  tls_server_name="localhost"), **keys))
 
 
 def _failure(device, caplog, server_words):

@@ -10,13 +10,12 @@ import time
 import pytest
 
 from support.net import free_port, is_eof, recv_exactly, recv_until_eof
-from support.peers import (LegacyServer, RawPeer, greet_as_v2_device, greet_as_v2_server,
+from support.peers import (RawPeer, greet_as_v2_device, greet_as_v2_server,
                            legacy_device)
 from support.services import Service, pattern
-from support.tunnel import Tunnel, settings
+from support.tunnel import Tunnel, settings, start_device, start_server
 from support.waiting import wait_for
 from tcprc.device.app import DeviceApp
-from tcprc.server.app import ServerApp
 from tcprc.wire import frames as protocol
 from tcprc.wire.frames import CLOSE, CONNECT, DATA, LISTEN
 
@@ -24,29 +23,12 @@ SECRET = "correct-horse-battery-staple-42"
 OTHER = "a-different-secret-of-enough-bits"
 
 
-def _server(**keys):
-    base = {"listen": "127.0.0.1:0", "host": "127.0.0.1:0"}
-    base.update(keys)
-    app = ServerApp(settings("server", **base))
-    app.start()
-    return app
-
-
-def _device(server_app, target, **keys):
-    base = {"server": "%s:%d" % server_app.listen_address, "local": "%s:%d" % target,
-            "reconnect_min": 0.05, "reconnect_max": 0.5}
-    base.update(keys)
-    app = DeviceApp(settings("device", **base))
-    app.start()
-    return app
-
-
 def _fleet_server(legacy=None, **keys):
     """A server with one configured device, 'gw1', whose clients use their own port."""
     devices = {"gw1": {"secret": SECRET, "host": "127.0.0.1:%d" % free_port()}}
     if legacy is not None:
         keys["legacy"] = legacy
-    return _server(devices=devices, **keys)
+    return start_server(devices=devices, **keys)
 
 
 def _next_stream_frame(peer):
@@ -156,7 +138,7 @@ def test_v2_frames_in_a_legacy_session_are_skipped_and_the_tunnel_carries_on(ser
 
 def test_an_authenticated_device_gets_its_own_port(service, caplog):
     app = _fleet_server()
-    device = _device(app, service.address, id="gw1", secret=SECRET)
+    device = start_device(app, service.address, id="gw1", secret=SECRET)
     try:
         wait_for(lambda: app.device_host_address("gw1"), what="gw1's port")
         _round_trip(app.device_host_address("gw1"))
@@ -175,7 +157,7 @@ def test_an_authenticated_device_gets_its_own_port(service, caplog):
 def test_a_wrong_secret_or_unknown_id_is_refused_with_one_line(service, caplog, device_id,
                                                                secret, what):
     app = _fleet_server()
-    device = _device(app, service.address, id=device_id, secret=secret,
+    device = start_device(app, service.address, id=device_id, secret=secret,
                      reconnect_min=30, reconnect_max=30)
     try:
         error = wait_for(lambda: device.status()["last_error"], what="the refusal")
@@ -364,7 +346,7 @@ def test_legacy_sessions_are_refused_once_devices_are_configured(caplog):
 
 def test_legacy_true_keeps_the_shared_port_for_legacy_devices_beside_configured_ones(service):
     app = _fleet_server(legacy=True)
-    device = _device(app, service.address, id="gw1", secret=SECRET)
+    device = start_device(app, service.address, id="gw1", secret=SECRET)
     try:
         peer = legacy_device(app)
         wait_for(lambda: app.device_host_address("gw1"), what="gw1's port")
@@ -379,7 +361,7 @@ def test_legacy_true_keeps_the_shared_port_for_legacy_devices_beside_configured_
 
 def test_only_the_same_id_takes_a_port_over(service):
     app = _fleet_server()
-    device = _device(app, service.address, id="gw1", secret=SECRET)
+    device = start_device(app, service.address, id="gw1", secret=SECRET)
     try:
         port = wait_for(lambda: app.device_host_address("gw1"), what="gw1's port")
         rogue = RawPeer(socket.create_connection(app.listen_address))
@@ -674,7 +656,7 @@ class BlackHoleRelay:
 
 def test_a_black_holed_uplink_ends_within_the_heartbeat_timeout(service, caplog):
     keys = {"heartbeat_interval": 1.0, "heartbeat_timeout": 2.0}
-    app = _server(**keys)
+    app = start_server(**keys)
     relay = BlackHoleRelay(app.listen_address)
     device = DeviceApp(settings("device", server=relay.address, local="%s:%d" % service.address,
                                 reconnect_min=0.05, reconnect_max=0.2, **keys))
@@ -699,7 +681,7 @@ def test_a_black_holed_uplink_ends_within_the_heartbeat_timeout(service, caplog)
 def test_a_secret_is_rotated_without_losing_the_device(service):
     new = "the-new-secret-for-gw1-rotation"
     app = _fleet_server()
-    device = _device(app, service.address, id="gw1", secret=SECRET)
+    device = start_device(app, service.address, id="gw1", secret=SECRET)
     try:
         wait_for(lambda: app.device_host_address("gw1"), what="gw1's port")
         host = app.settings.devices["gw1"].host
@@ -730,7 +712,7 @@ def test_a_device_behind_a_slow_relay_still_gets_v2(service):
     proxy in the path hides: a HELLO after that wait, before any client, still
     makes the session v2 (it used to be refused as too late, every redial)."""
     from support.impair import Relay
-    app = _server()
+    app = start_server()
     relay = Relay(app.listen_address, delay=0.3)
     relay.start()
     device = DeviceApp(settings("device", server="%s:%d" % relay.address, reconnect_min=5,
@@ -751,9 +733,9 @@ def test_a_device_behind_a_slow_relay_still_gets_v2(service):
 def test_two_devices_with_any_free_port_get_a_port_each(service):
     devices = {"gw1": {"secret": SECRET, "host": "127.0.0.1:0"},
                "gw2": {"secret": SECRET + "-2", "host": "127.0.0.1:0"}}
-    app = _server(devices=devices)
-    one = _device(app, service.address, id="gw1", secret=SECRET)
-    two = _device(app, service.address, id="gw2", secret=SECRET + "-2")
+    app = start_server(devices=devices)
+    one = start_device(app, service.address, id="gw1", secret=SECRET)
+    two = start_device(app, service.address, id="gw2", secret=SECRET + "-2")
     try:
         wait_for(lambda: app.device_host_address("gw1") and app.device_host_address("gw2"),
                  what="both ports")

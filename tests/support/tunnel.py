@@ -14,22 +14,34 @@ def settings(role: str, **keys: Any) -> Any:
     return getattr(build_config(role, {role: keys}, "test"), role)
 
 
+def start_server(app_options: Optional[Dict[str, Any]] = None, **keys: Any) -> Any:
+    """A started ServerApp, on free ports of 127.0.0.1 unless `keys` say otherwise;
+    `app_options` go to ServerApp itself."""
+    from tcprc.server.app import ServerApp
+    app = ServerApp(settings("server", **dict({"listen": "127.0.0.1:0", "host": "127.0.0.1:0"}, **keys)),
+                    **(app_options or {}))
+    app.start()
+    return app
+
+
+def start_device(server_app: Any, target: HostPort, **keys: Any) -> Any:
+    """A started DeviceApp that dials `server_app`, takes clients to `target`, and
+    redials within half a second."""
+    from tcprc.device.app import DeviceApp
+    app = DeviceApp(settings("device", **dict({
+        "server": "%s:%d" % server_app.listen_address, "local": "%s:%d" % target,
+        "reconnect_min": 0.05, "reconnect_max": 0.5}, **keys)))
+    app.start()
+    return app
+
+
 class Tunnel:
     """A ServerApp and a DeviceApp in this process, joined over 127.0.0.1."""
 
     def __init__(self, target: HostPort, server_keys: Optional[Dict[str, Any]] = None,
                  device_keys: Optional[Dict[str, Any]] = None):
-        from tcprc.device.app import DeviceApp
-        from tcprc.server.app import ServerApp
-        keys = {"listen": "127.0.0.1:0", "host": "127.0.0.1:0"}
-        keys.update(server_keys or {})
-        self.server = ServerApp(settings("server", **keys))
-        self.server.start()
-        dkeys = {"server": "%s:%d" % self.server.listen_address,
-                 "local": "%s:%d" % target, "reconnect_min": 0.05, "reconnect_max": 0.5}
-        dkeys.update(device_keys or {})
-        self.device = DeviceApp(settings("device", **dkeys))
-        self.device.start()
+        self.server = start_server(**(server_keys or {}))
+        self.device = start_device(self.server, target, **(device_keys or {}))
         wait_for(lambda: self.server.host_address, what="the device's LISTEN")
 
     @property
