@@ -238,6 +238,46 @@ def _read_frames_until(sock: socket.socket, want: Callable[[Tuple[int, int, byte
     return False
 
 
+def _uplink_closed_after_eof(uplink: socket.socket, blob: bytes,
+                             first: Optional[Callable[[], None]] = None) -> None:
+    """first(), then `blob` and EOF on `uplink`: the app must close it within 10 s.
+    A socket error (the app reset it) ends the check quietly; a timeout fails it."""
+    try:
+        if first is not None:
+            first()
+        uplink.sendall(blob)
+        uplink.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + 10
+        while uplink.recv(65536) and time.monotonic() < deadline:
+            pass
+        assert time.monotonic() < deadline, "the uplink was not closed after its EOF"
+    except socket.timeout:
+        raise AssertionError("the uplink was not closed after its EOF") from None
+    except OSError:
+        pass
+    finally:
+        uplink.close()
+
+
+def _client_bytes_reach(device: socket.socket, host: Tuple[str, int]) -> None:
+    """A client of `host` sends b"hello": it must reach `device` as DATA."""
+    client = socket.create_connection(host, timeout=5)
+    try:
+        client.sendall(b"hello")
+        assert _read_frames_until(device, lambda f: f[0] == DATA and f[2] == b"hello",
+                                  time.monotonic() + 10), "a client's bytes did not arrive"
+    finally:
+        client.close()
+
+
+def _link_gone(app: Any) -> None:
+    """The device left: within 10 s the app holds no link."""
+    deadline = time.monotonic() + 10
+    while app.status()["state"] != "waiting" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert app.status()["state"] == "waiting", "the device left but its link stayed"
+
+
 class EchoTarget:
     """The device's service: echoes, one thread per connection."""
 
@@ -343,22 +383,9 @@ class ServerLinkTarget:
     def check(self, blob: Any) -> None:
         app = self._app()
         with ThreadDeaths() as deaths:
-            uplink = socket.create_connection(app.listen_address, timeout=5)
-            try:
-                uplink.sendall(blob)
-                uplink.shutdown(socket.SHUT_WR)
-                # Its link must end (on our EOF at the latest) before the next device
-                # comes: a LISTEN read later would take the tunnel over from it.
-                deadline = time.monotonic() + 10
-                while uplink.recv(65536) and time.monotonic() < deadline:
-                    pass
-                assert time.monotonic() < deadline, "the uplink was not closed after its EOF"
-            except socket.timeout:
-                raise AssertionError("the uplink was not closed after its EOF") from None
-            except OSError:
-                pass
-            finally:
-                uplink.close()
+            # Its link must end (on our EOF at the latest) before the next device
+            # comes: a LISTEN read later would take the tunnel over from it.
+            _uplink_closed_after_eof(socket.create_connection(app.listen_address, timeout=5), blob)
             device = socket.create_connection(app.listen_address, timeout=5)
             try:
                 device.sendall(wire.encode(LISTEN, 0))
@@ -371,19 +398,10 @@ class ServerLinkTarget:
                     time.sleep(0.01)
                 else:
                     raise AssertionError("a fresh device did not get the tunnel")
-                client = socket.create_connection(app.host_address, timeout=5)
-                try:
-                    client.sendall(b"hello")
-                    assert _read_frames_until(device, lambda f: f[0] == DATA and f[2] == b"hello",
-                                              time.monotonic() + 10), "a client's bytes did not arrive"
-                finally:
-                    client.close()
+                _client_bytes_reach(device, app.host_address)
             finally:
                 device.close()
-            deadline = time.monotonic() + 10
-            while app.status()["state"] != "waiting" and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert app.status()["state"] == "waiting", "the device left but its link stayed"
+            _link_gone(app)
             assert not deaths.deaths, deaths.deaths
 
     def close(self) -> None:
@@ -731,42 +749,23 @@ class ServerLinkV2Target:
         rng = random.Random(seed)
         with ThreadDeaths() as deaths:
             uplink = socket.socket()
-            try:
+
+            def greet_first() -> None:
                 uplink.bind((source, 0))
                 uplink.settimeout(5)
                 uplink.connect(app.listen_address)
                 host = self._greet(uplink, greet, rng)
                 if greet == "genuine":   # (a change that left the bytes as they were counts as one)
                     assert host == self.gw_host, "a genuine device did not get its port"
-                uplink.sendall(blob)
-                uplink.shutdown(socket.SHUT_WR)
-                deadline = time.monotonic() + 10
-                while uplink.recv(65536) and time.monotonic() < deadline:
-                    pass
-                assert time.monotonic() < deadline, "the uplink was not closed after its EOF"
-            except socket.timeout:
-                raise AssertionError("the uplink was not closed after its EOF") from None
-            except OSError:
-                pass
-            finally:
-                uplink.close()
+            _uplink_closed_after_eof(uplink, blob, greet_first)
             device = socket.create_connection(app.listen_address, timeout=5)
             try:
                 assert self._greet(device, "genuine", rng) == self.gw_host, "a genuine device was refused"
                 gw = self.gw_host.rsplit(":", 1)
-                client = socket.create_connection((gw[0], int(gw[1])), timeout=5)
-                try:
-                    client.sendall(b"hello")
-                    assert _read_frames_until(device, lambda f: f[0] == DATA and f[2] == b"hello",
-                                              time.monotonic() + 10), "a client's bytes did not arrive"
-                finally:
-                    client.close()
+                _client_bytes_reach(device, (gw[0], int(gw[1])))
             finally:
                 device.close()
-            deadline = time.monotonic() + 10
-            while app.status()["state"] != "waiting" and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert app.status()["state"] == "waiting", "the device left but its link stayed"
+            _link_gone(app)
             assert not deaths.deaths, deaths.deaths
 
     def close(self) -> None:
