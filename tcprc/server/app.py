@@ -23,6 +23,7 @@ uplink port is rate-limited per source.
 import logging
 import socket
 import threading
+import time
 from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
@@ -184,10 +185,14 @@ class ServerApp:
             self.uplink_log.warning(link.source, "%s: device without id refused: %s",
                                     link.name, message)
             return
-        import time
-        penalty = self.throttle.failed(link.source, time.monotonic())
-        self.uplink_log.warning(link.source, "%s: device %s refused: %s (its source waits %.1f s "
-                                "before its next try)", link.name, device_id, message, penalty)
+        penalty = self.throttle.failed(link.source, device_id, time.monotonic())
+        self.uplink_log.warning(link.source, "%s: device %s refused: %s (its next try from this "
+                                "address waits %.1f s)", link.name, device_id, message, penalty)
+
+    def auth_passed(self, link: ServerLink, device_id: str) -> None:
+        """The session proved `device_id`'s secret: that id's failures from its
+        source are forgotten."""
+        self.throttle.succeeded(link.source, device_id)
 
     # ---- lifecycle --------------------------------------------------------------
     def start(self) -> None:
@@ -441,10 +446,14 @@ class ServerApp:
         The one waiting longest goes, never the newcomer: a device sends LISTEN
         at once, so an old waiter is the least likely to be one.  Over the
         per-source cap, the source's own oldest goes (a device behind the same
-        NAT still gets in); over the global cap, the oldest of all.
+        NAT still gets in), one whose CHALLENGE the throttle holds before any
+        other; over the global cap, the oldest of all.
         """
         victims = []
         mine = [link for link in self._pending if link.source == source]
+        # Handshakes the throttle holds go first: a failing neighbour's retries
+        # never push out a good device's handshake from the same address.
+        mine.sort(key=lambda link: not link.held_by_throttle)
         while len(mine) >= self.settings.max_pending_per_source:
             victims.append((mine.pop(0), "dropped for a newer connection from the same source "
                             "(max_pending_per_source = %d)" % self.settings.max_pending_per_source))

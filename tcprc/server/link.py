@@ -80,6 +80,11 @@ class ServerLink(Link):
         self._on_uplink_readable()
 
     @property
+    def held_by_throttle(self) -> bool:
+        """Its CHALLENGE waits: the id it named failed from its source lately."""
+        return self.session.state == "delayed"
+
+    @property
     def listening(self) -> bool:
         """The session is established (legacy, or v2 past its handshake): it has clients."""
         return self.session.established
@@ -137,6 +142,8 @@ class ServerLink(Link):
                 self.app.auth_failed(self, device_id, message)
                 self._act(self.session.reject(protocol.REJECT_BAD_PROOF, message))
                 return
+        if device_id:
+            self.app.auth_passed(self, device_id)
         self._claim()
 
     def denied(self, device_id: str, message: str) -> None:
@@ -331,7 +338,8 @@ def open_server_link(sock: socket.socket, settings: ServerSettings, name: str, a
         ClientIds(settings.id_quarantine),
         protocol.encode_connect_payload(settings.connect_address, settings.connect_port),
         lambda: _rtt(transport), lookup=app.secret_of, legacy_allowed=settings.legacy,
-        window=settings.window, throttle=lambda now: app.throttle.delay(source, now))
+        window=settings.window,
+        throttle=lambda now, device_id: app.throttle.delay(source, device_id, now))
     return ServerLink(transport, Loop(), session, settings, name, app, host)
 
 

@@ -58,6 +58,10 @@ GRACE_RTTS = 4
 # legacy: a tcprc device answers at once, so a few round trips, but at least
 # a second: a relay or a proxy in the path hides the real round trip from the
 # uplink's TCP_INFO (a HELLO even later still counts until a client came).
+# Server: the longest its CHALLENGE may wait after failed handshakes of the
+# same id from the same address (its throttle); a device's handshake
+# deadline includes it, so a good device is never timed out by it.
+MAX_CHALLENGE_HOLD = 30.0
 HELLO_WAIT_FLOOR = 1.0
 HELLO_WAIT_RTTS = 4
 HELLO_WAIT_CAP = 3.0
@@ -184,6 +188,9 @@ class DeviceSession(Session):
             return [(FAIL, "%s during the v2 handshake" % name)]
         return None
 
+    def _handshake_wait(self) -> float:
+        return self._offer_wait + MAX_CHALLENGE_HOLD
+
     def _why_strict(self) -> str:
         if self.protocol == "v2":
             return "[device] protocol = \"v2\""
@@ -198,9 +205,11 @@ class DeviceSession(Session):
             from .handshake import DeviceHandshake
             self._handshake = DeviceHandshake(self.device_id, self._secret, self.window)
             self.state = "hello"
-            # The same bound for the rest of the handshake: a server gone quiet now
-            # (or a path that black-holes, TCP still up) must not hold the uplink.
-            self._offer_deadline = now + self._offer_wait
+            # A bound for the rest of the handshake: a server gone quiet now (or
+            # a path that black-holes, TCP still up) must not hold the uplink.
+            # It includes the longest a server may hold its CHALLENGE after
+            # failures of this id from this address (someone else's, perhaps).
+            self._offer_deadline = now + self._handshake_wait()
             return [(SEND, frames.HELLO, 0, self._handshake.hello())]
         if self.state != "hello":
             # Only an OFFER opens the handshake: before it (a legacy server's garbage)
@@ -315,7 +324,7 @@ class DeviceSession(Session):
             self._offer_deadline = None
             if self.state == "hello":
                 return [(FAIL, "the v2 handshake did not finish within %g s of the OFFER"
-                         % self._offer_wait)]
+                         % self._handshake_wait())]
             return [(FAIL, "no OFFER of protocol v2 within %g s of LISTEN (a legacy server?): "
                      "refusing to fall back, %s" % (self._offer_wait, self._why_strict()))]
         if not reading:
@@ -367,13 +376,13 @@ class ServerSession(Session):
                  rtt: Callable[[], float] = lambda: 0.0,
                  lookup: Callable[[str], Optional[bytes]] = lambda device_id: None,
                  legacy_allowed: bool = True, window: int = 256 * 1024,
-                 throttle: Callable[[float], float] = lambda now: 0.0) -> None:
+                 throttle: Callable[[float, str], float] = lambda now, device_id: 0.0) -> None:
         self.ids = ids
         self.connect_payload = connect_payload
         self.listening = False
         self._rtt = rtt
-        # v2: `lookup(id)` gives a configured device's secret; `throttle(now)`
-        # how long this source must wait before its next CHALLENGE.
+        # v2: `lookup(id)` gives a configured device's secret; `throttle(now, id)`
+        # how long a HELLO naming that id from this source waits for its CHALLENGE.
         self._lookup = lookup
         self.legacy_allowed = legacy_allowed
         self.window = window
@@ -421,11 +430,11 @@ class ServerSession(Session):
                 self._handshake = ServerHandshake(self._lookup, self.window, self.legacy_allowed)
                 self._challenge = self._handshake.on_hello(payload)
                 self.device_id = self._handshake.device_id
-                wait = self._throttle(now)
-                if wait > 0:   # failures from this source: its answer waits
+                wait = self._throttle(now, self.device_id)
+                if wait > 0:   # this id failed from this source: its answer waits
                     self.state, self._deadline = "delayed", now + wait
-                    return unlisten + [(DEBUG, "CHALLENGE held %.1f s: recent failures from "
-                                               "this source" % wait)]
+                    return unlisten + [(DEBUG, "CHALLENGE held %.1f s: recent failures of "
+                                               "id %s from this source" % (wait, self.device_id))]
                 self.state, self._deadline = "challenged", None
                 return unlisten + [(SEND, frames.CHALLENGE, 0, self._challenge)]
             if command == frames.AUTH and self.state == "challenged":
