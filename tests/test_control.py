@@ -542,3 +542,56 @@ def test_sighup_reload_is_what_config_get_shows(agents, tmp_path):
     # The unsaved `config set` was dropped with the old config: saving now keeps 77.
     assert agent.ctl("config", "save").returncode == 0
     assert "keepalive_idle = 77" in path.read_text()
+
+
+def test_a_client_with_a_command_every_moment_still_ends_at_the_maximum_life(tmp_path):
+    """One full line every few seconds used to hold a slot for ever; now a connection
+    ends after max_life, with a line that says so."""
+    cfg = build_config("device", {}, "test")
+    app = DeviceApp(cfg.device)
+    server = ControlServer(CommandParser(app, cfg), str(tmp_path / "c.sock"), client_timeout=1.0,
+                           max_life=1.5)
+    server.start()
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(server.path)
+            started, answers = time.monotonic(), b""
+            while time.monotonic() - started < 10:
+                try:
+                    sock.sendall(b"help\n")
+                except OSError:
+                    break
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answers += chunk
+                time.sleep(0.2)     # pacing the client: a command every 0.2 s
+            try:
+                while True:          # what the agent said before it hung up
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    answers += chunk
+            except OSError:
+                pass
+            assert time.monotonic() - started < 5, "the connection outlived its maximum life"
+            assert b"ERROR connection closed: open for 1.5s" in answers
+    finally:
+        server.close()
+
+
+def test_a_control_connection_whose_thread_cannot_start_is_refused_and_the_next_served(
+        served, monkeypatch):
+    real_start = threading.Thread.start
+    failing = {"on": True}
+
+    def start(thread):
+        if failing["on"] and thread.name == "tcprc-control-client":
+            raise RuntimeError("can't start new thread")
+        return real_start(thread)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    assert send_command(served.path, "status", 5) == [
+        "ERROR busy: the agent cannot start a thread for this connection"]
+    failing["on"] = False
+    assert send_command(served.path, "status", 5)[-1] == "OK"   # the acceptor lives on

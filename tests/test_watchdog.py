@@ -125,3 +125,44 @@ def test_mkdir_lock_live_owner_blocks_stale_owner_does_not(gateway):
     assert "removing stale lock" in res.stderr and "started it" in res.stderr
     assert gateway.agents() == [gateway.pid()]
     assert not lockdir.exists()
+
+
+# Loaded by every Python the test starts (PYTHONPATH): it ends the device's supervisor
+# thread once, past every fault barrier (SystemExit), as a defect nobody foresaw would.
+_KILL_SUPERVISOR = '''
+import os
+_MARK = %r
+if os.path.exists(_MARK):
+    from tcprc.device import app as _app
+    _real = _app.DeviceApp._beat_wait
+
+    def _beat_wait(self, timeout):
+        if os.path.exists(_MARK):
+            os.unlink(_MARK)
+            raise SystemExit()
+        return _real(self, timeout)
+    _app.DeviceApp._beat_wait = _beat_wait
+'''
+
+
+def test_restarts_an_agent_whose_critical_thread_died(gateway):
+    """The process lives and answers on its control socket, but its tunnel is dead:
+    `health` says so, and the watchdog restarts it."""
+    hooks = gateway.dir / "hooks"
+    hooks.mkdir()
+    mark = gateway.dir / "kill-the-supervisor"
+    mark.write_text("")
+    (hooks / "sitecustomize.py").write_text(_KILL_SUPERVISOR % str(mark))
+    env = {"PYTHONPATH": "%s:%s" % (hooks, gateway.env["PYTHONPATH"])}
+    assert gateway.init("start", env=env).returncode == 0
+    old = gateway.pid()
+    wait_for(lambda: not mark.exists(), what="the supervisor thread killed")
+    check = gateway.init("check", env=env)
+    assert check.returncode == 4 and "unhealthy" in check.stdout, check.stdout
+    assert "tcprc-device (supervisor) has ended" in check.stdout
+    res = gateway.watchdog(env=env)
+    assert res.returncode == 0, res.stderr
+    assert "is unhealthy" in res.stderr and "restarted" in res.stderr
+    new = gateway.pid()
+    assert new != old and not alive(old) and gateway.agents() == [new]
+    assert gateway.init("check", env=env).returncode == 0   # the new agent is healthy

@@ -4,9 +4,11 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..addr import format_hostport, parse_hostport
+from ..engine.liveness import TICK, Liveness
+from ..engine.ratelog import LimitedLog
 from ..engine.sockets import connect_tcp
 from .link import DeviceLink, device_tls, for_server, open_device_link
 from ..settings import DeviceSettings
@@ -14,6 +16,14 @@ from ..settings import DeviceSettings
 log = logging.getLogger("tcprc.device")
 
 HostPort = Tuple[str, int]
+
+SUPERVISOR = "tcprc-device (supervisor)"
+
+
+def _stuck_after(settings: DeviceSettings) -> float:
+    """How long the supervisor may go without a beat: a dial and a TLS handshake
+    each take up to connect_timeout (a name lookup may add its own), so more."""
+    return 2 * settings.connect_timeout + 60.0
 
 
 class Backoff:
@@ -55,6 +65,8 @@ class DeviceApp:
 
     def __init__(self, settings: DeviceSettings):
         self.settings = settings
+        self.liveness = Liveness()
+        self._errors = LimitedLog(log, interval=10.0)
         self._cond = threading.Condition()
         self._server: Optional[HostPort] = None      # None: stay idle
         self._local: HostPort = parse_hostport(settings.local)
@@ -72,6 +84,7 @@ class DeviceApp:
     # ---- public API (thread-safe) -------------------------------------------------
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="tcprc-device", daemon=True)
+        self.liveness.watch(SUPERVISOR, self._thread, _stuck_after(self.settings))
         self._thread.start()
         if self.settings.autostart and self.settings.server:
             self.connect()
@@ -99,6 +112,7 @@ class DeviceApp:
         with self._cond:
             changed = _tunnel_settings_key(settings) != _tunnel_settings_key(self.settings)
             self.settings = settings
+            self.liveness.set_limit(SUPERVISOR, _stuck_after(settings))
             self._tls = tls
             self._backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
             if not changed:
@@ -110,7 +124,12 @@ class DeviceApp:
                 self._server = None
             self._restart_locked("settings changed")
 
+    def health(self) -> List[str]:
+        """What keeps this agent from keeping its tunnel: a critical thread ended or stuck."""
+        return self.liveness.problems()
+
     def close(self) -> None:
+        self.liveness.forget(SUPERVISOR)
         with self._cond:
             self._closing = True
             self._restart_locked("agent stopping")
@@ -135,6 +154,7 @@ class DeviceApp:
                 "bytes_down": down + (stats["bytes_received"] if stats else 0),
                 "uptime": (time.monotonic() - self._up_since) if self._up_since else None,
                 "last_error": self._last_error,
+                "health": "; ".join(self.liveness.problems()) or "ok",
             }
 
     # ---- the supervisor thread ------------------------------------------------------
@@ -145,18 +165,32 @@ class DeviceApp:
         self._cond.notify_all()
 
     def _run(self) -> None:
+        """The supervisor thread, with its fault barrier: whatever one attempt
+        raises (a bug, a name no resolver takes, a thread that cannot start) is
+        logged once with its traceback and counts as a failed attempt: the
+        supervisor backs off and dials again, it never ends but on close()."""
         while True:
             with self._cond:
                 while not self._closing and self._server is None:
                     self._state = "idle"
-                    self._cond.wait()
+                    self._beat_wait(TICK)
                 if self._closing:
                     self._state = "idle"
                     return
                 generation, server, local = self._generation, self._server, self._local
                 settings = self.settings
                 self._state = "connecting"
-            healthy = self._serve_once(generation, server, local, settings)
+            try:
+                healthy = self._serve_once(generation, server, local, settings)
+            except Exception as exc:
+                healthy = False
+                with self._cond:
+                    self._link = None
+                    self._up_since = None
+                    self._last_error = "internal error: %s: %s" % (type(exc).__name__, exc)
+                self._errors.error("internal error while serving the uplink to %s (the agent "
+                                   "dials again): %s: %s", format_hostport(*server),
+                                   type(exc).__name__, exc, exc_info=exc)
             if healthy:
                 self._backoff.reset()
             with self._cond:
@@ -170,11 +204,18 @@ class DeviceApp:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
-                    self._cond.wait(remaining)
+                    self._beat_wait(min(remaining, TICK))
+
+    def _beat_wait(self, timeout: float) -> None:
+        """Under the condition: wait, and count as alive for the watchdog."""
+        self.liveness.beat(SUPERVISOR)
+        self._cond.wait(timeout)
+        self.liveness.beat(SUPERVISOR)
 
     def _serve_once(self, generation: int, server: HostPort, local: HostPort, settings: DeviceSettings) -> bool:
         """Dial and serve one uplink; True if it stayed up long enough to count as healthy."""
         name = "uplink %s" % format_hostport(*server)
+        self.liveness.beat(SUPERVISOR)
         try:
             sock = connect_tcp(server[0], server[1], settings.connect_timeout)
         except OSError as exc:
@@ -196,6 +237,10 @@ class DeviceApp:
                     % ((format_hostport(*server), exc) if tls else (exc,))
             log.warning("%s", self._last_error)
             return False
+        except BaseException:
+            sock.close()   # the supervisor's barrier logs it; the socket goes now
+            raise
+        link.loop.every(TICK, lambda: self.liveness.beat(SUPERVISOR))   # it runs in this thread
         with self._cond:
             if self._closing or generation != self._generation:
                 link.stop("superseded")

@@ -39,16 +39,18 @@ class DeviceLink(Link):
     def on_upgraded(self, detail: str) -> None:
         self.log.info("%s: protocol v2: %s", self.name, detail)
 
-    def on_silent_close(self) -> str:
+    def on_silent_close(self, reset: bool) -> str:
         up = time.monotonic() - self.started
         if up >= REFUSED_WITHIN:
-            return super().on_silent_close()
+            return super().on_silent_close(reset)
         # A legacy server has nothing to say before a client comes; closing
-        # at once is how a server turns a device away.
+        # at once is how a server turns a device away (a reset, when our
+        # LISTEN was still unread: a source outside its allow_from).
         self.refused = True
-        return ("refused by the server: it closed the uplink %.1f s after LISTEN, before any "
-                "frame (another device may hold its tunnel, this one is not let in, or the port "
-                "expects TLS: [device] tls)" % up)
+        return ("refused by the server: it %s the uplink %.1f s after LISTEN, before any "
+                "frame (its allow_from may not include this address, another device may hold "
+                "its tunnel, this one is not let in, or the port expects TLS: [device] tls)"
+                % ("reset" if reset else "closed", up))
 
     def open_requested(self, client_id: int, address: str, port: int, early: bytearray) -> None:
         direct = self.policy.direct(address, port)

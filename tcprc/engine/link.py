@@ -86,6 +86,7 @@ class Link(PumpHost, V2Rules):
         self.retiring: Set[Stream] = set()     # out of the table, not yet RELEASED
         self.end_reason = ""
         self.bytes_from_peer = 0
+        self.refused_streams = 0               # clients refused: no thread could start
         self.started = time.monotonic()
         self._paused = False                   # a stream is over its buffer
         self._control_full = False             # our control frames are over QUEUE_LIMIT
@@ -118,16 +119,45 @@ class Link(PumpHost, V2Rules):
 
     # ---- lifecycle --------------------------------------------------------------
     def run(self) -> None:
-        """Serve the uplink in the calling thread until it ends; then release everything."""
+        """Serve the uplink in the calling thread until it ends; then release everything.
+
+        The fault barrier of the link thread: an exception nobody expected (a
+        bug) is logged once with its traceback and ends this uplink only; the
+        device redials, the server's other uplinks carry on."""
         try:
-            self._watch_uplink()
-            self.on_start()
-            self._act(self.session.start(time.monotonic()))
-            self._arm_session_timer()
-            self.loop.run()
+            try:
+                self._watch_uplink()
+                self.on_start()
+                self._act(self.session.start(time.monotonic()))
+                self._arm_session_timer()
+                self.loop.run()
+            except Exception as exc:
+                self.internal_error("the link thread", exc)
+            try:
+                self._teardown()
+            except Exception as exc:
+                self.internal_error("the uplink's teardown", exc)
+                self.discard()
         finally:
-            self._teardown()
             self._stopped.set()
+
+    def internal_error(self, where: str, exc: BaseException) -> None:
+        """A bug surfaced in `where`: one line with the traceback, and the uplink ends."""
+        self.log.error("%s: internal error in %s, the uplink is closed: %s: %s", self.name,
+                       where, type(exc).__name__, exc, exc_info=exc)
+        if not self.end_reason:
+            self.end_reason = "internal error: %s: %s" % (type(exc).__name__, exc)
+        self.loop.stop()
+
+    def discard(self) -> None:
+        """Release the transport and the loop of a link that will not run (or whose
+        teardown failed): their descriptors go at once, not at garbage collection."""
+        self.writer.close()
+        for close in (self.transport.close, self.loop.close):
+            try:
+                close()
+            except Exception:
+                pass
 
     def stop(self, reason: str) -> None:
         """Thread-safe: end this uplink."""
@@ -208,6 +238,9 @@ class Link(PumpHost, V2Rules):
         """The session's DENIED: a handshake failed its checks (the server's part)."""
         self.noisy.warning("%s: %s", self.name, message)
 
+    def on_stream_refused(self, stream: Stream) -> None:
+        """A stream could not start (no thread for it); counted by the role."""
+
     def on_stream_closed(self, stream: Stream, reason: str) -> None:
         self.log.info("%s: client %d (%s) closed: %s (%d bytes to the peer, %d from it)",
                       self.name, stream.id, stream.peer, reason, stream.bytes_to_peer,
@@ -241,7 +274,7 @@ class Link(PumpHost, V2Rules):
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self.fail("uplink error: %s" % (exc.strerror or exc))
+            self.fail(self.on_uplink_error(exc))
             return
         self.last_heard = _monotonic()
         if not count:
@@ -296,16 +329,28 @@ class Link(PumpHost, V2Rules):
         info = self.transport.tcp_info(_TCPI_SIZE)
         if info is None:
             return "closed by peer"
-        if info[:1] == bytes([_TCP_CLOSE]):
-            return "connection lost (reset or timed out)"
-        # The peer's FIN counts as one byte there: 1 means it sent nothing else.
-        if len(info) >= _TCPI_SIZE and struct.unpack_from("Q", info, _TCPI_BYTES_RECEIVED)[0] <= 1:
-            return self.on_silent_close()
-        return "closed by peer"
+        reset = info[:1] == bytes([_TCP_CLOSE])
+        if self.peer_sent_nothing():
+            return self.on_silent_close(reset)
+        return "connection lost (reset or timed out)" if reset else "closed by peer"
 
-    def on_silent_close(self) -> str:
-        """The reason when the peer hung up without ever sending a byte."""
-        return "closed by peer"
+    def on_silent_close(self, reset: bool) -> str:
+        """The reason when the peer hung up (`reset`: or the connection died)
+        without ever sending a byte."""
+        return "connection lost (reset or timed out)" if reset else "closed by peer"
+
+    def on_uplink_error(self, exc: OSError) -> str:
+        """The reason when reading the uplink failed."""
+        if isinstance(exc, ConnectionResetError) and self.peer_sent_nothing():
+            return self.on_silent_close(True)
+        return "uplink error: %s" % (exc.strerror or exc)
+
+    def peer_sent_nothing(self) -> bool:
+        """The kernel's count: the peer never sent a byte on this uplink (a FIN
+        counts as one).  False when the transport cannot tell."""
+        info = self.transport.tcp_info(_TCPI_SIZE)
+        return info is not None and len(info) >= _TCPI_SIZE and \
+            struct.unpack_from("Q", info, _TCPI_BYTES_RECEIVED)[0] <= 1
 
     def _ack_now(self) -> bool:
         """ACK a read that held a CLOSE at once, not after the delayed-ACK timer (40 ms).
@@ -518,11 +563,24 @@ class Link(PumpHost, V2Rules):
             self._release(stream)
 
     # ---- streams ----------------------------------------------------------------
-    def open_stream(self, stream: Stream, connect_to: Any = None) -> None:
-        """Register a new stream and start its pump thread."""
+    def open_stream(self, stream: Stream, connect_to: Any = None) -> bool:
+        """Register a new stream and start its pump thread.  A thread that cannot
+        start (a thread or memory limit) refuses this one client, with a CLOSE
+        that says why, and the tunnel carries on."""
         self.streams[stream.id] = stream
-        stream.thread = PumpThread("tcprc-pump-%d" % stream.id, run_pump,
-                                   (stream, self.writer, self, connect_to))
+        try:
+            stream.thread = PumpThread("tcprc-pump-%d" % stream.id, run_pump,
+                                       (stream, self.writer, self, connect_to))
+        except (RuntimeError, MemoryError, OSError) as exc:
+            self.refused_streams += 1
+            self.noisy.warning("%s: client %d (%s) refused: cannot start its thread: %s",
+                               self.name, stream.id, stream.peer, exc)
+            stream.pump_done = True   # there is no pump to wait for
+            self.close_stream(stream, "refused: cannot start its thread (%s)" % exc,
+                              code=protocol.CLOSE_ERROR, text="cannot start a thread")
+            self.on_stream_refused(stream)
+            return False
+        return True
 
     def stream_connected(self, stream: Stream) -> None:
         """Link thread (PumpHost): a device-side pump connected its socket."""
@@ -699,4 +757,5 @@ class Link(PumpHost, V2Rules):
             "protocol": "v2" if self.v2 else "legacy",
             "tls": self.transport.version or "off",
             "rtt": self.rtt,
+            "refused_streams": self.refused_streams,
         }

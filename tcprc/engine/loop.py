@@ -67,7 +67,10 @@ class Loop:
     owner once run() has returned.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_error: Optional[Callable[[BaseException], Any]] = None) -> None:
+        # An exception escaping a callback goes to on_error and the loop goes
+        # on (an acceptor that serves everyone); without one it ends run().
+        self.on_error = on_error
         self._poller: Any = select.epoll() if USE_EPOLL else _Poll()
         self._handlers: Dict[int, Tuple[Optional[Callback], Optional[Callback]]] = {}
         self._timers: List[Tuple[float, int, Timer]] = []
@@ -119,10 +122,28 @@ class Loop:
         heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
         return timer
 
+    def every(self, interval: float, callback: Callback) -> None:
+        """Call `callback` every `interval` seconds for as long as the loop runs."""
+        def tick() -> None:
+            self.call_later(interval, tick)
+            callback()
+        self.call_later(interval, tick)
+
     def stop(self) -> None:
         self._stopping = True
 
     def run(self) -> None:
+        """Run until stop().  The fault barrier sits outside the rounds, where a
+        try costs nothing per event."""
+        while not self._stopping:
+            try:
+                self._rounds()
+            except Exception as exc:
+                if self.on_error is None:
+                    raise
+                self.on_error(exc)
+
+    def _rounds(self) -> None:
         # One function with local names: every DATA frame costs a round.
         poll, handlers, timers = self._poller.poll, self._handlers, self._timers
         while not self._stopping:
@@ -165,8 +186,14 @@ class Loop:
         with self._ready_lock:
             batch, self._ready = self._ready, deque()
             self._woken = False
-        for callback in batch:
-            callback()
+        try:
+            while batch:
+                batch.popleft()()
+        except BaseException:
+            with self._ready_lock:   # what the failed callback did not reach still runs
+                batch.extend(self._ready)
+                self._ready = batch
+            raise
 
     def close(self) -> None:
         """Run what other threads queued, then release the selector and wake pipe."""

@@ -190,6 +190,15 @@ def run_pump(stream: Stream, writer: FrameWriter, host: PumpHost,
                     writer.send(protocol.CLOSE, stream.id, memoryview(b""))
             except UplinkClosed:
                 pass
+    except Exception as exc:
+        # The pump's fault barrier: a bug here may have left the stream's
+        # accounting (credit, CLOSE) half done, so the whole uplink ends,
+        # logged once; the device redials and the other tunnels carry on.
+        reason = "internal error"
+        log.error("client %d: internal error in its pump thread: %s: %s", stream.id,
+                  type(exc).__name__, exc, exc_info=exc)
+        host.uplink_failed("internal error in the pump of client %d: %s: %s"
+                           % (stream.id, type(exc).__name__, exc))
     finally:
         host.call_soon(lambda: host.pump_exited(stream, reason))
 

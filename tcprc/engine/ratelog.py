@@ -16,6 +16,12 @@ class LimitedLog:
         self._suppressed = 0
 
     def warning(self, msg: str, *args: Any) -> None:
+        self.log(logging.WARNING, msg, *args)
+
+    def error(self, msg: str, *args: Any, exc_info: Any = None) -> None:
+        self.log(logging.ERROR, msg, *args, exc_info=exc_info)
+
+    def log(self, level: int, msg: str, *args: Any, exc_info: Any = None) -> None:
         now = time.monotonic()
         if now - self._last < self._interval:
             self._suppressed += 1
@@ -24,7 +30,7 @@ class LimitedLog:
             msg += " (%d similar lines suppressed)" % self._suppressed
             self._suppressed = 0
         self._last = now
-        self._log.warning(msg, *args)
+        self._log.log(level, msg, *args, exc_info=exc_info)
 
 
 class SourceLog:

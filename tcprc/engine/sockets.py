@@ -14,18 +14,28 @@ from ..settings import LinkSettings
 HostPort = Tuple[str, int]
 
 
-def connect_tcp(host: str, port: int, timeout: float) -> socket.socket:
-    """socket.create_connection, with an ASCII host handed over as bytes.
-
-    For a str host, getaddrinfo loads the idna codec (with unicodedata and
-    stringprep): about 400 KB of RSS on a gateway that dials an IP address
-    or a plain name.  Only other names still go through idna.
-    """
+def _lookup_name(host: str) -> Any:
+    """An ASCII host as bytes: for a str host, getaddrinfo loads the idna codec
+    (with unicodedata and stringprep), about 400 KB of RSS on a gateway that
+    dials an IP address or a plain name.  Only other names still go through idna."""
     try:
-        name = host.encode("ascii")
+        return host.encode("ascii")
     except UnicodeEncodeError:
-        name = host
-    return socket.create_connection((name, port), timeout=timeout)
+        return host
+
+
+def _unresolvable(host: str, exc: Exception) -> socket.gaierror:
+    """A name no resolver takes (the idna codec refuses it: an empty label, a
+    label too long, a NUL) fails like any other name that does not resolve."""
+    return socket.gaierror(socket.EAI_NONAME, "%r is not a valid host name (%s)" % (host, exc))
+
+
+def connect_tcp(host: str, port: int, timeout: float) -> socket.socket:
+    """socket.create_connection; every failure to resolve `host` is an OSError."""
+    try:
+        return socket.create_connection((_lookup_name(host), port), timeout=timeout)
+    except (UnicodeError, ValueError) as exc:
+        raise _unresolvable(host, exc) from None
 
 
 def resolve_tcp(host: str, port: int) -> List[SockAddr]:
@@ -34,11 +44,10 @@ def resolve_tcp(host: str, port: int) -> List[SockAddr]:
     Raises OSError (socket.gaierror) when it does not resolve.
     """
     try:
-        name = host.encode("ascii")   # no idna codec, as in connect_tcp
-    except UnicodeEncodeError:
-        name = host
-    return [(family, sockaddr) for family, _, _, _, sockaddr
-            in socket.getaddrinfo(name, port, 0, socket.SOCK_STREAM)]
+        found = socket.getaddrinfo(_lookup_name(host), port, 0, socket.SOCK_STREAM)
+    except (UnicodeError, ValueError) as exc:
+        raise _unresolvable(host, exc) from None
+    return [(family, sockaddr) for family, _, _, _, sockaddr in found]
 
 
 def connect_resolved(candidates: List[SockAddr], timeout: float) -> socket.socket:

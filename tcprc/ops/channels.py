@@ -41,7 +41,7 @@ def start_channels(parser: CommandParser, cfg: Config, console_port: Optional[st
     channels = Channels()
     path = cfg.control.socket
     if path:
-        server = ControlServer(parser, path)
+        server = ControlServer(parser, path, liveness=getattr(parser.app, "liveness", None))
         try:
             server.start()
             channels.items.append(server)

@@ -59,7 +59,8 @@ def _format_status_value(key: str, value: Any) -> str:
 
 
 _STATUS_ORDER = ("state", "protocol", "tls", "server", "listen", "host", "device", "device_id",
-                 "local", "clients", "bytes_up", "bytes_down", "rtt", "uptime", "last_error")
+                 "local", "clients", "bytes_up", "bytes_down", "rtt", "uptime", "last_error",
+                 "health")
 
 _DEVICE_LINE = "%-16s %-5s %-21s %-20s %7s %9s %9s %8s %s"
 _DEVICE_HEADER = ("ID", "STATE", "SOURCE", "SINCE (UTC)", "STREAMS", "UP", "DOWN", "RTT",
@@ -198,6 +199,14 @@ class CommandParser:
         keys = [key for key in _STATUS_ORDER if key in status]
         keys += sorted(key for key in status if key not in _STATUS_ORDER)
         return ["%s: %s" % (key, _format_status_value(key, status[key])) for key in keys] + [OK]
+
+    def _health(self, args: List[str]) -> List[str]:
+        if args:
+            raise CommandError("health takes no parameters, got %d" % len(args))
+        problems = self.app.health()
+        if problems:
+            raise CommandError("unhealthy: %s" % "; ".join(problems))
+        return ["healthy", OK]
 
     # -- the fleet (server) --------------------------------------------------
 
@@ -418,6 +427,14 @@ COMMANDS: Tuple[Command, ...] = (
     Command("status", BOTH, "status",
             "uplink state, addresses, clients, bytes each way, uptime, last error", (),
             CommandParser._status),
+    Command("health", BOTH, "health",
+            "OK while every thread the agent needs runs and makes progress",
+            ("ERROR unhealthy: ... names a critical thread that has ended or made no",
+             "progress for too long (the supervisor or link loop of a device, the",
+             "uplink acceptor or devices_dir scanner of a server): the tunnel is",
+             "dead although the process lives. `tcprc ctl health` exits 1 then, and",
+             "the init script's `check` (run by tcprc-watchdog) restarts the agent."),
+            CommandParser._health),
     Command("devices", ("server",), "devices",
             "the device table: id, state, source, since, streams, bytes each way, rtt, last error",
             ("One line per configured device ([server.devices] and devices_dir), and",

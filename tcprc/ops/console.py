@@ -196,6 +196,11 @@ class SerialConsole:
                 last_problem = str(exc)
                 log.warning("console %s lost: %s; retrying", self.port, exc)
                 self._stop.wait(delay)
+            except Exception as exc:   # the fault barrier: the port is opened afresh
+                last_problem = "internal error"
+                log.error("internal error in the console on %s (it is opened again): %s: %s",
+                          self.port, type(exc).__name__, exc, exc_info=exc)
+                self._stop.wait(self.retry_max)
             finally:
                 try:
                     port.close()

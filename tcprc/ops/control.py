@@ -23,15 +23,24 @@ log = logging.getLogger("tcprc.control")
 
 MAX_CLIENTS = 8          # concurrent ctl connections; more are refused at once
 CLIENT_TIMEOUT = 30.0    # a ctl connection without a complete command for this long is dropped
+MAX_LIFE = 120.0         # a ctl connection is closed after this long, however busy: one
+                         # that sends a command every few seconds must not hold a slot for ever
+ACCEPTOR = "tcprc-control (control socket)"
 
 
 class ControlServer:
     """Serves CommandParser on a Unix socket, one thread per connection."""
 
-    def __init__(self, parser: Any, path: str, client_timeout: float = CLIENT_TIMEOUT):
+    def __init__(self, parser: Any, path: str, client_timeout: float = CLIENT_TIMEOUT,
+                 max_life: float = MAX_LIFE, liveness: Any = None):
+        """`liveness`: the app's engine.liveness.Liveness (watch, beat, forget), if any:
+        the accept thread is one the agent cannot do without."""
         self.parser = parser
         self.path = path
         self.client_timeout = client_timeout
+        self.max_life = max_life
+        self.liveness = liveness
+        self._errors_logged = 0.0
         self._sock: Optional[socket.socket] = None
         self._inode: Optional[int] = None
         self._stop = threading.Event()
@@ -43,6 +52,8 @@ class ControlServer:
         self._sock = self._bind()
         self._thread = threading.Thread(target=self._accept_loop, name="tcprc-control",
                                         daemon=True)
+        if self.liveness is not None:
+            self.liveness.watch(ACCEPTOR, self._thread)
         self._thread.start()
         log.info("control socket %s", self.path)
 
@@ -110,6 +121,8 @@ class ControlServer:
         raise ControlError("control socket %s is in use by another running agent" % path)
 
     def close(self) -> None:
+        if self.liveness is not None:
+            self.liveness.forget(ACCEPTOR)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -134,16 +147,29 @@ class ControlServer:
         with selectors.DefaultSelector() as selector:
             selector.register(self._sock, selectors.EVENT_READ)
             while not self._stop.is_set():
-                if not selector.select(timeout=0.2):
-                    continue
+                if self.liveness is not None:
+                    self.liveness.beat(ACCEPTOR)
                 try:
-                    conn, _ = self._sock.accept()
-                except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EINTR):
-                        log.warning("control socket accept failed: %s", exc)
-                        self._stop.wait(0.5)
-                    continue
-                self._spawn(conn)
+                    if not selector.select(timeout=0.2):
+                        continue
+                    try:
+                        conn, _ = self._sock.accept()
+                    except OSError as exc:
+                        if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EINTR):
+                            log.warning("control socket accept failed: %s", exc)
+                            self._stop.wait(0.5)
+                        continue
+                    self._spawn(conn)
+                except Exception as exc:   # the fault barrier: the next ctl still gets in
+                    self._internal_error(exc)
+
+    def _internal_error(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._errors_logged >= 10.0:   # a traceback at most every 10 s
+            self._errors_logged = now
+            log.error("internal error in the control socket (it carries on): %s: %s",
+                      type(exc).__name__, exc, exc_info=exc)
+        self._stop.wait(0.1)
 
     def _spawn(self, conn: socket.socket) -> None:
         with self._lock:
@@ -155,15 +181,21 @@ class ControlServer:
                 thread = threading.Thread(target=self._serve, args=(conn,),
                                           name="tcprc-control-client", daemon=True)
                 self._clients.append(thread)
-        if busy:
+        if not busy:
             try:
-                conn.settimeout(1.0)
-                conn.sendall(b"ERROR busy: too many control connections\n")
-            except OSError:
-                pass
-            conn.close()
-            return
-        thread.start()
+                thread.start()
+                return
+            except (RuntimeError, MemoryError) as exc:   # a thread limit: refuse this one
+                with self._lock:
+                    self._clients.remove(thread)
+                log.warning("control connection refused: cannot start its thread: %s", exc)
+        try:
+            conn.settimeout(1.0)
+            conn.sendall(b"ERROR busy: too many control connections\n" if busy else
+                         b"ERROR busy: the agent cannot start a thread for this connection\n")
+        except OSError:
+            pass
+        conn.close()
 
     def _serve(self, conn: socket.socket) -> None:
         # A short poll interval lets close() end an idle connection quickly.
@@ -172,12 +204,19 @@ class ControlServer:
         # Only a complete command restarts the clock: a client dripping bytes
         # without a newline must not hold one of the MAX_CLIENTS slots forever.
         deadline = time.monotonic() + self.client_timeout
+        end_of_life = time.monotonic() + self.max_life
         try:
             while not self._stop.is_set():
                 if time.monotonic() >= deadline:
                     if buf:   # at most MAX_CLIENTS lines per client_timeout
                         log.info("control connection closed: no complete command in %gs",
                                  self.client_timeout)
+                    return
+                if time.monotonic() >= end_of_life:
+                    self._send(conn, ["ERROR connection closed: open for %gs (the most a "
+                                      "control connection may last)" % self.max_life])
+                    log.info("control connection closed after %gs (its maximum life)",
+                             self.max_life)
                     return
                 try:
                     chunk = conn.recv(4096)
@@ -202,6 +241,8 @@ class ControlServer:
                     return
         except OSError as exc:
             log.debug("control connection ended: %s", exc)
+        except Exception as exc:   # ends this connection only
+            self._internal_error(exc)
         finally:
             conn.close()
 

@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from ..addr import address_in, format_hostport, parse_hostport, parse_network, source_key
 from ..engine.ratelog import LimitedLog, SourceLog
+from ..engine.liveness import TICK, Liveness
 from ..engine.loop import Loop
 from ..engine.sockets import accept_nowait, bind_listener
 from .fleet import SHARED, DeviceRecord, sync_records
@@ -39,6 +40,8 @@ from ..settings import ServerSettings
 log = logging.getLogger("tcprc.server")
 
 HostPort = Tuple[str, int]
+
+SCAN_LIMIT = 300.0   # seconds a devices_dir scan may take before the server counts as stuck
 
 
 class HostSlot:
@@ -97,8 +100,10 @@ class ServerApp:
         self._lock = threading.Lock()
         self._slots: Dict[str, HostSlot] = {}   # owner (device id, "" shared, "ID/NAME" a service) -> slot
         self._links: Set[ServerLink] = set()
-        self._threads: Set[threading.Thread] = set()
-        self._loop = Loop()
+        self.liveness = Liveness()
+        self._loop = Loop(on_error=self._acceptor_error)
+        self._acceptor_errors = LimitedLog(log, interval=10.0)
+        self.uplinks_refused = 0   # no thread could start for them
         self._listener: Optional[socket.socket] = None
         self._thread: Optional[threading.Thread] = None
         self._last_error = ""
@@ -115,7 +120,9 @@ class ServerApp:
         self._dir: Any = None
         self._dir_path = ""
         self._from_files: Dict[str, Any] = {}
-        self._scan_lock = threading.Lock()   # one scan at a time (timer, SIGHUP)
+        self._scan_lock = threading.Lock()   # one scan at a time (scanner, SIGHUP)
+        self._scanner: Optional[threading.Thread] = None
+        self._stopping = threading.Event()
         self._devices: Mapping[str, Any] = settings.devices   # [server.devices] + devices_dir
         self._records: Dict[str, DeviceRecord] = {}
         sync_records(self._records, self._devices)
@@ -201,10 +208,12 @@ class ServerApp:
         self.listen_address = self._listener.getsockname()[:2]
         self._loop.set_handlers(self._listener, self._accept_uplink, None)
         self._thread = threading.Thread(target=self._loop.run, name="tcprc-server", daemon=True)
+        self.liveness.watch("tcprc-server (uplink acceptor)", self._thread)
+        self._loop.every(TICK, lambda: self.liveness.beat("tcprc-server (uplink acceptor)"))
         self._thread.start()
         log.info("waiting for devices on %s", format_hostport(*self.listen_address))
         self._warn_if_open()
-        self._loop.call_soon(self._arm_scan)
+        self._start_scanner()
         if self.settings.http:
             from .http import StatusServer
             self._http = StatusServer(self, self.settings.http)   # OSError: the start stops
@@ -217,12 +226,27 @@ class ServerApp:
                         "and its clients; narrow [server] allow_from or firewall the port",
                         ", ".join(wide), format_hostport(*self.listen_address))
 
+    def _acceptor_error(self, exc: BaseException) -> None:
+        """The acceptor's fault barrier: a bug in one of its callbacks is logged
+        (with its traceback, at most every 10 s) and the acceptor goes on."""
+        self._acceptor_errors.error("internal error in the uplink acceptor (it carries on): "
+                                    "%s: %s", type(exc).__name__, exc, exc_info=exc)
+
+    def health(self) -> List[str]:
+        """What keeps this server from serving: a critical thread ended or stuck."""
+        return self.liveness.problems()
+
     def close(self) -> None:
+        self._stopping.set()
+        self.liveness.forget("tcprc-server (uplink acceptor)")
+        self.liveness.forget("tcprc-scan (devices_dir)")
         if self._http is not None:
             self._http.close()
         self._loop.call_soon(self._loop.stop)
         if self._thread is not None:
             self._thread.join(5)
+        if self._scanner is not None:
+            self._scanner.join(5)
         if self._listener is not None:
             self._listener.close()
         self._loop.close()
@@ -248,6 +272,8 @@ class ServerApp:
             self.client_certificates = bool(settings.tls_client_ca)
         self.settings = settings
         self._open_dir(settings, force=True)   # SIGHUP: every device file read again
+        if self._thread is not None:
+            self._start_scanner()   # a devices_dir named for the first time
         if allow_changed:
             self._allow = [parse_network(n) for n in settings.allow_from]
             self._warn_if_open()
@@ -294,6 +320,7 @@ class ServerApp:
                 "uptime": stats["uptime"] if stats else None,
                 "auth_failures": self.auth_failures,
                 "last_error": self._last_error,
+                "health": "; ".join(self.liveness.problems()) or "ok",
             }
 
     # ---- the fleet --------------------------------------------------------------------
@@ -315,22 +342,30 @@ class ServerApp:
                     self._from_files = found
             self._set_devices(settings)
 
-    def _arm_scan(self) -> None:
-        self._loop.call_later(self.SCAN_INTERVAL, self._scan)
+    def _start_scanner(self) -> None:
+        """The devices_dir scanner, in a thread of its own: a file system that is
+        slow or a file that blocks never holds up the uplink acceptor."""
+        if self._scanner is not None or not self._dir_path or self._stopping.is_set():
+            return
+        self._scanner = threading.Thread(target=self._scan_forever, name="tcprc-scan", daemon=True)
+        self.liveness.watch("tcprc-scan (devices_dir)", self._scanner, limit=SCAN_LIMIT)
+        self._scanner.start()
 
-    def _scan(self) -> None:
-        """Acceptor thread, every SCAN_INTERVAL: files added, edited or removed."""
-        try:
-            if self._dir is not None:
-                with self._scan_lock:
-                    found = self._dir.scan(False)
-                    if found is not None:
-                        self._from_files = found
-                        self._set_devices(self.settings)
-        except Exception:   # a bug here must not stop the acceptor
-            log.exception("devices_dir scan failed")
-        self.scans += 1
-        self._arm_scan()
+    def _scan_forever(self) -> None:
+        """Every SCAN_INTERVAL: files added, edited or removed."""
+        while not self._stopping.wait(self.SCAN_INTERVAL):
+            try:
+                if self._dir is not None:
+                    with self._scan_lock:
+                        found = self._dir.scan(False)
+                        if found is not None:
+                            self._from_files = found
+                            self._set_devices(self.settings)
+            except Exception as exc:   # the scanner's fault barrier: the next scan comes
+                log.error("internal error in the devices_dir scan (it carries on): %s: %s",
+                          type(exc).__name__, exc, exc_info=exc)
+            self.scans += 1
+            self.liveness.beat("tcprc-scan (devices_dir)")
 
     def _set_devices(self, settings: ServerSettings) -> None:
         """Under the scan lock: the merged devices take effect; a removed or changed
@@ -430,6 +465,26 @@ class ServerApp:
             sock.close()
             self._accept_errors.warning("uplink from %s: setup failed: %s", who, exc.strerror or exc)
             return
+        except BaseException:
+            sock.close()   # the acceptor's barrier logs it; this uplink goes, nothing else
+            raise
+        try:
+            started = self._start_uplink(link)
+        except BaseException:
+            started = False
+            raise
+        finally:
+            if not started:   # its descriptors go now, and it is nobody's to serve
+                with self._lock:
+                    self._links.discard(link)
+                    self._pending.pop(link, None)
+                link.discard()
+        if started:
+            self.uplink_log.info(link.source, "uplink from %s accepted", who)
+
+    def _start_uplink(self, link: ServerLink) -> bool:
+        """Make room for `link` among the waiting uplinks and start its thread;
+        False (logged, counted) when no thread could start for it."""
         thread = threading.Thread(target=self._serve, args=(link,), name="tcprc-uplink", daemon=True)
         with self._lock:
             victims = self._make_room(link.source)
@@ -437,8 +492,14 @@ class ServerApp:
             self._pending[link] = None
         for victim, reason in victims:
             victim.evict(reason)
-        self.uplink_log.info(link.source, "uplink from %s accepted", who)
-        thread.start()
+        try:
+            thread.start()
+        except (RuntimeError, MemoryError) as exc:   # a thread limit (TasksMax, ulimit -u)
+            with self._lock:
+                self.uplinks_refused += 1
+            self._accept_errors.warning("%s refused: cannot start its thread: %s", link.name, exc)
+            return False
+        return True
 
     def _make_room(self, source: Any) -> List[Tuple[ServerLink, str]]:
         """Under the lock: the waiting uplinks to drop so one more may wait.
@@ -472,6 +533,7 @@ class ServerApp:
     def _serve(self, link: ServerLink) -> None:
         try:
             if link.transport.buffers and not self._handshake(link):
+                link.discard()   # its loop's descriptors too, not at garbage collection
                 return
             link.run()
         finally:
@@ -492,7 +554,6 @@ class ServerApp:
         except (TlsError, OSError) as exc:
             self.uplink_log.warning(link.source, "%s: TLS failed: %s", link.name,
                                     exc if isinstance(exc, TlsError) else exc.strerror or exc)
-            link.transport.close()
             return False
 
     def claim_host(self, link: ServerLink) -> Any:

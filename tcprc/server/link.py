@@ -302,6 +302,9 @@ class ServerLink(Link):
         self.refusals.warning("%s: refused client %s: %s", self.name,
                               format_hostport(*peer[:2]), why)
 
+    def on_stream_refused(self, stream: Stream) -> None:
+        self.app.client_refused(self)
+
     def on_stream_failed(self, stream: Stream, code: int, text: str) -> None:
         if not protocol.CLOSE_REFUSED <= code <= protocol.CLOSE_NOT_ALLOWED:
             super().on_stream_failed(stream, code, text)

@@ -169,6 +169,7 @@ class DeviceSession(Session):
         self.state = "listen"          # -> legacy | hello -> v2
         self._handshake: Any = None
         self.rejected = ""             # the server's REJECT, for the app's last error
+        self._ignored_offer = False    # protocol "legacy" ignored a v2 server's OFFER
 
     def start(self, now: float) -> List[Action]:
         if self.strict:
@@ -189,7 +190,9 @@ class DeviceSession(Session):
         return None
 
     def _handshake_wait(self) -> float:
-        return self._offer_wait + MAX_CHALLENGE_HOLD
+        """How long the handshake may take after the OFFER: connect_timeout, and for
+        a device with an id (only ids are ever held) the longest hold of its CHALLENGE."""
+        return self._offer_wait + (MAX_CHALLENGE_HOLD if self.device_id else 0.0)
 
     def _why_strict(self) -> str:
         if self.protocol == "v2":
@@ -199,7 +202,12 @@ class DeviceSession(Session):
     def handshake(self, command: int, payload: Any, now: float) -> List[Action]:
         if command == frames.OFFER:
             if self.protocol == "legacy":
+                self._ignored_offer = True
                 return [(DEBUG, "OFFER of protocol v2 ignored: [device] protocol = \"legacy\"")]
+            if self.state == "hello":   # a server that offers twice is broken: no waiting on it
+                return [(SEND, frames.REJECT, 0, frames.encode_reject(
+                            frames.REJECT_MALFORMED, "OFFER out of order")),
+                        (FAIL, "v2 handshake failed: a second OFFER during the handshake")]
             if self.state != "listen" or len(payload):
                 return [(WARN, "unexpected OFFER ignored")]
             from .handshake import DeviceHandshake
@@ -207,10 +215,18 @@ class DeviceSession(Session):
             self.state = "hello"
             # A bound for the rest of the handshake: a server gone quiet now (or
             # a path that black-holes, TCP still up) must not hold the uplink.
-            # It includes the longest a server may hold its CHALLENGE after
-            # failures of this id from this address (someone else's, perhaps).
+            # For an id it includes the longest a server may hold its CHALLENGE
+            # after failures of that id from this address (someone else's,
+            # perhaps): a good device waits, it is not timed out.
             self._offer_deadline = now + self._handshake_wait()
             return [(SEND, frames.HELLO, 0, self._handshake.hello())]
+        if command == frames.REJECT and self._ignored_offer and self.state != "v2":
+            # A tcprc server that offered v2 refuses this legacy device (it takes
+            # only authenticated ones): say why, not just "closed by peer".
+            code, text = _reject(payload)
+            self.rejected = "the server refused this legacy device: %s%s" % (
+                frames.reject_name(code), ": " + text if text else "")
+            return [(FAIL, self.rejected)]
         if self.state != "hello":
             # Only an OFFER opens the handshake: before it (a legacy server's garbage)
             # or on a legacy uplink these are unknown commands, skipped and never
@@ -500,7 +516,12 @@ class ServerSession(Session):
             return [(LISTENED,)]
         if self.state == "offered":   # legacy not allowed, and no HELLO came
             self.state = "failed"
+            # A legacy agent skips the REJECT as an unknown command (as it did the
+            # OFFER); a tcprc device told to stay legacy can say why it was refused.
             return [(DENIED, "", "legacy LISTEN (no HELLO within %.1f s)" % limit),
+                    (SEND, frames.REJECT, 0, frames.encode_reject(
+                        frames.REJECT_IDENTITY_REQUIRED,
+                        "this server accepts only authenticated devices (protocol v2 with an id)")),
                     (FAIL, "legacy LISTEN refused: this server requires authenticated devices "
                            "([server] legacy = false)")]
         return [(FAIL, "handshake not done within %.1f s" % limit)]
