@@ -120,6 +120,10 @@ class ServerSettings(NamedTuple):
     devices_dir: str
     max_streams_per_device: int
     http: str
+    http_hosts: List[str]        # more names the status page answers to ("NAME" or "NAME:PORT")
+    http_token: Optional[Secret]  # from http_token or http_token_file; None: no login
+    http_token_file: str
+    http_metrics_open: bool      # /metrics without the token
     # the uplink keys both ends have (Link)
     keepalive_idle: int
     keepalive_interval: int

@@ -399,7 +399,8 @@ def test_metrics_carry_a_device_label(http_fleet):
 
 
 def test_label_values_and_the_page_escape_what_they_show():
-    from tcprc.server.http import PAGE, label, metrics_text
+    from tcprc.server.http import label, metrics_text
+    from tcprc.server.page import PAGE
     assert label('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
     text = metrics_text([{"id": 'x"y', "state": "up", "streams": 0, "bytes_up": 0,
                           "bytes_down": 0, "sessions": 1, "auth_failures": 0,
@@ -469,5 +470,8 @@ def test_a_real_browser_renders_the_table_from_the_api(http_fleet, tmp_path):
     by_id = {row[0]: row for row in parsed.rows}
     assert set(by_id) == {"gw1", "gw2"}, done.stdout[-3000:]   # only the script makes rows
     assert by_id["gw1"][1] == "up" and by_id["gw2"][1] == "down"
-    assert by_id["gw2"][9] == "1" and "authentication failed" in by_id["gw2"][10]
-    assert parsed.summary.startswith("2 device(s), 1 up; updated")
+    host = "%s:%d" % http_fleet.device_host_address("gw1")
+    assert by_id["gw1"][2] == host and by_id["gw1"][3] == "v2, no TLS"   # where to reach it
+    assert by_id["gw2"][11] == "1" and "authentication failed" in by_id["gw2"][12]
+    assert by_id["gw1"][12] == ""   # healthy: no error, no red dash
+    assert parsed.summary.startswith("2 device(s), 1 up, 1 down (1 with an error); updated")

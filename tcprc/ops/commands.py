@@ -87,8 +87,9 @@ def _size(count: int) -> str:
 
 
 HIDDEN = "<hidden>"
-# `config set device.secret VALUE` and the like: the value never reaches a log.
-_SECRET_SET = re.compile(r"(?i)^(\s*config\s+set\s+\S*secret\S*)\s.*$")
+# `config set device.secret VALUE`, `... server.http_token VALUE` and the like: the
+# value never reaches a log.
+_SECRET_SET = re.compile(r"(?i)^(\s*config\s+set\s+\S*(?:secret|token)\S*)\s.*$")
 
 
 def masked(line: str) -> str:

@@ -57,6 +57,30 @@ def _network_list(value: Any) -> Optional[str]:
     return None
 
 
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
+
+
+def _host_names(value: Any) -> Optional[str]:
+    """[server] http_hosts: NAME, NAME:PORT, [IPV6] or [IPV6]:PORT each."""
+    for item in value:
+        if not isinstance(item, str):
+            return "every entry must be a string \"NAME\" or \"NAME:PORT\", got %r" % (item,)
+        name = item
+        if item.startswith("[") and item.endswith("]"):
+            name = item[1:-1]
+        elif item.startswith("[") or item.count(":") == 1:
+            try:
+                name, _ = parse_hostport(item, allow_empty_host=False)
+            except ValueError as exc:
+                return str(exc)
+        elif ":" in item:
+            return "an IPv6 address goes in brackets ([::1] or [::1]:9100), got %r" % item[:80]
+        chars = "0123456789abcdefABCDEF:." if item.startswith("[") else _NAME_CHARS
+        if not 0 < len(name) <= 253 or not frozenset(chars).issuperset(name):
+            return "%r is not a host name (letters, digits, . - _) or [IPV6]" % item[:80]
+    return None
+
+
 def _between(low: float, high: float) -> Callable[[Any], Optional[str]]:
     def check(value: Any) -> Optional[str]:
         if not low <= value <= high:
@@ -215,7 +239,11 @@ SCHEMA: Dict[str, Dict[str, Dict[str, Key]]] = {
             "devices": Key(dict, {}, None, "[server.devices.ID] tables: host (ADDR:PORT, required), secret or secret_file, and [server.devices.ID.services.NAME] tables with a host each"),
             "devices_dir": Key(str, "", None, "directory of one ID.toml file per device (host, secret or secret_file), read again on SIGHUP and every few seconds; empty: none"),
             "max_streams_per_device": Key(int, 255, _between(1, 255), "clients one device's session carries at once; over it a client is refused"),
-            "http": Key(str, "", _hostport(True, bind=True), "ADDR:PORT of the status page, /api/devices and /metrics; empty: off (it has no authentication: keep it on loopback)"),
+            "http": Key(str, "", _hostport(True, bind=True), "ADDR:PORT of the status page, /api/devices and /metrics; empty: off; applies live (without http_token keep it on loopback)"),
+            "http_hosts": Key(list, [], _host_names, "more host names the status page answers to (NAME, or NAME:PORT for that port only) besides the address of `http`; another Host header is refused (DNS rebinding)"),
+            "http_token": Key(str, "", None, "secret (at least 128 bits) the status page, /api/devices and /metrics require: Authorization: Bearer TOKEN, or HTTP basic auth with any user and TOKEN as password; empty: no login; prefer http_token_file"),
+            "http_token_file": Key(str, "", None, "file holding http_token (surrounding white space ignored)"),
+            "http_metrics_open": Key(bool, False, None, "serve /metrics without http_token (for a scraper that cannot log in)"),
         }, **_LINK_KEYS),
         "control": {
             "socket": Key(str, "/run/tcprc/tcprc-server.sock", None, "Unix socket for `tcprc ctl`; empty: none"),
@@ -264,7 +292,7 @@ def _type_name(tp: type) -> str:
             list: "a list", dict: "a table"}[tp]
 
 
-SECRET_KEYS = frozenset(("secret", "previous_secret"))   # values no message, log line or `config get` shows
+SECRET_KEYS = frozenset(("secret", "previous_secret", "http_token"))   # values no message, log line or `config get` shows
 
 
 def check_value(role: str, section: str, key: str, value: Any) -> Any:
@@ -317,7 +345,7 @@ def build_config(role: str, raw: Dict[str, Any], source: str, path: Optional[str
 
 # -- checks across keys, and what is resolved at build time (secrets, devices) --------
 
-_FILE_KEYS = ("secret_file", "tls_ca", "tls_cert", "tls_key", "tls_client_ca")
+_FILE_KEYS = ("secret_file", "tls_ca", "tls_cert", "tls_key", "tls_client_ca", "http_token_file")
 
 
 def _files_beside(values: Dict[str, Any], directory: str) -> Dict[str, Any]:
@@ -368,19 +396,20 @@ def finish_section(name: str, values: Dict[str, Any]) -> Any:
     return SECTION_TYPES[name](**values)
 
 
-def _resolve_secret(table: str, secret: Any, path: str) -> Optional[Secret]:
-    """`secret` (a str from the file) or the content of `path`, as a Secret."""
+def _resolve_secret(table: str, secret: Any, path: str, key: str = "secret") -> Optional[Secret]:
+    """`secret` (a str from the file) or the content of `path`, as a Secret; `key`
+    names them in errors (key and key_file)."""
     if isinstance(secret, Secret):
         return secret
     if secret and path:
-        raise SectionProblem(table, "secret and secret_file are exclusive: set one of them")
+        raise SectionProblem(table, "%s and %s_file are exclusive: set one of them" % (key, key))
     if path:
-        return _read_secret(table, path)
+        return _read_secret(table, path, key)
     if not secret:
         return None
     problem = secret_problem(secret)
     if problem:
-        raise SectionProblem(table, "secret " + problem)
+        raise SectionProblem(table, key + " " + problem)
     return Secret(secret.encode("utf-8"))
 
 
@@ -390,9 +419,9 @@ def _path(path: str) -> str:
     return path if path.isprintable() else repr(path)
 
 
-def _read_secret(table: str, path: str) -> Secret:
+def _read_secret(table: str, path: str, key: str = "secret") -> Secret:
     def fail(problem: str) -> SectionProblem:
-        return SectionProblem(table, "secret_file %s: %s" % (_path(path), problem))
+        return SectionProblem(table, "%s_file %s: %s" % (key, _path(path), problem))
     try:
         with open(path, "rb") as handle:
             data = handle.read(MAX_SECRET_FILE + 1)
@@ -416,7 +445,7 @@ def _read_secret(table: str, path: str) -> Secret:
         raise fail("is empty")
     problem = secret_problem(text)
     if problem:
-        raise fail("the secret in it " + problem)
+        raise fail("the %s in it %s" % ("secret" if key == "secret" else "token", problem))
     return Secret(text.encode("utf-8"))
 
 
@@ -477,6 +506,8 @@ def _finish_server(values: Dict[str, Any]) -> None:
             {ident: _device_entry(ident, table) for ident, table in devices.items()})
     if values["legacy"] is None:
         values["legacy"] = not values["devices"] and not values["devices_dir"]
+    values["http_token"] = _resolve_secret("server", values["http_token"],
+                                           values["http_token_file"], "http_token")
     _check_files("server", values, ("tls_cert", "tls_key", "tls_client_ca"))
     if values["tls_client_ca"] and not values["tls_cert"]:
         raise SectionProblem("server", "tls_client_ca needs tls_cert and tls_key (TLS on the "
@@ -597,6 +628,10 @@ def replace_value(cfg: Config, section: str, key: str, value: Any) -> Any:
         if key == "secret_file":
             from_key = current.secret is not None and not current.secret_file
             values["secret"] = current.secret.reveal().decode("utf-8") if from_key else ""
+    if section == "server" and key in ("http_token", "http_token_file"):   # likewise
+        if key == "http_token_file":
+            from_key = current.http_token is not None and not current.http_token_file
+            values["http_token"] = current.http_token.reveal().decode("utf-8") if from_key else ""
     return finish_section(section, values)
 
 

@@ -215,8 +215,8 @@ class ServerApp:
         self._warn_if_open()
         self._start_scanner()
         if self.settings.http:
-            from .http import StatusServer
-            self._http = StatusServer(self, self.settings.http)   # OSError: the start stops
+            from . import http
+            self._http = http.start(self, self.settings)   # OSError: the start stops
 
     def _warn_if_open(self) -> None:
         wide = [n for n, (_, _, prefix) in zip(self.settings.allow_from, self._allow) if prefix == 0]
@@ -271,6 +271,9 @@ class ServerApp:
             self._tls = server_tls(settings)
             self.client_certificates = bool(settings.tls_client_ca)
         self.settings = settings
+        if self._thread is not None and (settings.http or self._http is not None):
+            from . import http   # [server] http and its keys apply live
+            self._http = http.follow(self._http, self, settings)
         self._open_dir(settings, force=True)   # SIGHUP: every device file read again
         if self._thread is not None:
             self._start_scanner()   # a devices_dir named for the first time
