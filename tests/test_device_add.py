@@ -222,3 +222,19 @@ def test_a_server_asking_for_device_certificates_gets_a_config_naming_them(tmp_p
     assert done.returncode == 0, done.stderr
     assert 'tls_cert = "gw7.crt"' in done.stdout and 'tls_key = "gw7.key"' in done.stdout
     assert "tcprc-pki device CA-DIR gw7" in done.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root writes files for another user")
+def test_run_as_root_it_gives_what_it_writes_to_the_servers_user(tmp_path):
+    """/etc/tcprc owned by the server's user (the units run it as tcprc): devices_dir and
+    the device file, made by root, go to that user, or the server could not read them."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    os.chown(str(etc), 65534, 65534)
+    config = write_server_config(etc, 'listen = "127.0.0.1:9000"\n')
+    done = device_add(config, "gw7", "--host", "127.0.0.1:2307")
+    assert done.returncode == 0, done.stderr
+    for path in (etc / "devices", etc / "devices" / "gw7.toml"):
+        info = os.stat(str(path))
+        assert (info.st_uid, info.st_gid) == (65534, 65534), path
+    assert mode(etc / "devices") == 0o700 and mode(etc / "devices" / "gw7.toml") == 0o600

@@ -170,7 +170,7 @@ SCHEMA: Dict[str, Dict[str, Dict[str, Key]]] = {
             "allow": Key(list, [], _hostport_list, "further targets a CONNECT may name (default: only `local`)"),
             "autostart": Key(bool, True, None, "dial the server at start when `server` is set"),
             "connect_timeout": Key(float, 10.0, _between(0.1, 300), "seconds to connect to the server or to a target"),
-            "reconnect_min": Key(float, 1.0, _between(0.01, 3600), "first reconnect delay, doubled per failure"),
+            "reconnect_min": Key(float, 1.0, _between(0.01, 3600), "first reconnect delay, doubled per failure; at most reconnect_max"),
             "reconnect_max": Key(float, 60.0, _between(0.01, 86400), "cap of the reconnect delay"),
             "healthy_after": Key(float, 30.0, _between(0.1, 86400), "seconds up after which the reconnect delay resets"),
             "protocol": Key(str, "auto", _one_of("auto", "legacy", "v2"), "auto: v2 when the server offers it, else legacy; legacy: never v2; v2: never legacy"),

@@ -254,12 +254,26 @@ def write_new_file(path: str, data: bytes, owner: Optional[Tuple[int, int]] = No
 
 
 def directory_owner(directory: str) -> Optional[Tuple[int, int]]:
-    """Run as root for a server that runs as its own user (who owns devices_dir): the
-    new file goes to that user, or the server could not read it."""
+    """Run as root for a server that runs as its own user (who owns devices_dir, or
+    /etc/tcprc above it): what root writes there goes to that user, or the server
+    could not read it."""
     if os.geteuid() != 0:
         return None
     info = os.stat(directory)
     return (info.st_uid, info.st_gid) if info.st_uid != 0 else None
+
+
+def make_directory(directory: str) -> None:
+    """devices_dir, created 0700 if missing, owned like the directory above it."""
+    if os.path.isdir(directory):
+        return
+    try:
+        os.makedirs(directory, mode=0o700)
+        owner = directory_owner(os.path.dirname(os.path.abspath(directory)))
+        if owner is not None:
+            os.chown(directory, *owner)
+    except OSError as exc:
+        raise ConfigError("cannot create %s: %s" % (directory, exc.strerror or exc)) from None
 
 
 def write_device(cfg: Config, device: NewDevice, device_config: Optional[str],
@@ -285,10 +299,7 @@ def write_device(cfg: Config, device: NewDevice, device_config: Optional[str],
     for path, _ in planned + [(server_path, b"")]:
         if os.path.lexists(path):
             raise ConfigError("%s exists already: remove it first to replace it" % path)
-    try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError("cannot create %s: %s" % (directory, exc.strerror or exc)) from None
+    make_directory(directory)
     written: List[str] = []
     try:
         for path, data in planned:
