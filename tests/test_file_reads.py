@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from support.agents import Agents, run_tcprc, tcprc_command
+from support.agents import Agents, run_tcprc
 from support.net import free_port, listening, recv_exactly
 from support.waiting import wait_for
 from tcprc.ops.config import ConfigError, load_config

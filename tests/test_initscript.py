@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from support.gateway import INIT, REPO, Gateway, alive
+from support.gateway import INIT, Gateway, alive
 from support.net import free_port
 from support.waiting import wait_for
 
