@@ -43,6 +43,21 @@ def parse_port(text: str, allow_zero: bool = False) -> int:
     return port
 
 
+WILDCARD_ADDRESSES = ("", "0.0.0.0", "::")
+
+
+def ports_collide(first: str, second: str) -> bool:
+    """Would listening on ADDR:PORT `first` and `second` both fail (the one rule the
+    config check, the server and `ctl device add` share)?  Yes when the ports are
+    equal and not 0 (any free port) and the addresses are equal or either is a
+    wildcard: 0.0.0.0 and :: take the port on every address.  ValueError if one
+    of them is not ADDR:PORT."""
+    host, port = parse_hostport(first, allow_empty_host=True, allow_zero_port=True)
+    other, other_port = parse_hostport(second, allow_empty_host=True, allow_zero_port=True)
+    return bool(port) and port == other_port and (
+        host == other or host in WILDCARD_ADDRESSES or other in WILDCARD_ADDRESSES)
+
+
 def format_hostport(host: str, port: int) -> str:
     if ":" in host:
         return "[%s]:%d" % (host, port)

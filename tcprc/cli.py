@@ -65,7 +65,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--megabytes", type=int, default=32, metavar="N",
                       help="bytes pushed each way in the bulk test (default 32)")
     demo.set_defaults(func=_run_demo)
+    parser.subcommands = {"device": device, "server": server, "ctl": ctl, "demo": demo}
+    for name, subparser in parser.subcommands.items():
+        subparser.set_defaults(subcommand=name)   # ctl's COMMAND words take args.command
     return parser
+
+
+def refuse_extra_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                           extras: List[str]) -> None:
+    """Arguments no parser took: the subcommand's usage and error (exit 2), with a
+    "did you mean" for a mistyped flag, rather than the top-level usage that a
+    plain parse_args prints for `tcprc server --lisen`."""
+    import difflib
+    sub = parser.subcommands.get(getattr(args, "subcommand", None), parser)
+    flags = sorted(sub._option_string_actions)   # every --flag and -f of the subcommand
+    message = "unrecognized arguments: %s" % " ".join(extras)
+    for word in extras:
+        if word.startswith("-"):
+            close = difflib.get_close_matches(word.split("=", 1)[0], flags, n=1, cutoff=0.6)
+            if close:
+                message += " (did you mean %s?)" % close[0]
+                break
+    sub.error(message)
 
 
 def load_role_config(role: str, args: argparse.Namespace) -> Config:
@@ -96,7 +117,14 @@ def make_app(cfg: Config) -> Any:
         return DeviceApp(cfg.device)
     from .server.app import ServerApp
     from .ops.devdir import DeviceFiles
-    return ServerApp(cfg.server, device_files=DeviceFiles)
+
+    made: List[Any] = []   # the app, once built (it reads devices_dir while it is built)
+
+    def allow_readable() -> bool:
+        # The flag as the app has it now: `config set` and SIGHUP change it.
+        return (made[0].settings if made else cfg.server).allow_readable_secrets
+    made.append(ServerApp(cfg.server, device_files=lambda path: DeviceFiles(path, allow_readable)))
+    return made[0]
 
 
 def remove_stale_save_temps(config_path: str) -> None:
@@ -162,5 +190,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        refuse_extra_arguments(parser, args, extras)
     return args.func(args)

@@ -79,6 +79,7 @@ class DeviceSettings(NamedTuple):
     id: str
     secret: Optional[Secret]     # from `secret` or read from `secret_file`; None: no identity
     secret_file: str
+    allow_readable_secrets: bool   # group/world-readable secret files and configs accepted
     tls: bool
     tls_ca: str
     tls_fingerprint: str         # "sha256:" + 64 lower-case hex digits, or ""
@@ -118,6 +119,7 @@ class ServerSettings(NamedTuple):
     devices: Mapping[str, DeviceEntry]   # read-only: id -> entry
     # the fleet: more devices from files, limits, the status page
     devices_dir: str
+    allow_readable_secrets: bool   # group/world-readable secret and device files accepted
     max_streams_per_device: int
     http: str
     http_hosts: List[str]        # more names the status page answers to ("NAME" or "NAME:PORT")

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from support import ROOT
-from tcprc.addr import format_hostport, parse_hostport
+from tcprc.addr import format_hostport, parse_hostport, ports_collide
 from tcprc.engine.sockets import connect_tcp
 
 
@@ -23,6 +23,23 @@ def test_parse_and_format_round_trip():
 def test_bad_addresses_are_refused_with_a_reason(bad):
     with pytest.raises(ValueError):
         parse_hostport(bad)
+
+
+@pytest.mark.parametrize("first, second, collide", [
+    ("127.0.0.1:2301", "127.0.0.1:2301", True),
+    ("127.0.0.1:2301", "127.0.0.2:2301", False),      # another address, same port: both bind
+    ("127.0.0.1:2301", "127.0.0.1:2302", False),
+    ("0.0.0.0:2301", "127.0.0.1:2301", True),         # a wildcard takes every address
+    ("127.0.0.1:2301", ":2301", True),
+    ("[::]:2301", "127.0.0.1:2301", True),
+    ("[::1]:2301", "[::1]:2301", True),
+    ("[::1]:2301", "127.0.0.1:2301", False),
+    ("127.0.0.1:0", "127.0.0.1:0", False),            # port 0: a free port each
+    ("0.0.0.0:0", "127.0.0.1:0", False),
+])
+def test_one_collision_rule_for_every_listening_port(first, second, collide):
+    assert ports_collide(first, second) is collide
+    assert ports_collide(second, first) is collide
 
 
 @pytest.mark.e2e

@@ -21,8 +21,18 @@ def write(path, text):
 @pytest.mark.parametrize("role, content, args, expected", [
     ("server", None, [], r"missing\.toml: no such file"),
     ("server", "[server\nlisten=", [], r"bad\.toml: invalid TOML"),
-    ("server", "[server]\nlisten_port = 1\n", [], r"bad\.toml: \[server\] unknown key 'listen_port'"),
+    ("server", "[server]\nlisten_port = 1\n", [], r"bad\.toml: unknown key 'listen_port' in \[server\] \(did you mean listen\?\)$"),
+    ("server", "[server]\nlisen = \"127.0.0.1:9000\"\n", [],
+     r"bad\.toml: unknown key 'lisen' in \[server\] \(did you mean listen\?\)$"),
+    ("server", "[server]\nfrobnicate = 1\n", [],
+     r"bad\.toml: unknown key 'frobnicate' in \[server\] \(known: allow_from, allow_readable_secrets, "),
     ("server", "[srv]\n", [], r"bad\.toml: unknown section \[srv\]"),
+    ("server", "[sever]\n", [], r"bad\.toml: unknown section \[sever\] \(did you mean server\?\)$"),
+    ("device", "[device]\ntls = true\ntls_ca = \"/etc/hostname\"\ntls_fingerprint = \"sha256:%s\"\n" % ("ab" * 32),
+     [], r"bad\.toml: \[device\] tls_ca and tls_fingerprint exclude each other: a pin replaces "
+         r"the CA and name checks; set one of them$"),
+    ("device", "[device]\nreconnect_min = 120\n", [],
+     r"bad\.toml: \[device\] reconnect_min \(120.0\) must not exceed reconnect_max \(60.0\)$"),
     ("server", "[server]\nlisten_timeout = \"ten\"\n", [], r"\[server\] listen_timeout must be a number"),
     ("server", "[server]\nhost = \"127.0.0.1:70000\"\n", [], r"\[server\] host port 70000 is out of range"),
     ("server", "[server]\ntakeover = 1\n", [], r"\[server\] takeover must be true or false"),
@@ -101,6 +111,23 @@ def test_device_started_before_its_server_finds_it(agents, service):
         conn.sendall(b"late")
         assert recv_exactly(conn, 4) == b"late"
     assert device.poll() is None and server.poll() is None
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("args, usage, error", [
+    (["server", "--lisen", "127.0.0.1:9000"], "usage: tcprc server ",
+     "tcprc server: error: unrecognized arguments: --lisen 127.0.0.1:9000 (did you mean --listen?)"),
+    (["device", "--sever=127.0.0.1:9000"], "usage: tcprc device ",
+     "tcprc device: error: unrecognized arguments: --sever=127.0.0.1:9000 (did you mean --server?)"),
+    (["ctl", "--sokcet", "/x", "status"], "usage: tcprc ctl ",
+     "tcprc ctl: error: unrecognized arguments: --sokcet (did you mean --socket?)"),
+    (["server", "stray"], "usage: tcprc server ", "tcprc server: error: unrecognized arguments: stray"),
+])
+def test_a_mistyped_flag_gets_its_subcommands_usage_and_a_suggestion(args, usage, error):
+    result = run_tcprc(*args)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith(usage) and lines[-1] == error, result.stderr
 
 
 @pytest.mark.e2e

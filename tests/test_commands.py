@@ -180,6 +180,10 @@ def test_config_get(agent):
     assert lines[-1] == "OK" and 'console.prompt = "tcprc> "' in lines
     assert_error(parser.execute("config get device.nosuch"), "unknown key", "device.nosuch")
     assert_error(parser.execute("config get nosuch.key"), "unknown section")
+    assert parser.execute("config get device.lcoal") == [
+        "ERROR unknown key 'device.lcoal' (did you mean device.local?)"]
+    assert parser.execute("config get devcie.local") == [
+        "ERROR unknown section 'devcie' (did you mean device?)"]
     assert_error(parser.execute("config get"), "usage")
     assert_error(parser.execute("config frob"), "unknown config action")
     assert_error(parser.execute("config"), "get, set or save")

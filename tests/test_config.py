@@ -50,3 +50,17 @@ def test_samples_are_valid_and_document_every_key(role, sample):
 def test_integer_values_are_accepted_for_seconds(tmp_path):
     cfg = load_config(write(tmp_path / "c.toml", "[device]\nconnect_timeout = 3\n"), "device")
     assert cfg.device.connect_timeout == 3.0 and isinstance(cfg.device.connect_timeout, float)
+
+
+def test_samples_name_the_paths_the_readme_uses_and_every_device_table_key():
+    from tcprc.ops.config import _DEVICE_TABLE_KEYS
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    for sample, installed in (("etc/tcprc.toml", "/etc/tcprc/tcprc.toml"),
+                              ("etc/tcprc-server.toml", "/etc/tcprc/tcprc-server.toml")):
+        first = open(os.path.join(ROOT, sample)).readline()
+        assert "-c %s)" % installed in first, first
+        assert installed in readme
+    server = open(os.path.join(ROOT, "etc/tcprc-server.toml")).read()
+    for key in _DEVICE_TABLE_KEYS:
+        if key != "services":
+            assert re.search(r"^# %s = " % key, server, re.M), key

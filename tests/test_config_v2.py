@@ -68,7 +68,6 @@ protocol = "v2"
 id = "gw-1.site_A"
 secret = "%s"
 tls = true
-tls_ca = "%s"
 tls_cert = "%s"
 tls_key = "%s"
 tls_server_name = "tunnel.example.net"
@@ -76,12 +75,14 @@ tls_fingerprint = "SHA256:%s"
 window = 16384
 heartbeat_interval = 1
 heartbeat_timeout = 2
-""" % (WORDS, ca, cert, key, ":".join(["AB"] * 32)))
+""" % (WORDS, cert, key, ":".join(["AB"] * 32)))
     d = cfg.device
     assert d.id == "gw-1.site_A" and d.protocol == "v2" and d.tls is True
     assert isinstance(d.secret, Secret) and d.secret.reveal() == WORDS.encode()
-    assert (d.tls_ca, d.tls_cert, d.tls_key) == (ca, cert, key)
+    assert (d.tls_ca, d.tls_cert, d.tls_key) == ("", cert, key)
     assert d.tls_fingerprint == "sha256:" + FP       # normalised: lower case, no colons
+    assert load(tmp_path, "device", '[device]\ntls = true\ntls_ca = "%s"\n' % ca,
+                "ca.toml")[0].device.tls_ca == ca
     assert (d.window, d.heartbeat_interval, d.heartbeat_timeout) == (16384, 1.0, 2.0)
 
 
@@ -165,7 +166,7 @@ secret_file = "%s"
      "[device] tls_key is set but tls_cert is not: they go together"),
     ("device", "[device]\ntls = true\ntls_ca = \"{missing}\"\n", "[device] tls_ca {missing}: no such file"),
     ("device", "[device]\ntls = true\ntls_cert = \"{cert}\"\ntls_key = \"{dir}\"\n",
-     "[device] tls_key {dir}: is a directory"),
+     "[device] tls_key {dir}: is a directory, not a regular file"),
     ("server", "[server]\ntls_cert = \"{cert}\"\n", "[server] tls_cert is set but tls_key is not: they go together"),
     ("server", "[server]\ntls_cert = \"{cert}\"\ntls_key = \"{missing}\"\n",
      "[server] tls_key {missing}: no such file"),
@@ -191,7 +192,7 @@ def test_error_lines(tmp_path, role, text, expected):
     (SHORT + "\n", "the secret in it is shorter than 128 bits: use at least 32 hex digits or "
                    "22 other characters (e.g. openssl rand -hex 16)"),
     (b"\xff\xfe" + b"x" * 40, "not UTF-8 text"),
-    ("x" * 5000, "longer than 4096 bytes: not a secret file"),
+    ("x" * 5000, "longer than 4096 bytes"),
 ])
 def test_secret_file_errors(tmp_path, content, expected):
     path = tmp_path / "secret"
@@ -206,15 +207,17 @@ def test_secret_file_errors(tmp_path, content, expected):
 
 def test_secret_file_that_is_a_directory(tmp_path):
     message = error_of(tmp_path, "device", '[device]\nid = "gw1"\nsecret_file = "%s"\n' % tmp_path)
-    assert message == "[device] secret_file %s: is a directory" % tmp_path
+    assert message == "[device] secret_file %s: is a directory, not a regular file" % tmp_path
 
 
 @pytest.mark.parametrize("tables, expected", [
     ('[server.devices.gw1]\nhost = "127.0.0.1:2301"\nsecret = "%s"\nservices = "x"\n' % HEX,
      "[server.devices.gw1] services must be tables [server.devices.gw1.services.NAME]"),
     ('[server.devices.gw.1]\nhost = "127.0.0.1:2301"\nsecret = "%s"\n' % HEX,
-     "[server.devices.gw] unknown key '1' (known: host, secret, secret_file, previous_secret, services); an id with a "
-     "dot is quoted: [server.devices.\"gw.1\"]"),
+     "[server.devices.gw] unknown key '1' (known: host, secret, secret_file, previous_secret, "
+     "previous_secret_file, services); an id with a dot is quoted: [server.devices.\"gw.1\"]"),
+    ('[server.devices.gw1]\nhots = "127.0.0.1:2301"\nsecret = "%s"\n' % HEX,
+     "[server.devices.gw1] unknown key 'hots' (did you mean host?)"),
     ('[server.devices.gw1]\nsecret = "%s"\n' % HEX,
      "[server.devices.gw1] host is required: the ADDR:PORT where this device's clients connect"),
     ('[server.devices.gw1]\nhost = "nonsense"\nsecret = "%s"\n' % HEX,
@@ -237,6 +240,8 @@ def test_secret_file_that_is_a_directory(tmp_path):
      "[server.devices] gw1 must be a table [server.devices.gw1]"),
     ('[server.devices.gw1]\nhost = "127.0.0.1:2222"\nsecret = "%s"\n' % HEX,
      "[server.devices.gw1] host 127.0.0.1:2222 collides with [server] host 127.0.0.1:2222"),
+    ('http = "127.0.0.1:9100"\n[server.devices.gw1]\nhost = ":9100"\nsecret = "%s"\n' % HEX,
+     "[server.devices.gw1] host :9100 collides with [server] http 127.0.0.1:9100"),
     ('[server.devices.gw1]\nhost = "127.0.0.1:9000"\nsecret = "%s"\n' % HEX,
      "[server.devices.gw1] host 127.0.0.1:9000 collides with [server] listen 0.0.0.0:9000"),
     ('[server.devices.gw1]\nhost = "127.0.0.1:2301"\nsecret = "%s"\n'
@@ -526,6 +531,7 @@ def test_relative_secret_and_tls_files_are_read_beside_the_config_file(tmp_path,
     conf = tmp_path / "etc"
     conf.mkdir()
     (conf / "gw1.secret").write_text("correct-horse-battery-staple-42\n")
+    (conf / "gw1.secret").chmod(0o600)
     (conf / "tcprc.toml").write_text('[device]\nid = "gw1"\nsecret_file = "gw1.secret"\n')
     (conf / "server.toml").write_text(
         '[server.devices.gw1]\nhost = "127.0.0.1:2301"\nsecret_file = "gw1.secret"\n')

@@ -128,9 +128,10 @@ def test_the_fleet_commands_answer_on_the_serial_console_too(fleet):
 # ---- item 2: devices_dir and `ctl device add` -------------------------------------------
 
 def _write(path, text):
-    """Replace a file whole (a rename), as an editor or a deploy tool does."""
+    """Replace a file whole (a rename), as an editor or a deploy tool does; mode 0600,
+    as a file holding a secret must be."""
     temp = str(path) + ".part"
-    with open(temp, "w") as handle:
+    with open(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
         handle.write(text)
     os.replace(temp, str(path))
 
@@ -224,6 +225,20 @@ def test_an_id_in_both_places_takes_the_config_file_table(tmp_path, service, cap
         assert len(lines) == 1, lines
     finally:
         device.close()
+        app.close()
+
+
+def test_a_file_with_the_status_pages_port_is_skipped_with_one_line(tmp_path, service, caplog):
+    http = free_port()
+    app, folder = _dir_server(tmp_path, http="127.0.0.1:%d" % http)
+    try:
+        _write(folder / "gw9.toml", 'host = "0.0.0.0:%d"\nsecret = "%s"\n' % (http, SECRET))
+        app.apply_settings(app.settings)   # what SIGHUP does
+        line = "devices_dir: device gw9 skipped: its host 0.0.0.0:%d is the port of [server] " \
+               "http\n" % http
+        wait_for(lambda: line in caplog.text, what="the skip line")
+        assert _row(app, "gw9") is None
+    finally:
         app.close()
 
 

@@ -14,8 +14,9 @@ from typing import Any, Callable, Dict, List, NamedTuple, Sequence, Tuple
 from ..addr import format_hostport, parse_hostport, parse_port
 from ..errors import CommandError, ConfigError
 from . import tomlwrite
-from .config import (SCHEMA, SECRET_KEYS, Config, SectionProblem, check_value, device_hosts,
-                     device_table, replace_value, save_config, value_from_words)
+from .config import (SCHEMA, SECRET_KEYS, Config, SectionProblem, check_value, close_match,
+                     device_hosts, device_table, replace_value, save_config, suggest,
+                     value_from_words)
 from .config import one_line as _one_line
 
 log = logging.getLogger("tcprc.commands")
@@ -270,11 +271,14 @@ class CommandParser:
         schema = SCHEMA[self.role]
         section, dot, key = text.partition(".")
         if section not in schema:
-            raise CommandError("unknown section %r (known: %s)"
-                               % (_one_line(section), ", ".join(sorted(schema))))
+            raise CommandError("unknown section %r (%s)"
+                               % (_one_line(section), suggest(section, sorted(schema))))
         if not dot or key not in schema[section]:
-            raise CommandError("unknown key %r (known in [%s]: %s)"
-                               % (_one_line(text), section, ", ".join(sorted(schema[section]))))
+            known = sorted(schema[section])
+            close = close_match(key, known) if dot else None
+            hint = ("did you mean %s.%s?" % (section, close) if close else
+                    "known in [%s]: %s" % (section, ", ".join(known)))
+            raise CommandError("unknown key %r (%s)" % (_one_line(text), hint))
         return section, key
 
     def _config_get(self, args: List[str]) -> List[str]:

@@ -8,15 +8,18 @@ Also here, next to the schema they follow: command words to values
 (`config set`) and `config save`.
 """
 
+import errno
 import os
 from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
-from ..addr import parse_hostport, parse_network
+from ..addr import parse_hostport, parse_network, ports_collide
 from ..errors import ConfigError
 from ..settings import (ConsoleSettings, ControlSettings, DeviceEntry, DeviceSettings,
                         LogSettings, Secret, ServerSettings)
 from . import tomlwrite
+from .files import (FileContent, FileProblem, check_regular_file, printable, read_regular_file,
+                    readable_by_others, unprotected)
 from .tomlwrite import tomllib   # tomllib, or tomli before Python 3.11: chosen once, there
 
 
@@ -191,16 +194,17 @@ SCHEMA: Dict[str, Dict[str, Dict[str, Key]]] = {
             "allow": Key(list, [], _hostport_list, "further targets a CONNECT may name (default: only `local`)"),
             "autostart": Key(bool, True, None, "dial the server at start when `server` is set"),
             "connect_timeout": Key(float, 10.0, _between(0.1, 300), "seconds to connect to the server or to a target"),
-            "reconnect_min": Key(float, 1.0, _between(0.01, 3600), "first reconnect delay, doubled per failure"),
+            "reconnect_min": Key(float, 1.0, _between(0.01, 3600), "first reconnect delay, doubled per failure; at most reconnect_max"),
             "reconnect_max": Key(float, 60.0, _between(0.01, 86400), "cap of the reconnect delay"),
             "healthy_after": Key(float, 30.0, _between(0.1, 86400), "seconds up after which the reconnect delay resets"),
             "protocol": Key(str, "auto", _one_of("auto", "legacy", "v2"), "auto: v2 when the server offers it, else legacy; legacy: never v2; v2: never legacy"),
             "id": Key(str, "", _device_id(True), "this device's identity on the server (v2); empty: none"),
             "secret": Key(str, "", None, "the shared secret of `id` (at least 128 bits); prefer secret_file"),
-            "secret_file": Key(str, "", None, "file holding the secret (surrounding white space ignored)"),
+            "secret_file": Key(str, "", None, "file holding the secret (surrounding white space ignored); mode 0600: a file group or others may read is refused"),
+            "allow_readable_secrets": Key(bool, False, None, "accept a secret_file, or a config file holding `secret`, that group or others may read (refused by default, as ssh refuses such a key)"),
             "tls": Key(bool, False, None, "wrap the uplink in TLS"),
             "tls_ca": Key(str, "", None, "PEM file of the CAs that sign the server's certificate; empty: the system's"),
-            "tls_fingerprint": Key(str, "", _fingerprint, "sha256:<64 hex digits> of the server's certificate, pinned instead of (or besides) a CA"),
+            "tls_fingerprint": Key(str, "", _fingerprint, "sha256:<64 hex digits> of the server's certificate, pinned instead of a CA (not together with tls_ca)"),
             "tls_server_name": Key(str, "", _wire_address, "name the server's certificate must carry; empty: the host of `server`"),
             "tls_cert": Key(str, "", None, "PEM certificate this device shows the server (with tls_key)"),
             "tls_key": Key(str, "", None, "PEM private key of tls_cert"),
@@ -236,8 +240,9 @@ SCHEMA: Dict[str, Dict[str, Dict[str, Key]]] = {
             "tls_cert": Key(str, "", None, "PEM certificate of the uplink listener (with tls_key); empty: no TLS"),
             "tls_key": Key(str, "", None, "PEM private key of tls_cert"),
             "tls_client_ca": Key(str, "", None, "PEM file of the CAs devices' certificates must be signed by; empty: none asked"),
-            "devices": Key(dict, {}, None, "[server.devices.ID] tables: host (ADDR:PORT, required), secret or secret_file, and [server.devices.ID.services.NAME] tables with a host each"),
-            "devices_dir": Key(str, "", None, "directory of one ID.toml file per device (host, secret or secret_file), read again on SIGHUP and every few seconds; empty: none"),
+            "devices": Key(dict, {}, None, "[server.devices.ID] tables: host (ADDR:PORT, required), secret or secret_file, previous_secret or previous_secret_file (rotation), and [server.devices.ID.services.NAME] tables with a host each"),
+            "devices_dir": Key(str, "", None, "directory of one ID.toml file per device (host, secret or secret_file, ...), read again on SIGHUP and every few seconds; empty: none"),
+            "allow_readable_secrets": Key(bool, False, None, "accept secret files, and config or device files holding a secret, that group or others may read (refused by default)"),
             "max_streams_per_device": Key(int, 255, _between(1, 255), "clients one device's session carries at once; over it a client is refused"),
             "http": Key(str, "", _hostport(True, bind=True), "ADDR:PORT of the status page, /api/devices and /metrics; empty: off; applies live (without http_token keep it on loopback)"),
             "http_hosts": Key(list, [], _host_names, "more host names the status page answers to (NAME, or NAME:PORT for that port only) besides the address of `http`; another Host header is refused (DNS rebinding)"),
@@ -313,14 +318,29 @@ def check_value(role: str, section: str, key: str, value: Any) -> Any:
     return value
 
 
+def close_match(word: Any, known: Any) -> Optional[str]:
+    """The one of `known` that `word` is a near miss of (a typo), or None."""
+    import difflib   # only on the error path: a start does not pay for it
+    if not isinstance(word, str):
+        return None
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def suggest(word: Any, known: Any) -> str:
+    """"did you mean listen?" for a near miss of one of `known`, else the list."""
+    close = close_match(word, known)
+    return "did you mean %s?" % close if close else "known: %s" % ", ".join(known)
+
+
 def build_config(role: str, raw: Dict[str, Any], source: str, path: Optional[str] = None) -> Config:
     """Validate a parsed TOML document; `source` names it in errors."""
     schema = SCHEMA[role]
     sections: Dict[str, Any] = {}
     for name in raw:
         if name not in schema:
-            raise ConfigError("%s: unknown section [%s] (known: %s)"
-                              % (source, name, ", ".join(sorted(schema))))
+            raise ConfigError("%s: unknown section [%s] (%s)"
+                              % (source, name, suggest(name, sorted(schema))))
         if not isinstance(raw[name], dict):
             raise ConfigError("%s: %s must be a table [%s]" % (source, name, name))
     for name, keys in schema.items():
@@ -328,8 +348,8 @@ def build_config(role: str, raw: Dict[str, Any], source: str, path: Optional[str
         values = {key: spec.default for key, spec in keys.items()}
         for key, value in table.items():
             if key not in keys:
-                raise ConfigError("%s: [%s] unknown key %r (known: %s)"
-                                  % (source, name, key, ", ".join(sorted(keys))))
+                raise ConfigError("%s: unknown key %r in [%s] (%s)"
+                                  % (source, key, name, suggest(key, sorted(keys))))
             try:
                 values[key] = check_value(role, name, key, value)
             except ValueError as exc:
@@ -345,7 +365,8 @@ def build_config(role: str, raw: Dict[str, Any], source: str, path: Optional[str
 
 # -- checks across keys, and what is resolved at build time (secrets, devices) --------
 
-_FILE_KEYS = ("secret_file", "tls_ca", "tls_cert", "tls_key", "tls_client_ca", "http_token_file")
+_FILE_KEYS = ("secret_file", "tls_ca", "tls_cert", "tls_key", "tls_client_ca", "devices_dir",
+              "http_token_file")
 
 
 def _files_beside(values: Dict[str, Any], directory: str) -> Dict[str, Any]:
@@ -361,10 +382,24 @@ def _files_beside(values: Dict[str, Any], directory: str) -> Dict[str, Any]:
             values[key] = beside(values[key])
     devices = values.get("devices")
     if isinstance(devices, dict):
-        values["devices"] = {ident: dict(table, secret_file=beside(table["secret_file"]))
-                             if isinstance(table, dict) and "secret_file" in table else table
+        values["devices"] = {ident: device_files_beside(table, directory)
                              for ident, table in devices.items()}
     return values
+
+
+DEVICE_FILE_KEYS = ("secret_file", "previous_secret_file")
+
+
+def device_files_beside(table: Any, directory: str) -> Any:
+    """A device table with its relative secret files made `directory`'s neighbours."""
+    if not isinstance(table, dict):
+        return table
+    table = dict(table)
+    for key in DEVICE_FILE_KEYS:
+        name = table.get(key)
+        if isinstance(name, str) and name and not os.path.isabs(name):
+            table[key] = os.path.join(directory, name)
+    return table
 
 class SectionProblem(ValueError):
     """One line about a table: `table` as the file names it ("device", "server.devices.gw1")."""
@@ -375,7 +410,8 @@ class SectionProblem(ValueError):
 
 
 MAX_SECRET_FILE = 4096   # bytes; a secret is short, and /dev/zero must not fill the memory
-_DEVICE_TABLE_KEYS = ("host", "secret", "secret_file", "previous_secret", "services")
+_DEVICE_TABLE_KEYS = ("host", "secret", "secret_file", "previous_secret", "previous_secret_file",
+                      "services")
 MAX_SERVICE_NAME = 32
 MAX_SERVICES = 64   # per device: each is a listening port on the server
 
@@ -396,49 +432,35 @@ def finish_section(name: str, values: Dict[str, Any]) -> Any:
     return SECTION_TYPES[name](**values)
 
 
-def _resolve_secret(table: str, secret: Any, path: str, key: str = "secret") -> Optional[Secret]:
-    """`secret` (a str from the file) or the content of `path`, as a Secret; `key`
-    names them in errors (key and key_file)."""
+def _resolve_secret(table: str, secret: Any, path: str, allow_readable: bool,
+                    key: str = "secret") -> Optional[Secret]:
+    """`key` (a str from the file) or the content of `path` (key + "_file"), as a Secret."""
     if isinstance(secret, Secret):
         return secret
     if secret and path:
         raise SectionProblem(table, "%s and %s_file are exclusive: set one of them" % (key, key))
     if path:
-        return _read_secret(table, path, key)
+        return _read_secret(table, path, allow_readable, key + "_file")
     if not secret:
         return None
     problem = secret_problem(secret)
     if problem:
-        raise SectionProblem(table, key + " " + problem)
+        raise SectionProblem(table, "%s %s" % (key, problem))
     return Secret(secret.encode("utf-8"))
 
 
-def _path(path: str) -> str:
-    """A path for an error line: as written, or quoted when it holds a newline or
-    another control character (the error stays one line)."""
-    return path if path.isprintable() else repr(path)
-
-
-def _read_secret(table: str, path: str, key: str = "secret") -> Secret:
+def _read_secret(table: str, path: str, allow_readable: bool, key: str) -> Secret:
     def fail(problem: str) -> SectionProblem:
-        return SectionProblem(table, "%s_file %s: %s" % (key, _path(path), problem))
+        return SectionProblem(table, "%s %s: %s" % (key, printable(path), problem))
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_SECRET_FILE + 1)
-    except FileNotFoundError:
-        raise fail("no such file") from None
-    except IsADirectoryError:
-        raise fail("is a directory") from None
-    except PermissionError:
-        raise fail("permission denied") from None
-    except OSError as exc:
-        raise fail(exc.strerror or str(exc)) from None
-    except ValueError:   # open() says so of a NUL byte in the path
-        raise fail("the path has a NUL byte") from None
-    if len(data) > MAX_SECRET_FILE:
-        raise fail("longer than %d bytes: not a secret file" % MAX_SECRET_FILE)
+        content = read_regular_file(path, MAX_SECRET_FILE)
+    except FileProblem as exc:
+        raise fail(exc.problem) from None
+    if readable_by_others(path, content.mode) and not allow_readable:
+        section = "device" if table == "device" else "server"
+        raise SectionProblem(table, "%s %s" % (key, unprotected(path, "a secret", section)))
     try:
-        text = data.decode("utf-8").strip()
+        text = content.data.decode("utf-8").strip()
     except UnicodeDecodeError:
         raise fail("not UTF-8 text") from None
     if not text:
@@ -456,28 +478,16 @@ def _check_files(table: str, values: Dict[str, Any], keys: Tuple[str, ...]) -> N
         raise SectionProblem(table, "%s is set but %s is not: they go together" % (given, missing))
     for key in keys:
         path = values[key]
-        if not path:
-            continue
-        try:
-            with open(path, "rb"):
-                pass
-        except FileNotFoundError:
-            problem = "no such file"
-        except IsADirectoryError:
-            problem = "is a directory"
-        except PermissionError:
-            problem = "permission denied"
-        except OSError as exc:
-            problem = exc.strerror or str(exc)
-        except ValueError:   # open() says so of a NUL byte in the path
-            problem = "the path has a NUL byte"
-        else:
-            continue
-        raise SectionProblem(table, "%s %s: %s" % (key, _path(path), problem))
+        if path:
+            try:
+                check_regular_file(path)
+            except FileProblem as exc:
+                raise SectionProblem(table, "%s %s" % (key, exc)) from None
 
 
 def _finish_device(values: Dict[str, Any]) -> None:
-    secret = values["secret"] = _resolve_secret("device", values["secret"], values["secret_file"])
+    secret = values["secret"] = _resolve_secret("device", values["secret"], values["secret_file"],
+                                                values["allow_readable_secrets"])
     if values["id"] and secret is None:
         raise SectionProblem("device", "id %r needs secret or secret_file" % values["id"])
     if secret is not None and not values["id"]:
@@ -493,6 +503,12 @@ def _finish_device(values: Dict[str, Any]) -> None:
     if tls_keys and not values["tls"]:
         raise SectionProblem("device", "%s is set but tls is false: set tls = true"
                              % " and ".join(tls_keys))
+    if values["tls_ca"] and values["tls_fingerprint"]:
+        raise SectionProblem("device", "tls_ca and tls_fingerprint exclude each other: a pin "
+                                       "replaces the CA and name checks; set one of them")
+    if values["reconnect_min"] > values["reconnect_max"]:
+        raise SectionProblem("device", "reconnect_min (%s) must not exceed reconnect_max (%s)"
+                             % (values["reconnect_min"], values["reconnect_max"]))
     values["services"] = _services("device", values["services"], "local", _hostport(False))
     _check_files("device", values, ("tls_ca", "tls_cert", "tls_key"))
     if values["tls_fingerprint"]:
@@ -503,11 +519,13 @@ def _finish_server(values: Dict[str, Any]) -> None:
     devices = values["devices"]
     if isinstance(devices, dict):   # the raw tables; a built mapping is kept
         values["devices"] = MappingProxyType(
-            {ident: _device_entry(ident, table) for ident, table in devices.items()})
+            {ident: _device_entry(ident, table, values["allow_readable_secrets"])
+             for ident, table in devices.items()})
     if values["legacy"] is None:
         values["legacy"] = not values["devices"] and not values["devices_dir"]
     values["http_token"] = _resolve_secret("server", values["http_token"],
-                                           values["http_token_file"], "http_token")
+                                           values["http_token_file"],
+                                           values["allow_readable_secrets"], "http_token")
     _check_files("server", values, ("tls_cert", "tls_key", "tls_client_ca"))
     if values["tls_client_ca"] and not values["tls_cert"]:
         raise SectionProblem("server", "tls_client_ca needs tls_cert and tls_key (TLS on the "
@@ -519,7 +537,7 @@ def device_table(ident: str) -> str:
     return "server.devices." + tomlwrite.format_key(ident)
 
 
-def _device_entry(ident: str, table: Any) -> DeviceEntry:
+def _device_entry(ident: str, table: Any, allow_readable: bool) -> DeviceEntry:
     problem = _device_id(False)(ident)
     if problem:
         raise SectionProblem(device_table(ident), "device id " + problem)
@@ -531,8 +549,8 @@ def _device_entry(ident: str, table: Any) -> DeviceEntry:
             hint = ""
             if isinstance(value, dict):   # [server.devices.gw.1]: a dotted id unquoted
                 hint = "; an id with a dot is quoted: [server.devices.\"%s.%s\"]" % (ident, key)
-            raise SectionProblem(name, "unknown key %r (known: %s)%s"
-                                 % (key, ", ".join(_DEVICE_TABLE_KEYS), hint))
+            raise SectionProblem(name, "unknown key %r (%s)%s"
+                                 % (key, suggest(key, _DEVICE_TABLE_KEYS), hint))
         if key == "services":
             continue   # checked by _services
         if not isinstance(value, str):
@@ -545,11 +563,14 @@ def _device_entry(ident: str, table: Any) -> DeviceEntry:
     problem = _hostport(False, bind=True)(host)
     if problem:
         raise SectionProblem(name, "host " + problem)
-    secret = _resolve_secret(name, table.get("secret", ""), table.get("secret_file", ""))
+    secret = _resolve_secret(name, table.get("secret", ""), table.get("secret_file", ""),
+                             allow_readable)
     if secret is None:
         raise SectionProblem(name, "needs secret or secret_file")
     # Rotation: the old secret stays valid until the device has the new one.
-    previous = _resolve_secret(name, table.get("previous_secret", ""), "")
+    previous = _resolve_secret(name, table.get("previous_secret", ""),
+                               table.get("previous_secret_file", ""), allow_readable,
+                               "previous_secret")
     services = _services(name, table.get("services", {}), "host", _hostport(False, bind=True))
     return DeviceEntry(id=ident, secret=secret, host=host, previous=previous, services=services)
 
@@ -574,7 +595,7 @@ def _services(table: str, services: Any, key: str,
             raise SectionProblem(table, "services.%s must be a table [%s]" % (service, name))
         unknown = sorted(set(entry) - {key})
         if unknown:
-            raise SectionProblem(name, "unknown key %r (known: %s)" % (unknown[0], key))
+            raise SectionProblem(name, "unknown key %r (%s)" % (unknown[0], suggest(unknown[0], [key])))
         value = entry.get(key)
         if not value:
             raise SectionProblem(name, "%s is required (ADDR:PORT)" % key)
@@ -587,9 +608,6 @@ def _services(table: str, services: Any, key: str,
     return MappingProxyType(found)
 
 
-_ANY_ADDRESS = ("", "0.0.0.0", "::")
-
-
 def device_hosts(entry: DeviceEntry) -> List[Tuple[str, str, str]]:
     """(table, what, host) of every port a device has: its host, then its services'."""
     table = device_table(entry.id)
@@ -599,18 +617,22 @@ def device_hosts(entry: DeviceEntry) -> List[Tuple[str, str, str]]:
         for name, host in sorted(entry.services.items())]
 
 
+def server_ports(values: Any) -> List[Tuple[str, str]]:
+    """(what, ADDR:PORT) of the ports [server] itself listens on: listen, host, http."""
+    ports = [("[server] listen", values["listen"]), ("[server] host", values["host"])]
+    if values["http"]:
+        ports.append(("[server] http", values["http"]))
+    return ports
+
+
 def _check_hosts(values: Dict[str, Any]) -> None:
     """Every device's host and service hosts can be bound beside the others and [server]
-    listen and host."""
-    taken = [("[server] listen", values["listen"]), ("[server] host", values["host"])]
+    listen, host and http."""
+    taken = server_ports(values)
     for entry in values["devices"].values():
         for table, what, mine in device_hosts(entry):
-            host, port = parse_hostport(mine, allow_empty_host=True, allow_zero_port=True)
             for owner, other in taken:
-                other_host, other_port = parse_hostport(other, allow_empty_host=True,
-                                                        allow_zero_port=True)
-                if port and port == other_port and (
-                        host == other_host or host in _ANY_ADDRESS or other_host in _ANY_ADDRESS):
+                if ports_collide(mine, other):
                     raise SectionProblem(table, "host %s collides with %s %s"
                                          % (mine, owner, other))
             taken.append((what, mine))
@@ -635,24 +657,58 @@ def replace_value(cfg: Config, section: str, key: str, value: Any) -> Any:
     return finish_section(section, values)
 
 
+MAX_CONFIG_FILE = 4 * 1024 * 1024   # bytes: room for thousands of device tables
+
+
+def read_toml_file(path: str, limit: int = MAX_CONFIG_FILE) -> Tuple[Dict[str, Any], FileContent]:
+    """A TOML file read through read_regular_file (no FIFO or device blocks us, no
+    endless file fills the memory): (its tables, the content and mode).
+    ConfigError (one line) if it cannot be read or parsed."""
+    content = read_regular_file(path, limit)
+    try:
+        return tomllib.loads(content.data.decode("utf-8")), content
+    except UnicodeDecodeError as exc:
+        raise ConfigError("%s: not UTF-8 text: %s" % (printable(path), exc)) from None
+    except tomllib.TOMLDecodeError as exc:
+        # The parser's message names a line and column, never the text: no secret leaks.
+        raise ConfigError("%s: invalid TOML: %s" % (printable(path), exc)) from None
+
+
 def load_config(path: Optional[str], role: str) -> Config:
     """Read and validate `path` (None: all defaults)."""
     if path is None:
         return build_config(role, {}, "defaults")
-    try:
-        with open(path, "rb") as handle:
-            raw = tomllib.load(handle)
-    except FileNotFoundError:
-        raise ConfigError("%s: no such file" % path) from None
-    except IsADirectoryError:
-        raise ConfigError("%s: is a directory, not a config file" % path) from None
-    except PermissionError:
-        raise ConfigError("%s: permission denied" % path) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("%s: invalid TOML: %s" % (path, exc)) from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError("%s: not UTF-8 text: %s" % (path, exc)) from None
-    return build_config(role, raw, path, os.path.abspath(path))
+    raw, content = read_toml_file(path)
+    cfg = build_config(role, raw, path, os.path.abspath(path))
+    _check_inline_secrets(cfg, raw, path, content.mode)
+    return cfg
+
+
+def inline_secrets(role: str, raw: Dict[str, Any]) -> List[str]:
+    """Where the tables of a file hold a secret themselves: "[device] secret", ..."""
+    if role == "device":
+        table = raw.get("device")
+        return ["[device] secret"] if isinstance(table, dict) and table.get("secret") else []
+    server = raw.get("server")
+    if not isinstance(server, dict):
+        return []
+    found = ["[server] http_token"] if server.get("http_token") else []
+    devices = server.get("devices")
+    if not isinstance(devices, dict):
+        return found
+    return found + ["[%s] %s" % (device_table(ident), key)
+                    for ident, table in sorted(devices.items()) if isinstance(table, dict)
+                    for key in ("secret", "previous_secret") if table.get(key)]
+
+
+def _check_inline_secrets(cfg: Config, raw: Dict[str, Any], path: str, mode: int) -> None:
+    """A file that others may read must not hold a secret (ssh refuses such a key)."""
+    if not readable_by_others(path, mode) or getattr(cfg, cfg.role).allow_readable_secrets:
+        return
+    found = inline_secrets(cfg.role, raw)
+    if found:
+        what = "an inline secret (%s%s)" % (found[0], ", ..." if len(found) > 1 else "")
+        raise ConfigError(unprotected(path, what, cfg.role))
 
 
 def with_overrides(cfg: Config, overrides: List[Tuple[str, str, Any, str]]) -> Config:
@@ -728,13 +784,13 @@ def save_config(cfg: Config, changes: Dict[Tuple[str, str], Any]) -> str:
     if not path:
         raise ConfigError("no configuration file to save to: the agent was started "
                           "without -c FILE")
+    old_bytes: Optional[bytes] = None
     try:
-        with open(path, "rb") as handle:
-            old_bytes: Optional[bytes] = handle.read()
-    except FileNotFoundError:
-        old_bytes = None
-    except OSError as exc:
-        raise ConfigError("cannot read %s: %s" % (path, exc.strerror or exc)) from None
+        old = read_regular_file(path, MAX_CONFIG_FILE)
+        old_bytes = old.data
+    except FileProblem as exc:
+        if exc.errno != errno.ENOENT:
+            raise ConfigError("cannot read %s" % exc) from None
     old_text = None
     if old_bytes is None:
         base: Dict[str, Any] = {name: dict(table) for name, table in cfg.raw.items()}
@@ -748,7 +804,9 @@ def save_config(cfg: Config, changes: Dict[Tuple[str, str], Any]) -> str:
     for (section, key), value in changes.items():
         base.setdefault(section, {})[key] = value
     try:
-        build_config(cfg.role, base, path)   # never save what the next start refuses
+        saved = build_config(cfg.role, base, path)   # never save what the next start refuses
+        if old_bytes is not None:
+            _check_inline_secrets(saved, base, path, old.mode)   # the file keeps its mode
         text = tomlwrite.render(old_text, base, changes)
         tomlwrite.atomic_write(path, text)
     except ConfigError as exc:

@@ -3,12 +3,12 @@
 Runs in its own short-lived process; exit status 0 on OK, 1 on ERROR, 2 when
 no agent answers.
 
-`ctl --role server device add ID --host ADDR:PORT` is the exception: it runs
-here, not in the server.  It writes ID.toml into the [server] devices_dir of
-the server's config file (-c), and the server picks it up by itself (scan or
-SIGHUP).  So the fresh secret never crosses the control socket or reaches
-the server's log, it needs no running server, and the file belongs to
-whoever may write the directory, like the config file.
+`ctl -c SERVER.toml device add ID --host ADDR:PORT` is the exception: it runs
+here, not in the server (ops/devadd.py).
+
+Without --role, the role is the config file's: a [server] table means the
+server, [device] or [console] the device; neither or both: the device, as
+without -c.  Inferring it says so in one line on stderr.
 """
 
 import argparse
@@ -18,7 +18,7 @@ import sys
 from typing import List
 
 from ..errors import ConfigError
-from .config import load_config
+from .config import load_config, read_toml_file
 
 EXIT_OK, EXIT_ERROR, EXIT_NO_AGENT = 0, 1, 2
 
@@ -36,15 +36,50 @@ def _seconds(text: str) -> float:
 def add_ctl_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", metavar="FILE",
                         help="config file of the agent (for its [control] socket)")
-    parser.add_argument("--role", choices=("device", "server"), default="device",
-                        help="which agent's config to read (default: device)")
+    parser.add_argument("--role", choices=("device", "server"),
+                        help="which agent's config to read (default: the one -c FILE is for, "
+                             "else device)")
     parser.add_argument("--socket", metavar="PATH", help="control socket path (overrides -c)")
     parser.add_argument("--timeout", metavar="S", type=_seconds, default=10.0,
                         help="seconds to wait for the answer (default: 10)")
     parser.add_argument("--host", metavar="ADDR:PORT",
-                        help="device add: where the new device's clients connect")
+                        help="device add: where the new device's clients connect (a fixed port)")
+    parser.add_argument("--local", metavar="ADDR:PORT",
+                        help="device add: the service on the device its clients reach "
+                             "(default: [device] local's default)")
+    parser.add_argument("--server", metavar="ADDR:PORT",
+                        help="device add: the address the device dials (default: [server] listen)")
+    parser.add_argument("--device-config", metavar="FILE",
+                        help="device add: write the device's config to FILE (mode 0600, with "
+                             "ID.secret beside it) instead of printing it")
+    parser.add_argument("--inline-secret", action="store_true",
+                        help="device add: put the secret in the device's config, not in ID.secret")
     parser.add_argument("command", nargs="+", metavar="COMMAND",
                         help="a command and its parameters, e.g. status")
+
+
+def infer_role(args: argparse.Namespace) -> str:
+    """--role, else the role of the -c FILE's tables (one line on stderr says which),
+    else device."""
+    if args.role or not args.config:
+        return args.role or "device"
+    try:
+        raw, _ = read_toml_file(args.config)
+    except ConfigError:
+        return "device"   # load_config reports it
+    server = "server" in raw
+    device = "device" in raw or "console" in raw
+    if server != device:
+        role = "server" if server else "device"
+        why = "it has a [%s] table" % ("device" if "device" in raw else "console" if device
+                                       else "server")
+    else:
+        role = "device"
+        why = "it has %s, so the default" % ("[server] and [device]/[console] tables" if server
+                                              else "no [server], [device] or [console] table")
+    print("tcprc ctl: role %s, from %s: %s (--role to choose)" % (role, args.config, why),
+          file=sys.stderr)
+    return role
 
 
 def socket_path(args: argparse.Namespace) -> str:
@@ -80,28 +115,51 @@ def send_command(path: str, line: str, timeout: float) -> List[str]:
                     return lines
 
 
+DEVICE_ADD_USAGE = ("usage: tcprc ctl -c SERVER.toml device add ID --host ADDR:PORT "
+                    "[--local ADDR:PORT] [--server ADDR:PORT] [--device-config FILE] "
+                    "[--inline-secret]")
+
+
 def device_add(args: argparse.Namespace) -> int:
-    """`device add ID --host ADDR:PORT` (server role): write the device's file."""
-    from .devdir import add_device, device_instructions
+    """`device add ID --host ADDR:PORT` (server role): the device's file in devices_dir
+    and its own config (ops/devadd.py)."""
+    from .devadd import plan_device, server_state, write_device, device_config_text
     if args.role != "server" or len(args.command) != 3 or not args.host:
-        print("tcprc ctl: usage: tcprc ctl --role server -c SERVER.toml device add ID "
-              "--host ADDR:PORT", file=sys.stderr)
+        print("tcprc ctl: %s" % DEVICE_ADD_USAGE, file=sys.stderr)
         return EXIT_ERROR
+    ident = args.command[2]
     try:
         cfg = load_config(args.config, "server")
-        path, secret = add_device(cfg.server.devices_dir, args.command[2], args.host)
+        device = plan_device(cfg, ident, args.host, args.server, args.local)
+        written = write_device(cfg, device, args.device_config, args.inline_secret)
     except ConfigError as exc:
         print("tcprc ctl: device add: %s" % exc, file=sys.stderr)
         return EXIT_ERROR
-    print("wrote %s (mode 0600); the server reads it within seconds (or at once on SIGHUP)"
-          % path)
-    for line in device_instructions(args.command[2], secret, cfg.server.listen):
-        print(line)
+    print("wrote %s (mode 0600): device %s, its clients connect to %s"
+          % (written[-1], ident, device.host))
+    if device.tls is not None:
+        print("TLS: %s" % device.tls.note)
+    if args.device_config:
+        print("wrote %s (mode 0600): the device's config, for `tcprc device -c FILE`; copy "
+              "it with the file(s) beside it to the device" % ", ".join(written[:-1]))
+    else:
+        print("id: %s" % ident)
+        print("secret: %s" % device.secret)
+        print("server: %s" % device.server)
+        if device.tls is not None and device.tls.ca_source:
+            print("copy %s to ca.crt beside the device's config" % device.tls.ca_source)
+        print("")
+        where = "in it" if args.inline_secret else \
+            "the secret above in %s.secret beside it (mode 0600)" % ident
+        print("# the device's config (tcprc device -c FILE), %s:" % where)
+        sys.stdout.write(device_config_text(device, args.inline_secret, cfg.path))
+    print(server_state(cfg, ident, lambda path, line: send_command(path, line, 2.0)))
     return EXIT_OK
 
 
 def ctl_main(args: argparse.Namespace) -> int:
     """`tcprc ctl`: 0 on OK, 1 on ERROR, 2 when no agent answers."""
+    args.role = infer_role(args)
     if [word.lower() for word in args.command[:2]] == ["device", "add"] and \
             (len(args.command) > 2 or args.host):
         return device_add(args)

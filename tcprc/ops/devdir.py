@@ -1,8 +1,9 @@
-"""[server] devices_dir: one ID.toml file per device, and `device add` that writes one.
+"""[server] devices_dir: one ID.toml file per device (ops.devadd writes them).
 
 A file holds what a [server.devices.ID] table holds (host, secret or
-secret_file; a relative secret_file is relative to the directory); its name
-is the id.  DeviceFiles.scan() stats every file (mtime, size, inode) and
+secret_file, ...; a relative secret_file is relative to the directory); its
+name is the id.  It must be a regular file (a symlink to one is fine): a FIFO
+or a link to a device is one line and skipped, never waited on.  DeviceFiles.scan() stats every file (mtime, size, inode) and
 parses only those that changed, so the periodic scan costs a stat per
 device.  A broken file is one log line (once per change of the file) and is
 skipped; the others keep working.
@@ -10,12 +11,13 @@ skipped; the others keep working.
 
 import logging
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 from ..errors import ConfigError
 from ..settings import DeviceEntry
-from .config import SectionProblem, _device_entry, _device_id, _hostport
-from .tomlwrite import tomllib
+from .config import (SectionProblem, _device_entry, _device_id, device_files_beside,
+                     read_toml_file)
+from .files import FileProblem, readable_by_others, unprotected
 
 log = logging.getLogger("tcprc.server")
 
@@ -29,8 +31,11 @@ Signature = Tuple[int, int, int]
 class DeviceFiles:
     """The device files of one directory, as last read."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, allow_readable: Callable[[], bool] = lambda: False):
+        """`allow_readable()`: the server's allow_readable_secrets now (it may be
+        reloaded while this reader lives)."""
         self.path = path
+        self._allow_readable = allow_readable
         self._files: Dict[str, Tuple[Signature, Optional[DeviceEntry]]] = {}
         self._dir_problem = ""
 
@@ -75,81 +80,32 @@ class DeviceFiles:
 
     def _read(self, name: str, full: str) -> Optional[DeviceEntry]:
         try:
-            return read_device_file(name[:-len(SUFFIX)], full)
+            return read_device_file(name[:-len(SUFFIX)], full, self._allow_readable())
         except ConfigError as exc:
             log.warning("%s; skipped", exc)
             return None
 
 
-def read_device_file(ident: str, full: str) -> DeviceEntry:
-    """One device file; ConfigError (one line, no secret in it) if it is unusable."""
+def read_device_file(ident: str, full: str, allow_readable: bool = False) -> DeviceEntry:
+    """One device file; ConfigError (one line, no secret in it) if it is unusable.
+    Read through ops.files: a FIFO or a link to a device node is refused at once,
+    never waited on (the scan runs on the server's acceptor thread)."""
     problem = _device_id(False)(ident)
     if problem:
         raise ConfigError("%s: the file name is the device id, which %s" % (full, problem))
     try:
-        with open(full, "rb") as handle:
-            data = handle.read(MAX_FILE + 1)
-    except OSError as exc:
-        raise ConfigError("%s: %s" % (full, exc.strerror or exc)) from None
-    if len(data) > MAX_FILE:
-        raise ConfigError("%s: longer than %d bytes: not a device file" % (full, MAX_FILE))
+        table, content = read_toml_file(full, MAX_FILE)
+    except FileProblem as exc:
+        if exc.problem.startswith("longer than"):
+            raise ConfigError("%s: not a device file" % exc) from None
+        raise
+    if readable_by_others(full, content.mode) and not allow_readable:
+        found = [key for key in ("secret", "previous_secret") if table.get(key)]
+        if found:
+            raise ConfigError(unprotected(full, "an inline secret (%s)" % found[0], "server"))
+    table = device_files_beside(table, os.path.dirname(full))
     try:
-        table = tomllib.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        # The parser's message names a line and column, never the text: no secret leaks.
-        raise ConfigError("%s: invalid TOML: %s" % (full, exc)) from None
-    secret_file = table.get("secret_file")
-    if isinstance(secret_file, str) and secret_file and not os.path.isabs(secret_file):
-        table["secret_file"] = os.path.join(os.path.dirname(full), secret_file)
-    try:
-        return _device_entry(ident, table)
+        return _device_entry(ident, table, allow_readable)
     except SectionProblem as exc:
         where = "[%s] " % exc.table if ".services." in exc.table else ""   # which service
         raise ConfigError("%s: %s%s" % (full, where, exc)) from None
-
-
-def add_device(directory: str, ident: str, host: str) -> Tuple[str, str]:
-    """Write directory/ID.toml with a fresh secret (mode 0600, never over an existing
-    file); (path, secret).  ConfigError (one line) if it cannot."""
-    import secrets
-    from .tomlwrite import format_value
-    problem = _device_id(False)(ident)
-    if problem:
-        raise ConfigError("device id %s" % problem)
-    problem = _hostport(False, bind=True)(host)
-    if problem:
-        raise ConfigError("--host %s" % problem)
-    if not directory:
-        raise ConfigError("[server] devices_dir is not set in the server's configuration")
-    secret = secrets.token_urlsafe(32)
-    path = os.path.join(directory, ident + SUFFIX)
-    text = ("# device %s, written by `tcprc ctl device add`\nhost = %s\nsecret = %s\n"
-            % (ident, format_value(host), format_value(secret)))
-    # Written whole under a dot name (the scan skips those), 0600 from the start, then
-    # linked in: the server never reads half a file, an existing device keeps its secret.
-    temp = os.path.join(directory, ".%s.%d.tmp" % (ident, os.getpid()))
-    try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
-            os.link(temp, path)
-        finally:
-            os.unlink(temp)
-    except FileExistsError:
-        raise ConfigError("%s exists already: remove it first to replace device %s"
-                          % (path, ident)) from None
-    except OSError as exc:
-        raise ConfigError("cannot write %s: %s" % (path, exc.strerror or exc)) from None
-    return path, secret
-
-
-def device_instructions(ident: str, secret: str, listen: str) -> Any:
-    """What the device needs, as lines to print."""
-    server = listen if not listen.startswith(("0.0.0.0:", ":", "[::]:")) else \
-        "SERVER-ADDRESS:" + listen.rsplit(":", 1)[1]
-    return ["id: %s" % ident, "secret: %s" % secret, "server: %s" % server,
-            "", "# the device's [device] section (tcprc.toml):",
-            "[device]", "server = \"%s\"" % server, "id = \"%s\"" % ident,
-            "secret = \"%s\"" % secret, "protocol = \"v2\""]

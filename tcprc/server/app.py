@@ -28,6 +28,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from ..addr import address_in, format_hostport, parse_hostport, parse_network, source_key
+from ..addr import ports_collide
 from ..engine.ratelog import LimitedLog, SourceLog
 from ..engine.liveness import TICK, Liveness
 from ..engine.loop import Loop
@@ -661,31 +662,23 @@ class ServerApp:
 
 def _drop_colliding_hosts(devices: Dict[str, Any], settings: ServerSettings) -> None:
     """Skip (one line each) a device from a file with a port (its host or a service's)
-    that is another's, or [server] host's or listen's (the configuration file's
+    that is another's, or [server] listen's, host's or http's (the configuration file's
     were checked at load)."""
-    taken: List[Tuple[str, int, str]] = []
-
-    def owner_of(host: str) -> Tuple[str, int, str]:
-        addr, port = parse_hostport(host, allow_empty_host=True, allow_zero_port=True)
-        for other, other_port, owner in taken:
-            if port and port == other_port and (addr == other or addr in _ANY or other in _ANY):
-                return addr, port, owner
-        return addr, port, ""
-
-    for owner, host in [("[server] listen", settings.listen), ("[server] host", settings.host)] + \
-            [(owner, host) for entry in settings.devices.values()
-             for _, owner, host in _ports_of(entry)]:
-        taken.append(owner_of(host)[:2] + (owner,))
+    taken = [("[server] listen", settings.listen), ("[server] host", settings.host)]
+    if settings.http:
+        taken.append(("[server] http", settings.http))
+    taken += [(owner, host) for entry in settings.devices.values()
+              for _, owner, host in _ports_of(entry)]
     for ident in sorted(devices):
         if ident in settings.devices:
             continue
         clash, mine = "", []
         for what, owner, host in _ports_of(devices[ident]):
-            addr, port, other = owner_of(host)
+            other = next((who for who, port in taken if ports_collide(host, port)), "")
             if other:
                 clash = "%s %s is the port of %s" % (what, host, other)
                 break
-            taken.append((addr, port, owner))   # its next port must differ too
+            taken.append((owner, host))   # its next port must differ too
             mine.append(taken[-1])
         if clash:
             log.warning("devices_dir: device %s skipped: %s", ident, clash)
@@ -700,5 +693,3 @@ def _ports_of(entry: Any) -> List[Tuple[str, str, str]]:
         ("its service %s's host" % name, "service %s of device %s" % (name, entry.id), host)
         for name, host in sorted(entry.services.items())]
 
-
-_ANY = ("", "0.0.0.0", "::")
