@@ -467,7 +467,8 @@ def _read_secret(table: str, path: str, allow_readable: bool, key: str) -> Secre
         raise fail("is empty")
     problem = secret_problem(text)
     if problem:
-        raise fail("the %s in it %s" % ("secret" if key == "secret" else "token", problem))
+        raise fail("the %s in it %s" % ("token" if key.startswith("http_token") else "secret",
+                                        problem))
     return Secret(text.encode("utf-8"))
 
 
