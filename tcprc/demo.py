@@ -95,7 +95,9 @@ def round_trip(address: HostPort, payload: bytes, timeout: float = 60.0) -> Tupl
 def run_demo(megabytes: int = 32, out: Callable[[str], None] = print) -> int:
     logging.getLogger("tcprc").setLevel(logging.WARNING)
     service = EchoService()
-    server_cfg = build_config("server", {"server": {"listen": "127.0.0.1:0", "host": "127.0.0.1:0"},
+    # Loopback only, uplinks from loopback only: the demo runs nothing anyone else can reach.
+    server_cfg = build_config("server", {"server": {"listen": "127.0.0.1:0", "host": "127.0.0.1:0",
+                                                    "allow_from": ["127.0.0.0/8"]},
                                          "control": {"socket": ""}}, "demo")
     server = ServerApp(server_cfg.server)
     server.start()

@@ -119,9 +119,16 @@ class World:
         return dict(line.split(": ", 1) for line in lines if ": " in line)
 
     def session_port(self):
-        """The relay-side port of the uplink the server's host port belongs to, or None."""
-        match = re.match(r"uplink 127\.0\.0\.1:(\d+)$", self.status(self.server).get("device", ""))
-        return int(match.group(1)) if match else None
+        """The relay-side port of the uplink the server's host port belongs to, or None:
+        the source of the device's row (gw1, or :legacy for [server] host) while it is up."""
+        try:
+            lines = send_command(self.server.control_socket,
+                                 "device %s" % ("gw1" if self.kind == "v2" else ":legacy"), 5)
+        except OSError:
+            return None
+        row = dict(line.split(": ", 1) for line in lines if ": " in line)
+        match = re.match(r"127\.0\.0\.1:(\d+)$", row.get("source", ""))
+        return int(match.group(1)) if match and row.get("state") == "up" else None
 
     def newest_leg(self):
         live = self.relay.live()

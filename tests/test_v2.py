@@ -50,7 +50,9 @@ def _round_trip(host, data=b"ping through v2"):
 def test_two_tcprc_ends_speak_v2_with_no_configuration(tunnel):
     wait_for(lambda: tunnel.device.status()["protocol"] == "v2", what="v2 on the device")
     status = tunnel.server.status()
-    assert status["protocol"] == "v2" and status["device_id"] == ""
+    assert status["protocol"] == "v2" and status["sessions"] == 1
+    shared = {row["id"]: row for row in tunnel.server.devices()}[":legacy"]   # no identity
+    assert shared["protocol"] == "v2" and shared["state"] == "up"
     _round_trip(tunnel.host)
     wait_for(lambda: tunnel.device.status()["rtt"] is not None, what="a PING answered")
     assert 0 < tunnel.device.status()["rtt"] < 5
@@ -143,7 +145,8 @@ def test_an_authenticated_device_gets_its_own_port(service, caplog):
         wait_for(lambda: app.device_host_address("gw1"), what="gw1's port")
         _round_trip(app.device_host_address("gw1"))
         assert app.host_address is None, "the shared port stays closed"
-        assert device.status()["protocol"] == "v2" and app.status()["device_id"] == "gw1"
+        assert device.status()["protocol"] == "v2"
+        assert {row["id"]: row for row in app.devices()}["gw1"]["protocol"] == "v2"
         assert SECRET not in caplog.text
     finally:
         device.close()

@@ -88,6 +88,10 @@ class DeviceApp:
         self._thread.start()
         if self.settings.autostart and self.settings.server:
             self.connect()
+        else:
+            log.info("idle: %s; waiting for TCPRemoteConnect (console or tcprc ctl)",
+                     "autostart is off" if self.settings.server else
+                     "no server configured ([device] server, --server)")
 
     def connect(self, server: Optional[HostPort] = None, local: Optional[HostPort] = None) -> None:
         """Start or restart the tunnel; None takes the value from the settings."""
@@ -262,6 +266,4 @@ class DeviceApp:
                 if link.end_reason and generation == self._generation and not self._closing:
                     self._last_error = link.end_reason if link.refused or link.session.rejected \
                         else "uplink lost: %s" % link.end_reason
-        if link.refused or link.session.rejected:
-            log.warning("%s: %s", name, link.end_reason)
         return up_for >= settings.healthy_after

@@ -6,6 +6,7 @@ link carries out its actions and adds what needs I/O: the target policy's
 dialing, and telling a refusal from a lost uplink.
 """
 
+import logging
 import socket
 import time
 from typing import Any, Dict, Optional, Set, Tuple
@@ -35,6 +36,11 @@ class DeviceLink(Link):
         super().__init__(transport, loop, session, settings, name)
         self.policy = policy
         self.refused = False
+
+    def log_closed(self) -> None:
+        """One line per end of an uplink: a refusal or a REJECT is a WARNING."""
+        level = logging.WARNING if self.refused or self.session.rejected else logging.INFO
+        self.log.log(level, "%s: uplink closed: %s", self.name, self.end_reason or "stopped")
 
     def on_upgraded(self, detail: str) -> None:
         self.log.info("%s: protocol v2: %s", self.name, detail)

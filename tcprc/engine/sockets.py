@@ -8,7 +8,7 @@ import socket
 import struct
 from typing import Any, List, Optional, Tuple
 
-from ..addr import SockAddr
+from ..addr import SockAddr, parse_hostport
 from ..settings import LinkSettings
 
 HostPort = Tuple[str, int]
@@ -79,6 +79,16 @@ def bind_listener(address: HostPort, backlog: int = 128) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def bind_for(what: str, address: str) -> socket.socket:
+    """bind_listener for an ADDR:PORT setting; an error names the address and what
+    it is for ("cannot listen for device uplinks ([server] listen) on ...")."""
+    try:
+        return bind_listener(parse_hostport(address, allow_empty_host=True, allow_zero_port=True))
+    except OSError as exc:
+        raise OSError(exc.errno, "cannot listen for %s on %s: %s"
+                      % (what, address, exc.strerror or exc)) from None
 
 
 def tune_uplink_socket(sock: socket.socket, settings: LinkSettings) -> None:

@@ -32,7 +32,7 @@ from ..addr import ports_collide
 from ..engine.ratelog import LimitedLog, SourceLog
 from ..engine.liveness import TICK, Liveness
 from ..engine.loop import Loop
-from ..engine.sockets import accept_nowait, bind_listener
+from ..engine.sockets import accept_nowait, bind_for, bind_listener
 from .fleet import SHARED, DeviceRecord, sync_records
 from .link import HANDOVER, ServerLink, open_server_link
 from .throttle import AuthThrottle
@@ -105,6 +105,7 @@ class ServerApp:
         self._loop = Loop(on_error=self._acceptor_error)
         self._acceptor_errors = LimitedLog(log, interval=10.0)
         self.uplinks_refused = 0   # no thread could start for them
+        self._started = 0.0
         self._listener: Optional[socket.socket] = None
         self._thread: Optional[threading.Thread] = None
         self._last_error = ""
@@ -205,7 +206,8 @@ class ServerApp:
     # ---- lifecycle --------------------------------------------------------------
     def start(self) -> None:
         """Bind the uplink port (errors raise OSError here, at start) and serve it."""
-        self._listener = bind_listener(parse_hostport(self.settings.listen, allow_zero_port=True))
+        self._listener = bind_for("device uplinks ([server] listen)", self.settings.listen)
+        self._started = time.monotonic()
         self.listen_address = self._listener.getsockname()[:2]
         self._loop.set_handlers(self._listener, self._accept_uplink, None)
         self._thread = threading.Thread(target=self._loop.run, name="tcprc-server", daemon=True)
@@ -214,12 +216,50 @@ class ServerApp:
         self._thread.start()
         log.info("waiting for devices on %s", format_hostport(*self.listen_address))
         self._warn_if_open()
+        self._check_device_ports()
         self._start_scanner()
         if self.settings.http:
             from . import http
             self._http = http.start(self, self.settings)   # OSError: the start stops
 
+    def _log_tls_change(self, was_tls: bool, settings: ServerSettings) -> None:
+        live = "; live sessions keep the transport they started with until they redial"
+        if self._tls is None:
+            log.warning("[server] TLS is off now: new uplinks on %s are plaintext%s",
+                        settings.listen, live)
+        elif not was_tls:
+            log.info("[server] TLS is on now: new uplinks on %s speak TLS with %s%s",
+                     settings.listen, settings.tls_cert, live)
+        else:
+            log.info("[server] TLS: new uplinks get the certificate %s%s%s", settings.tls_cert,
+                     " and need a device certificate of %s" % settings.tls_client_ca
+                     if settings.tls_client_ca else "", live)
+
+    def _check_device_ports(self) -> None:
+        """Every configured device's host and service ports can be opened now: a
+        port another program holds is one WARNING at start and at SIGHUP, not a
+        surprise when the device connects."""
+        with self._lock:
+            held = {slot.owner for slot in self._slots.values() if slot.sock is not None}
+        for ident, entry in sorted(self._devices.items()):
+            ports = [(ident, "its host", entry.host)] + [
+                ("%s/%s" % (ident, name), "its service %s" % name, host)
+                for name, host in sorted(entry.services.items())]
+            for owner, what, host in ports:
+                if owner in held or parse_hostport(host, allow_empty_host=True,
+                                                   allow_zero_port=True)[1] == 0:
+                    continue
+                try:
+                    bind_for("device %s (%s)" % (ident, what), host).close()
+                except OSError as exc:
+                    log.warning("%s; its clients will be refused until it is free",
+                                exc.strerror or exc)
+
     def _warn_if_open(self) -> None:
+        """A warning while it is true: legacy sessions allowed (they have no
+        authentication), from anywhere."""
+        if not self.settings.legacy:
+            return
         wide = [n for n, (_, _, prefix) in zip(self.settings.allow_from, self._allow) if prefix == 0]
         if wide:
             log.warning("legacy uplinks are accepted from anywhere (allow_from %s): the legacy "
@@ -265,12 +305,14 @@ class ServerApp:
                         settings.listen, self.settings.listen)
         changed = settings.host != self.settings.host or settings.connect_port != self.settings.connect_port \
             or settings.connect_address != self.settings.connect_address
-        allow_changed = settings.allow_from != self.settings.allow_from
+        allow_changed = settings.allow_from != self.settings.allow_from or \
+            settings.legacy != self.settings.legacy
         tls_changed = (settings.tls_cert, settings.tls_key, settings.tls_client_ca) != \
             (self.settings.tls_cert, self.settings.tls_key, self.settings.tls_client_ca)
         if tls_changed:   # a rotated certificate: new uplinks get it, live ones keep theirs
-            self._tls = server_tls(settings)
+            was_tls, self._tls = self._tls is not None, server_tls(settings)
             self.client_certificates = bool(settings.tls_client_ca)
+            self._log_tls_change(was_tls, settings)
         self.settings = settings
         if self._thread is not None and (settings.http or self._http is not None):
             from . import http   # [server] http and its keys apply live
@@ -278,6 +320,7 @@ class ServerApp:
         self._open_dir(settings, force=True)   # SIGHUP: every device file read again
         if self._thread is not None:
             self._start_scanner()   # a devices_dir named for the first time
+            self._check_device_ports()
         if allow_changed:
             self._allow = [parse_network(n) for n in settings.allow_from]
             self._warn_if_open()
@@ -294,38 +337,47 @@ class ServerApp:
                 active.stop("settings changed")
 
     def status(self) -> Dict[str, Any]:
-        """The tunnel of [server] host, or else the latest device session, and totals."""
+        """The server as a whole: its listeners, its sessions and devices, totals.
+        One device's session is `device ID` / `devices`, never this."""
         with self._lock:
-            slots = [slot for slot in self._slots.values()   # a session each: no service port
-                     if slot.active is not None and "/" not in slot.owner]
-            slot = self._slots.get("")
-            if slot is None or slot.active is None:
-                slot = max(slots, key=lambda s: s.active.started) if slots else None
-            link = slot.active if slot is not None else None
+            links = [slot.active for slot in self._slots.values()   # a session each: no
+                     if slot.active is not None and "/" not in slot.owner]   # service port
+            shared = self._slots.get("")
+            records = [r for ident, r in self._records.items() if ident != SHARED]
             up, down = self._totals
-            for other in slots:
-                stats = other.active.stats()
+            clients = 0
+            protocols, transports = set(), set()
+            for link in links:
+                stats = link.stats()
                 up += stats["bytes_received"]
                 down += stats["bytes_sent"]
-            stats = link.stats() if link is not None else None
-            return {
-                "state": "up" if link is not None else "waiting",
-                "listen": format_hostport(*self.listen_address) if self.listen_address else "",
-                "host": format_hostport(*slot.address) if slot is not None and slot.address else "",
-                "device": link.name if link is not None else "",
-                "device_id": link.device_id if link is not None else "",
-                "protocol": stats["protocol"] if stats else "",
-                "tls": stats["tls"] if stats else ("on" if self._tls else "off"),
-                "rtt": stats["rtt"] if stats else None,
-                "sessions": len(slots),
-                "clients": stats["clients"] if stats else 0,
-                "bytes_up": up,
-                "bytes_down": down,
-                "uptime": stats["uptime"] if stats else None,
-                "auth_failures": self.auth_failures,
-                "last_error": self._last_error,
-                "health": "; ".join(self.liveness.problems()) or "ok",
-            }
+                clients += stats["clients"]
+                protocols.add(stats["protocol"])
+                transports.add(stats["tls"])
+            configured = len(records)
+            devices_up = sum(1 for r in records if r.link is not None)
+        http = self.http_address
+        return {
+            "state": "up" if links else "waiting",
+            "listen": format_hostport(*self.listen_address) if self.listen_address else "",
+            "host": format_hostport(*shared.address) if shared is not None and shared.address
+            else "",
+            "http": format_hostport(*http) if http else "",
+            # What the live sessions speak ("legacy, v2" when they differ).
+            "protocol": ", ".join(sorted(protocols)),
+            "tls": ", ".join(sorted(transports)) if transports else ("on" if self._tls else "off"),
+            "legacy": "allowed" if self.settings.legacy else "refused",
+            "devices": "%d up of %d configured" % (devices_up, configured),
+            "sessions": len(links),
+            "clients": clients,
+            "bytes_up": up,
+            "bytes_down": down,
+            "uptime": time.monotonic() - self._started if self._started else None,
+            "auth_failures": self.auth_failures,
+            "uplinks_refused": self.uplinks_refused,
+            "last_error": self._last_error,
+            "health": "; ".join(self.liveness.problems()) or "ok",
+        }
 
     # ---- the fleet --------------------------------------------------------------------
     def _open_dir(self, settings: ServerSettings, force: bool) -> None:

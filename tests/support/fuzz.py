@@ -391,8 +391,8 @@ class ServerLinkTarget:
                 device.sendall(wire.encode(LISTEN, 0))
                 deadline = time.monotonic() + 10
                 while time.monotonic() < deadline:
-                    status = app.status()
-                    if status["state"] == "up" and status["device"].endswith(
+                    shared = {row["id"]: row for row in app.devices()}.get(":legacy", {})
+                    if shared.get("state") == "up" and shared["source"].endswith(
                             ":%d" % device.getsockname()[1]) and app.host_address:
                         break
                     time.sleep(0.01)
