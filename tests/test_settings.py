@@ -32,7 +32,8 @@ def test_every_schema_key_is_a_settings_field_and_back(role):
 # Fields that hold what config builds from a key, not the key's own value.
 RESOLVED = {("device", "secret"): typing.Optional[Secret],
             ("device", "services"): typing.Mapping[str, str],
-            ("server", "devices"): typing.Mapping[str, DeviceEntry]}
+            ("server", "devices"): typing.Mapping[str, DeviceEntry],
+            ("cluster", "secret"): Secret}
 
 
 def test_config_sections_are_typed_and_immutable():
