@@ -390,3 +390,31 @@ def test_one_member_of_three_killed_changes_nothing_visible(caplog):
             regs.stop()
     finally:
         etcd.close()
+
+
+def test_idle_claims_cost_etcd_nothing_but_the_lease_keepalives(regs):
+    """Requests to etcd do not grow with the devices held: a server holding 40
+    claims sends what one holding none sends, its keep-alives."""
+    a, b = regs.start("a"), regs.start("b")
+    for n in range(40):
+        a.claim("gw%02d" % n, "192.0.2.1:%d" % (1000 + n))
+    wait_for(lambda: a.state().registered == 40, 10, "every claim written")
+    wait_for(lambda: len(b.cache.devices()) == 40, 10, "b's cache has them")
+    before = a.request_count(), b.request_count()
+    started = time.monotonic()
+    wait_for(lambda: time.monotonic() - started >= TTL, 2 * TTL, "a lease idle")
+    sent = a.request_count() - before[0], b.request_count() - before[1]
+    keepalives = TTL / (TTL / 3.0)
+    assert sent[0] <= keepalives + 2 and abs(sent[0] - sent[1]) <= 1, sent
+
+
+def test_the_cluster_bench_runs_and_every_row_costs_the_same():
+    bench = os.path.join(ROOT, "scripts", "cluster-bench")
+    proc = subprocess.run([sys.executable, bench, "-n", "0,20", "--ttl", "2", "--window", "2"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[0] for row in rows] == ["0", "20"], proc.stdout
+    assert all("LeaseKeepAlive" in " ".join(row) for row in rows), proc.stdout
+    # etcd rpc/s against N=0: a few keep-alives either way, never one per device
+    assert 0.5 <= float(rows[1][5]) <= 2.0, proc.stdout
