@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -15,10 +16,9 @@ from support import ROOT
 from support.etcd import EtcdCluster
 from support.impair import Relay
 from support.waiting import wait_for
-from tcprc.cluster.etcd import Compacted, EtcdClient, parse_endpoint
-from tcprc.cluster.records import Keys, decode_claim, decode_node, encode_claim
+from tcprc.cluster.etcd import Compacted, EtcdClient, parse_endpoint, put, unchanged_since
+from tcprc.cluster.records import Keys, NodeInfo, decode_claim, decode_node, encode_claim
 from tcprc.cluster.registry import Registry, RegistryUnavailable
-from tcprc.cluster.records import NodeInfo
 from tcprc.ops.config import build_config
 
 pytestmark = pytest.mark.e2e   # real etcd processes
@@ -89,8 +89,8 @@ def registered(registry, device):
 
 def test_a_lease_and_a_node_key_under_it(regs):
     a = regs.start("a")
-    kv = regs.value(regs.keys.node("a"))
-    assert kv is not None and kv.lease == a.lease != 0
+    kv = wait_for(lambda: regs.value(regs.keys.node("a")), 5, "the node key")
+    assert kv.lease == a.lease != 0
     node = decode_node("a", kv.value)
     assert (node.peer, node.version, node.devices) == ("127.0.0.1:9001", "test", "d")
     client = regs.raw()
@@ -99,8 +99,9 @@ def test_a_lease_and_a_node_key_under_it(regs):
     finally:
         client.close()
     assert int(lease["grantedTTL"]) == TTL and 0 < int(lease["TTL"]) <= TTL
+    wait_for(lambda: a.state().nodes == 1, 5, "its own node key in its cache")
     state = a.state()
-    assert state.up and state.state == "up" and state.nodes == 1 and "etcd 127.0.1." in state.detail
+    assert state.up and state.state == "up" and "etcd 127.0.1." in state.detail
     a.update_node(http="127.0.0.1:8080")
     wait_for(lambda: decode_node("a", regs.value(regs.keys.node("a")).value).http
              == "127.0.0.1:8080", 5, "the node key updated")
@@ -142,14 +143,9 @@ def test_a_release_never_deletes_a_claim_newer_than_its_own(regs):
     try:
         lease, _ = client.grant(30)
         ours = regs.value(regs.keys.device("gw1"))
-        ok, _, _ = client.txn([{"key": __import__("base64").b64encode(regs.keys.device("gw1")).decode(),
-                                "target": "MOD", "result": "EQUAL",
-                                "mod_revision": str(ours.mod_revision)}],
-                              [{"request_put": {
-                                  "key": __import__("base64").b64encode(regs.keys.device("gw1")).decode(),
-                                  "value": __import__("base64").b64encode(
-                                      encode_claim("z", "newer", time.time(), "x:1")).decode(),
-                                  "lease": str(lease)}}], [])
+        key = regs.keys.device("gw1")
+        ok, _, _ = client.txn([unchanged_since(key, ours.mod_revision)],
+                              [put(key, encode_claim("z", "newer", time.time(), "x:1"), lease)], [])
         assert ok
         a.release(token)
         sentinel = a.claim("gw-sentinel", "192.0.2.9:1")
@@ -178,6 +174,34 @@ def test_a_new_session_on_the_same_server_replaces_the_old_one(regs):
     assert b.holder("gw1").name == "a"
     a.release(second)
     wait_for(lambda: b.holder("gw1") is None, 5, "b sees it released")
+
+
+def test_a_claim_made_before_the_cache_knew_anything_goes_by_session_age(regs):
+    """A server that starts with a device already on it (no cache yet) takes the
+    device over from an older claim elsewhere, but not from a newer one."""
+    b = regs.start("b")
+    b.claim("gw1", "192.0.2.1:1")
+    wait_for(lambda: registered(b, "gw1"), 5, "b's claim")
+    client = regs.raw()
+    try:   # gw2: a claim of node z whose session started in the future (a newer one)
+        lease, _ = client.grant(30)
+        client.txn([], [put(regs.keys.device("gw2"),
+                            encode_claim("z", "s-z", time.time() + 60, "x:1"), lease)], [])
+        settings = cluster_settings(regs.urls, "a", regs.name)
+        a = Registry(settings, NodeInfo("a", settings.peer_advertise, "", "test", ""),
+                     on_claim_lost=lambda device, by: regs.lost.append(("a", device, by)))
+        regs.started.append(a)
+        a.claim("gw1", "192.0.2.1:2")      # before start: nothing known
+        a.claim("gw2", "192.0.2.2:2")
+        a.start()
+        wait_for(lambda: registered(a, "gw1"), 5, "a takes gw1 over")
+        wait_for(lambda: ("b", "gw1", "a") in regs.lost, 5, "b told")
+        wait_for(lambda: a.claim_state("gw2") == "lost", 5, "a yields gw2 to the newer session")
+        assert ("a", "gw2", "z") in regs.lost
+        assert decode_claim("gw2", regs.value(regs.keys.device("gw2")).value, 0, 0).node == "z"
+        client.revoke(lease)
+    finally:
+        client.close()
 
 
 CHILD = r"""
@@ -223,7 +247,6 @@ def test_a_killed_servers_claims_expire_within_about_a_lease(regs):
 
 
 def test_wait_for_holder_is_woken_by_the_watch_and_by_a_local_claim(regs):
-    import threading
     a, b = regs.start("a"), regs.start("b")
     results = {}
 
@@ -292,8 +315,7 @@ def test_the_etcd_client_resumes_a_watch_and_reports_compaction(etcd):
     try:
         _, start = client.range(prefix)
         for n in range(3):
-            client.txn([], [{"request_put": {"key": __import__("base64").b64encode(
-                prefix + b"k%d" % n).decode(), "value": ""}}], [])
+            client.txn([], [put(prefix + b"k%d" % n, b"", 0)], [])
         stream = client.watch(prefix, prefix[:-1] + b"0", start + 1)
         try:
             seen = []

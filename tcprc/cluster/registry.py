@@ -33,7 +33,7 @@ from ..settings import ClusterSettings
 from .cache import Change, ClusterCache
 from .etcd import (Compacted, EtcdClient, EtcdError, LeaseNotFound, WatchStream, delete, get,
                    parse_endpoint, prefix_end, put, range_answer, unchanged_since)
-from .records import ClaimRecord, Keys, NodeInfo, decode_claim, encode_claim, encode_node
+from .records import Keys, NodeInfo, decode_claim, encode_claim, encode_node
 
 log = logging.getLogger("tcprc")
 
@@ -66,11 +66,14 @@ class _Held:
     """One device session this server holds, as the keeper writes it."""
     __slots__ = ("token", "since", "source", "base", "written", "lost")
 
-    def __init__(self, token: ClaimToken, since: float, source: str, base: int):
+    def __init__(self, token: ClaimToken, since: float, source: str, base: Optional[int]):
         self.token = token
         self.since = since
         self.source = source
-        self.base = base          # the revision a write compares with (0: no key)
+        # The revision a write compares with: what the cache knew at claim time,
+        # then our own write's (0: no key; None: unknown, the cache was not
+        # usable when the claim was made).
+        self.base = base
         self.written = False      # our value is in etcd under the current lease
         self.lost = False         # another node's newer claim replaced it: never written again
 
@@ -175,9 +178,12 @@ class Registry:
     def claim(self, device_id: str, source: str) -> ClaimToken:
         """This server now holds `device_id`'s newest session (from `source`,
         "ADDR:PORT").  Returns at once; the keeper writes it."""
+        with self._lock:
+            synced = self._cache_usable(time.monotonic())
         known = self.cache.claim(device_id)
+        base = (known.revision if known is not None else 0) if synced else None
         token = ClaimToken(device_id, os.urandom(12).hex())
-        held = _Held(token, time.time(), source, known.revision if known is not None else 0)
+        held = _Held(token, time.time(), source, base)
         with self._wake:
             self._held[device_id] = held
             self._wake.notify_all()
@@ -444,7 +450,10 @@ class Registry:
     def _write_claim(self, client: EtcdClient, lease: int, held: _Held) -> None:
         key = self.keys.device(held.token.device_id)
         value = encode_claim(self.node, held.token.session, held.since, held.source)
-        base = held.base
+        # A base we did not know (no usable cache at claim time) is settled by
+        # the sessions' start times instead: the newer session wins.
+        unknown = held.base is None
+        base = held.base or 0
         for _ in range(MAX_WRITE_TRIES):
             ok, responses, revision = client.txn([unchanged_since(key, base)],
                                                  [put(key, value, lease)], [get(key)])
@@ -464,6 +473,9 @@ class Registry:
                 if record.session == held.token.session:
                     return self._written(held, kv.mod_revision)   # an earlier try of ours landed
                 base = kv.mod_revision   # this node's, from an earlier session or process
+                continue
+            if unknown and record.since <= held.since:
+                base = kv.mod_revision   # a session older than ours: ours wins
                 continue
             return self._lost(held, record.node, "its claim at revision %d is newer than ours"
                               % kv.mod_revision)
@@ -558,7 +570,8 @@ class Registry:
             lost = None
             with self._wake:
                 held = self._held.get(change.name)
-                if held is None or held.lost or not held.written or change.revision <= held.base:
+                if held is None or held.lost or not held.written \
+                        or change.revision <= (held.base or 0):
                     continue   # not ours, or older than our write, or our write will see it
                 new = change.new
                 if new is None:
