@@ -204,6 +204,17 @@ def test_a_claim_made_before_the_cache_knew_anything_goes_by_session_age(regs):
         client.close()
 
 
+def test_a_server_that_stops_releases_its_claims_at_once(regs):
+    a, b = regs.start("a"), regs.start("b")
+    a.claim("gw1", "192.0.2.1:1")
+    wait_for(lambda: registered(a, "gw1") and b.holder("gw1") is not None, 5, "claimed")
+    a.stop()      # revokes the lease before it returns: no waiting for the TTL
+    assert regs.value(regs.keys.device("gw1")) is None
+    assert regs.value(regs.keys.node("a")) is None
+    assert a.state().state == "stopped" and not a.registry_up
+    wait_for(lambda: b.holder("gw1") is None, 5, "b sees it released")
+
+
 CHILD = r"""
 import json, sys, time
 sys.path.insert(0, %(root)r)
@@ -384,7 +395,7 @@ def test_etcd_gone_for_three_leases_closes_nothing_and_the_claims_come_back(capl
         etcd.close()
 
 
-def test_one_member_of_three_killed_changes_nothing_visible(caplog):
+def test_one_member_of_three_killed_changes_nothing_visible_two_stop_the_registry(caplog):
     etcd = EtcdCluster(3)
     try:
         leader = etcd.leader()
@@ -408,6 +419,21 @@ def test_one_member_of_three_killed_changes_nothing_visible(caplog):
             wait_for(lambda: a.holder("gw2") is not None, 5, "a's watch carried on elsewhere")
             assert a.holder("gw2").name == "b" and a.lease == lease
             assert "registering again" not in caplog.text and "unavailable" not in caplog.text
+
+            # A second member lost: no quorum.  The survivor answers "no leader" (its
+            # watch too, asked with require-leader): down, nothing closed, then back.
+            second = [m for m in etcd.members if m is not victim][0]
+            second.kill()
+            wait_for(lambda: not a.registry_up and not b.registry_up, 4 * TTL, "no quorum seen")
+            assert "no leader" in caplog.text or "timed out" in caplog.text
+            assert a.holds("gw1") and b.holds("gw2") and not regs.lost
+            etcd.restart(second, wait=False)
+            etcd.restart(victim, wait=False)
+            wait_for(lambda: a.registry_up and b.registry_up, 20, "quorum back")
+            wait_for(lambda: registered(a, "gw1") and registered(b, "gw2"), 10, "claims back")
+            wait_for(lambda: b.holder("gw1") is not None and a.holder("gw2") is not None, 10,
+                     "each sees the other's")
+            assert b.holder("gw1").name == "a" and not regs.lost
         finally:
             regs.stop()
     finally:

@@ -107,9 +107,14 @@ def _one_line(text: Any) -> str:
 
 
 def _http_error(status: int, body: bytes) -> Tuple[int, str]:
+    """(gRPC code or -1, message) of an error answer: {"code", "message"} from unary
+    calls, {"error": {"grpc_code", "message"}} from streaming ones."""
     try:
         doc = json.loads(body.decode("utf-8"))
-        return int(doc.get("code", -1)), _one_line(doc.get("message") or doc.get("error"))
+        if isinstance(doc.get("error"), dict):
+            doc = dict(doc["error"], code=doc["error"].get("grpc_code", -1))
+        return int(doc.get("code", -1)), _one_line(doc.get("message") or doc.get("error")
+                                                   or "HTTP %d" % status)
     except (ValueError, AttributeError, TypeError):
         return -1, "HTTP %d" % status
 

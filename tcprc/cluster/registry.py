@@ -141,9 +141,10 @@ class Registry:
             thread.join(timeout)
         with self._lock:
             lease, self._lease = self._lease, 0
+            alive = time.monotonic() < self._lease_deadline   # else etcd dropped it already
             held = len(self._held)
             self._state = "stopped"
-        if lease:
+        if lease and alive:
             client = self._client()
             try:
                 client.revoke(lease)
