@@ -90,6 +90,7 @@ def sha_echo(sock, arrival):
     """Send 4 MB while reading everything; after the client's half-close, the
     SHA-256 of what came, then close."""
     data = os.urandom(4 << 20)
+    arrival.sent = hashlib.sha256(data).hexdigest()
     sock.settimeout(30)
 
     def send():
@@ -106,7 +107,6 @@ def sha_echo(sock, arrival):
     sender.join(30)
     sock.sendall(digest.hexdigest().encode() + b" %d" % total)
     sock.close()
-    arrival.sent = hashlib.sha256(data).hexdigest()
 
 
 def test_a_forwarded_client_carries_megabytes_both_ways_with_half_close(pair_of_servers):

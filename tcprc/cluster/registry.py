@@ -342,15 +342,17 @@ class Registry:
         now = time.monotonic()
         with self._lock:
             lease = self._lease
-            if lease and now > self._lease_deadline:
-                log.warning("cluster: no contact with etcd for longer than the lease: our "
-                            "claims are not believed until etcd is back")
+            expired = bool(lease) and now > self._lease_deadline
+            if expired:
                 lease = 0
                 self._drop_lease_locked()
+        if expired:
+            log.warning("cluster: no contact with etcd for longer than the lease: our "
+                        "claims are not believed until etcd is back")
         if not lease:
             sent = time.monotonic()
             lease, ttl = client.grant(self.ttl)
-            self._ok(sent)
+            self._ok()
             with self._lock:
                 self._lease, self._lease_deadline = lease, sent + ttl
                 self._next_keepalive = sent + self.interval
@@ -364,7 +366,7 @@ class Registry:
         if time.monotonic() >= self._next_keepalive:
             sent = time.monotonic()
             ttl = client.keepalive(lease)
-            self._ok(sent)
+            self._ok()
             with self._lock:
                 self._lease_deadline = sent + ttl
                 self._next_keepalive = sent + self.interval
@@ -375,7 +377,7 @@ class Registry:
                 return
             self._wake.wait(max(0.0, self._next_keepalive - time.monotonic()))
 
-    def _ok(self, sent: float) -> None:
+    def _ok(self) -> None:
         with self._lock:
             was_up = self._up(time.monotonic())
             self._last_ok = time.monotonic()
@@ -445,7 +447,7 @@ class Registry:
                 elif kind == "delete":
                     self._deletes.insert(0, what)
             raise
-        self._ok(time.monotonic())
+        self._ok()
         return True
 
     def _write_claim(self, client: EtcdClient, lease: int, held: _Held) -> None:
