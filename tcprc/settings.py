@@ -138,6 +138,20 @@ class ServerSettings(NamedTuple):
     heartbeat_timeout: float
 
 
+class ClusterSettings(NamedTuple):
+    """[cluster] (server only; no table: no cluster): servers sharing one etcd
+    forward a client to the server that holds its device's uplink."""
+    name: str                    # key prefix /tcprc/<name>/ in etcd
+    node: str                    # this server's name in the cluster
+    etcd: List[str]              # "http://ADDR:PORT" of the etcd members
+    peer_listen: str             # where the other servers forward clients to this one
+    peer_advertise: str          # what the others dial (resolved: peer_listen when not set)
+    secret: Secret               # shared by the servers, from `secret` or `secret_file`
+    secret_file: str
+    lease_ttl: int
+    client_wait: float
+
+
 class ConsoleSettings(NamedTuple):
     """[console] (device only): the serial console."""
     port: str

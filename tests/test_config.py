@@ -6,7 +6,7 @@ import re
 import pytest
 
 from support import ROOT
-from tcprc.ops.config import SCHEMA, ConfigError, load_config
+from tcprc.ops.config import OPTIONAL_SECTIONS, SCHEMA, ConfigError, load_config
 
 
 def write(path, text):
@@ -42,8 +42,10 @@ def test_samples_are_valid_and_document_every_key(role, sample):
             if spec.type is dict:      # sub-tables: an example, commented out
                 assert "# [%s.%s." % (section, key) in text, (sample, section, key)
                 continue
-            # A key whose default depends on others is shown commented out.
-            line = r"# %s = " if spec.default is None else r"%s = "
+            # A key whose default depends on others is shown commented out, and
+            # so is every key of a table whose absence means "off".
+            commented = spec.default is None or section in OPTIONAL_SECTIONS
+            line = r"# %s = " if commented else r"%s = "
             assert re.search(r"^#.*\n" + line % key, text, re.M), "%s: %s.%s undocumented" % (sample, section, key)
 
 

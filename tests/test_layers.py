@@ -9,6 +9,8 @@
       errors, addr, settings -> errors
       wire -> errors;  engine -> wire, errors, addr, settings
       device, server -> engine, wire, errors, addr, settings (never each other, never ops)
+      cluster -> engine, wire, errors, addr, settings (above server: nothing below imports
+                 it; it reaches the server only through what cli hands it)
       ops -> errors, addr, settings; device and server only in ops/channels
       cli, demo -> anything
 Top-level modules outside the base (cli, demo, __main__) are the wiring.
@@ -24,7 +26,7 @@ from support import ROOT
 
 PACKAGE = os.path.join(ROOT, "tcprc")
 IO_MODULES = {"socket", "select", "selectors", "threading", "_thread", "mmap", "ssl"}
-LAYERS = ("wire", "engine", "device", "server", "ops")
+LAYERS = ("wire", "engine", "device", "server", "cluster", "ops")
 BASE = {"tcprc.errors", "tcprc.addr", "tcprc.settings"}
 ALLOWED = {
     "base": {"base"},
@@ -32,6 +34,7 @@ ALLOWED = {
     "engine": {"engine", "wire", "base"},
     "device": {"device", "engine", "wire", "base"},
     "server": {"server", "engine", "wire", "base"},
+    "cluster": {"cluster", "engine", "wire", "base"},
     "ops": {"ops", "base"},
 }
 # The agent's wiring: where ops may reach the apps.
@@ -250,3 +253,14 @@ def test_the_walk_sees_function_level_imports_and_skips_type_checking(tmp_path):
     assert layer("tcprc.wire.frames") == "wire" and layer("tcprc.engine.link") == "engine"
     assert layer("tcprc.ops.channels") == "ops"
     assert layer("tcprc.addr") == "base" and layer("tcprc.cli") == "cli"
+    assert layer("tcprc.cluster.registry") == "cluster"
+
+
+def test_nothing_below_the_cluster_imports_it():
+    """device, server, engine, wire, ops and the base never import tcprc.cluster."""
+    cluster = [m for m in GRAPH if layer(m) == "cluster"]
+    assert cluster, "no cluster package"
+    bad = ["%s imports %s (line %d)" % (m, i.target, i.line)
+           for m, imps in GRAPH.items() if layer(m) not in ("cluster", "cli")
+           for i in imps if i.target.startswith("tcprc.cluster")]
+    assert not bad, "\n".join(bad)

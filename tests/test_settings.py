@@ -33,7 +33,8 @@ def test_every_schema_key_is_a_settings_field_and_back(role):
 RESOLVED = {("device", "secret"): typing.Optional[Secret],
             ("device", "services"): typing.Mapping[str, str],
             ("server", "devices"): typing.Mapping[str, DeviceEntry],
-            ("server", "http_token"): typing.Optional[Secret]}
+            ("server", "http_token"): typing.Optional[Secret],
+            ("cluster", "secret"): Secret}
 
 
 def test_config_sections_are_typed_and_immutable():

@@ -279,13 +279,21 @@ class CommandParser:
             hint = ("did you mean %s.%s?" % (section, close) if close else
                     "known in [%s]: %s" % (section, ", ".join(known)))
             raise CommandError("unknown key %r (%s)" % (_one_line(text), hint))
+        self._require_table(section)
         return section, key
+
+    def _require_table(self, section: str) -> None:
+        """An optional table ([cluster]) the file does not have has no keys to show or set."""
+        if getattr(self.cfg, section) is None:
+            raise CommandError("no [%s] table in the configuration: add it to the file and "
+                               "restart" % section)
 
     def _config_get(self, args: List[str]) -> List[str]:
         if len(args) != 1:
             raise CommandError("usage: config get KEY (for example config get device.server)")
         if args[0] in SCHEMA[self.role]:
             section = args[0]
+            self._require_table(section)
             lines: List[str] = []
             for key in SCHEMA[self.role][section]:
                 lines += self._shown(section, key)

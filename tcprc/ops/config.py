@@ -15,8 +15,8 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tup
 
 from ..addr import parse_hostport, parse_network, ports_collide
 from ..errors import ConfigError
-from ..settings import (ConsoleSettings, ControlSettings, DeviceEntry, DeviceSettings,
-                        LogSettings, Secret, ServerSettings)
+from ..settings import (ClusterSettings, ConsoleSettings, ControlSettings, DeviceEntry,
+                        DeviceSettings, LogSettings, Secret, ServerSettings)
 from . import tomlwrite
 from .files import (FileContent, FileProblem, check_regular_file, printable, read_regular_file,
                     readable_by_others, unprotected)
@@ -166,6 +166,22 @@ def secret_problem(text: str) -> Optional[str]:
             "(e.g. openssl rand -hex 16)")
 
 
+def _etcd_urls(value: Any) -> Optional[str]:
+    """etcd client URLs: "http://ADDR:PORT" each (the v3 JSON gateway over plain HTTP)."""
+    for item in value:
+        if not isinstance(item, str):
+            return "every entry must be a string \"http://ADDR:PORT\", got %r" % (item,)
+        scheme, sep, rest = item.partition("://")
+        if not sep or scheme.lower() != "http":
+            if scheme.lower() == "https":
+                return "%r: https is not supported yet: use http:// URLs" % item[:120]
+            return "every entry must be \"http://ADDR:PORT\", got %r" % item[:120]
+        problem = _hostport(False)(rest[:-1] if rest.endswith("/") else rest)
+        if problem:
+            return "%r: %s" % (item[:120], problem)
+    return None
+
+
 class Key(NamedTuple):
     type: type
     default: Any
@@ -250,6 +266,17 @@ SCHEMA: Dict[str, Dict[str, Dict[str, Key]]] = {
             "http_token_file": Key(str, "", None, "file holding http_token (surrounding white space ignored)"),
             "http_metrics_open": Key(bool, False, None, "serve /metrics without http_token (for a scraper that cannot log in)"),
         }, **_LINK_KEYS),
+        "cluster": {
+            "name": Key(str, "tcprc", _device_id(False), "the cluster's name: its keys in etcd are under /tcprc/<name>/"),
+            "node": Key(str, "", _device_id(True), "this server's name, unique in the cluster (required)"),
+            "etcd": Key(list, [], _etcd_urls, "client URLs \"http://ADDR:PORT\" of the etcd members (required)"),
+            "peer_listen": Key(str, "", _hostport(True, bind=True), "ADDR:PORT where the other servers forward clients to this one (required)"),
+            "peer_advertise": Key(str, "", _hostport(True), "ADDR:PORT the other servers dial; empty: peer_listen"),
+            "secret": Key(str, "", None, "the secret the servers share (at least 128 bits); prefer secret_file"),
+            "secret_file": Key(str, "", None, "file holding the cluster secret (surrounding white space ignored)"),
+            "lease_ttl": Key(int, 10, _between(2, 600), "seconds a server's registrations outlive it (its etcd lease)"),
+            "client_wait": Key(float, 5.0, _between(0, 300), "seconds a client is held while its device moves between servers"),
+        },
         "control": {
             "socket": Key(str, "/run/tcprc/tcprc-server.sock", None, "Unix socket for `tcprc ctl`; empty: none"),
         },
@@ -264,8 +291,11 @@ SCHEMA: Dict[str, Dict[str, Dict[str, Key]]] = {
 # The settings type of each section; a test checks its fields against SCHEMA.
 SECTION_TYPES: Dict[str, type] = {
     "device": DeviceSettings, "server": ServerSettings, "console": ConsoleSettings,
-    "control": ControlSettings, "log": LogSettings,
+    "control": ControlSettings, "log": LogSettings, "cluster": ClusterSettings,
 }
+
+# Sections whose absence means "off": no table, no settings (the Config holds None).
+OPTIONAL_SECTIONS = frozenset(("cluster",))
 
 
 class Config:
@@ -344,6 +374,9 @@ def build_config(role: str, raw: Dict[str, Any], source: str, path: Optional[str
         if not isinstance(raw[name], dict):
             raise ConfigError("%s: %s must be a table [%s]" % (source, name, name))
     for name, keys in schema.items():
+        if name in OPTIONAL_SECTIONS and name not in raw:
+            sections[name] = None
+            continue
         table = raw.get(name, {})
         values = {key: spec.default for key, spec in keys.items()}
         for key, value in table.items():
@@ -429,6 +462,8 @@ def finish_section(name: str, values: Dict[str, Any]) -> Any:
         _finish_device(values)
     elif name == "server":
         _finish_server(values)
+    elif name == "cluster":
+        _finish_cluster(values)
     return SECTION_TYPES[name](**values)
 
 
@@ -532,6 +567,27 @@ def _finish_server(values: Dict[str, Any]) -> None:
         raise SectionProblem("server", "tls_client_ca needs tls_cert and tls_key (TLS on the "
                                        "uplink listener)")
     _check_hosts(values)
+
+
+def _finish_cluster(values: Dict[str, Any]) -> None:
+    for key, what in (("node", "this server's name in the cluster"),
+                      ("etcd", "the etcd members' client URLs"),
+                      ("peer_listen", "ADDR:PORT where the other servers forward clients")):
+        if not values[key]:
+            raise SectionProblem("cluster", "%s is required: %s" % (key, what))
+    secret = values["secret"] = _resolve_secret("cluster", values["secret"], values["secret_file"])
+    if secret is None:
+        raise SectionProblem("cluster", "needs secret or secret_file (shared by the servers)")
+    host, port = parse_hostport(values["peer_listen"], allow_empty_host=True, allow_zero_port=True)
+    if not port:
+        raise SectionProblem("cluster", "peer_listen %s: port 0 is no port the other servers "
+                                        "can dial" % values["peer_listen"])
+    if not values["peer_advertise"]:
+        if host in _ANY_ADDRESS:
+            raise SectionProblem("cluster", "peer_listen %s is every address: set peer_advertise "
+                                            "to the ADDR:PORT the other servers dial"
+                                 % values["peer_listen"])
+        values["peer_advertise"] = values["peer_listen"]
 
 
 def device_table(ident: str) -> str:
@@ -645,7 +701,7 @@ def replace_value(cfg: Config, section: str, key: str, value: Any) -> Any:
     current = getattr(cfg, section)
     values = current._asdict()
     values[key] = value
-    if section == "device" and key in ("secret", "secret_file"):
+    if section in ("device", "cluster") and key in ("secret", "secret_file"):
         # Resolve afresh. A secret that came from `secret` stays text, so
         # secret_file then meets it as exclusive; one read from a file is dropped.
         if key == "secret_file":
