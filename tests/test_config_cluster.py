@@ -71,7 +71,7 @@ def test_the_secret_file_is_the_config_files_neighbour(tmp_path):
     (('[cluster]\n', '[cluster]\nlease_ttl = 1\n'), "[cluster] lease_ttl must be between 2 and 600"),
     (('[cluster]\n', '[cluster]\nclient_wait = -1\n'), "[cluster] client_wait must be between"),
     (('[cluster]\n', '[cluster]\nsecret_file = "x"\n'), "secret and secret_file are exclusive"),
-    (('[cluster]\n', '[cluster]\nwhat = 1\n'), "[cluster] unknown key 'what'"),
+    (('[cluster]\n', '[cluster]\nwhat = 1\n'), "unknown key 'what' in [cluster]"),
 ])
 def test_bad_tables_are_one_line_naming_the_key(tmp_path, change, expected):
     old, new = change

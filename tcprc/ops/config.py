@@ -13,7 +13,7 @@ import os
 from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
-from ..addr import parse_hostport, parse_network, ports_collide
+from ..addr import WILDCARD_ADDRESSES, parse_hostport, parse_network, ports_collide
 from ..errors import ConfigError
 from ..settings import (ClusterSettings, ConsoleSettings, ControlSettings, DeviceEntry,
                         DeviceSettings, LogSettings, Secret, ServerSettings)
@@ -390,7 +390,7 @@ def build_config(role: str, raw: Dict[str, Any], source: str, path: Optional[str
         if path:
             values = _files_beside(values, os.path.dirname(path))
         try:
-            sections[name] = finish_section(name, values)
+            sections[name] = finish_section(name, values, _allow_readable(sections, role))
         except SectionProblem as exc:
             raise ConfigError("%s: [%s] %s" % (source, exc.table, exc)) from None
     return Config(role=role, path=path, raw=raw, sections=sections)
@@ -449,9 +449,10 @@ MAX_SERVICE_NAME = 32
 MAX_SERVICES = 64   # per device: each is a listening port on the server
 
 
-def finish_section(name: str, values: Dict[str, Any]) -> Any:
+def finish_section(name: str, values: Dict[str, Any], allow_readable: bool = False) -> Any:
     """The settings of section `name` from checked single values: the checks
     across keys, and secrets, devices and `legacy` resolved. SectionProblem if not.
+    `allow_readable`: the role's allow_readable_secrets, for a section without its own.
 
     `config set` passes values of a built section back in: a resolved Secret or
     devices mapping is kept as it is (files are not read again)."""
@@ -463,7 +464,7 @@ def finish_section(name: str, values: Dict[str, Any]) -> Any:
     elif name == "server":
         _finish_server(values)
     elif name == "cluster":
-        _finish_cluster(values)
+        _finish_cluster(values, allow_readable)
     return SECTION_TYPES[name](**values)
 
 
@@ -569,13 +570,14 @@ def _finish_server(values: Dict[str, Any]) -> None:
     _check_hosts(values)
 
 
-def _finish_cluster(values: Dict[str, Any]) -> None:
+def _finish_cluster(values: Dict[str, Any], allow_readable: bool) -> None:
     for key, what in (("node", "this server's name in the cluster"),
                       ("etcd", "the etcd members' client URLs"),
                       ("peer_listen", "ADDR:PORT where the other servers forward clients")):
         if not values[key]:
             raise SectionProblem("cluster", "%s is required: %s" % (key, what))
-    secret = values["secret"] = _resolve_secret("cluster", values["secret"], values["secret_file"])
+    secret = values["secret"] = _resolve_secret("cluster", values["secret"], values["secret_file"],
+                                                allow_readable)
     if secret is None:
         raise SectionProblem("cluster", "needs secret or secret_file (shared by the servers)")
     host, port = parse_hostport(values["peer_listen"], allow_empty_host=True, allow_zero_port=True)
@@ -583,7 +585,7 @@ def _finish_cluster(values: Dict[str, Any]) -> None:
         raise SectionProblem("cluster", "peer_listen %s: port 0 is no port the other servers "
                                         "can dial" % values["peer_listen"])
     if not values["peer_advertise"]:
-        if host in _ANY_ADDRESS:
+        if host in WILDCARD_ADDRESSES:
             raise SectionProblem("cluster", "peer_listen %s is every address: set peer_advertise "
                                             "to the ADDR:PORT the other servers dial"
                                  % values["peer_listen"])
@@ -711,7 +713,13 @@ def replace_value(cfg: Config, section: str, key: str, value: Any) -> Any:
         if key == "http_token_file":
             from_key = current.http_token is not None and not current.http_token_file
             values["http_token"] = current.http_token.reveal().decode("utf-8") if from_key else ""
-    return finish_section(section, values)
+    return finish_section(section, values, _allow_readable(cfg.sections, cfg.role))
+
+
+def _allow_readable(sections: Dict[str, Any], role: str) -> bool:
+    """The role's allow_readable_secrets (built before the sections that lack one)."""
+    own = sections.get(role)
+    return bool(own is not None and own.allow_readable_secrets)
 
 
 MAX_CONFIG_FILE = 4 * 1024 * 1024   # bytes: room for thousands of device tables
@@ -749,7 +757,10 @@ def inline_secrets(role: str, raw: Dict[str, Any]) -> List[str]:
     server = raw.get("server")
     if not isinstance(server, dict):
         return []
+    cluster = raw.get("cluster")
     found = ["[server] http_token"] if server.get("http_token") else []
+    if isinstance(cluster, dict) and cluster.get("secret"):
+        found.append("[cluster] secret")
     devices = server.get("devices")
     if not isinstance(devices, dict):
         return found
