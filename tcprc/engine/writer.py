@@ -216,7 +216,18 @@ class FrameWriter:
             self._lock.release()
 
     def close(self) -> None:
-        self.closed = True
-        self._queued.clear()
-        self._queued_closes.clear()
-        self._flushed_bytes = self._posted_bytes
+        """No frame leaves after this.  Unless a send failed or a worker is
+        still inside one (its frame must not be cut by it), the transport
+        ends the stream in order (goodbye: TLS's close_notify), without
+        waiting: the link thread never blocks on the uplink."""
+        idle = self._lock.acquire(False)
+        try:
+            self.closed = True
+            self._queued.clear()
+            self._queued_closes.clear()
+            self._flushed_bytes = self._posted_bytes
+            if idle and not self.error:
+                self._transport.goodbye()
+        finally:
+            if idle:
+                self._lock.release()
