@@ -133,3 +133,26 @@ def test_unknown_variant_is_one_line_and_exit_2():
     lines = err.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith("bench: unknown variant telnet (choose from direct, socat, ssh, tcprc")
+
+
+def test_the_rss_breakdown_adds_up_and_names_where_openssl_is():
+    """`--breakdown`: the parts of each idle device's RSS add up to its VmRSS; only
+    the TLS device maps libcrypto (the id's HMAC needs none); the device's own
+    count of its Python objects is there."""
+    code, out, err = run_bench(["--breakdown", "--json"], timeout=120)
+    assert code == 0, err
+    report = json.loads(out)["breakdown"]
+    assert set(report) == {"plain", "id", "tls-id"}
+    for key, device in report.items():
+        parts = device["parts"]
+        assert device["total_rss_kb"] == sum(p["rss_kb"] for p in parts.values())
+        # smaps and VmRSS are read one after the other: a few pages may move between.
+        assert abs(device["total_rss_kb"] - device["vmrss_kb"]) <= 256, (key, device)
+        assert parts["interpreter (python, libpython)"]["rss_kb"] > 1000
+        assert parts["thread stacks"]["rss_kb"] > 0
+        assert 0 < device["pymalloc"]["allocated_bytes"] <= device["pymalloc"]["arena_bytes"]
+        for part in parts.values():
+            assert 0 <= part["private_kb"] <= part["rss_kb"]
+    assert "shared library: libcrypto" not in report["plain"]["parts"]
+    assert "shared library: libcrypto" not in report["id"]["parts"]
+    assert report["tls-id"]["parts"]["shared library: libcrypto"]["rss_kb"] > 500
