@@ -47,7 +47,7 @@ from ..errors import ConfigError, PeerError
 from .buffers import anonymous
 from .transport import PlainTransport, Transport, looks_like_tls  # noqa: F401 (re-exported)
 
-_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+_DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))   # an int: an IntFlag's | and & run Python code
 RECV_CHUNK = 64 * 1024     # ciphertext per socket read
 _RECORD = 16 * 1024        # the most plaintext one TLS record carries
 _BATCH = 4 * _RECORD       # plaintext encrypted per socket write

@@ -24,8 +24,8 @@ from ..errors import PeerError
 from ..wire import frames as protocol
 from .transport import Transport, as_transport
 
-_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
-_MORE = getattr(socket, "MSG_MORE", 0)
+_DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))   # an int: an IntFlag's | and & run Python code
+_MORE = int(getattr(socket, "MSG_MORE", 0))
 _pack_header = protocol.HEADER.pack
 _HEADER_SIZE = protocol.HEADER_SIZE
 _DATA, _MAX_PAYLOAD = protocol.DATA, protocol.MAX_PAYLOAD
