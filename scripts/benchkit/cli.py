@@ -115,7 +115,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="interpreter that runs tcprc (default: this one)")
     p.add_argument("--breakdown", action="store_true",
                    help="only where an idle device's RSS goes (smaps), plain, with an id, "
-                        "with TLS and an id")
+                        "with TLS and an id (of the --baseline checkout, if given)")
     p.add_argument("--serve", choices=("echo", "gen"), help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     quick = opts.quick
@@ -142,8 +142,8 @@ def main_breakdown(opts: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
         m = report["machine"]
-        print("tcprc idle device RSS by part, %s, %s (%s), Linux %s, Python %s\n" % (
-            m["date"], m["machine"], m["cpu"], m["kernel"], m["python"]))
+        print("tcprc idle device RSS by part, %s, %s (%s), Linux %s, Python %s, tcprc from %s\n" % (
+            m["date"], m["machine"], m["cpu"], m["kernel"], m["python"], opts.baseline or REPO))
         print(render_breakdown(report["breakdown"]))
     return 0 if len(report["breakdown"]) == 3 else 1
 

@@ -6,7 +6,7 @@ import signal
 import time
 from typing import Any, Dict, List
 
-from .base import BenchError, Procs, note, wait_for
+from .base import REPO, BenchError, Procs, note, wait_for
 from .measure import idle_rss
 from .services import Services
 from .smaps import breakdown, read_smaps, stack_pointers
@@ -35,8 +35,9 @@ def _mallocstats(path: str, pid: int) -> str:
 
 def run_breakdown(opts: Any, procs: Procs, services: Services) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
+    repo = os.path.abspath(opts.baseline) if opts.baseline else REPO   # --baseline: that checkout's
     for key, label, kwargs, identity in SETUPS:
-        variant = Tcprc(opts.python, **kwargs)
+        variant = Tcprc(opts.python, repo=repo, **kwargs)
         try:
             why = variant.missing()
             if why:
