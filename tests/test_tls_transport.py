@@ -400,3 +400,107 @@ def test_sixteen_streams_both_ways_at_once_through_tls_three_times(pki):
     finally:
         tunnel.close()
         echo.close()
+
+
+# ---- an orderly close: close_notify -----------------------------------------------------
+def _end_of_tls_stream(transport):
+    """How the peer's TLS stream ended, as its SSLObject sees it once the TCP
+    connection closed: "close_notify" or "ragged", and the plaintext before the end.
+
+    The verdict is OpenSSL's own: our half of the shutdown (unwrap) completes
+    only once the peer's close_notify was received.  `transport` must come from
+    observing_server_tls(), which lets OpenSSL tell a truncation."""
+    import ssl
+    transport.sock.settimeout(10)
+    while True:
+        data = transport.sock.recv(65536)
+        if not data:
+            break
+        transport._incoming.write(data)
+    transport._incoming.write_eof()
+    plain = bytearray()
+    try:
+        while True:
+            data = transport.ssl.read(65536)
+            if not data:
+                break
+            plain += data
+    except ssl.SSLZeroReturnError:
+        pass
+    except ssl.SSLError:   # SSLEOFError; 3.8: a plain SSLError, "unexpected eof"
+        return "ragged", bytes(plain)
+    try:
+        transport.ssl.unwrap()
+        return "close_notify", bytes(plain)
+    except ssl.SSLError:
+        return "ragged", bytes(plain)
+
+
+def observing_server_tls(pki):
+    """The server's context, but with a missing close_notify reported as an error:
+    3.8 sets OpenSSL's SSL_OP_IGNORE_UNEXPECTED_EOF (0x80; no ssl constant there),
+    which makes a bare TCP EOF look like close_notify."""
+    tls = server_tls(pki)
+    tls.context.options &= ~getattr(__import__("ssl"), "OP_IGNORE_UNEXPECTED_EOF", 0x80)
+    return tls
+
+
+def test_a_writer_closed_in_order_sends_close_notify(pki):
+    """FrameWriter.close() on an idle uplink: the peer reads a clean end of the
+    TLS stream (SSLZeroReturnError), after the frames sent before it."""
+    device, server, errors = handshake_pair(device_tls(pki), observing_server_tls(pki))
+    assert errors == [None, None]
+    writer = FrameWriter(device)
+    try:
+        writer.send(protocol.LISTEN, 0, memoryview(b""))
+        writer.close()
+        device.shutdown()
+        how, plain = _end_of_tls_stream(server)
+        assert (how, plain) == ("close_notify", protocol.encode(protocol.LISTEN, 0))
+    finally:
+        device.close()
+        server.close()
+
+
+def test_a_failed_writer_sends_no_close_notify(pki):
+    """After a send failed the writer says nothing more: the end is ragged, as a
+    broken connection is (no alert after a record that may have been cut)."""
+    device, server, errors = handshake_pair(device_tls(pki), observing_server_tls(pki))
+    assert errors == [None, None]
+    writer = FrameWriter(device)
+    try:
+        writer._failed(OSError(32, "Broken pipe"))
+        writer.close()
+        device.shutdown()
+        assert _end_of_tls_stream(server) == ("ragged", b"")
+    finally:
+        device.close()
+        server.close()
+
+
+def test_a_tls_link_that_stops_sends_close_notify(pki):
+    """A real DeviceLink over TLS on a TCP connection, stopped as an agent stops
+    it: its peer reads the LISTEN, then close_notify, not a ragged EOF."""
+    from tcprc.device.link import DeviceLink
+    from tcprc.device.policy import TargetPolicy
+    from tcprc.wire.session import DeviceSession
+    echo = Service("echo")
+    device, server, errors = handshake_pair(device_tls(pki), observing_server_tls(pki))
+    assert errors == [None, None]
+    link = DeviceLink(device, Loop(), DeviceSession(),
+                      settings("device", server="127.0.0.1:1", local="%s:%d" % echo.address),
+                      "uplink test", TargetPolicy(echo.address, set()))
+    thread = threading.Thread(target=link.run)
+    thread.start()
+    try:
+        wait_for(lambda: link.writer.bytes_sent or _queued(server.sock), what="the LISTEN")
+        link.stop("test over")
+        assert link.wait_stopped(10)
+        how, plain = _end_of_tls_stream(server)
+        assert how == "close_notify"
+        assert plain.startswith(protocol.encode(protocol.LISTEN, 0)), plain[:16]
+    finally:
+        link.stop("test over")
+        thread.join(10)
+        server.close()
+        echo.close()

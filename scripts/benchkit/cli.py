@@ -10,6 +10,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from .base import REPO, BenchError, Procs, note
+from .footprint import render_breakdown, run_breakdown
 from .measure import conn_rate, echo_ready, idle_rss, latency, memory, paused, throughput, tls_handshake
 from .procfs import sample
 from .report import machine, ratios, render
@@ -112,6 +113,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         "measured side by side as 'baseline'")
     p.add_argument("--python", metavar="PATH", default=sys.executable,
                    help="interpreter that runs tcprc (default: this one)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="only where an idle device's RSS goes (smaps), plain, with an id, "
+                        "with TLS and an id (of the --baseline checkout, if given)")
     p.add_argument("--serve", choices=("echo", "gen"), help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     quick = opts.quick
@@ -126,10 +130,30 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     return opts
 
 
+def main_breakdown(opts: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    procs = Procs()
+    try:
+        report = {"machine": machine(opts.python),
+                  "breakdown": run_breakdown(opts, procs, Services(procs, False))}
+    finally:
+        procs.close()
+    if opts.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        m = report["machine"]
+        print("tcprc idle device RSS by part, %s, %s (%s), Linux %s, Python %s, tcprc from %s\n" % (
+            m["date"], m["machine"], m["cpu"], m["kernel"], m["python"], opts.baseline or REPO))
+        print(render_breakdown(report["breakdown"]))
+    return 0 if len(report["breakdown"]) == 3 else 1
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     opts = parse_args(argv)
     if opts.serve:
         return serve(opts.serve)
+    if opts.breakdown:
+        return main_breakdown(opts)
     names = list(VARIANTS)
     if opts.only:
         names = [n.strip() for n in opts.only.split(",") if n.strip()]

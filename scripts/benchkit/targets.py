@@ -1,10 +1,10 @@
-"""The goals of issues 5, 11 and 12, checked against a run."""
+"""The goals of issues 5, 11, 12 and 23, checked against a run."""
 
 from typing import Any, Dict, List, Optional
 
 
 def targets(results: Dict[str, Dict[str, Any]], streams: int) -> List[Dict[str, Any]]:
-    """The goals of issues 5, 11 and 12, checked against this run ("tcprc" is v2)."""
+    """The goals of issues 5, 11, 12 and 23, checked against this run ("tcprc" is v2)."""
     t = results.get("tcprc") or {}
     ssh, socat, direct, legacy = (results.get(n) or {} for n in ("ssh", "socat", "direct", "tcprc-legacy"))
     checks = []
@@ -28,8 +28,9 @@ def targets(results: Dict[str, Dict[str, Any]], streams: int) -> List[Dict[str, 
     ratio("latency p50 <= 1.0x ssh -R", "latency_p50_us", ssh, 1.0, False)
     ratio("connections/s >= 1.0x ssh -R", "conn_per_s", ssh, 1.0, True)
     if "device_rss_idle_kb" in t:
-        absolute("device RSS idle <= 15 MB (KB)", t["device_rss_idle_kb"], 15 * 1024)
-        absolute("RSS per open stream <= 32 KB", t["device_rss_per_stream_kb"], 32)
+        # Issue 23 (a 64 MB gateway) tightened issue 5's 15 MB and 32 KB.
+        absolute("device RSS idle <= 14 MB (KB)", t["device_rss_idle_kb"], 14 * 1024)
+        absolute("RSS per open stream <= 20 KB", t["device_rss_per_stream_kb"], 20)
         absolute("threads after close - idle <= 0", t["device_threads_after"] - t["device_threads_idle"], 0)
         absolute("RSS after close - idle <= 1 MB (KB)", t["device_rss_after_kb"] - t["device_rss_idle_kb"], 1024)
         absolute("RSS growth in a 2nd round <= 256 KB (KB)",
@@ -46,9 +47,11 @@ def targets(results: Dict[str, Dict[str, Any]], streams: int) -> List[Dict[str, 
     ratio("TLS: 4 streams >= 1.5x ssh -R", "tput_4_gbps", ssh, 1.5, True, tls)
     ratio("TLS: device CPU per GB < 1.0x ssh -R", "device_cpu_s_per_gb", ssh, 1.0, False, tls)
     ratio("TLS: latency p50 <= 1.1x ssh -R", "latency_p50_us", ssh, 1.1, False, tls)
-    # Both with an id and a secret, as a fleet runs them: without one, a plain
-    # device never loads libcrypto, and the difference is mostly that library.
-    if "device_rss_idle_id_kb" in tls and "device_rss_idle_id_kb" in t:
-        absolute("TLS: idle RSS - plain v2, both with an id <= 3 MB (KB)",
-                 tls["device_rss_idle_id_kb"] - t["device_rss_idle_id_kb"], 3072)
+    # Issue 23: with an id and a secret, as a fleet runs them.  (Issue 12 asked
+    # for TLS within 3 MB of a plain device with an id while the id's HMAC
+    # loaded libcrypto too; it no longer does, so all of OpenSSL shows in
+    # that difference, and the absolute limits below replace it.)
+    absolute("device RSS idle with an id <= 16 MB (KB)", t.get("device_rss_idle_id_kb"), 16 * 1024)
+    absolute("TLS: device RSS idle with an id <= 19 MB (KB)", tls.get("device_rss_idle_id_kb"), 19 * 1024)
+    ratio("TLS: 1 stream >= 0.6x plain v2", "tput_1_gbps", t, 0.6, True, tls)
     return checks

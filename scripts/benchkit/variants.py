@@ -25,13 +25,14 @@ LABELS = {"direct": "direct", "socat": "socat relay", "ssh": "ssh -R", "tcprc": 
 class Tunnel:
     def __init__(self, entry: int, device: Optional[int] = None,
                  server: Optional[int] = None, close: Callable[[], None] = lambda: None,
-                 log: str = "", uplink: int = 0):
+                 log: str = "", uplink: int = 0, device_err: str = ""):
         self.entry = entry
         self.device = device     # pid of the process next to the service
         self.server = server     # pid of the process clients connect to
         self.close = close
         self.log = log           # the relay's log file, quoted when a test fails
         self.uplink = uplink     # tcprc: the server's uplink port
+        self.device_err = device_err   # tcprc: the device's stderr
 
     def log_tail(self, lines: int = 8) -> str:
         try:
@@ -155,6 +156,12 @@ class SshR:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+# `python -m tcprc` as runpy runs it, plus a SIGUSR1 handler that writes pymalloc's
+# statistics to stderr: how `--breakdown` learns the size of the Python heap.
+MALLOCSTATS_MAIN = ("import runpy, signal, sys\n"
+                    "signal.signal(signal.SIGUSR1, lambda *_: sys._debugmallocstats())\n"
+                    "sys.argv[0] = 'tcprc'\n"
+                    "runpy.run_module('tcprc', run_name='__main__', alter_sys=True)\n")
 STALL_TIMEOUT = 2.0
 BENCH_SECRET = "bench-secret-not-for-use-outside-the-bench"
 PKI = os.path.join(REPO, "scripts", "tcprc-pki")
@@ -232,9 +239,11 @@ class Tcprc:
         self.tls_key = os.path.join(ca, "localhost.key")
         return None
 
-    def open(self, procs: Procs, target: int, identity: bool = False) -> Tunnel:
+    def open(self, procs: Procs, target: int, identity: bool = False, mallocstats: bool = False) -> Tunnel:
         """A server and a device carrying clients of the returned entry to `target`;
-        `identity`: the device proves an id with a secret, as a fleet deploys it."""
+        `identity`: the device proves an id with a secret, as a fleet deploys it;
+        `mallocstats`: the device writes pymalloc's statistics to `Tunnel.device_err`
+        on SIGUSR1 (MALLOCSTATS_MAIN)."""
         if self.dir is None:
             self.dir = tempfile.mkdtemp(prefix="tcprc-bench-")
         listen, host = free_port(), free_port()
@@ -266,12 +275,17 @@ class Tcprc:
                               "--listen", "%s:%d" % (LOCAL, listen), "--host", "%s:%d" % (LOCAL, shared_host)],
                              env=self.env, stderr=log, cwd=self.repo)
         device = None
+        main = ["-c", MALLOCSTATS_MAIN] if mallocstats else ["-m", "tcprc"]
+        device_err = os.path.join(self.dir, "device-%d.err" % host) if mallocstats else log.name
         try:
             _wait_entry(listen, [server], "tcprc server")
-            device = procs.start([self.python, "-m", "tcprc", "device", "-c", paths["device"],
+            err = open(device_err, "w") if mallocstats else log
+            device = procs.start([self.python] + main + ["device", "-c", paths["device"],
                                   "--server", "%s:%d" % (LOCAL, listen),
                                   "--local", "%s:%d" % (LOCAL, target)] + self.device_args,
-                                 env=self.env, stderr=log, cwd=self.repo)
+                                 env=self.env, stderr=err, cwd=self.repo)
+            if mallocstats:
+                err.close()
             _wait_entry(host, [server, device], "tcprc device")
         except BenchError as exc:
             log.seek(0)
@@ -283,7 +297,7 @@ class Tcprc:
             procs.stop(device)
             procs.stop(server)
         return Tunnel(host, device=device.pid, server=server.pid, close=close, log=log.name,
-                      uplink=listen)
+                      uplink=listen, device_err=device_err)
 
     def close(self) -> None:
         if self.dir:

@@ -46,7 +46,7 @@ from .v2rules import V2Rules, close_reason, failure_code
 from .writer import QUEUE_LIMIT, FrameWriter
 from ..settings import LinkSettings
 
-_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+_DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))   # an int: an IntFlag's | and & run Python code
 _monotonic = time.monotonic
 _LINGER_ABORT = struct.pack("ii", 1, 0)   # SO_LINGER on, 0 s: close() sends RST
 _TCP_CLOSE = 7   # tcpi_state of a connection the kernel tore down (linux/tcp_states.h)

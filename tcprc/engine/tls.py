@@ -47,7 +47,7 @@ from ..errors import ConfigError, PeerError
 from .buffers import anonymous
 from .transport import PlainTransport, Transport, looks_like_tls  # noqa: F401 (re-exported)
 
-_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+_DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))   # an int: an IntFlag's | and & run Python code
 RECV_CHUNK = 64 * 1024     # ciphertext per socket read
 _RECORD = 16 * 1024        # the most plaintext one TLS record carries
 _BATCH = 4 * _RECORD       # plaintext encrypted per socket write
@@ -525,6 +525,27 @@ class TlsTransport(Transport):
             return self.sock.send(out, _DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return 0
+
+    def goodbye(self) -> None:
+        """close_notify, as trio's aclose sends it: the peer reads a clean end of
+        the TLS stream, not a truncation.  Sent without waiting, after any
+        ciphertext a refused send left; the peer's own close_notify is not
+        awaited.  Nothing is sent once OpenSSL failed (it makes no alert then)."""
+        try:
+            if self._unsent:
+                self._unsent = self._unsent[self._send_nowait(self._unsent):]
+                if self._unsent:
+                    return   # the socket is full: an alert now would cut a record
+            with self._lock:
+                try:
+                    self.ssl.unwrap()
+                except self._errors[-1]:   # SSLWantReadError: the peer's alert not awaited
+                    pass
+                out = self._outgoing.read()
+            if out:
+                self._send_nowait(out)
+        except OSError:
+            pass   # the connection is already gone: nothing to say goodbye to
 
     shutdown = PlainTransport.shutdown
     close = PlainTransport.close

@@ -7,7 +7,7 @@ raise BlockingIOError instead) and MSG_MORE (a hint that more follows); a
 transport that cannot honour MSG_MORE ignores it.
 
 Threads: recv_into, fileno, tcp_info and quick_ack belong to the link thread;
-send, sendall, sendmsg and splice_from are called only under the
+send, sendall, sendmsg, splice_from and goodbye are called only under the
 FrameWriter's lock (one sender at a time); shutdown may come from any
 thread (it wakes the others); close is the link thread's, at teardown.
 A TLS transport (ssl.SSLObject over MemoryBIO: SSLSocket refuses sendmsg
@@ -49,6 +49,11 @@ class Transport:
 
     def splice_from(self, pipe: int, count: int) -> None:
         raise NotImplementedError
+
+    def goodbye(self) -> None:
+        """An orderly end, sent without waiting, before shutdown(): TLS's
+        close_notify.  Under the FrameWriter's lock; quiet if the uplink is
+        broken.  A plain TCP connection needs none: its FIN says it."""
 
     def shutdown(self) -> None:
         """Wake every thread blocked on the transport; quiet if already down."""

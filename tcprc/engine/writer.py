@@ -24,8 +24,8 @@ from ..errors import PeerError
 from ..wire import frames as protocol
 from .transport import Transport, as_transport
 
-_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
-_MORE = getattr(socket, "MSG_MORE", 0)
+_DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))   # an int: an IntFlag's | and & run Python code
+_MORE = int(getattr(socket, "MSG_MORE", 0))
 _pack_header = protocol.HEADER.pack
 _HEADER_SIZE = protocol.HEADER_SIZE
 _DATA, _MAX_PAYLOAD = protocol.DATA, protocol.MAX_PAYLOAD
@@ -216,7 +216,18 @@ class FrameWriter:
             self._lock.release()
 
     def close(self) -> None:
-        self.closed = True
-        self._queued.clear()
-        self._queued_closes.clear()
-        self._flushed_bytes = self._posted_bytes
+        """No frame leaves after this.  Unless a send failed or a worker is
+        still inside one (its frame must not be cut by it), the transport
+        ends the stream in order (goodbye: TLS's close_notify), without
+        waiting: the link thread never blocks on the uplink."""
+        idle = self._lock.acquire(False)
+        try:
+            self.closed = True
+            self._queued.clear()
+            self._queued_closes.clear()
+            self._flushed_bytes = self._posted_bytes
+            if idle and not self.error:
+                self._transport.goodbye()
+        finally:
+            if idle:
+                self._lock.release()

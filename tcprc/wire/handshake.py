@@ -8,10 +8,10 @@ under that id's secret, to guess it offline.  The server also answers a
 known id and an unknown one alike until AUTH, and refuses both alike, so
 that nobody can list its ids.
 
-Only a v2 uplink imports this module, and only a session with an id imports
-hmac (_hmac): hmac loads OpenSSL's libcrypto, 3.7 MB of RSS that a legacy
-agent and a v2 device without an id never need.  Nothing secret appears in a
-message, an error or a repr.
+Only a v2 uplink imports this module.  The proofs are HMAC-SHA256 over the
+interpreter's builtin SHA-256 (wire.mac), not the stdlib's hmac: that one
+loads OpenSSL's libcrypto, 3.7 MB of RSS on a device that computes two MACs
+per session.  Nothing secret appears in a message, an error or a repr.
 """
 
 import os
@@ -20,6 +20,7 @@ from typing import Any, Callable, List, Optional
 from ..errors import PeerError
 from . import frames
 from .frames import ProtocolError, VersionError
+from .mac import compare_digest, hmac_sha256
 
 SERVER_LABEL = b"tcprc v2 server\0"
 DEVICE_LABEL = b"tcprc v2 device\0"
@@ -44,19 +45,14 @@ def valid_device_id(text: str) -> bool:
     return bool(text) and frames.valid_id(text)
 
 
-def _hmac() -> Any:
-    import hmac
-    return hmac
-
-
 def device_proof(key: bytes, hello: bytes, challenge: bytes) -> bytes:
     """proof_d: over the HELLO and CHALLENGE payloads."""
-    return _hmac().new(key, DEVICE_LABEL + hello + challenge, "sha256").digest()
+    return hmac_sha256(key, DEVICE_LABEL, hello, challenge)
 
 
 def server_proof(key: bytes, hello: bytes, challenge: bytes, auth: bytes) -> bytes:
     """proof_s: over the HELLO, CHALLENGE and AUTH payloads."""
-    return _hmac().new(key, SERVER_LABEL + hello + challenge + auth, "sha256").digest()
+    return hmac_sha256(key, SERVER_LABEL, hello, challenge, auth)
 
 
 def _malformed(exc: ProtocolError) -> HandshakeError:
@@ -146,7 +142,7 @@ class DeviceHandshake:
             expected = server_proof(self._key, self._hello, self._challenge, self._auth)
             if not proof:
                 raise self._fail(self._unproven("no proof in its WELCOME"))
-            if not _hmac().compare_digest(proof, expected):
+            if not compare_digest(proof, expected):
                 raise self._fail(self._unproven("wrong proof"))
         self.host = host
         self._state = "done"
@@ -244,7 +240,7 @@ class ServerHandshake:
             # one path, one timing.
             matches = False
             for key in self._keys:
-                if _hmac().compare_digest(proof or bytes(frames.PROOF_SIZE),
+                if compare_digest(proof or bytes(frames.PROOF_SIZE),
                                           device_proof(key, self._hello, self._challenge)):
                     matches, self._key = True, key
             if not (matches and proof and self._known):
