@@ -297,11 +297,15 @@ def test_writer_keeps_one_unsent_close_per_id():
     near, far = socket.socketpair()
     try:
         writer = FrameWriter(near)
-        assert [writer.post(CLOSE, 5) for _ in range(3)] == [True, False, False]
-        assert writer.post(CLOSE, 6) and writer.post(CONNECT, 5, b"\0\0\0\0")
+
+        def post(command, client_id, payload=b""):   # as the link posts a control frame
+            return writer.post(protocol.encode(command, client_id, payload),
+                               protocol.coalesce_key(command, client_id))
+        assert [post(CLOSE, 5) for _ in range(3)] == [True, False, False]
+        assert post(CLOSE, 6) and post(CONNECT, 5, b"\0\0\0\0")
         assert writer.queued_bytes() == 4 + 4 + 8
         assert writer.flush_nowait() == FrameWriter.DONE and writer.queued_bytes() == 0
-        assert writer.post(CLOSE, 5)                   # the first one left: news again
+        assert post(CLOSE, 5)                   # the first one left: news again
         writer.flush_nowait()
         far.settimeout(5)
         assert recv_exactly(far, 20) == bytes.fromhex("00000205 00000206 000401050000000000000205")

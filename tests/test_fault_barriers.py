@@ -20,7 +20,7 @@ from support.net import recv_exactly, recv_until_eof
 from support.tunnel import Tunnel, settings, start_device, start_server
 from support.waiting import wait_for
 from tcprc.device.app import DeviceApp
-from tcprc.device.link import DeviceLink
+from tcprc.device.link import DeviceRole
 from tcprc.engine import pump
 from tcprc.engine.liveness import Liveness
 from tcprc.ops.commands import CommandParser
@@ -168,7 +168,7 @@ def test_a_bug_in_a_link_callback_ends_that_uplink_once_and_the_device_redials(
     tunnel = Tunnel(service.address)
     try:
         sessions = _shared_record(tunnel.server)["sessions"]
-        _Once(monkeypatch, DeviceLink, "open_requested", KeyError("injected"))
+        _Once(monkeypatch, DeviceRole, "open_local", KeyError("injected"))
         with socket.create_connection(tunnel.host, timeout=10) as conn:
             assert recv_until_eof(conn) == b""   # its uplink ended under it
         wait_for(lambda: _shared_record(tunnel.server).get("sessions", 0) > sessions

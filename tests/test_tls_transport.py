@@ -188,7 +188,7 @@ def test_control_frames_posted_while_the_uplink_is_full_arrive_whole_and_once(pk
         state = FrameWriter.DONE
         for n in range(100000):   # bounded: the socket fills long before
             payload = (b"%06d" % n) * 100
-            writer.post(protocol.CONNECT, n % 256, payload)
+            writer.post(protocol.encode(protocol.CONNECT, n % 256, payload))
             posted.append((protocol.CONNECT, n % 256, payload))
             state = writer.flush_nowait()
             if state == FrameWriter.FULL:
@@ -196,7 +196,7 @@ def test_control_frames_posted_while_the_uplink_is_full_arrive_whole_and_once(pk
         assert state == FrameWriter.FULL
         assert near._staged == protocol.encode(*posted[-1])   # its records wait, it stays queued
         for n in range(3):   # more frames queue behind it
-            writer.post(protocol.CLOSE, n)
+            writer.post(protocol.encode(protocol.CLOSE, n), protocol.coalesce_key(protocol.CLOSE, n))
             posted.append((protocol.CLOSE, n, b""))
         got = []
         decoder = FrameBuffer()
@@ -249,7 +249,7 @@ def test_the_link_reads_plaintext_that_no_readability_announces(pki):
     reads of 256 KB; in production the free tail of the 1 MB buffer can be
     shorter than a 64 KB read plus a partial record.  Fails without
     Link._on_uplink_buffered (the link then waits forever)."""
-    from tcprc.device.link import DeviceLink
+    from tcprc.device.link import device_link
     from tcprc.device.policy import TargetPolicy
     from tcprc.wire.session import DeviceSession
     echo = Service("echo")
@@ -267,9 +267,9 @@ def test_the_link_reads_plaintext_that_no_readability_announces(pki):
     server.sendall(burst)
     records = -(-len(burst) // 16384)
     wait_for(lambda: _queued(near) == len(burst) + 22 * records, what="the burst in the socket")
-    link = DeviceLink(device, Loop(), DeviceSession(),
-                      settings("device", server="127.0.0.1:1", local="%s:%d" % echo.address),
-                      "uplink test", TargetPolicy(echo.address, set()))
+    link = device_link(device, Loop(), DeviceSession(),
+                       settings("device", server="127.0.0.1:1", local="%s:%d" % echo.address),
+                       "uplink test", TargetPolicy(echo.address, set()))
     link.frames = FrameBuffer(65540)   # a read takes at most 64 KB
     thread = threading.Thread(target=link.run)
     thread.start()
@@ -452,7 +452,7 @@ def test_a_writer_closed_in_order_sends_close_notify(pki):
     assert errors == [None, None]
     writer = FrameWriter(device)
     try:
-        writer.send(protocol.LISTEN, 0, memoryview(b""))
+        writer.send_frame(protocol.encode(protocol.LISTEN, 0))
         writer.close()
         device.shutdown()
         how, plain = _end_of_tls_stream(server)
@@ -481,15 +481,15 @@ def test_a_failed_writer_sends_no_close_notify(pki):
 def test_a_tls_link_that_stops_sends_close_notify(pki):
     """A real DeviceLink over TLS on a TCP connection, stopped as an agent stops
     it: its peer reads the LISTEN, then close_notify, not a ragged EOF."""
-    from tcprc.device.link import DeviceLink
+    from tcprc.device.link import device_link
     from tcprc.device.policy import TargetPolicy
     from tcprc.wire.session import DeviceSession
     echo = Service("echo")
     device, server, errors = handshake_pair(device_tls(pki), observing_server_tls(pki))
     assert errors == [None, None]
-    link = DeviceLink(device, Loop(), DeviceSession(),
-                      settings("device", server="127.0.0.1:1", local="%s:%d" % echo.address),
-                      "uplink test", TargetPolicy(echo.address, set()))
+    link = device_link(device, Loop(), DeviceSession(),
+                       settings("device", server="127.0.0.1:1", local="%s:%d" % echo.address),
+                       "uplink test", TargetPolicy(echo.address, set()))
     thread = threading.Thread(target=link.run)
     thread.start()
     try:

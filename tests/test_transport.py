@@ -135,8 +135,8 @@ def test_frames_written_and_decoded_over_it(pair):
     reader = threading.Thread(target=read_all)
     reader.start()
     assert writer.send_data(5, memoryview(bulk))            # four DATA frames, one sendmsg
-    assert writer.post(frames.CLOSE, 5) and writer.flush_nowait() == FrameWriter.DONE
-    assert writer.send(frames.LISTEN, 0, memoryview(b""))
+    assert writer.post(frames.encode(frames.CLOSE, 5)) and writer.flush_nowait() == FrameWriter.DONE
+    assert writer.send_frame(frames.encode(frames.LISTEN, 0))
     reader.join(10)
     data = b"".join(p for c, i, p in got if c == frames.DATA and i == 5)
     assert data == bulk and got[-2:] == [(frames.CLOSE, 5, b""), (frames.LISTEN, 0, b"")]

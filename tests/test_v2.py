@@ -414,10 +414,11 @@ def test_a_paused_client_pauses_only_its_own_stream():
         link = tunnel.server.link_on()
         # Held here: at most its window (grown, maybe, while its kernel buffers
         # still took everything), within the uplink's growth budget.
-        from tcprc.engine.v2rules import GROWTH, GROWTH_BUDGET_WINDOWS
-        assert all(s.pending_bytes <= s.window <= GROWTH * link.window
+        from tcprc.wire.streams import GROWTH, GROWTH_BUDGET_WINDOWS
+        window = link.session.window
+        assert all(s.pending_bytes <= s.rules.window <= GROWTH * window
                    for s in link.streams.values())
-        assert link.grown <= GROWTH_BUDGET_WINDOWS * link.window
+        assert link.session.grown() <= GROWTH_BUDGET_WINDOWS * window
         assert tunnel.server.status()["clients"] == 1
         assert recv_until_eof(paused) == pattern(size)
         paused.close()
@@ -753,7 +754,7 @@ def test_two_devices_with_any_free_port_get_a_port_each(service):
 
 
 def test_a_stream_that_keeps_up_gets_a_bigger_window_within_the_uplinks_budget():
-    from tcprc.engine.v2rules import GROWTH, GROWTH_BUDGET_WINDOWS
+    from tcprc.wire.streams import GROWTH, GROWTH_BUDGET_WINDOWS
     source = Service("source")
     tunnel = Tunnel(source.address)
     size = 48 << 20
@@ -762,12 +763,14 @@ def test_a_stream_that_keeps_up_gets_a_bigger_window_within_the_uplinks_budget()
             conn.sendall(struct.pack("!Q", size))
             got = recv_exactly(conn, 8 << 20)
             link = tunnel.server.link_on()
-            stream = next(iter(link.streams.values()))
-            assert link.window < stream.window <= GROWTH * link.window
-            assert link.grown == stream.window - link.window <= GROWTH_BUDGET_WINDOWS * link.window
+            stream = next(iter(link.streams.values())).rules
+            window = link.session.window
+            assert window < stream.window <= GROWTH * window
+            assert link.session.grown() == stream.window - window <= GROWTH_BUDGET_WINDOWS * window
             got += recv_until_eof(conn)
         assert got == pattern(size)
-        wait_for(lambda: not link.streams and link.grown == 0, what="the growth given back")
+        wait_for(lambda: not link.streams and link.session.grown() == 0,
+                 what="the growth given back")
     finally:
         tunnel.close()
         source.close()

@@ -4,8 +4,11 @@
 from typing import Any, Dict, List, Tuple
 
 from tcprc.server.ids import ClientIds
+from tcprc.wire import actions as act
 from tcprc.wire import session as wire
 from tcprc.wire.frames import CLOSE, CONNECT, DATA, LISTEN, OFFER, V2, encode_connect_payload
+
+WARN, DEBUG = act.WARNING, act.DEBUG
 
 
 class Side:
@@ -14,28 +17,34 @@ class Side:
     def __init__(self, session: wire.Session):
         self.session = session
         self.open: Dict[int, bytearray] = {}        # id -> bytes received on the stream
+        self.rules: Dict[int, Any] = {}              # id -> its rules (wire.streams)
         self.out: List[Tuple[int, int, bytes]] = []  # frames sent, not yet delivered
-        self.logs: List[Tuple[str, str]] = []
+        self.logs: List[Tuple[int, str]] = []
         self.opened: List[Tuple[int, str, int]] = []
         self.failed = ""
         self.listened = 0
 
+    def add(self, client_id: int, data: bytes = b"") -> None:
+        self.open[client_id] = bytearray(data)
+        self.rules[client_id] = self.session.new_stream(client_id)
+
     def act(self, actions: List[Any]) -> None:
         for action in actions:
-            kind = action[0]
-            if kind == wire.SEND:
-                self.out.append((action[1], action[2], bytes(action[3])))
-            elif kind == wire.OPEN:
-                self.opened.append(action[1:4])
-                self.open[action[1]] = bytearray(action[4])
-            elif kind == wire.REPLACE:
-                del self.open[action[1]]
-            elif kind == wire.LISTENED:
+            if isinstance(action, act.Send):
+                self.out.append((action.command, action.client_id, bytes(action.payload)))
+            elif isinstance(action, act.OpenLocal):
+                self.opened.append((action.client_id, action.address, action.port))
+                self.add(action.client_id, action.early)
+            elif isinstance(action, act.DropStream):
+                del self.open[action.client_id]
+            elif isinstance(action, act.Listened):
                 self.listened += 1
-            elif kind == wire.FAIL:
-                self.failed = action[1]
+            elif isinstance(action, act.Fail):
+                self.failed = action.reason
+            elif isinstance(action, act.Log):
+                self.logs.append((action.level, action.message))
             else:
-                self.logs.append((kind, action[1]))
+                self.logs.append((type(action).__name__, repr(action)))
 
     def receive(self, frame: Tuple[int, int, bytes], now: float) -> None:
         command, client_id, payload = frame
@@ -43,7 +52,9 @@ class Side:
             self.open[client_id] += payload          # the link's fast path
         elif command == CLOSE and client_id in self.open:
             del self.open[client_id]
-            self.act(self.session.peer_close(client_id, True, False, now))
+            rules = self.rules.pop(client_id)
+            rules.on_close(payload)
+            self.act(self.session.peer_closed(rules, False, now))
         else:
             self.act(self.session.frame(command, client_id, payload, self.open, now))
 
@@ -72,7 +83,7 @@ def pair(quarantine: float = 10.0):
     assert server.listened == 0
     server.act(server.session.expire(server.session.next_deadline(), True))
     assert server.listened == 1 and server.session.established
-    assert device.logs == [(wire.DEBUG, 'OFFER of protocol v2 ignored: [device] protocol = "legacy"')]
+    assert device.logs == [(DEBUG, 'OFFER of protocol v2 ignored: [device] protocol = "legacy"')]
     device.logs.clear()
     return device, server
 
@@ -80,7 +91,7 @@ def pair(quarantine: float = 10.0):
 def accept(server: Side, now: float = 0.0) -> int:
     client_id, actions = server.session.open(server.open, now)
     assert client_id is not None
-    server.open[client_id] = bytearray()
+    server.add(client_id)
     server.act(actions)
     return client_id
 
@@ -112,7 +123,7 @@ def test_the_server_wants_listen_first():
 def test_a_repeated_listen_is_ignored_with_a_warning():
     device, server = pair()
     server.receive((LISTEN, 0, b""), 1.0)
-    assert server.listened == 1 and server.logs == [(wire.WARN, "repeated LISTEN ignored")]
+    assert server.listened == 1 and server.logs == [(WARN, "repeated LISTEN ignored")]
 
 
 def test_early_data_waits_for_its_connect():
@@ -139,7 +150,7 @@ def test_early_data_with_no_connect_gets_one_close_and_a_stale_connect_opens_not
     device.receive((DATA, 8, b"late"), 3.0)               # quiet: no second CLOSE
     device.receive((CONNECT, 8, encode_connect_payload("", 23)), 3.1)
     assert device.out == [] and device.open == {} and device.opened == []
-    assert device.logs[-1][0] == wire.DEBUG and "stale CONNECT" in device.logs[-1][1]
+    assert device.logs[-1][0] == DEBUG and "stale CONNECT" in device.logs[-1][1]
     device.receive((CLOSE, 8, b""), 3.2)                  # the server's answer ends the quiet time
     device.receive((CONNECT, 8, encode_connect_payload("", 23)), 3.3)
     assert device.open == {8: bytearray()}
@@ -166,7 +177,7 @@ def test_a_bad_connect_is_refused_with_close():
     device, server = pair()
     device.receive((CONNECT, 4, b"\x00\x09abc"), 0.0)
     assert device.out == [(CLOSE, 4, b"")] and device.open == {}
-    assert device.logs[0][0] == wire.WARN and device.logs[0][1].startswith("refused client 4:")
+    assert device.logs[0][0] == WARN and device.logs[0][1].startswith("refused client 4:")
 
 
 def test_unknown_close_and_data_are_dropped_without_an_answer():
@@ -175,9 +186,9 @@ def test_unknown_close_and_data_are_dropped_without_an_answer():
     server.receive((DATA, 5, b"late"), 0.0)
     server.receive((CLOSE, 6, b""), 0.0)
     assert device.out == [] and server.out == [] and not server.failed
-    assert device.logs == [(wire.DEBUG, "CLOSE for unknown client 5 ignored")]
-    assert server.logs == [(wire.DEBUG, "DATA for unknown client 5 dropped"),
-                           (wire.DEBUG, "CLOSE for unknown client 6 ignored")]
+    assert device.logs == [(DEBUG, "CLOSE for unknown client 5 ignored")]
+    assert server.logs == [(DEBUG, "DATA for unknown client 5 dropped"),
+                           (DEBUG, "CLOSE for unknown client 6 ignored")]
 
 
 def test_an_id_the_server_closed_is_held_until_the_device_answers():
@@ -198,14 +209,14 @@ def test_an_id_the_server_closed_is_held_until_the_device_answers():
     assert server.session.ids.is_held(cid)
     device.out.append((DATA, cid, b"late"))              # the old stream's last bytes
     deliver(device, server, 1.1)
-    assert server.logs[-1] == (wire.DEBUG, "DATA for unknown client %d dropped (held until "
+    assert server.logs[-1] == (DEBUG, "DATA for unknown client %d dropped (held until "
                                            "the device's CLOSE)" % cid)
     for n in range(254):                                  # every other id is taken...
         accept(server, 1.2)
     assert server.session.open(server.open, 1.3) == (None, [])   # ...and this one is held
     device.out.append((CLOSE, cid, b""))                  # the answer frees it
     deliver(device, server, 1.4)
-    assert server.logs[-1] == (wire.DEBUG, "CLOSE for client %d answers ours: the id is free" % cid)
+    assert server.logs[-1] == (DEBUG, "CLOSE for client %d answers ours: the id is free" % cid)
     assert server.session.open(server.open, 1.5)[0] == cid
 
 
@@ -244,10 +255,10 @@ def test_a_hello_too_late_leaves_both_ends_legacy():
     connect = server.out
     server.out = offer + connect
     deliver(server, device)                  # OFFER -> HELLO, then the CONNECT
-    assert device.failed == "" and device.opened and device.session.state == "legacy"
+    assert device.failed == "" and device.opened and device.session.state.value == "legacy"
     assert [frame[0] for frame in device.out] == [HELLO]
     deliver(device, server)
-    assert server.failed == "" and server.session.state == "legacy"
+    assert server.failed == "" and server.session.state.value == "legacy"
     assert any("stays legacy" in text for _, text in server.logs)
 
     strict = Side(wire.DeviceSession(protocol="v2"))
@@ -269,7 +280,7 @@ def test_handshake_frames_without_an_offer_are_unknown_commands_never_answered()
         for command in (f.REJECT, f.CHALLENGE, f.WELCOME, f.AUTH):
             device.receive((command, 0, b"\x01garbage"), 0.0)
         assert device.failed == "" and device.out == []
-        assert all(kind == wire.WARN and "skipped unknown command" in text
+        assert all(kind == WARN and "skipped unknown command" in text
                    for kind, text in device.logs)
     server = Side(wire.ServerSession(ClientIds(10.0), encode_connect_payload("", 23)))
     server.receive((f.AUTH, 0, b""), 0.0)

@@ -22,7 +22,7 @@ def test_send_spliced_puts_exactly_one_frame_on_the_wire():
     read_end, write_end = os.pipe()
     try:
         writer = FrameWriter(near)
-        writer.post(protocol.CLOSE, 9)                 # a queued control frame goes first
+        writer.post(protocol.encode(protocol.CLOSE, 9))   # a queued control frame goes first
         payload = pattern(40000)
         os.write(write_end, payload)
         assert writer.send_spliced(7, read_end, len(payload), lambda: True)

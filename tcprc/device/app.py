@@ -1,4 +1,4 @@
-"""DeviceApp: dial the server, serve one DeviceLink at a time, reconnect with backoff."""
+"""DeviceApp: dial the server, serve one uplink at a time, reconnect with backoff."""
 
 import logging
 import os
@@ -10,7 +10,8 @@ from ..addr import format_hostport, parse_hostport
 from ..engine.liveness import TICK, Liveness
 from ..engine.ratelog import LimitedLog
 from ..engine.sockets import connect_tcp
-from .link import DeviceLink, device_tls, for_server, open_device_link
+from ..engine.link import Link
+from .link import device_tls, for_server, open_device_link
 from ..settings import DeviceSettings
 
 log = logging.getLogger("tcprc.device")
@@ -55,7 +56,7 @@ def _tunnel_settings_key(settings: DeviceSettings) -> Tuple[Any, ...]:
 
 class DeviceApp:
     """The device agent: a supervisor thread dials the server and serves one
-    DeviceLink at a time, reconnecting with backoff.
+    uplink (a Link in the device role) at a time, reconnecting with backoff.
 
     Every public method (start, connect, disconnect, apply_settings, close,
     status) is thread-safe: channels (console, control socket, signals) call
@@ -72,7 +73,7 @@ class DeviceApp:
         self._local: HostPort = parse_hostport(settings.local)
         self._generation = 0
         self._closing = False
-        self._link: Optional[DeviceLink] = None
+        self._link: Optional[Link] = None
         self._state = "idle"
         self._last_error = ""
         self._up_since: Optional[float] = None
@@ -264,6 +265,6 @@ class DeviceApp:
                 up_for = time.monotonic() - (self._up_since or time.monotonic())
                 self._up_since = None
                 if link.end_reason and generation == self._generation and not self._closing:
-                    self._last_error = link.end_reason if link.refused or link.session.rejected \
+                    self._last_error = link.end_reason if link.role.refused or link.session.rejected \
                         else "uplink lost: %s" % link.end_reason
         return up_for >= settings.healthy_after

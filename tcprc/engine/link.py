@@ -1,28 +1,24 @@
-"""One uplink, shared by both sides: reading and dispatch, the stream table, back-pressure.
+"""One uplink, driven for both sides: reading, the stream table, local sockets, back-pressure.
 
-The protocol's rules are the session's (wire.session): the link asks it at
-every rule point and carries out the actions it answers.  What the two
-sides add is I/O the session cannot do: the device dials what a CONNECT
-asks within its target policy (open_requested) and tells a refusal from a
-lost uplink; the server owns the host port, accepts clients and takes
-over from a stale uplink (listen_granted, host_ready).
+The protocol is wire's: the session (wire.session) answers every event with
+typed actions (wire.actions), each stream's rules (wire.streams) say what its
+frames mean; this link carries them out with sockets, the loop and the pump
+threads, and decides nothing about the protocol itself.  What the two sides
+add is a role (engine.role.Role, handed in): the device dials what an
+OpenLocal asks within its target policy, the server owns host ports, accepts
+clients and takes over from a stale uplink.
 
-Back-pressure: the legacy protocol has no per-stream flow control, so bytes
-for a local socket that reads slower than the uplink delivers are queued on
-the stream.  Past `stream_buffer` bytes the link stops reading the uplink
-(TCP then slows the peer down, stalling every stream of the tunnel, as the
-legacy protocol must); a stream over its buffer that makes no progress for
-`stall_timeout` seconds is closed with a log line, and reading resumes.
-Reading also stops while the control frames this side owes the peer (its
-answers) pile up past writer.QUEUE_LIMIT: a peer that never reads cannot
-make them grow without end.  The two reasons to pause are kept apart, so
-the end of one does not resume reading while the other holds.
-
-Protocol v2 (once the session says UPGRADED): streams opened from then on
-have credit windows, so a slow local socket holds at most `window` bytes
-here and the uplink is never paused for it; EOF carries a half-close each
-way, CLOSE carries a reason and is always answered, and PING/PONG measure
-the round trip and notice a silent path (see docs/protocol.md).
+Back-pressure: for a stream without credit (legacy), bytes for a local socket
+that reads slower than the uplink delivers are queued on the stream.  Past
+`stream_buffer` bytes the link stops reading the uplink (TCP then slows the
+peer down, stalling every stream of the tunnel, as the legacy protocol must);
+a stream over its buffer that makes no progress for `stall_timeout` seconds
+is closed with a log line, and reading resumes.  A stream with credit (v2)
+holds at most its window here.  Reading also stops while the control frames
+this side owes the peer (its answers) pile up past writer.QUEUE_LIMIT: a
+peer that never reads cannot make them grow without end.  The two reasons to
+pause are kept apart, so the end of one does not resume reading while the
+other holds.
 """
 
 import logging
@@ -30,54 +26,58 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set
 
 from ..wire import frames as protocol
-from ..wire.session import (AUTHED, DEBUG, DENIED, FAIL, LISTENED, OPEN, REPLACE, SEND,
-                            UNLISTEN, UPGRADED, WARN, Session)
+from ..wire.actions import (CloseStream, DropStream, Fail, Grant, Log, PeerClosed, PeerEof, Send,
+                            Upgraded)
+from ..wire.session import Session
+from ..wire.streams import failure_code
 from .buffers import FrameBuffer
 from .loop import Loop
 from .pump import PumpHost, PumpThread, run_pump
 from .ratelog import LimitedLog
+from .role import Role
 from .sockets import shutdown_quietly
 from .stream import DRAINING, RELEASED, SHUT, Stream
 from .transport import Transport
-from .v2rules import V2Rules, close_reason, failure_code
 from .writer import QUEUE_LIMIT, FrameWriter
 from ..settings import LinkSettings
 
-_DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))   # an int: an IntFlag's | and & run Python code
+_DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))
 _monotonic = time.monotonic
 _LINGER_ABORT = struct.pack("ii", 1, 0)   # SO_LINGER on, 0 s: close() sends RST
 _TCP_CLOSE = 7   # tcpi_state of a connection the kernel tore down (linux/tcp_states.h)
 # struct tcp_info: tcpi_bytes_received (Linux >= 4.1) is the u64 at offset 128.
 _TCPI_BYTES_RECEIVED = 128
 _TCPI_SIZE = _TCPI_BYTES_RECEIVED + 8
+_ACK_AT_ONCE = protocol.ACK_AT_ONCE
+_CLOSE_ERROR, _CLOSE_RESET = protocol.CLOSE_ERROR, protocol.CLOSE_RESET
 
 # How long a stream closed by the peer may take to hand its last bytes to a
 # client and see it hang up, before it is cut.
 LINGER = 5.0
 
 
-class Link(PumpHost, V2Rules):
-    """One uplink over an injected transport, loop and session.
+class Link(PumpHost):
+    """One uplink over an injected transport, loop, session and role.
 
     Threads: run() is the link thread (it runs the loop, then tears down);
     every method not marked otherwise is for that thread only.  From any
     thread: stop(), call_soon(), uplink_failed(), wait_stopped(), stats()
     (a snapshot of counters).  Pump threads reach it only as a PumpHost.
-    The loop is the link's for now: run() runs it and closes it.
+    The loop is the link's: run() runs it and closes it.
     """
-    role = "link"
 
     def __init__(self, transport: Transport, loop: Loop, session: Session, settings: LinkSettings,
-                 name: str):
+                 name: str, role: Optional[Role] = None):
         self.transport = transport
         self.loop = loop
         self.session = session
         self.settings = settings
         self.name = name
-        self.log = logging.getLogger("tcprc." + self.role)
+        self.role = role if role is not None else Role()
+        self.log = logging.getLogger("tcprc." + self.role.log_name)
         self.noisy = LimitedLog(self.log)
         self.writer = FrameWriter(self.transport)
         self.frames = FrameBuffer()
@@ -98,24 +98,28 @@ class Link(PumpHost, V2Rules):
         self._stopped = threading.Event()
         self.last_heard = _monotonic()         # the last read that gave bytes (heartbeats)
         # Chosen once: a plain transport's reads pay nothing for the TLS case.
-        self._on_readable = (self._on_uplink_buffered if transport.buffers
-                             else self._on_uplink_readable)
-        self._dispatch = {
-            protocol.CONNECT: self._on_connect,
-            protocol.CLOSE: self._on_close,
-            # DATA never gets here: the read loop hands runs of it to _on_data_run.
-            protocol.LISTEN: self._on_listen,
+        self._on_readable: Callable[[], None] = (
+            self._on_uplink_buffered if transport.buffers else self._on_uplink_readable)
+        self._handlers: Dict[type, Callable[[Any], None]] = {
+            Send: self._send, Log: self._log, Fail: lambda action: self.fail(action.reason),
+            DropStream: self._drop_stream, CloseStream: self._close_stream_action,
+            PeerClosed: self._peer_closed, PeerEof: self._peer_eof, Grant: self._grant,
+            Upgraded: self._upgraded,
         }
-        # The handshake's frames go to the session; v2's stream frames are known
-        # only once it is negotiated (upgrade()): before, they are unknown commands.
-        for command in (protocol.OFFER, protocol.HELLO, protocol.CHALLENGE, protocol.AUTH,
-                        protocol.WELCOME, protocol.REJECT):
-            self._dispatch[command] = self._handshake_handler(command)
+        self._handlers.update(self.role.attach(self))
 
     @property
     def sock(self) -> Optional[socket.socket]:
         """The TCP socket under a plain transport (diagnostics, tests); None otherwise."""
         return getattr(self.transport, "sock", None)
+
+    @property
+    def v2(self) -> bool:
+        return self.session.v2
+
+    @property
+    def rtt(self) -> Optional[float]:
+        return self.session.rtt
 
     # ---- lifecycle --------------------------------------------------------------
     def run(self) -> None:
@@ -127,7 +131,7 @@ class Link(PumpHost, V2Rules):
         try:
             try:
                 self._watch_uplink()
-                self.on_start()
+                self.role.on_start()
                 self._act(self.session.start(time.monotonic()))
                 self._arm_session_timer()
                 self.loop.run()
@@ -179,7 +183,7 @@ class Link(PumpHost, V2Rules):
         self.loop.stop()
 
     def _teardown(self) -> None:
-        self.on_teardown()
+        self.role.on_teardown()
         self.session.reset()
         self.writer.close()
         self.transport.shutdown()
@@ -208,45 +212,20 @@ class Link(PumpHost, V2Rules):
             self._release(stream)
         self.retiring.clear()
         self.transport.close()
-        self.log_closed()
-
-    def log_closed(self) -> None:
-        self.log.info("%s: uplink closed: %s", self.name, self.end_reason or "stopped")
-
-    # ---- hooks for the two roles ------------------------------------------------
-    def on_start(self) -> None:
-        pass
-
-    def on_teardown(self) -> None:
-        pass
-
-    def open_requested(self, client_id: int, address: str, port: int, early: bytearray) -> None:
-        """The session's OPEN: a CONNECT asks for a stream (the device's part)."""
-        self.noisy.warning("%s: ignored CONNECT for client %d: not expected on this side",
-                           self.name, client_id)
-
-    def listen_granted(self) -> None:
-        """The session's LISTENED: a legacy session is established (the server's part)."""
-
-    def authenticated(self, device_id: str) -> None:
-        """The session's AUTHED: a v2 handshake passed its checks (the server's part)."""
-
-    def unlisten(self) -> None:
-        """The session's UNLISTEN: it was not legacy after all (the server's part)."""
-
-    def denied(self, device_id: str, message: str) -> None:
-        """The session's DENIED: a handshake failed its checks (the server's part)."""
-        self.noisy.warning("%s: %s", self.name, message)
-
-    def on_stream_refused(self, stream: Stream) -> None:
-        """A stream could not start (no thread for it); counted by the role."""
-
-    def on_stream_closed(self, stream: Stream, reason: str) -> None:
-        self.log.info("%s: client %d (%s) closed: %s (%d bytes to the peer, %d from it)",
-                      self.name, stream.id, stream.peer, reason, stream.bytes_to_peer,
-                      stream.bytes_from_peer)
+        self.role.log_closed()
 
     # ---- the uplink -------------------------------------------------------------
+    def set_reader(self, reader: Callable[[], None]) -> None:
+        """Read the uplink with `reader` (a role's first look at a new uplink)."""
+        self._on_readable = reader
+
+    def read_frames(self) -> None:
+        """The standard reader from now on (a role's first look is over)."""
+        self._on_readable = (self._on_uplink_buffered if self.transport.buffers
+                             else self._on_uplink_readable)
+        self._watch_uplink()
+        self._on_readable()
+
     def _watch_uplink(self) -> None:
         if self._closing:
             return
@@ -274,7 +253,7 @@ class Link(PumpHost, V2Rules):
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self.fail(self.on_uplink_error(exc))
+            self.fail(self._error_reason(exc))
             return
         self.last_heard = _monotonic()
         if not count:
@@ -285,37 +264,20 @@ class Link(PumpHost, V2Rules):
         if sole is not None:
             self._on_data_run(sole[0], [sole[1]])
             return
-        dispatch = self._dispatch
+        acked = False
         # Consecutive DATA frames of one stream (a bulk read holds several)
         # reach its socket in one sendmsg.
-        run_id = -1
-        run: List[memoryview] = []
-        acked = False
-        for command, client_id, payload in self.frames.frames():
-            if command == protocol.DATA and (client_id == run_id or not run):
-                run_id = client_id
-                run.append(payload)
-                continue
-            if run:
-                self._on_data_run(run_id, run)
-                run_id, run = -1, []
-                if self.end_reason:
-                    return
-            if command == protocol.DATA:
-                run_id, run = client_id, [payload]
-                continue
-            if not acked and command == protocol.CLOSE:
-                acked = self._ack_now()
-            handler = dispatch.get(command)
-            if handler is None:
-                self.noisy.warning("%s: skipped unknown command %d for client %d (%d payload bytes)",
-                                   self.name, command, client_id, len(payload))
+        for command, client_id, payload in self.frames.runs():
+            if command is None:
+                self._on_data_run(client_id, payload)
             else:
-                handler(client_id, payload)
+                if not acked and command in _ACK_AT_ONCE:
+                    acked = self._ack_now()
+                self._act(self.session.frame(command, client_id, payload, self.streams,
+                                             _monotonic()))
+                self._arm_session_timer()
             if self.end_reason:
                 return
-        if run:
-            self._on_data_run(run_id, run)
 
     def _eof_reason(self) -> str:
         """Why reading the uplink gave EOF: a FIN from the peer, or a dead connection.
@@ -328,21 +290,22 @@ class Link(PumpHost, V2Rules):
             return "uplink write failed: %s" % self.writer.error
         info = self.transport.tcp_info(_TCPI_SIZE)
         if info is None:
-            return "closed by peer"
+            return self.role.eof_reason("closed by peer")
         reset = info[:1] == bytes([_TCP_CLOSE])
         if self.peer_sent_nothing():
-            return self.on_silent_close(reset)
-        return "connection lost (reset or timed out)" if reset else "closed by peer"
+            return self._silent_close(reset)
+        return self.role.eof_reason("connection lost (reset or timed out)" if reset
+                                    else "closed by peer")
 
-    def on_silent_close(self, reset: bool) -> str:
-        """The reason when the peer hung up (`reset`: or the connection died)
-        without ever sending a byte."""
-        return "connection lost (reset or timed out)" if reset else "closed by peer"
+    def _silent_close(self, reset: bool) -> str:
+        """The peer hung up (`reset`: or the connection died) without a byte."""
+        return self.role.silent_close(reset) or (
+            "connection lost (reset or timed out)" if reset else "closed by peer")
 
-    def on_uplink_error(self, exc: OSError) -> str:
-        """The reason when reading the uplink failed."""
+    def _error_reason(self, exc: OSError) -> str:
+        """Why reading the uplink failed."""
         if isinstance(exc, ConnectionResetError) and self.peer_sent_nothing():
-            return self.on_silent_close(True)
+            return self._silent_close(True)
         return "uplink error: %s" % (exc.strerror or exc)
 
     def peer_sent_nothing(self) -> bool:
@@ -372,8 +335,12 @@ class Link(PumpHost, V2Rules):
 
     def post(self, command: int, client_id: int, payload: bytes = b"") -> None:
         """Send a control frame from the link thread without ever blocking on the uplink."""
+        self._post(protocol.encode(command, client_id, payload),
+                   protocol.coalesce_key(command, client_id))
+
+    def _post(self, frame: bytes, key: Optional[int] = None) -> None:
         # A frame already queued has its flush under way (writability or the retry).
-        if self.writer.post(command, client_id, payload):
+        if self.writer.post(frame, key):
             self._flush_control()
 
     def _flush_control(self) -> None:
@@ -400,51 +367,50 @@ class Link(PumpHost, V2Rules):
         self._flush_retry_armed = False
         self._flush_control()
 
-    # ---- the session's rules ---------------------------------------------------------
+    # ---- the session's actions ----------------------------------------------------------
     def _act(self, actions: List[Any]) -> None:
-        """Carry out what the session answered, in order (see wire.session)."""
+        """Carry out what the session answered, in order (wire.actions)."""
+        handlers = self._handlers
         for action in actions:
-            kind = action[0]
-            if kind is SEND:
-                self.post(action[1], action[2], action[3])
-            elif kind is WARN:
-                self.noisy.warning("%s: %s", self.name, action[1])
-            elif kind is DEBUG:
-                self.log.debug("%s: %s", self.name, action[1])
-            elif kind is REPLACE:
-                old = self.streams.get(action[1])
-                if old is not None:
-                    self.close_stream(old, "replaced by a new CONNECT", notify_peer=False)
-            elif kind is OPEN:
-                self.open_requested(action[1], action[2], action[3], action[4])
-            elif kind is LISTENED:
-                self.listen_granted()
-            elif kind is AUTHED:
-                self.authenticated(action[1])
-            elif kind is DENIED:
-                self.denied(action[1], action[2])
-            elif kind is UNLISTEN:
-                self.unlisten()
-            elif kind is UPGRADED:
-                self.upgrade(action[1], action[2])
-            elif kind is FAIL:
-                self.fail(action[1])
+            handler = handlers.get(type(action))
+            if handler is None:
+                self.noisy.warning("%s: ignored %s: not expected on this side", self.name,
+                                   type(action).__name__)
+            else:
+                handler(action)
             if self.end_reason:
                 return
 
-    def _on_connect(self, client_id: int, payload: memoryview) -> None:
-        self._act(self.session.connect(client_id, payload, client_id in self.streams,
-                                       time.monotonic()))
+    def _send(self, action: Send) -> None:
+        self.post(action.command, action.client_id, action.payload)
 
-    def _on_listen(self, client_id: int, payload: memoryview) -> None:
-        self._act(self.session.listen(_monotonic()))
-        self._arm_session_timer()
+    def _log(self, action: Log) -> None:
+        if action.level >= logging.WARNING:
+            self.noisy.warning("%s: %s", self.name, action.message)
+        else:
+            self.log.log(action.level, "%s: %s", self.name, action.message)
 
-    def _handshake_handler(self, command: int) -> Any:
-        def handle(client_id: int, payload: memoryview) -> None:
-            self._act(self.session.frame(command, client_id, payload, self.streams, _monotonic()))
-            self._arm_session_timer()
-        return handle
+    def _drop_stream(self, action: DropStream) -> None:
+        old = self.streams.get(action.client_id)
+        if old is not None:
+            self.close_stream(old, action.reason, notify_peer=False)
+
+    def _close_stream_action(self, action: CloseStream) -> None:
+        stream = self.streams.get(action.client_id)
+        if stream is not None:
+            self.close_stream(stream, action.reason, code=action.code, text=action.text)
+
+    def _upgraded(self, action: Upgraded) -> None:
+        self.role.on_upgraded(action.detail)
+        self._heartbeat()
+
+    def _heartbeat(self) -> None:
+        if self._closing or self.end_reason:
+            return
+        actions, delay = self.session.tick(_monotonic(), self.last_heard)
+        self._act(actions)
+        if not self.end_reason:
+            self.loop.call_later(delay, self._heartbeat)
 
     def _arm_session_timer(self) -> None:
         # One timer for whatever the session waits for: a timer per event would
@@ -462,7 +428,7 @@ class Link(PumpHost, V2Rules):
                                       not (self._paused or self._control_full)))
         self._arm_session_timer()
 
-    # ---- frames -----------------------------------------------------------------
+    # ---- DATA, the fast path --------------------------------------------------------
     def _on_data_run(self, client_id: int, payloads: List[memoryview]) -> None:
         """DATA frames in a row for one client: their payloads, in order."""
         stream = self.streams.get(client_id)
@@ -479,13 +445,11 @@ class Link(PumpHost, V2Rules):
             return
         self.bytes_from_peer += size
         stream.bytes_from_peer += size
-        if stream.window:
-            if size > stream.allowed or stream.peer_eof:
-                self.close_stream(stream, "the peer sent DATA after its EOF" if stream.peer_eof
-                                  else "the peer sent %d bytes past its window"
-                                  % (size - stream.allowed), code=protocol.CLOSE_ERROR)
-                return
-            stream.allowed -= size
+        rules = stream.rules
+        problem = rules.received(size)
+        if problem is not None:
+            self.close_stream(stream, problem, code=_CLOSE_ERROR)
+            return
         sent = 0
         if stream.sock is not None and not stream.pending:
             try:
@@ -499,8 +463,9 @@ class Link(PumpHost, V2Rules):
                 self.close_stream(stream, "write failed: %s" % (exc.strerror or exc),
                                   code=failure_code(exc))
                 return
-            if stream.window:
-                self._delivered(stream, sent)
+            grant = rules.delivered(sent, True)
+            if grant:
+                self._post(protocol.credit_frame(client_id, grant))
             if sent == size:
                 return
         for payload in payloads:   # what the socket did not take waits on the stream
@@ -512,31 +477,27 @@ class Link(PumpHost, V2Rules):
         if stream.sock is not None:
             self._watch_stream_write(stream, True)
         if stream.pending_bytes > self.settings.stream_buffer and not self._paused \
-                and not stream.window:   # a v2 stream's queue is bounded by its window
+                and not rules.credited:   # a credited stream's queue is bounded by its window
             self._paused = True
             self._watch_uplink()
             self._arm_housekeeping()
 
-    def _on_close(self, client_id: int, payload: memoryview) -> None:
-        stream = self.streams.pop(client_id, None)
+    # ---- streams: the peer's frames ----------------------------------------------------
+    def _peer_closed(self, action: PeerClosed) -> None:
+        stream = self.streams.pop(action.client_id, None)
         if stream is None:
-            self._act(self.session.peer_close(client_id, False, False, time.monotonic()))
             return
         # Not ours to flip: our pump sent CLOSE and its pump_exited is still
         # queued, so the peer's CLOSE answers it.
         answered = not stream.mark_closed()
-        code = 0
-        if stream.window:
-            code, text = close_reason(payload)
-            if not answered:
-                self.post(protocol.CLOSE, client_id)   # v2: every CLOSE is answered
-        self._act(self.session.peer_close(client_id, True, answered, time.monotonic()))
-        if code:
-            self.on_stream_failed(stream, code, text)
+        self._act(self.session.peer_closed(stream.rules, answered, time.monotonic()))
+        if action.code:
+            self.role.on_stream_failed(stream, action.code, action.text)
         else:
-            self.on_stream_closed(stream, "closed; the peer answered" if answered else "closed by peer")
+            self.role.on_stream_closed(stream, "closed; the peer answered" if answered
+                                       else "closed by peer")
         self.retiring.add(stream)
-        if code == protocol.CLOSE_RESET:
+        if action.code == _CLOSE_RESET:
             self._abort(stream)   # the peer's end was reset: so is ours
             return
         # Hand the client what the peer sent before its CLOSE, then hang up.
@@ -547,6 +508,54 @@ class Link(PumpHost, V2Rules):
         if not stream.pending:
             self._shut(stream, graceful=True)
         self._arm_housekeeping()
+
+    def _peer_eof(self, action: PeerEof) -> None:
+        stream = self.streams.get(action.client_id)
+        if stream is not None and stream.sock is not None and not stream.pending:
+            self._deliver_eof(stream)
+        # else: stream_connected or the drain delivers it
+
+    def _grant(self, action: Grant) -> None:
+        stream = self.streams.get(action.client_id)
+        if stream is not None and not stream.add_credit(action.amount, stream.rules.credit_limit):
+            self.close_stream(stream, "the peer granted more than %d bytes of credit"
+                              % stream.rules.credit_limit, code=_CLOSE_ERROR)
+
+    def _deliver_eof(self, stream: Stream) -> None:
+        """The peer's EOF, after every byte before it: the local socket's write half ends."""
+        try:
+            stream.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self._maybe_finish(stream)
+
+    def _maybe_finish(self, stream: Stream) -> None:
+        """Both directions ended (EOF each way, all delivered): CLOSE, and release."""
+        if not stream.rules.finished() or stream.pending \
+                or self.streams.get(stream.id) is not stream:
+            return
+        del self.streams[stream.id]
+        self.session.closed_here(stream.id, time.monotonic())
+        if stream.mark_closed():
+            self._send(self.session.close_frame(stream.rules, 0, ""))
+        self.role.on_stream_closed(stream, "closed both ways")
+        self._release(stream)
+
+    def _abort(self, stream: Stream) -> None:
+        """End the local socket with RST once its pump is out of recv()."""
+        stream.abort = True
+        stream.state = SHUT
+        stream.drop_pending()
+        if stream.sock is None:
+            return   # still connecting: stream_connected cuts it
+        self._watch_stream_write(stream, False)
+        if stream.pump_done:
+            self._release(stream)
+            return
+        try:
+            stream.sock.shutdown(socket.SHUT_RD)   # wakes the pump; sends nothing
+        except OSError:
+            pass
 
     def _shut(self, stream: Stream, graceful: bool) -> None:
         """-> SHUT: shut the local socket down (graceful: only its write half, after
@@ -562,7 +571,11 @@ class Link(PumpHost, V2Rules):
         if stream.pump_done:
             self._release(stream)
 
-    # ---- streams ----------------------------------------------------------------
+    # ---- streams: this side ---------------------------------------------------------
+    def new_stream(self, client_id: int, peer: str) -> Stream:
+        """A Stream under this uplink's rules (version 2's once negotiated)."""
+        return Stream(client_id, peer, self.session.new_stream(client_id))
+
     def open_stream(self, stream: Stream, connect_to: Any = None) -> bool:
         """Register a new stream and start its pump thread.  A thread that cannot
         start (a thread or memory limit) refuses this one client, with a CLOSE
@@ -577,8 +590,8 @@ class Link(PumpHost, V2Rules):
                                self.name, stream.id, stream.peer, exc)
             stream.pump_done = True   # there is no pump to wait for
             self.close_stream(stream, "refused: cannot start its thread (%s)" % exc,
-                              code=protocol.CLOSE_ERROR, text="cannot start a thread")
-            self.on_stream_refused(stream)
+                              code=_CLOSE_ERROR, text="cannot start a thread")
+            self.role.on_stream_refused(stream)
             return False
         return True
 
@@ -598,15 +611,14 @@ class Link(PumpHost, V2Rules):
                 self._shut(stream, graceful=True)
         elif stream.pending:
             self._watch_stream_write(stream, True)
-        elif stream.peer_eof:
+        elif stream.rules.peer_eof:
             self._deliver_eof(stream)
 
     def close_stream(self, stream: Stream, reason: str, notify_peer: bool = True,
                      code: int = 0, text: str = "") -> None:
-        """Close from this side: CLOSE to the peer (unless told not to), cut the local socket.
-
-        v2: the CLOSE carries `code` (a CLOSE reason) and `text`, or `reason`.
-        """
+        """Close from this side: CLOSE to the peer (unless told not to), cut the local
+        socket.  The CLOSE carries `code` (a CLOSE reason) and `text`, or `reason`,
+        where the stream's rules carry reasons."""
         if stream.state is SHUT or stream.state is RELEASED:
             return
         if self.streams.get(stream.id) is stream:
@@ -614,10 +626,9 @@ class Link(PumpHost, V2Rules):
             if notify_peer:
                 self.session.closed_here(stream.id, time.monotonic())
         if stream.mark_closed() and notify_peer:
-            self.post(protocol.CLOSE, stream.id,
-                      protocol.encode_close_reason(code, text or reason) if stream.window and code
-                      else b"")
-        self.on_stream_closed(stream, reason)
+            self._send(self.session.close_frame(stream.rules, code, (text or reason) if code
+                                                else ""))
+        self.role.on_stream_closed(stream, reason)
         if not stream.pump_done:
             self.retiring.add(stream)
         self._shut(stream, graceful=False)
@@ -625,12 +636,14 @@ class Link(PumpHost, V2Rules):
     def pump_exited(self, stream: Stream, reason: str) -> None:
         """Link thread (PumpHost): the stream's pump thread has ended."""
         stream.pump_done = True
-        if stream.window and self.streams.get(stream.id) is stream:
+        rules = stream.rules
+        if not rules.pump_closes and self.streams.get(stream.id) is stream:
             if stream.sent_eof:
+                rules.eof_sent()
                 self._maybe_finish(stream)   # half-closed: the other way may go on
                 return
             # Our side failed (connect, or a socket error): the CLOSE is ours to send.
-            code, text = stream.failure or (protocol.CLOSE_ERROR, reason)
+            code, text = stream.failure or (_CLOSE_ERROR, reason)
             self.close_stream(stream, reason or "closed", code=code, text=text)
             if stream.state is not RELEASED:
                 self._release(stream)
@@ -639,7 +652,7 @@ class Link(PumpHost, V2Rules):
             # The local side ended (the pump sent CLOSE already, or the uplink is gone).
             del self.streams[stream.id]
             self.session.closed_here(stream.id, time.monotonic())
-            self.on_stream_closed(stream, reason or "closed")
+            self.role.on_stream_closed(stream, reason or "closed")
         if stream.state is DRAINING and stream.sock is not None:
             return   # bytes still owed to the client; released when drained or cut
         self._release(stream)
@@ -651,8 +664,7 @@ class Link(PumpHost, V2Rules):
         stream.state = RELEASED
         self.retiring.discard(stream)
         stream.drop_pending()
-        if stream.window:
-            self._forget_growth(stream)
+        stream.rules.released()
         if stream.sock is not None:
             self._watch_stream_write(stream, False)
             if stream.abort:
@@ -689,15 +701,16 @@ class Link(PumpHost, V2Rules):
                 self.close_stream(stream, "write failed: %s" % (exc.strerror or exc),
                                   code=failure_code(exc))
             return
-        if stream.window:
-            self._delivered(stream, before - stream.pending_bytes)
+        grant = stream.rules.delivered(before - stream.pending_bytes, not stream.pending)
+        if grant:
+            self._post(protocol.credit_frame(stream.id, grant))
         if stream.pending:
             return
         if stream.state is DRAINING:
             self._shut(stream, graceful=True)
         else:
             self._watch_stream_write(stream, False)
-            if stream.peer_eof:
+            if stream.rules.peer_eof:
                 self._deliver_eof(stream)
         self._maybe_resume()
 
@@ -754,8 +767,9 @@ class Link(PumpHost, V2Rules):
             "bytes_sent": self.writer.bytes_sent,
             "bytes_received": self.bytes_from_peer,
             "uptime": time.monotonic() - self.started,
-            "protocol": "v2" if self.v2 else "legacy",
+            "protocol": "v2" if self.session.v2 else "legacy",
             "tls": self.transport.version or "off",
-            "rtt": self.rtt,
+            "rtt": self.session.rtt,
             "refused_streams": self.refused_streams,
         }
+

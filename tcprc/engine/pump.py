@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, Sized, Tuple, Union
 
 from ..errors import PeerError
 from ..wire import frames as protocol
+from ..wire.streams import failure_code
 from .buffers import KEEP, Pages, anonymous
 from .sockets import connect_tcp, tune_stream_socket
 from .stream import Stream
@@ -126,13 +127,14 @@ def run_pump(stream: Stream, writer: FrameWriter, host: PumpHost,
     """Body of a pump thread.  `connect_to`, on the device side: (host, port,
     timeout), or a function that returns the connected socket (raises OSError).
 
-    A legacy stream's pump sends CLOSE when its side ends first.  A v2
-    stream's pump sends EOF on local EOF and leaves every CLOSE to the link
-    (with `stream.failure` saying why, when its side failed).
+    The stream's rules say what its end is: a frame that closes the stream
+    (legacy: the pump sends CLOSE when its side ends first), or one that only
+    half-closes it (v2: EOF; every CLOSE is the link's, with `stream.failure`
+    saying why when this side failed).
     """
     reason = "closed"
     sock = stream.sock
-    v2 = stream.window > 0
+    rules = stream.rules
     try:
         if connect_to is not None:
             try:
@@ -147,11 +149,12 @@ def run_pump(stream: Stream, writer: FrameWriter, host: PumpHost,
                     reason = REFUSED + str(exc)
                 else:
                     reason = "connect to %s failed: %s" % (stream.peer, exc.strerror or exc)
-                if v2:
+                if rules.pump_closes:
+                    if stream.mark_closed():
+                        writer.send_frame(rules.end_frame)
+                else:
                     stream.failure = (protocol.close_reason_for(exc, refused),
                                       str(exc) if refused else str(exc.strerror or exc))
-                elif stream.mark_closed():
-                    writer.send(protocol.CLOSE, stream.id, memoryview(b""))
                 return
             sock.settimeout(None)
             tune_stream_socket(sock)
@@ -160,19 +163,20 @@ def run_pump(stream: Stream, writer: FrameWriter, host: PumpHost,
                 reason = ""
                 return
             host.call_soon(lambda: host.stream_connected(stream))
-        if v2:
+        if rules.credited:
             _copy_with_credit(stream, sock, writer, host.open_streams)
-            if writer.send(protocol.EOF, stream.id, memoryview(b""), stream.is_open):
-                stream.sent_eof = True
-                reason = "sent EOF"
-            else:
-                reason = ""
-            return
-        _copy_to_uplink(stream, sock, writer, host.open_streams)
-        if stream.mark_closed():
-            writer.send(protocol.CLOSE, stream.id, memoryview(b""))
         else:
-            reason = ""   # the link or the peer closed it and said why
+            _copy_to_uplink(stream, sock, writer, host.open_streams)
+        if rules.pump_closes:
+            if stream.mark_closed():
+                writer.send_frame(rules.end_frame)
+            else:
+                reason = ""   # the link or the peer closed it and said why
+        elif writer.send_frame(rules.end_frame, stream.is_open):
+            stream.sent_eof = True
+            reason = "sent EOF"
+        else:
+            reason = ""
     except UplinkClosed as exc:
         reason = "uplink closed"
         if str(exc):
@@ -181,15 +185,14 @@ def run_pump(stream: Stream, writer: FrameWriter, host: PumpHost,
             host.uplink_failed("uplink write failed: %s" % exc)
     except OSError as exc:
         reason = "local socket error: %s" % (exc.strerror or exc)
-        if v2:
-            stream.failure = (protocol.CLOSE_RESET if isinstance(exc, ConnectionResetError)
-                              else protocol.CLOSE_ERROR, str(exc.strerror or exc))
-        else:
+        if rules.pump_closes:
             try:
                 if stream.mark_closed():
-                    writer.send(protocol.CLOSE, stream.id, memoryview(b""))
+                    writer.send_frame(rules.end_frame)
             except UplinkClosed:
                 pass
+        else:
+            stream.failure = (failure_code(exc), str(exc.strerror or exc))
     except Exception as exc:
         # The pump's fault barrier: a bug here may have left the stream's
         # accounting (credit, CLOSE) half done, so the whole uplink ends,
@@ -297,7 +300,7 @@ def _splice_to_uplink(stream: Stream, sock: socket.socket, writer: FrameWriter,
     """
     source, (read_end, write_end) = sock.fileno(), pipe
     still_open: Callable[[], bool] = stream.is_open
-    credited = stream.window > 0
+    credited = stream.rules.credited
     first = True
     count = limit = READ_CHUNK
     while True:

@@ -1,6 +1,8 @@
-"""One stream (one client of the tunnel): its local socket, its state, who writes what.
-
-States, as the link thread sees them (`state`, written by the link thread only):
+"""One stream (one client of the tunnel) as the engine drives it: its local socket,
+its pump thread, who writes what.  Its protocol state is its rules'
+(wire.streams: open, half-closed each way, closed, reset, released); what is
+kept here is the life of the local socket (`state`, written by the link
+thread only):
 
     OPEN      listed in the link's table; bytes flow both ways.
     DRAINING  the peer closed it: what it sent before its CLOSE still goes to
@@ -12,17 +14,14 @@ States, as the link thread sees them (`state`, written by the link thread only):
     OPEN -> DRAINING -> SHUT -> RELEASED, and OPEN -> SHUT (cut) or
     OPEN -> RELEASED (the pump ended first: the local side hung up).
 
-Apart from the state, one decision crosses threads: `closed` (no frame may
-be sent for this id any more), flipped once under a lock by whoever gets
-there first, the pump on local EOF or the link on CLOSE or an error; that
-one sends the CLOSE, so at most one CLOSE goes out per stream and never
-DATA after it.
-
-A protocol v2 stream (`window` > 0) adds credit and half-close: the pump
-may send only as many DATA bytes as the peer granted (`credit`, spent by
-the pump, added by the link, under the same lock), and on local EOF it sends
-EOF and ends, leaving the stream open for the other direction.  In v2 only
-the link thread sends CLOSE: it must never follow a CREDIT the link queued.
+Apart from the state, two things cross threads, each under the stream's
+lock: `closed` (no frame may be sent for this id any more), flipped once by
+whoever gets there first, the pump on local EOF (where the rules let the
+pump send CLOSE) or the link on CLOSE or an error; that one sends the
+CLOSE, so at most one CLOSE goes out per stream and never DATA after it.
+And `credit` (where the rules want credit): what the pump may still send,
+spent by the pump, added by the link on the peer's CREDIT; the pump blocks
+while it is 0.
 """
 
 import _thread
@@ -31,12 +30,21 @@ import socket
 import threading
 import time
 from collections import deque
+from enum import Enum
 from typing import Any, Deque, Optional, Tuple, Union
 
-OPEN = "open"
-DRAINING = "draining"
-SHUT = "shut"
-RELEASED = "released"
+from ..wire.streams import StreamRules
+
+
+class LocalState(Enum):
+    OPEN = "open"
+    DRAINING = "draining"
+    SHUT = "shut"
+    RELEASED = "released"
+
+
+OPEN, DRAINING, SHUT, RELEASED = (LocalState.OPEN, LocalState.DRAINING, LocalState.SHUT,
+                                  LocalState.RELEASED)
 
 
 class Stream:
@@ -46,9 +54,11 @@ class Stream:
     everything else is for the link thread.
     """
 
-    def __init__(self, client_id: int, peer: str, window: int = 0, peer_window: int = 0):
+    def __init__(self, client_id: int, peer: str, rules: Optional[StreamRules] = None):
         self.id = client_id                   # fixed
         self.peer = peer                      # fixed; for log lines
+        # The protocol's side of the stream (link thread; the pump reads its constants).
+        self.rules = rules if rules is not None else StreamRules(client_id)
         self.state = OPEN                     # link thread
         self.closed = False                   # either thread, under _close_lock: mark_closed()
         self.pump_done = False                # link thread, when the pump's exit is delivered
@@ -66,14 +76,10 @@ class Stream:
         self.watching_write = False
         self.bytes_to_peer = 0                # pump thread
         self.bytes_from_peer = 0              # link thread
-        # Protocol v2 only (window 0: a legacy stream).
-        self.window = window                  # link thread: what the peer may have in flight to us
-        self.credit = peer_window             # what we may send: pump spends, link adds (_close_lock)
+        # What we may send, where the rules want credit: pump spends, link adds (_close_lock).
+        self.credit = self.rules.initial_credit
         self._credit_wait: Optional[Any] = None   # a held lock the pump waits on while credit is 0
-        self.allowed = window                 # link thread: what the peer may still send us
-        self.to_return = 0                    # link thread: delivered since our last CREDIT
         self.sent_eof = False                 # pump thread, before it exits: its EOF went out
-        self.peer_eof = False                 # link thread: the peer's EOF came
         self.failure: Optional[Tuple[int, str]] = None   # pump thread: CLOSE reason, text
         self.abort = False                    # link thread: close the local socket with RST
 
@@ -108,13 +114,17 @@ class Stream:
                 waiter.acquire()
             waiter.acquire()   # released by add_credit or mark_closed
 
-    def add_credit(self, count: int) -> None:
-        """Link thread: the peer's CREDIT."""
+    def add_credit(self, count: int, limit: int) -> bool:
+        """Link thread: the peer's CREDIT; False (nothing added) when the credit
+        would pass `limit` (the rules' bound)."""
         with self._close_lock:
+            if self.credit + count > limit:
+                return False
             self.credit += count
             waiter, self._credit_wait = self._credit_wait, None
         if waiter is not None:
             waiter.release()
+        return True
 
     # ---- the connect hand-over --------------------------------------------------------
     def hand_over(self, sock: socket.socket) -> bool:

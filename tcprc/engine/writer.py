@@ -26,10 +26,9 @@ from .transport import Transport, as_transport
 
 _DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))   # an int: an IntFlag's | and & run Python code
 _MORE = int(getattr(socket, "MSG_MORE", 0))
-_pack_header = protocol.HEADER.pack
+_data_header = protocol.data_header
 _HEADER_SIZE = protocol.HEADER_SIZE
-_DATA, _MAX_PAYLOAD = protocol.DATA, protocol.MAX_PAYLOAD
-_CLOSE = protocol.CLOSE
+_MAX_PAYLOAD = protocol.MAX_PAYLOAD
 
 # Control frames waiting to be sent: past this the link stops reading.
 QUEUE_LIMIT = 16 * 1024
@@ -55,8 +54,9 @@ class FrameWriter:
         self.can_splice = self._transport.can_splice
         self._lock = threading.Lock()
         self._queued: Deque[bytes] = deque()     # control frames, whole
+        self._keys: Deque[Optional[int]] = deque()   # their coalescing keys (wire's)
         self._head_sent = 0                       # bytes of _queued[0] already sent
-        self._queued_closes: Set[int] = set()     # ids with a CLOSE in _queued
+        self._queued_keys: Set[int] = set()       # keys of the frames in _queued
         # Each counter has one writer (post: the link thread; the flushes:
         # whoever holds the lock), so their difference needs no lock.
         self._posted_bytes = 0
@@ -66,25 +66,22 @@ class FrameWriter:
         self.bytes_sent = 0                       # DATA payload bytes
 
     # ---- worker threads ---------------------------------------------------------
-    def send(self, command: int, client_id: int, payload: memoryview,
-             still_wanted: Optional[Callable[[], bool]] = None) -> bool:
-        """Send one frame, blocking; False if `still_wanted()` said no under the lock.
+    def send_frame(self, frame: bytes,
+                   still_wanted: Optional[Callable[[], bool]] = None) -> bool:
+        """Send one whole control frame, blocking; False if `still_wanted()` said no
+        under the lock.
 
         Checking under the lock, after queued control frames went out, keeps a
-        stream's DATA from following the CLOSE that the link thread queued for it.
+        stream's frames from following the CLOSE that the link thread queued for it.
         """
-        parts: List[Any] = [protocol.header(command, client_id, len(payload))]
-        if payload:
-            parts.append(payload)
-        size = len(payload) if command == protocol.DATA else 0
-        return self._locked(still_wanted, size, parts, _HEADER_SIZE + len(payload))
+        return self._locked(still_wanted, 0, [frame], len(frame))
 
     def send_data(self, client_id: int, data: memoryview,
                   still_wanted: Optional[Callable[[], bool]] = None) -> bool:
         """DATA for `data` of any length: as many frames as it takes, one sendmsg."""
         size = len(data)
         if size <= _MAX_PAYLOAD:   # the common case, kept short for latency
-            return self._locked(still_wanted, size, [_pack_header(size, _DATA, client_id), data],
+            return self._locked(still_wanted, size, [_data_header(client_id, size), data],
                                 _HEADER_SIZE + size)
         parts, wire_bytes = protocol.data_frames(client_id, data)
         return self._locked(still_wanted, size, parts, wire_bytes)
@@ -93,7 +90,7 @@ class FrameWriter:
                      still_wanted: Optional[Callable[[], bool]] = None) -> bool:
         """send() of DATA whose `count` payload bytes wait in the pipe `pipe`:
         the kernel moves them to the uplink, no copy passes through Python."""
-        head = protocol.header(protocol.DATA, client_id, count)
+        head = _data_header(client_id, count)
         return self._locked(still_wanted, count,
                             transmit=lambda: self._splice_all(head, pipe, count))
 
@@ -163,24 +160,26 @@ class FrameWriter:
         if not self._queued or self._queued[0] is not head:
             return   # close() emptied the queue while the send ran (the link's teardown)
         self._queued.popleft()
+        key = self._keys.popleft()
         self._head_sent = 0
         self._flushed_bytes += len(head)
-        if head[2] == _CLOSE:   # a later CLOSE for this id is news again
-            self._queued_closes.discard(head[3])
+        if key is not None:   # a later frame with this key is news again
+            self._queued_keys.discard(key)
 
     # ---- link thread ------------------------------------------------------------
-    def post(self, command: int, client_id: int, payload: bytes = b"") -> bool:
-        """Queue a control frame for flush_nowait(); False if nothing new was queued
-        (closed, or a CLOSE for this id already waits: one unsent CLOSE says it all)."""
+    def post(self, frame: bytes, key: Optional[int] = None) -> bool:
+        """Queue a whole control frame for flush_nowait(); False if nothing new was
+        queued: closed, or a frame with the same coalescing `key` (wire's
+        frames.coalesce_key) still waits, which says it all."""
         if self.closed:
             return False
-        if command == _CLOSE:
-            if client_id in self._queued_closes:
+        if key is not None:
+            if key in self._queued_keys:
                 return False
-            self._queued_closes.add(client_id)
-        frame = protocol.encode(command, client_id, payload)
+            self._queued_keys.add(key)
         self._posted_bytes += len(frame)
         self._queued.append(frame)
+        self._keys.append(key)
         return True
 
     def queued_bytes(self) -> int:
@@ -224,7 +223,8 @@ class FrameWriter:
         try:
             self.closed = True
             self._queued.clear()
-            self._queued_closes.clear()
+            self._keys.clear()
+            self._queued_keys.clear()
             self._flushed_bytes = self._posted_bytes
             if idle and not self.error:
                 self._transport.goodbye()

@@ -1,26 +1,35 @@
-"""ServerLink: the server's uplink: an established session opens its host port, a
-stream per accepted client.
+"""ServerLink: the server's role on one uplink: an established session opens its host
+port, a stream per accepted client.
 
 A legacy session (LISTEN, then no answer to our OFFER) gets [server] host;
 a v2 session gets the host of the device id it authenticated as, or
 [server] host when it has no identity and legacy sessions are allowed.
+
+The protocol is the ServerSession's (wire.session) and the engine's Link
+drives it; a ServerLink is the role handed to that link (engine.role): it
+handles the session's Listened, Authed, Denied and Unlisten, holds the
+uplink's listeners and accepts their clients.  The app holds ServerLinks;
+what it asks of the uplink itself (stop, stats, run) passes through.
 """
 
 import logging
 import socket
 import struct
 import time
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 from ..addr import format_hostport, source_key
 from ..engine.link import Link
-from ..engine.ratelog import LimitedLog
 from ..engine.loop import Loop
-from ..engine.stream import Stream
+from ..engine.ratelog import LimitedLog
+from ..engine.role import Role
 from ..engine.sockets import accept_nowait, tune_stream_socket, tune_uplink_socket
+from ..engine.stream import Stream
 from ..engine.transport import PlainTransport, Transport, looks_like_tls
 from ..wire import frames as protocol
+from ..wire.actions import Authed, Denied, Listened, Unlisten
 from ..wire.session import ServerSession
+from ..wire.states import SessionState
 from .ids import MAX_CLIENTS, ClientIds
 from ..settings import ServerSettings
 
@@ -30,17 +39,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from .app import ServerApp
 
 
-class ServerLink(Link):
-    role = "server"
+class ServerLink(Role):
+    log_name = "server"
 
-    def __init__(self, transport: Transport, loop: Loop, session: ServerSession, settings: ServerSettings,
-                 name: str, app: "ServerApp", host: str = ""):
-        super().__init__(transport, loop, session, settings, name)
-        self.ids = session.ids
+    def __init__(self, transport: Transport, loop: Loop, session: ServerSession,
+                 settings: ServerSettings, name: str, app: "ServerApp", host: str = ""):
         self.app = app
+        self.settings = settings
+        self.session = session
+        self.ids = session.ids
         self.host = host                   # the source address, for allow_from
         self.source = source_key(host)     # what per-source limits count
-        self.noisy = app.uplink_log.of(self.source)
         self.evicted = False
         self.host_sock: Optional[socket.socket] = None
         # Every listener this link accepts on -> the CONNECT payload its clients
@@ -48,19 +57,94 @@ class ServerLink(Link):
         self._connects: Dict[socket.socket, Optional[bytes]] = {}
         self.services: Dict[str, socket.socket] = {}
         self._accept_paused = False
-        self.refusals = LimitedLog(self.log)
-        self._listen_timer = None
+        self._listen_timer: Any = None
         self.record: Any = None            # the app's DeviceRecord, once the session is up
-        if not transport.buffers:   # plain: the first read checks for a TLS client
-            self._on_readable = self._first_read
+        self.link = Link(transport, loop, session, settings, name, self)
+        self.link.noisy = app.uplink_log.of(self.source)
+        self.refusals = LimitedLog(self.link.log)
 
-    def _eof_reason(self) -> str:
-        if self.transport.buffers and not self.session.listening and not self.writer.error:
+    # ---- what the app asks of the uplink ---------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.link.name
+
+    @property
+    def started(self) -> float:
+        return self.link.started
+
+    @property
+    def end_reason(self) -> str:
+        return self.link.end_reason
+
+    @property
+    def transport(self) -> Transport:
+        return self.link.transport
+
+    @property
+    def loop(self) -> Loop:
+        return self.link.loop
+
+    @property
+    def sock(self) -> Optional[socket.socket]:
+        return self.link.sock
+
+    @property
+    def streams(self) -> Dict[int, Stream]:
+        return self.link.streams
+
+    def run(self) -> None:
+        self.link.run()
+
+    def stop(self, reason: str) -> None:
+        self.link.stop(reason)
+
+    def wait_stopped(self, timeout: Optional[float] = None) -> bool:
+        return self.link.wait_stopped(timeout)
+
+    def discard(self) -> None:
+        self.link.discard()
+
+    def stats(self) -> Dict[str, Any]:
+        return self.link.stats()
+
+    @property
+    def v2(self) -> bool:
+        return self.session.v2
+
+    @property
+    def held_by_throttle(self) -> bool:
+        """Its CHALLENGE waits: the id it named failed from its source lately."""
+        return self.session.held
+
+    @property
+    def listening(self) -> bool:
+        """The session is established (legacy, or v2 past its handshake): it has clients."""
+        return self.session.established
+
+    @property
+    def device_id(self) -> str:
+        """The id this session authenticated as ("" : none)."""
+        return self.session.authenticated_id
+
+    # ---- the role --------------------------------------------------------------------------------
+    def attach(self, link: Link) -> Dict[type, Callable[[Any], None]]:
+        if not link.transport.buffers:   # plain: the first read checks for a TLS client
+            link.set_reader(self._first_read)
+        return {Listened: lambda action: self._claim(), Authed: self._authenticated,
+                Denied: self._denied, Unlisten: lambda action: self._unlisten()}
+
+    def eof_reason(self, default: str) -> str:
+        if self.transport.buffers and not self.session.listening and not self.link.writer.error:
             # TLS 1.3 ends the server's handshake before the device checked our
             # certificate against its pin: its verdict is this close.
             return ("the device closed the TLS session before its LISTEN (it may have refused "
                     "our certificate: a pin, or a name it does not accept)")
-        return super()._eof_reason()
+        return default
+
+    def silent_close(self, reset: bool) -> Optional[str]:
+        if self.transport.buffers and not self.session.listening:
+            return self.eof_reason("")
+        return None
 
     def _first_read(self) -> None:
         """A device configured for TLS, on this plaintext port: say so at once
@@ -72,27 +156,10 @@ class ServerLink(Link):
         except OSError:
             first = b""
         if looks_like_tls(first):
-            self.fail("the device speaks TLS, this uplink port is plaintext (set [server] "
-                      "tls_cert and tls_key, or [device] tls = false)")
+            self.link.fail("the device speaks TLS, this uplink port is plaintext (set [server] "
+                           "tls_cert and tls_key, or [device] tls = false)")
             return
-        self._on_readable = self._on_uplink_readable
-        self._watch_uplink()
-        self._on_uplink_readable()
-
-    @property
-    def held_by_throttle(self) -> bool:
-        """Its CHALLENGE waits: the id it named failed from its source lately."""
-        return self.session.state == "delayed"
-
-    @property
-    def listening(self) -> bool:
-        """The session is established (legacy, or v2 past its handshake): it has clients."""
-        return self.session.established
-
-    @property
-    def device_id(self) -> str:
-        """The id this session authenticated as ("" : none)."""
-        return self.session.device_id if self.session.v2 or self.session.state == "authed" else ""
+        self.link.read_frames()
 
     def on_start(self) -> None:
         self._listen_timer = self.loop.call_later(self.settings.listen_timeout, self._no_listen)
@@ -100,24 +167,25 @@ class ServerLink(Link):
     def _no_listen(self) -> None:
         if self.listening:
             return
-        partial = self.frames.incomplete_frame()
+        partial = self.link.frames.incomplete_frame()
         if partial and self.session.listening:
-            self.fail("handshake not done within %.1f s (%s)"
-                      % (self.settings.listen_timeout, partial))
+            self.link.fail("handshake not done within %.1f s (%s)"
+                           % (self.settings.listen_timeout, partial))
             return
-        self._act(self.session.timed_out(self.settings.listen_timeout))
+        self.link._act(self.session.timed_out(self.settings.listen_timeout))
 
     def evict(self, reason: str) -> None:
         """Thread-safe: drop this uplink unless its session got established first.
         One still in its TLS handshake (no loop running yet) is cut at once."""
         if self.transport.buffers and not self.session.listening:
             self.evicted = True
-            self.end_reason = self.end_reason or reason
+            self.link.end_reason = self.link.end_reason or reason
             self.transport.shutdown()
+
         def drop() -> None:
             if not self.listening:
                 self.evicted = True
-                self.fail(reason)
+                self.link.fail(reason)
         self.loop.call_soon(drop)
 
     def log_closed(self) -> None:
@@ -125,31 +193,28 @@ class ServerLink(Link):
         self.app.uplink_log.log(self.source, level, "%s: uplink closed: %s",
                                 self.name, self.end_reason or "stopped")
 
-    def listen_granted(self) -> None:
-        """A legacy session: [server] host."""
-        self._claim()
-
-    def authenticated(self, device_id: str) -> None:
+    def _authenticated(self, action: Authed) -> None:
         """A v2 session passed its handshake: its device's host port, then WELCOME.
 
         With [server] tls_client_ca, the certificate the device showed must name
         the id it proved: a stolen certificate does not open another's port."""
+        device_id = action.device_id
         if self.app.client_certificates and device_id:
             from ..engine.tls import peer_identity
             named = peer_identity(self.transport)
             if named != device_id:
                 message = "its certificate names %s, not %s" % (named or "nobody", device_id)
                 self.app.auth_failed(self, device_id, message)
-                self._act(self.session.reject(protocol.REJECT_BAD_PROOF, message))
+                self.link._act(self.session.reject(protocol.REJECT_BAD_PROOF, message))
                 return
         if device_id:
             self.app.auth_passed(self, device_id)
         self._claim()
 
-    def denied(self, device_id: str, message: str) -> None:
-        self.app.auth_failed(self, device_id, message)
+    def _denied(self, action: Denied) -> None:
+        self.app.auth_failed(self, action.device_id, action.message)
 
-    def unlisten(self) -> None:
+    def _unlisten(self) -> None:
         """A HELLO after the legacy wait, before any client: the port goes back, and
         the handshake gets the listen timeout again."""
         if self.host_sock is not None:
@@ -180,10 +245,10 @@ class ServerLink(Link):
         # teardown hands the port over through host_ready, in this thread.
 
     def _refuse(self, reason: str) -> None:
-        if self.session.state == "authed":
-            self._act(self.session.reject(protocol.REJECT_HOST_BUSY, reason))
+        if self.session.state is SessionState.AUTHED:
+            self.link._act(self.session.reject(protocol.REJECT_HOST_BUSY, reason))
         else:
-            self.fail(reason)
+            self.link.fail(reason)
 
     def host_ready(self, sock: Optional[socket.socket], error: Optional[OSError]) -> None:
         """Link thread: the host port is ours (or could not be opened: `error`)."""
@@ -191,12 +256,12 @@ class ServerLink(Link):
             exc = error or OSError("no host port")
             self._refuse("cannot open host port %s: %s" % (self.wanted_host, exc.strerror or exc))
             return
-        if self._closing or self.end_reason:
+        if self.link._closing or self.end_reason:
             return   # ending already: release_host closes the listener (the app owns it)
         self.host_sock = sock
         bound = format_hostport(*self.host_sock.getsockname()[:2])
-        if self.session.state == "authed":
-            self._act(self.session.welcome(bound))
+        if self.session.state is SessionState.AUTHED:
+            self.link._act(self.session.welcome(bound))
             if self.end_reason:
                 return
         self._connects[self.host_sock] = None
@@ -212,22 +277,23 @@ class ServerLink(Link):
         as configured now: removed or moved ones closed, new ones opened.  Their
         clients get a CONNECT to "service:NAME", port 0; open streams stay."""
         if not (self.v2 and self.device_id) or self.host_sock is None or self.end_reason \
-                or self._closing:
+                or self.link._closing:
             return
         wanted = self.app.services_of(self.device_id)
+        log = self.link.log
         for name in sorted(self.services):
             if self.app.service_host(self, name) != wanted.get(name):
                 sock = self.services.pop(name)
                 self.loop.forget(sock)
                 del self._connects[sock]
                 self.app.release_service(self, name)   # closes it
-                self.log.info("%s: service %s closed", self.name, name)
+                log.info("%s: service %s closed", self.name, name)
         for name in sorted(set(wanted) - set(self.services)):
             try:
                 sock = self.app.claim_service(self, name, wanted[name])
             except OSError as exc:
-                self.noisy.warning("%s: service %s: cannot open host port %s: %s", self.name,
-                                   name, wanted[name], exc.strerror or exc)
+                self.link.noisy.warning("%s: service %s: cannot open host port %s: %s",
+                                        self.name, name, wanted[name], exc.strerror or exc)
                 continue
             if sock is None:
                 continue   # the app said why
@@ -235,8 +301,8 @@ class ServerLink(Link):
             self._connects[sock] = protocol.encode_connect_payload(
                 protocol.SERVICE_PREFIX + name, 0)
             self._watch(sock)
-            self.log.info("%s: service %s: clients accepted on %s", self.name, name,
-                          format_hostport(*sock.getsockname()[:2]))
+            log.info("%s: service %s: clients accepted on %s", self.name, name,
+                     format_hostport(*sock.getsockname()[:2]))
 
     def _watch(self, listener: socket.socket) -> None:
         if not self._accept_paused:
@@ -249,12 +315,13 @@ class ServerLink(Link):
                 self._watch(listener)
 
     def _accept(self, listener: socket.socket) -> None:
+        link = self.link
         # At 255 the ids run out first: that refusal says more (held ids).
-        if len(self.streams) >= self.settings.max_streams_per_device < MAX_CLIENTS:
+        if len(link.streams) >= self.settings.max_streams_per_device < MAX_CLIENTS:
             self._refuse_client(listener, "%d clients are open (max_streams_per_device)"
-                                % len(self.streams))
+                                % len(link.streams))
             return
-        client_id, announce = self.session.open(self.streams, time.monotonic(),
+        client_id, announce = self.session.open(link.streams, time.monotonic(),
                                                 self._connects.get(listener))
         if client_id is None and self.ids.wait:
             # Clients wait in the backlog until the first id's grace ends.
@@ -274,14 +341,14 @@ class ServerLink(Link):
             return
         who = format_hostport(*peer[:2])
         tune_stream_socket(client)
-        stream = self.new_stream(client_id, who)
+        stream = link.new_stream(client_id, who)
         stream.sock = client
         service = "" if listener is self.host_sock else \
             " to service %s" % next((n for n, s in self.services.items() if s is listener), "?")
-        self.log.info("%s: client %d (%s) connected%s", self.name, client_id, who, service)
+        link.log.info("%s: client %d (%s) connected%s", self.name, client_id, who, service)
         # CONNECT is queued before the pump starts, so it precedes the client's DATA.
-        self._act(announce)
-        self.open_stream(stream)
+        link._act(announce)
+        link.open_stream(stream)
 
     def _accept_one(self, listener: socket.socket) -> Any:
         """(client, peer) from `listener`, or (None, None): nobody waiting, or an
@@ -309,9 +376,9 @@ class ServerLink(Link):
         if not protocol.CLOSE_REFUSED <= code <= protocol.CLOSE_NOT_ALLOWED:
             super().on_stream_failed(stream, code, text)
             return
-        self.log.warning("%s: client %d (%s): the device could not open it: %s%s", self.name,
-                         stream.id, stream.peer, protocol.close_reason_name(code),
-                         ": " + text if text else "")
+        self.link.log.warning("%s: client %d (%s): the device could not open it: %s%s",
+                              self.name, stream.id, stream.peer,
+                              protocol.close_reason_name(code), ": " + text if text else "")
 
     def on_upgraded(self, detail: str) -> None:
         pass   # host_ready says it, with the port
@@ -342,7 +409,8 @@ def open_server_link(sock: socket.socket, settings: ServerSettings, name: str, a
         protocol.encode_connect_payload(settings.connect_address, settings.connect_port),
         lambda: _rtt(transport), lookup=app.secret_of, legacy_allowed=settings.legacy,
         window=settings.window,
-        throttle=lambda now, device_id: app.throttle.delay(source, device_id, now))
+        throttle=lambda now, device_id: app.throttle.delay(source, device_id, now),
+        heartbeat=(settings.heartbeat_interval, settings.heartbeat_timeout))
     return ServerLink(transport, Loop(), session, settings, name, app, host)
 
 

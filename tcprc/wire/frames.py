@@ -60,6 +60,21 @@ def header(command: int, client_id: int, length: int) -> bytes:
     return HEADER.pack(length, command, client_id)
 
 
+_pack = HEADER.pack
+
+
+def data_header(client_id: int, length: int) -> bytes:
+    """The header of a DATA frame with `length` payload bytes (the sender's fast path)."""
+    return _pack(length, DATA, client_id)
+
+
+def coalesce_key(command: int, client_id: int) -> Optional[int]:
+    """A key that is the same for control frames one queued copy says all of: a
+    CLOSE for an id is never queued twice while unsent (a peer that never reads
+    must not grow the queue by asking again); None for any other frame."""
+    return client_id if command == CLOSE else None
+
+
 def data_frames(client_id: int, data: Any) -> Tuple[List[Any], int]:
     """DATA of any length as sendmsg parts (header, payload, header, ...) and
     their total byte count: as many frames as MAX_PAYLOAD makes it."""
@@ -72,6 +87,11 @@ def data_frames(client_id: int, data: Any) -> Tuple[List[Any], int]:
         parts.append(chunk)
     return parts, HEADER_SIZE * (len(parts) // 2) + size
 
+
+# Frames whose read the receiver acknowledges at once (engine.link's quick ACK):
+# nothing answers a CLOSE, and a peer with Nagle on holds its next small frame
+# until the ACK comes.
+ACK_AT_ONCE = frozenset((CLOSE,))
 
 # A v2 CONNECT to a named service of the device ([device.services.NAME]): the
 # address is this prefix and the name, the port 0.  It is no host name (a
@@ -163,6 +183,35 @@ class FrameDecoder:
                 return
             self._start = begin + length
             yield command, client_id, view[begin:begin + length]
+
+    def runs(self) -> Iterator[Tuple[Optional[int], int, Any]]:
+        """Every complete frame, the DATA frames of one client in a row joined into a
+        run: (None, client id, [payloads]) for a run (its payloads reach the
+        client's socket in one sendmsg), (command, client id, payload) for any
+        other frame.  Views as in frames()."""
+        view, unpack = self._view, HEADER.unpack_from
+        run_id, run = -1, []   # type: Tuple[int, List[memoryview]]
+        while self._end - self._start >= HEADER_SIZE:
+            length, command, client_id = unpack(view, self._start)
+            begin = self._start + HEADER_SIZE
+            if self._end - begin < length:
+                break
+            self._start = begin + length
+            payload = view[begin:begin + length]
+            if command == DATA:
+                if client_id == run_id:
+                    run.append(payload)
+                    continue
+                if run:
+                    yield None, run_id, run
+                run_id, run = client_id, [payload]
+                continue
+            if run:
+                yield None, run_id, run
+                run_id, run = -1, []
+            yield command, client_id, payload
+        if run:
+            yield None, run_id, run
 
     def sole_data(self) -> Optional[Tuple[int, memoryview]]:
         """(client id, payload) when the buffer holds exactly one whole DATA frame,

@@ -1,44 +1,48 @@
-"""The protocol rules of one uplink, without I/O: events in, actions out (as h11 does).
+"""The protocol of one uplink, without I/O: events in, typed actions out (as h11 does).
 
-The link owns the sockets, the stream table and the DATA fast path; at every
-point where the legacy protocol has a rule it asks its session, which returns
-a list of actions for the link to carry out, in order:
+Both roles, legacy and version 2.  The driver (engine.link) owns the sockets,
+the threads and the stream table; it reports every event here and carries
+out the actions (wire.actions) answered, in order:
 
-    (SEND, command, client id, payload)   queue a control frame for the peer
-    (OPEN, client id, address, port, early bytes)   device: dial, start a stream
-    (REPLACE, client id)    drop the stream on this id without a CLOSE
-    (LISTENED,)             server: a legacy session is established; open the host port
-    (AUTHED, device id)     server: a v2 handshake passed; the link claims the host port
-                            and answers with welcome() or reject()
-    (UPGRADED, peer window, detail)   v2 is negotiated: v2 rules from now on
-    (DENIED, device id, message)      server: a handshake failed its checks (the
-                            link logs it with the source and slows the source down)
-    (UNLISTEN,)             server: a HELLO came after the session was taken as
-                            legacy, before any client: give the host port back
-    (FAIL, reason)          end the uplink
-    (WARN, message) / (DEBUG, message)   one log line about this uplink
+  events (method calls; an object per event would cost an allocation on the
+  DATA fast path):
+    start(now)                           the uplink is up
+    frame(command, id, payload, streams, now)   any frame but DATA for an open
+                                         stream (`streams`: id -> an object with
+                                         `rules`, a wire.streams.StreamRules)
+    unknown_data(id, payloads, now)      DATA for an id with no stream
+    peer_closed(rules, answered, now)    the driver took a PeerClosed: its answer
+    closed_here(id, now)                 this side ended a stream; its CLOSE is on the way
+    expire(now, reading)                 a timer of next_deadline() is over
+    tick(now, last_heard)                a heartbeat is due (version 2)
+  a stream's own events (received, delivered, local EOF, local error) go
+  to its rules (wire.streams), made by new_stream().
 
-Rules kept here: at most one CLOSE per id from this side (the link's
-`closed_here` calls and the session's own refusals), LISTEN first (server),
-a CONNECT on a busy id replaces its stream (device), the answer to DATA or
-CLOSE for an id with no stream, the device's early-DATA hold and quiet ids,
-and the server's id quarantine.  Times are the caller's (`now`, monotonic
-seconds), so a test drives them.
+Rules kept here: at most one CLOSE per id from this side, LISTEN first
+(server), a CONNECT on a busy id replaces its stream (device), the answer to
+DATA or CLOSE for an id with no stream, the device's early-DATA hold and
+quiet ids, the server's id quarantine, the negotiation and handshake of
+version 2 (wire.handshake checks the proofs), its stream frames (CREDIT,
+EOF, CLOSE with reasons, every CLOSE answered: wire.streams) and its
+heartbeats (wire.heartbeat).  States move only along wire.states' tables.
+Times are the caller's (`now`, monotonic seconds), so a test drives them.
 
-Protocol v2 is negotiated here (docs/protocol.md): the server answers LISTEN
-with OFFER and waits a moment for HELLO before taking the device as legacy;
-the device answers OFFER unless told to stay legacy, and refuses to fall back
-when it must not.  The handshake's checks are wire.handshake's.
+The role is the session object handed to the link: a DeviceSession or a
+ServerSession, each the one place of its side's rules.
 """
 
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import frames
+from .actions import (DEBUG, LISTENED, UNLISTEN, WARNING, Authed, CloseStream, Denied,
+                      DropStream, Fail, Grant, Log, OpenLocal, PeerClosed, PeerEof, Send,
+                      Upgraded)
+from .heartbeat import Heartbeat
+from .states import SessionEvent as Ev
+from .states import SessionState, session_next
+from .streams import GrowthBudget, StreamRules, V2StreamRules
 
-SEND, OPEN, REPLACE, LISTENED, FAIL, WARN, DEBUG = (
-    "send", "open", "replace", "listened", "fail", "warn", "debug")
-AUTHED, UPGRADED, DENIED, UNLISTEN = "authed", "upgraded", "denied", "unlisten"
-Action = Tuple[Any, ...]
+Action = Any
 NONE: List[Action] = []   # shared and never appended to: the common answer costs nothing
 
 # Device: early DATA is held this long for its CONNECT (the Java server
@@ -54,73 +58,155 @@ QUIET = 10.0
 # our CLOSE, plus this many smoothed round trips of the uplink.
 GRACE_FLOOR = 0.05
 GRACE_RTTS = 4
-# Server: how long after its OFFER a device that says nothing is taken as
-# legacy: a tcprc device answers at once, so a few round trips, but at least
-# a second: a relay or a proxy in the path hides the real round trip from the
-# uplink's TCP_INFO (a HELLO even later still counts until a client came).
 # Server: the longest its CHALLENGE may wait after failed handshakes of the
 # same id from the same address (its throttle); a device's handshake
 # deadline includes it, so a good device is never timed out by it.
 MAX_CHALLENGE_HOLD = 30.0
+# Server: how long after its OFFER a device that says nothing is taken as
+# legacy: a tcprc device answers at once, so a few round trips, but at least
+# a second: a relay or a proxy in the path hides the real round trip from the
+# uplink's TCP_INFO (a HELLO even later still counts until a client came).
 HELLO_WAIT_FLOOR = 1.0
 HELLO_WAIT_RTTS = 4
 HELLO_WAIT_CAP = 3.0
 
 _HANDSHAKE = (frames.OFFER, frames.HELLO, frames.CHALLENGE, frames.AUTH, frames.WELCOME,
               frames.REJECT)
+_V2_STREAM = (frames.CREDIT, frames.EOF, frames.PING, frames.PONG)
+_ESTABLISHED = (SessionState.LEGACY, SessionState.V2)
+
+L = SessionState
 
 
 class Session:
-    """Rules both sides share; the link thread is its only caller."""
+    """What both roles share: frame dispatch, version 2's stream frames and
+    heartbeats, the rules of new streams.  The link thread is its only caller."""
 
+    role = ""
     window = 0          # v2: each stream's receive window, announced in the handshake
     v2 = False          # v2 negotiated
+    state = L.LISTEN
+    heartbeat: Optional[Heartbeat] = None
+    _budget: Optional[GrowthBudget] = None
+    _peer_window = 0
 
-    def handshake(self, command: int, payload: Any, now: float) -> List[Action]:
-        """A handshake frame (OFFER..REJECT)."""
-        return [(WARN, "skipped %s: not expected on this side"
-                 % frames.COMMAND_NAMES.get(command, command))]
+    def _go(self, event: Ev) -> None:
+        self.state = session_next(self.role, self.state, event)
 
+    @property
+    def established(self) -> bool:
+        """Clients may come: a legacy session, or v2 past its welcome."""
+        return self.state is L.LEGACY or self.state is L.V2
+
+    def upgraded(self, peer_window: int, detail: str, heartbeat: Tuple[float, float]) -> Upgraded:
+        """Version 2 from now on: the streams' budget, the heartbeat."""
+        self.v2 = True
+        self._peer_window = peer_window
+        self._budget = GrowthBudget(self.window)
+        self.heartbeat = Heartbeat(*heartbeat)
+        return Upgraded(peer_window, detail)
+
+    def new_stream(self, client_id: int) -> StreamRules:
+        """The rules of a stream opened now (version 2's once negotiated)."""
+        if self.v2:
+            return V2StreamRules(client_id, self._budget, self._peer_window)
+        return StreamRules(client_id)
+
+    def grown(self) -> int:
+        """Bytes of window grown beyond the configured windows, all streams."""
+        return self._budget.grown if self._budget is not None else 0
+
+    # ---- events ------------------------------------------------------------------------------
     def start(self, now: float) -> List[Action]:
         """The uplink is up."""
         return NONE
 
-    def frame(self, command: int, client_id: int, payload: Any, open_ids: Any,
+    def frame(self, command: int, client_id: int, payload: Any, streams: Dict[int, Any],
               now: float) -> List[Action]:
-        """Any frame but DATA for an open stream (the link delivers that itself).
-
-        `open_ids`: the ids with a stream here (a dict or set).  A CLOSE for
-        an open id is the link's to carry out; it calls peer_close() too.
-        """
+        """Any frame but DATA for an open stream (the link delivers that itself)."""
         if command == frames.DATA:
             return self.unknown_data(client_id, [payload], now)
         if command == frames.CONNECT:
-            return self.connect(client_id, payload, client_id in open_ids, now)
+            return self.connect(client_id, payload, client_id in streams, now)
         if command == frames.CLOSE:
-            return self.peer_close(client_id, client_id in open_ids, False, now)
+            stream = streams.get(client_id)
+            if stream is not None:
+                code, text = stream.rules.on_close(payload)
+                return [PeerClosed(client_id, code, text, False)]
+            return self.peer_close(client_id, False, False, now)
         if command == frames.LISTEN:
             return self.listen(now)
         if command in _HANDSHAKE:
             return self.handshake(command, payload, now)
-        return [(WARN, "skipped unknown command %d for client %d (%d payload bytes)"
-                 % (command, client_id, len(payload)))]
+        if self.v2 and command in _V2_STREAM:
+            return self._v2_frame(command, client_id, payload, streams.get(client_id), now)
+        return [Log(WARNING, "skipped unknown command %d for client %d (%d payload bytes)"
+                    % (command, client_id, len(payload)))]
+
+    def _v2_frame(self, command: int, client_id: int, payload: Any, stream: Any,
+                  now: float) -> List[Action]:
+        if command == frames.PING:
+            return self.heartbeat.on_ping(payload)
+        if command == frames.PONG:
+            return self.heartbeat.on_pong(payload, now)
+        if stream is None:
+            return NONE   # crossed our CLOSE
+        rules = stream.rules
+        if command == frames.CREDIT:
+            try:
+                amount = rules.on_credit(payload)
+            except frames.ProtocolError as exc:
+                return [CloseStream(client_id, "bad CREDIT: %s" % exc, frames.CLOSE_ERROR, "")]
+            return [Grant(client_id, amount)] if amount else NONE
+        already = rules.peer_eof
+        problem = rules.on_eof(payload)
+        if problem:
+            return [CloseStream(client_id, problem, frames.CLOSE_ERROR, "")]
+        return [PeerEof(client_id)] if rules.peer_eof and not already else NONE
+
+    def peer_closed(self, rules: StreamRules, answered: bool, now: float) -> List[Action]:
+        """The driver carried out a PeerClosed (`answered`: our CLOSE had gone out
+        already): the answer the rules want, and the id's bookkeeping."""
+        actions = self.peer_close(rules.client_id, True, answered, now)
+        if rules.answers_close and not answered:
+            return [Send(frames.CLOSE, rules.client_id, b"")] + actions   # every CLOSE answered
+        return actions
+
+    def close_frame(self, rules: StreamRules, code: int, text: str) -> Send:
+        """Our CLOSE for a stream, with its reason where the rules carry one."""
+        return Send(frames.CLOSE, rules.client_id, rules.close_payload(code, text))
+
+    def tick(self, now: float, last_heard: float) -> Tuple[List[Action], float]:
+        """Heartbeat (version 2): (actions, seconds until the next tick)."""
+        return self.heartbeat.tick(now, last_heard)
+
+    @property
+    def rtt(self) -> Optional[float]:
+        return self.heartbeat.rtt if self.heartbeat is not None else None
+
+    # ---- the role's parts ------------------------------------------------------------------
+    def handshake(self, command: int, payload: Any, now: float) -> List[Action]:
+        """A handshake frame (OFFER..REJECT)."""
+        return [Log(WARNING, "skipped %s: not expected on this side"
+                    % frames.COMMAND_NAMES.get(command, command))]
 
     def connect(self, client_id: int, payload: Any, busy: bool, now: float) -> List[Action]:
-        return [(WARN, "ignored CONNECT for client %d: not expected on this side" % client_id)]
+        return [Log(WARNING, "ignored CONNECT for client %d: not expected on this side"
+                    % client_id)]
 
     def listen(self, now: float) -> List[Action]:
-        return [(WARN, "ignored LISTEN: not expected on this side")]
+        return [Log(WARNING, "ignored LISTEN: not expected on this side")]
 
     def unknown_data(self, client_id: int, payloads: List[Any], now: float) -> List[Action]:
         """DATA frames in a row for an id with no stream; the views die with this call."""
         return NONE
 
     def peer_close(self, client_id: int, known: bool, answered: bool, now: float) -> List[Action]:
-        """The peer's CLOSE.  `known`: a stream is open on the id; `answered`:
+        """The peer's CLOSE.  `known`: a stream was open on the id; `answered`:
         this side had closed it already (the peer's CLOSE crossed ours)."""
         if known:
             return NONE
-        return [(DEBUG, "CLOSE for unknown client %d ignored" % client_id)]
+        return [Log(DEBUG, "CLOSE for unknown client %d ignored" % client_id)]
 
     def closed_here(self, client_id: int, now: float) -> None:
         """This side ended the stream on `client_id` and its CLOSE is on the way."""
@@ -151,8 +237,11 @@ class DeviceSession(Session):
     own, which ends the quiet time; a tcprc server does not, hence the bound).
     """
 
+    role = "device"
+
     def __init__(self, protocol: str = "auto", device_id: str = "", secret: Optional[bytes] = None,
-                 window: int = 256 * 1024, strict: bool = False, offer_wait: float = 10.0) -> None:
+                 window: int = 256 * 1024, strict: bool = False, offer_wait: float = 10.0,
+                 heartbeat: Tuple[float, float] = (15.0, 45.0)) -> None:
         # Per client id, so at most 256 entries each; cleared by reset().
         self._early: Dict[int, List[Any]] = {}          # id -> [bytearray, deadline]
         self._early_bytes = 0
@@ -165,8 +254,9 @@ class DeviceSession(Session):
         self.window = window
         self.strict = strict or protocol == "v2"
         self._offer_wait = offer_wait
+        self._heartbeat = heartbeat
         self._offer_deadline: Optional[float] = None
-        self.state = "listen"          # -> legacy | hello -> v2
+        self.state = L.LISTEN
         self._handshake: Any = None
         self.rejected = ""             # the server's REJECT, for the app's last error
         self._ignored_offer = False    # protocol "legacy" ignored a v2 server's OFFER
@@ -174,19 +264,21 @@ class DeviceSession(Session):
     def start(self, now: float) -> List[Action]:
         if self.strict:
             self._offer_deadline = now + self._offer_wait
-        return [(SEND, frames.LISTEN, 0, b"")]
+        return [Send(frames.LISTEN, 0, b"")]
 
     def _stream_frame(self, name: str) -> Optional[List[Action]]:
         """A CONNECT, DATA or CLOSE came: before any OFFER it tells a legacy
         server.  None: go on with the frame; else what to do instead."""
-        if self.state == "listen":
+        if self.state is L.LISTEN:
             if self.strict:
-                return [(FAIL, "the server speaks only the legacy protocol (it sent %s without "
-                         "an OFFER): refusing to fall back, %s" % (name, self._why_strict()))]
-            self.state = "legacy"
+                self._go(Ev.REFUSE_LEGACY)
+                return [Fail("the server speaks only the legacy protocol (it sent %s without "
+                             "an OFFER): refusing to fall back, %s" % (name, self._why_strict()))]
+            self._go(Ev.LEGACY_FRAME)
             self._offer_deadline = None
-        elif self.state == "hello":
-            return [(FAIL, "%s during the v2 handshake" % name)]
+        elif self.state is L.HELLO:
+            self._go(Ev.HANDSHAKE_FAILED)
+            return [Fail("%s during the v2 handshake" % name)]
         return None
 
     def _handshake_wait(self) -> float:
@@ -203,73 +295,78 @@ class DeviceSession(Session):
         if command == frames.OFFER:
             if self.protocol == "legacy":
                 self._ignored_offer = True
-                return [(DEBUG, "OFFER of protocol v2 ignored: [device] protocol = \"legacy\"")]
-            if self.state == "hello":   # a server that offers twice is broken: no waiting on it
-                return [(SEND, frames.REJECT, 0, frames.encode_reject(
+                return [Log(DEBUG, "OFFER of protocol v2 ignored: [device] protocol = \"legacy\"")]
+            if self.state is L.HELLO:   # a server that offers twice is broken: no waiting on it
+                self._go(Ev.HANDSHAKE_FAILED)
+                return [Send(frames.REJECT, 0, frames.encode_reject(
                             frames.REJECT_MALFORMED, "OFFER out of order")),
-                        (FAIL, "v2 handshake failed: a second OFFER during the handshake")]
-            if self.state != "listen" or len(payload):
-                return [(WARN, "unexpected OFFER ignored")]
+                        Fail("v2 handshake failed: a second OFFER during the handshake")]
+            if self.state is not L.LISTEN or len(payload):
+                return [Log(WARNING, "unexpected OFFER ignored")]
             from .handshake import DeviceHandshake
             self._handshake = DeviceHandshake(self.device_id, self._secret, self.window)
-            self.state = "hello"
+            self._go(Ev.OFFER)
             # A bound for the rest of the handshake: a server gone quiet now (or
             # a path that black-holes, TCP still up) must not hold the uplink.
             # For an id it includes the longest a server may hold its CHALLENGE
             # after failures of that id from this address (someone else's,
             # perhaps): a good device waits, it is not timed out.
             self._offer_deadline = now + self._handshake_wait()
-            return [(SEND, frames.HELLO, 0, self._handshake.hello())]
-        if command == frames.REJECT and self._ignored_offer and self.state != "v2":
+            return [Send(frames.HELLO, 0, self._handshake.hello())]
+        if command == frames.REJECT and self._ignored_offer and self.state is not L.V2:
             # A tcprc server that offered v2 refuses this legacy device (it takes
             # only authenticated ones): say why, not just "closed by peer".
             code, text = _reject(payload)
             self.rejected = "the server refused this legacy device: %s%s" % (
                 frames.reject_name(code), ": " + text if text else "")
-            return [(FAIL, self.rejected)]
-        if self.state != "hello":
+            self._go(Ev.REJECTED_LEGACY)
+            return [Fail(self.rejected)]
+        if self.state is not L.HELLO:
             # Only an OFFER opens the handshake: before it (a legacy server's garbage)
             # or on a legacy uplink these are unknown commands, skipped and never
             # answered with a v2 frame.
-            if self.state == "v2":
-                return [(SEND, frames.REJECT, 0, frames.encode_reject(
+            if self.state is L.V2:
+                return [Send(frames.REJECT, 0, frames.encode_reject(
                             frames.REJECT_MALFORMED, "%s out of order" % frames.COMMAND_NAMES[command])),
-                        (FAIL, "%s out of order (after the handshake)" % frames.COMMAND_NAMES[command])]
-            return [(WARN, "skipped unknown command %d (%d payload bytes): no v2 handshake on "
-                           "this uplink" % (command, len(payload)))]
+                        Fail("%s out of order (after the handshake)" % frames.COMMAND_NAMES[command])]
+            return [Log(WARNING, "skipped unknown command %d (%d payload bytes): no v2 handshake "
+                                 "on this uplink" % (command, len(payload)))]
         if command == frames.REJECT:
             code, text = _reject(payload)
             self.rejected = "the server rejected this device: %s%s" % (
                 frames.reject_name(code), ": " + text if text else "")
-            return [(FAIL, self.rejected)]
+            self._go(Ev.HANDSHAKE_FAILED)
+            return [Fail(self.rejected)]
         from .handshake import HandshakeError
         try:
             if command == frames.CHALLENGE:
-                return [(SEND, frames.AUTH, 0, self._handshake.on_challenge(payload))]
+                return [Send(frames.AUTH, 0, self._handshake.on_challenge(payload))]
             if command == frames.WELCOME:
                 host = self._handshake.on_welcome(payload)
-                self.state = "v2"
+                self._go(Ev.WELCOME)
                 self._offer_deadline = None
-                self.v2 = True
-                return [(UPGRADED, self._handshake.peer_window,
-                         "%s; the server takes our clients on %s" % (
-                             "authenticated as %s" % self.device_id if self.device_id
-                             else "no identity", host))]
+                return [self.upgraded(self._handshake.peer_window, "%s; the server takes our "
+                                      "clients on %s" % ("authenticated as %s" % self.device_id
+                                                         if self.device_id else "no identity",
+                                                         host), self._heartbeat)]
             raise HandshakeError(frames.REJECT_MALFORMED,
                                  "%s is not for a device" % frames.COMMAND_NAMES[command])
         except HandshakeError as exc:
             self.rejected = str(exc)
-            return [(SEND, frames.REJECT, 0, frames.encode_reject(exc.code, exc.wire_text)),
-                    (FAIL, "v2 handshake failed: %s" % exc)]
+            self._go(Ev.HANDSHAKE_FAILED)
+            return [Send(frames.REJECT, 0, frames.encode_reject(exc.code, exc.wire_text)),
+                    Fail("v2 handshake failed: %s" % exc)]
 
     def connect(self, client_id: int, payload: Any, busy: bool, now: float) -> List[Action]:
-        if self.state == "hello" and not self.strict:
+        if self.state is L.HELLO and not self.strict:
             # The server took us as legacy before our HELLO reached it, and
             # carried a client: it ignores the HELLO, so this uplink is legacy.
-            self.state, self._handshake, self._offer_deadline = "legacy", None, None
-            return [(WARN, "the server took this uplink as legacy before our HELLO reached it: "
-                           "staying legacy")] + self.connect(client_id, payload, busy, now)
-        if self.state != "legacy" and self.state != "v2":
+            self._go(Ev.TAKEN_AS_LEGACY)
+            self._handshake, self._offer_deadline = None, None
+            return [Log(WARNING, "the server took this uplink as legacy before our HELLO "
+                                 "reached it: staying legacy")] + self.connect(client_id, payload,
+                                                                               busy, now)
+        if not self.established:
             refused = self._stream_frame("CONNECT")
             if refused is not None:
                 return refused
@@ -277,28 +374,28 @@ class DeviceSession(Session):
         if quiet is not None and quiet[1] and now - quiet[0] < QUIET:
             # Sent before the server saw our CLOSE: its client is gone already.
             self._quiet[client_id] = quiet
-            return [(DEBUG, "stale CONNECT for client %d (refused before, no CLOSE from "
-                     "the server yet): ignored" % client_id)]
+            return [Log(DEBUG, "stale CONNECT for client %d (refused before, no CLOSE from "
+                               "the server yet): ignored" % client_id)]
         early = self._drop_early(client_id) or bytearray()
         # Legacy rule: a CONNECT on a busy id replaces the stream, silently.
-        actions: List[Action] = [(REPLACE, client_id)] if busy else []
+        actions: List[Action] = [DropStream(client_id, "replaced by a new CONNECT")] if busy else []
         try:
             address, port = frames.decode_connect_payload(payload)
         except frames.ProtocolError as exc:
-            actions.append((WARN, "refused client %d: %s" % (client_id, exc)))
+            actions.append(Log(WARNING, "refused client %d: %s" % (client_id, exc)))
             actions.append(self._close(client_id, now, False))
             return actions
-        actions.append((OPEN, client_id, address, port, early))
+        actions.append(OpenLocal(client_id, address, port, early))
         return actions
 
     def unknown_data(self, client_id: int, payloads: List[Any], now: float) -> List[Action]:
-        if self.state != "legacy" and self.state != "v2":
+        if not self.established:
             refused = self._stream_frame("DATA")
             if refused is not None:
                 return refused
         if self.v2:
             # No early DATA in v2 (CONNECT always comes first): it crossed our CLOSE.
-            return [(DEBUG, "DATA for closed client %d dropped" % client_id)]
+            return [Log(DEBUG, "DATA for closed client %d dropped" % client_id)]
         quiet = self._quiet.get(client_id)
         if quiet is not None:
             if now - quiet[0] < QUIET:
@@ -318,7 +415,7 @@ class DeviceSession(Session):
         return NONE
 
     def peer_close(self, client_id: int, known: bool, answered: bool, now: float) -> List[Action]:
-        if self.state != "legacy" and self.state != "v2":
+        if not self.established:
             refused = self._stream_frame("CLOSE")
             if refused is not None:
                 return refused
@@ -338,11 +435,13 @@ class DeviceSession(Session):
     def expire(self, now: float, reading: bool) -> List[Action]:
         if self._offer_deadline is not None and now >= self._offer_deadline:
             self._offer_deadline = None
-            if self.state == "hello":
-                return [(FAIL, "the v2 handshake did not finish within %g s of the OFFER"
-                         % self._handshake_wait())]
-            return [(FAIL, "no OFFER of protocol v2 within %g s of LISTEN (a legacy server?): "
-                     "refusing to fall back, %s" % (self._offer_wait, self._why_strict()))]
+            if self.state is L.HELLO:
+                self._go(Ev.HANDSHAKE_FAILED)
+                return [Fail("the v2 handshake did not finish within %g s of the OFFER"
+                             % self._handshake_wait())]
+            self._go(Ev.REFUSE_LEGACY)
+            return [Fail("no OFFER of protocol v2 within %g s of LISTEN (a legacy server?): "
+                         "refusing to fall back, %s" % (self._offer_wait, self._why_strict()))]
         if not reading:
             # Not reading: the CONNECT may be waiting unread; give it time after reading resumes.
             for entry in self._early.values():
@@ -364,7 +463,7 @@ class DeviceSession(Session):
 
     def _close(self, client_id: int, now: float, refused: bool) -> Action:
         self._quiet[client_id] = (now, refused)
-        return (SEND, frames.CLOSE, client_id, b"")
+        return Send(frames.CLOSE, client_id, b"")
 
     def _drop_early(self, client_id: int) -> Optional[bytearray]:
         entry = self._early.pop(client_id, None)
@@ -375,7 +474,7 @@ class DeviceSession(Session):
 
     def _refuse_early(self, client_id: int, now: float, why: str) -> List[Action]:
         self._drop_early(client_id)
-        return [(WARN, "client %d: %s: answered CLOSE" % (client_id, why)),
+        return [Log(WARNING, "client %d: %s: answered CLOSE" % (client_id, why)),
                 self._close(client_id, now, True)]
 
 
@@ -388,11 +487,14 @@ class ServerSession(Session):
     id gets.
     """
 
+    role = "server"
+
     def __init__(self, ids: Any, connect_payload: bytes,
                  rtt: Callable[[], float] = lambda: 0.0,
                  lookup: Callable[[str], Optional[bytes]] = lambda device_id: None,
                  legacy_allowed: bool = True, window: int = 256 * 1024,
-                 throttle: Callable[[float, str], float] = lambda now, device_id: 0.0) -> None:
+                 throttle: Callable[[float, str], float] = lambda now, device_id: 0.0,
+                 heartbeat: Tuple[float, float] = (15.0, 45.0)) -> None:
         self.ids = ids
         self.connect_payload = connect_payload
         self.listening = False
@@ -403,7 +505,8 @@ class ServerSession(Session):
         self.legacy_allowed = legacy_allowed
         self.window = window
         self._throttle = throttle
-        self.state = "listen"   # -> offered -> (legacy | challenged -> authed -> v2)
+        self._heartbeat = heartbeat
+        self.state = L.LISTEN
         self._deadline: Optional[float] = None
         self._handshake: Any = None
         self._challenge = b""
@@ -411,84 +514,96 @@ class ServerSession(Session):
         self._carried = False   # a CONNECT went out: a late HELLO can no longer change the session
 
     @property
-    def established(self) -> bool:
-        """Clients may come: a legacy session, or v2 past its WELCOME."""
-        return self.state in ("legacy", "v2")
+    def authenticated_id(self) -> str:
+        """The id this session proved ("": none, or not proved yet)."""
+        return self.device_id if self.state is L.V2 or self.state is L.AUTHED else ""
+
+    @property
+    def held(self) -> bool:
+        """Its CHALLENGE waits: the id it named failed from its source lately."""
+        return self.state is L.DELAYED
 
     def listen(self, now: float) -> List[Action]:
         if self.listening:
-            return [(WARN, "repeated LISTEN ignored")]
+            return [Log(WARNING, "repeated LISTEN ignored")]
         self.listening = True
-        self.state = "offered"
+        self._go(Ev.LISTEN)
         if self.legacy_allowed:   # else only a HELLO helps: listen_timeout bounds the wait
             self._deadline = now + min(HELLO_WAIT_CAP, max(HELLO_WAIT_FLOOR,
                                                            HELLO_WAIT_RTTS * self._rtt()))
         # Zero length: a legacy (Lua) device logs it as a bad command and carries on.
-        return [(SEND, frames.OFFER, frames.V2, b"")]
+        return [Send(frames.OFFER, frames.V2, b"")]
 
     def handshake(self, command: int, payload: Any, now: float) -> List[Action]:
         name = frames.COMMAND_NAMES[command]
-        if self.state == "listen":   # we offered nothing yet: no REJECT, a v2 frame
-            return [(FAIL, "%s before LISTEN: not a tcprc device" % name)]
-        if self.state == "legacy" and command != frames.HELLO:
-            return [(WARN, "skipped unknown command %d (%d payload bytes): a legacy session"
-                           % (command, len(payload)))]
+        if self.state is L.LISTEN:   # we offered nothing yet: no REJECT, a v2 frame
+            return [Fail("%s before LISTEN: not a tcprc device" % name)]
+        if self.state is L.LEGACY and command != frames.HELLO:
+            return [Log(WARNING, "skipped unknown command %d (%d payload bytes): a legacy "
+                                 "session" % (command, len(payload)))]
         from .handshake import HandshakeError, ServerHandshake
         unlisten: List[Action] = []
-        if command == frames.HELLO and self.state == "legacy" and not self._carried:
+        if command == frames.HELLO and self.state is L.LEGACY and not self._carried:
             # Slower than our wait (a relay or a proxy in the path hides the
             # real round trip from TCP_INFO), but nothing was carried as legacy yet.
-            self.state = "offered"
-            unlisten = [(UNLISTEN,), (DEBUG, "HELLO after the legacy wait, before any client: "
+            self._go(Ev.LATE_HELLO)
+            unlisten = [UNLISTEN, Log(DEBUG, "HELLO after the legacy wait, before any client: "
                                              "the session is v2 after all")]
         try:
-            if command == frames.HELLO and self.state == "offered":
+            if command == frames.HELLO and self.state is L.OFFERED:
                 self._handshake = ServerHandshake(self._lookup, self.window, self.legacy_allowed)
                 self._challenge = self._handshake.on_hello(payload)
                 self.device_id = self._handshake.device_id
                 wait = self._throttle(now, self.device_id)
                 if wait > 0:   # this id failed from this source: its answer waits
-                    self.state, self._deadline = "delayed", now + wait
-                    return unlisten + [(DEBUG, "CHALLENGE held %.1f s: recent failures of "
-                                               "id %s from this source" % (wait, self.device_id))]
-                self.state, self._deadline = "challenged", None
-                return unlisten + [(SEND, frames.CHALLENGE, 0, self._challenge)]
-            if command == frames.AUTH and self.state == "challenged":
+                    self._go(Ev.HELLO_HELD)
+                    self._deadline = now + wait
+                    return unlisten + [Log(DEBUG, "CHALLENGE held %.1f s: recent failures of "
+                                                  "id %s from this source" % (wait, self.device_id))]
+                self._go(Ev.HELLO)
+                self._deadline = None
+                return unlisten + [Send(frames.CHALLENGE, 0, self._challenge)]
+            if command == frames.AUTH and self.state is L.CHALLENGED:
                 self._handshake.on_auth(payload)
-                self.state = "authed"
-                return [(AUTHED, self.device_id)]
+                self._go(Ev.AUTH)
+                return [Authed(self.device_id)]
             if command == frames.REJECT:
                 code, text = _reject(payload)
-                return [(FAIL, "the device rejected the handshake: %s%s" % (
+                self._fail_handshake()
+                return [Fail("the device rejected the handshake: %s%s" % (
                     frames.reject_name(code), ": " + text if text else ""))]
-            if command == frames.HELLO and self.state == "legacy":
+            if command == frames.HELLO and self.state is L.LEGACY:
                 # The device sees our CONNECT before any CHALLENGE and stays legacy
                 # too (or hangs up, if it must not).
-                return [(WARN, "HELLO after the uplink carried clients as legacy (the device "
-                         "answered our OFFER too late): the session stays legacy")]
+                return [Log(WARNING, "HELLO after the uplink carried clients as legacy (the "
+                                     "device answered our OFFER too late): the session stays "
+                                     "legacy")]
             raise HandshakeError(frames.REJECT_MALFORMED, "%s out of order" % name)
         except HandshakeError as exc:
-            self.state = "failed"
+            self._fail_handshake()
             if self._handshake is not None:
                 self.device_id = self._handshake.device_id
             # The log line may name the cause; the REJECT says only what the
             # device may know (an unknown id looks like a bad proof).
-            return unlisten + [(DENIED, self.device_id, str(exc)),
-                    (SEND, frames.REJECT, 0, frames.encode_reject(exc.code, exc.wire_text)),
-                    (FAIL, "v2 handshake failed: %s" % exc)]
+            return unlisten + [Denied(self.device_id, str(exc)),
+                               Send(frames.REJECT, 0, frames.encode_reject(exc.code, exc.wire_text)),
+                               Fail("v2 handshake failed: %s" % exc)]
+
+    def _fail_handshake(self) -> None:
+        if self.state is not L.FAILED:
+            self._go(Ev.HANDSHAKE_FAILED)
 
     def welcome(self, host: str) -> List[Action]:
         """The link claimed the host port of an authenticated session: WELCOME."""
-        self.state = "v2"
-        self.v2 = True
+        self._go(Ev.WELCOMED)
         detail = ("authenticated as %s" % self.device_id if self.device_id else "no identity")
-        return [(SEND, frames.WELCOME, 0, self._handshake.welcome(host)),
-                (UPGRADED, self._handshake.peer_window, detail)]
+        return [Send(frames.WELCOME, 0, self._handshake.welcome(host)),
+                self.upgraded(self._handshake.peer_window, detail, self._heartbeat)]
 
     def reject(self, code: int, text: str) -> List[Action]:
         """The link could not give an authenticated session its host port."""
-        self.state = "failed"
-        return [(SEND, frames.REJECT, 0, frames.encode_reject(code, text)), (FAIL, text)]
+        self._go(Ev.HOST_REFUSED)
+        return [Send(frames.REJECT, 0, frames.encode_reject(code, text)), Fail(text)]
 
     def next_deadline(self) -> Optional[float]:
         return self._deadline
@@ -497,41 +612,41 @@ class ServerSession(Session):
         if self._deadline is None or now < self._deadline:
             return NONE
         self._deadline = None
-        if self.state == "delayed":
-            self.state = "challenged"
-            return [(SEND, frames.CHALLENGE, 0, self._challenge)]
-        if self.state != "offered":
+        if self.state is L.DELAYED:
+            self._go(Ev.HOLD_OVER)
+            return [Send(frames.CHALLENGE, 0, self._challenge)]
+        if self.state is not L.OFFERED:
             return NONE
-        self.state = "legacy"
-        return [(LISTENED,)]
+        self._go(Ev.HELLO_WAIT_OVER)
+        return [LISTENED]
 
     def timed_out(self, limit: float) -> List[Action]:
         """listen_timeout ran out before the session was established."""
         if not self.listening:
-            return [(FAIL, "no LISTEN within %.1f s" % limit)]
-        if self.state == "offered" and self.legacy_allowed:
+            return [Fail("no LISTEN within %.1f s" % limit)]
+        if self.state is L.OFFERED and self.legacy_allowed:
             # A listen_timeout shorter than the HELLO wait decides it: legacy.
             self._deadline = None
-            self.state = "legacy"
-            return [(LISTENED,)]
-        if self.state == "offered":   # legacy not allowed, and no HELLO came
-            self.state = "failed"
+            self._go(Ev.HELLO_WAIT_OVER)
+            return [LISTENED]
+        if self.state is L.OFFERED:   # legacy not allowed, and no HELLO came
+            self._go(Ev.LEGACY_REFUSED)
             # A legacy agent skips the REJECT as an unknown command (as it did the
             # OFFER); a tcprc device told to stay legacy can say why it was refused.
-            return [(DENIED, "", "legacy LISTEN (no HELLO within %.1f s)" % limit),
-                    (SEND, frames.REJECT, 0, frames.encode_reject(
+            return [Denied("", "legacy LISTEN (no HELLO within %.1f s)" % limit),
+                    Send(frames.REJECT, 0, frames.encode_reject(
                         frames.REJECT_IDENTITY_REQUIRED,
                         "this server accepts only authenticated devices (protocol v2 with an id)")),
-                    (FAIL, "legacy LISTEN refused: this server requires authenticated devices "
-                           "([server] legacy = false)")]
-        return [(FAIL, "handshake not done within %.1f s" % limit)]
+                    Fail("legacy LISTEN refused: this server requires authenticated devices "
+                         "([server] legacy = false)")]
+        return [Fail("handshake not done within %.1f s" % limit)]
 
     def _before_listen(self, what: str) -> Optional[List[Action]]:
         if self.established:
             return None
         if self.listening:
-            return [(FAIL, "%s before the session was established" % what)]
-        return [(FAIL, "%s before LISTEN: not a tcprc device" % what)]
+            return [Fail("%s before the session was established" % what)]
+        return [Fail("%s before LISTEN: not a tcprc device" % what)]
 
     def connect(self, client_id: int, payload: Any, busy: bool, now: float) -> List[Action]:
         return self._before_listen("CONNECT") or Session.connect(self, client_id, payload, busy, now)
@@ -539,8 +654,9 @@ class ServerSession(Session):
     def unknown_data(self, client_id: int, payloads: List[Any], now: float) -> List[Action]:
         # Late DATA for a client this side closed: the device gets our CLOSE anyway.
         return self._before_listen("DATA") or [
-            (DEBUG, "DATA for unknown client %d dropped%s" % (
-                client_id, " (held until the device's CLOSE)" if self.ids.is_held(client_id) else ""))]
+            Log(DEBUG, "DATA for unknown client %d dropped%s" % (
+                client_id, " (held until the device's CLOSE)" if self.ids.is_held(client_id)
+                else ""))]
 
     def peer_close(self, client_id: int, known: bool, answered: bool, now: float) -> List[Action]:
         if known:
@@ -548,7 +664,7 @@ class ServerSession(Session):
                 self.ids.answer(client_id, closing=True)
             return NONE
         if self.ids.answer(client_id):
-            return [(DEBUG, "CLOSE for client %d answers ours: the id is free" % client_id)]
+            return [Log(DEBUG, "CLOSE for client %d answers ours: the id is free" % client_id)]
         return Session.peer_close(self, client_id, known, answered, now)
 
     def open(self, open_ids: Any, now: float,
@@ -560,8 +676,8 @@ class ServerSession(Session):
         if client_id is None:
             return None, NONE
         self._carried = True
-        return client_id, [(SEND, frames.CONNECT, client_id,
-                            self.connect_payload if payload is None else payload)]
+        return client_id, [Send(frames.CONNECT, client_id,
+                                self.connect_payload if payload is None else payload)]
 
     def closed_here(self, client_id: int, now: float) -> None:
         self.ids.hold(client_id, now, GRACE_FLOOR + GRACE_RTTS * self._rtt())

@@ -122,12 +122,12 @@ def tls_transport_pair() -> Tuple[TlsTransport, TlsTransport]:
 
 
 class TlsTunnel:
-    """A ServerLink and a DeviceLink with legacy sessions over TlsTransport: the
+    """A server's and a device's link with legacy sessions over TlsTransport: the
     server's real ServerApp claims the host port; clients reach `target`."""
 
     def __init__(self, target: HostPort, pki: Pki, link_keys: Optional[Dict[str, Any]] = None,
                  plain: bool = False):
-        from tcprc.device.link import DeviceLink
+        from tcprc.device.link import device_link
         from tcprc.device.policy import TargetPolicy
         from tcprc.engine.transport import PlainTransport
         from tcprc.server.app import ServerApp
@@ -149,8 +149,8 @@ class TlsTunnel:
                                 protocol.encode_connect_payload(sset.connect_address,
                                                                 sset.connect_port))
         self.server = ServerLink(srv, Loop(), session, sset, "uplink server", self.app, "127.0.0.1")
-        self.device = DeviceLink(dev, Loop(), DeviceSession(), dset, "uplink device",
-                                 TargetPolicy(target, set()))
+        self.device = device_link(dev, Loop(), DeviceSession(), dset, "uplink device",
+                                  TargetPolicy(target, set()))
         self._threads = [threading.Thread(target=link.run, daemon=True)
                          for link in (self.server, self.device)]
         for thread in self._threads:
