@@ -55,7 +55,7 @@ def test_integer_values_are_accepted_for_seconds(tmp_path):
 
 
 def test_samples_name_the_paths_the_readme_uses_and_every_device_table_key():
-    from tcprc.ops.config import _DEVICE_TABLE_KEYS
+    from tcprc.ops.config import DEVICE_TABLE_KEYS
     readme = open(os.path.join(ROOT, "README.md")).read()
     for sample, installed in (("etc/tcprc.toml", "/etc/tcprc/tcprc.toml"),
                               ("etc/tcprc-server.toml", "/etc/tcprc/tcprc-server.toml")):
@@ -63,6 +63,6 @@ def test_samples_name_the_paths_the_readme_uses_and_every_device_table_key():
         assert "-c %s)" % installed in first, first
         assert installed in readme
     server = open(os.path.join(ROOT, "etc/tcprc-server.toml")).read()
-    for key in _DEVICE_TABLE_KEYS:
+    for key in DEVICE_TABLE_KEYS:
         if key != "services":
             assert re.search(r"^# %s = " % key, server, re.M), key

@@ -11,6 +11,7 @@ from ..engine.liveness import TICK, Liveness
 from ..engine.ratelog import LimitedLog
 from ..engine.sockets import connect_tcp
 from .link import DeviceLink, device_tls, for_server, open_device_link
+from ..keys import DEVICE_KEYS, SESSION
 from ..settings import DeviceSettings
 
 log = logging.getLogger("tcprc.device")
@@ -44,13 +45,12 @@ class Backoff:
         self.failures = 0
 
 
+# The settings whose change requires a new uplink: the keys that apply by restarting the tunnel.
+TUNNEL_KEYS = tuple(name for name, key in DEVICE_KEYS.items() if key.applies == SESSION)
+
+
 def _tunnel_settings_key(settings: DeviceSettings) -> Tuple[Any, ...]:
-    """The settings whose change requires a new uplink."""
-    return tuple(getattr(settings, k) for k in (
-        "server", "local", "allow", "keepalive_idle", "keepalive_interval",
-        "keepalive_count", "send_timeout", "stream_buffer", "stall_timeout", "connect_timeout",
-        "protocol", "id", "secret", "window", "heartbeat_interval", "heartbeat_timeout",
-        "tls", "tls_ca", "tls_fingerprint", "tls_server_name", "tls_cert", "tls_key", "services"))
+    return tuple(getattr(settings, k) for k in TUNNEL_KEYS)
 
 
 class DeviceApp:
