@@ -165,7 +165,7 @@ def run_agent(role: str, args: argparse.Namespace) -> int:
         return service.fail("tcprc: cannot start the %s: %s" % (role, exc.strerror or exc))
     from .ops.commands import CommandParser
     from .ops.channels import start_channels
-    commands = CommandParser(app, cfg)
+    commands = CommandParser(app, cfg, appliers={"log": service.apply_log})
     channels = start_channels(commands, cfg, console_port)
     service.ready()
 

@@ -232,12 +232,14 @@ def test_config_set_refuses_bad_values_and_keeps_the_old(agent, line, words):
 def test_config_set_device_key_is_applied_to_the_running_app(agent):
     port = free_port()
     _, app, parser = agent()
-    assert parser.execute("config set device.server 127.0.0.1:%d" % port) == ["OK"]
+    assert parser.execute("config set device.server 127.0.0.1:%d" % port) == [
+        'device.server = "127.0.0.1:%d": applied: a running tunnel redials with it' % port, "OK"]
     assert app.settings.server == "127.0.0.1:%d" % port
     # autostart is on: the new server is dialled at once.
     assert status_of(parser)["server"] == "127.0.0.1:%d" % port
     lines = parser.execute("config set console.baudrate 9600")
-    assert lines == ["console.baudrate takes effect at the next start", "OK"]
+    assert lines == ["console.baudrate = 9600: needs a restart; the running device keeps 115200",
+                     "OK"]
 
 
 def test_config_save_without_a_file(agent):

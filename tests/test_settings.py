@@ -52,7 +52,8 @@ def test_config_set_hands_the_app_a_new_object_and_leaves_the_old_one(tmp_path):
     try:
         before = app.settings
         parser = CommandParser(app, cfg)
-        assert parser.execute("config set device.stall_timeout 12") == ["OK"]
+        assert parser.execute("config set device.stall_timeout 12") == [
+            "device.stall_timeout = 12.0: applied: a running tunnel redials with it", "OK"]
         assert app.settings is not before and app.settings.stall_timeout == 12.0
         assert before.stall_timeout == 30.0 and cfg.device is app.settings
         assert parser.execute("config get device.stall_timeout") == [
