@@ -9,7 +9,7 @@ values. NamedTuple, not dataclasses: those import inspect, ast and dis (~1 MB).
 
 from _operator import _compare_digest
 from types import MappingProxyType
-from typing import Any, List, Mapping, NamedTuple, Optional, Union
+from typing import Any, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 
 class Secret:
@@ -68,7 +68,7 @@ class DeviceEntry(NamedTuple):
 
 class DeviceSettings(NamedTuple):
     """[device]: the tunnel of the device side (DeviceApp)."""
-    server: str
+    server: Tuple[str, ...]      # "ADDR:PORT" each, tried in order; (): no server, stay idle
     local: str
     allow: List[str]
     autostart: bool

@@ -47,6 +47,38 @@ def _hostport_list(value: Any) -> Optional[str]:
     return None
 
 
+MAX_SERVERS = 16   # [device] server entries: each is a dial in every round
+
+
+def _servers(value: Any) -> Optional[str]:
+    """[device] server: "ADDR:PORT" ("": none), or a list of them tried in order."""
+    if isinstance(value, str):
+        return _hostport(True)(value)
+    if len(value) > MAX_SERVERS:
+        return "lists %d servers: at most %d" % (len(value), MAX_SERVERS)
+    for number, item in enumerate(value, 1):
+        if not isinstance(item, str):
+            return "entry %d must be a string \"ADDR:PORT\", got %r" % (number, item)
+        problem = _hostport(False)(item)
+        if problem:
+            return "entry %d: %s" % (number, problem)
+        if item in value[:number - 1]:
+            return "entry %d: %s is listed twice" % (number, item)
+    return None
+
+
+def server_list(value: Any) -> Tuple[str, ...]:
+    """The servers a [device] server value names, in order: "" -> (), "a:1" -> ("a:1",)."""
+    if isinstance(value, str):
+        return (value,) if value else ()
+    return tuple(value)
+
+
+def server_value(servers: Tuple[str, ...]) -> Any:
+    """The value a file holds for `servers`: a string for none or one, else a list."""
+    return list(servers) if len(servers) > 1 else "".join(servers)
+
+
 def _network_list(value: Any) -> Optional[str]:
     if not value:
         return "must name at least one network (CIDR), got an empty list"
@@ -205,7 +237,7 @@ _LINK_KEYS = {
 SCHEMA: Dict[str, Dict[str, Dict[str, Key]]] = {
     "device": {
         "device": dict({
-            "server": Key(str, "", _hostport(True), "ServerAddress:ServerPort; empty: wait for TCPRemoteConnect"),
+            "server": Key((str, list), "", _servers, "ServerAddress:ServerPort, or a list of them tried in order (one uplink at a time; the next after a failed dial or a lost session); empty: wait for TCPRemoteConnect"),
             "local": Key(str, "127.0.0.1:23", _hostport(False), "LocalAddress:LocalPort, the service clients reach"),
             "allow": Key(list, [], _hostport_list, "further targets a CONNECT may name (default: only `local`)"),
             "autostart": Key(bool, True, None, "dial the server at start when `server` is set"),
@@ -322,7 +354,9 @@ class Config:
             raise AttributeError(name) from None
 
 
-def _type_name(tp: type) -> str:
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, tuple):   # a key of several types: [device] server, a string or a list
+        return " or ".join(_type_name(one) for one in tp)
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
             list: "a list", dict: "a table"}[tp]
 
@@ -543,6 +577,7 @@ def _finish_device(values: Dict[str, Any]) -> None:
     if values["tls_ca"] and values["tls_fingerprint"]:
         raise SectionProblem("device", "tls_ca and tls_fingerprint exclude each other: a pin "
                                        "replaces the CA and name checks; set one of them")
+    values["server"] = server_list(values["server"])
     if values["reconnect_min"] > values["reconnect_max"]:
         raise SectionProblem("device", "reconnect_min (%s) must not exceed reconnect_max (%s)"
                              % (values["reconnect_min"], values["reconnect_max"]))
@@ -814,11 +849,12 @@ def value_from_words(name: str, kind: type, words: List[str]) -> Any:
     Lists take several words or comma-separated ones; other types exactly one.
     Raises ValueError with one line naming `name`. check_value validates after.
     """
-    if kind is list:
+    if kind is list or kind == (str, list):
         items = []
         for word in words:
             items.extend(part.strip() for part in word.split(",") if part.strip())
-        return items
+        # A string or a list ([device] server): as a file writes it, a string for one.
+        return items if kind is list else server_value(tuple(items))
     if len(words) != 1:
         raise ValueError("%s takes one value, got %d (quote a value with spaces)"
                          % (name, len(words)))
