@@ -2,12 +2,16 @@
 uplink at a time, the list tried in order, the next server after a failed dial or a
 lost session, a backoff after a full round, then from the first again."""
 
+import os
 import re
 import socket
+import subprocess
+import sys
 from typing import List
 
 import pytest
 
+from support import ROOT
 from support.agents import run_tcprc
 from support.tunnel import settings, start_server
 from support.waiting import wait_for
@@ -281,3 +285,15 @@ def test_a_bad_entry_is_one_line_naming_it_and_exit_2(tmp_path, content, args, e
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tcprc: ") and lines[0].endswith(expected), \
         result.stderr
+
+
+@pytest.mark.e2e
+def test_the_failover_bench_runs_and_every_device_comes_back():
+    bench = os.path.join(ROOT, "scripts", "failover-bench")
+    proc = subprocess.run([sys.executable, bench, "-n", "5", "--rounds", "1"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| list")
+            or line.startswith("| one server")]
+    assert len(rows) == 2 and all("p50" in row and "not back" not in row for row in rows), \
+        proc.stdout
