@@ -22,7 +22,7 @@ APPLIES = (LIVE, SESSION, NEW, RESTART)
 
 
 class Key(NamedTuple):
-    type: type
+    type: Any           # a type, or a tuple of the types a value may have
     default: Any
     check: Optional[Callable[[Any], Optional[str]]] = None
     doc: str = ""
@@ -50,6 +50,26 @@ def hostport_list(value: Any) -> Optional[str]:
         problem = hostport(False)(item)
         if problem:
             return problem
+    return None
+
+
+MAX_SERVERS = 16   # [device] server entries: each is a dial in every round
+
+
+def servers(value: Any) -> Optional[str]:
+    """[device] server: "ADDR:PORT" ("": none), or a list of them tried in order."""
+    if isinstance(value, str):
+        return hostport(True)(value)
+    if len(value) > MAX_SERVERS:
+        return "lists %d servers: at most %d" % (len(value), MAX_SERVERS)
+    for number, item in enumerate(value, 1):
+        if not isinstance(item, str):
+            return "entry %d must be a string \"ADDR:PORT\", got %r" % (number, item)
+        problem = hostport(False)(item)
+        if problem:
+            return "entry %d: %s" % (number, problem)
+        if item in value[:number - 1]:
+            return "entry %d: %s is listed twice" % (number, item)
     return None
 
 
@@ -184,7 +204,7 @@ def link_keys(role: str) -> Dict[str, Key]:
 # [device]: what DeviceApp.apply_settings does with a change: the keys it needs
 # a new uplink for restart the tunnel (device/app derives them from here).
 DEVICE_KEYS: Dict[str, Key] = dict({
-    "server": Key(str, "", hostport(True), "ServerAddress:ServerPort; empty: wait for TCPRemoteConnect", SESSION),
+    "server": Key((str, list), "", servers, "ServerAddress:ServerPort, or a list of them tried in order (one uplink at a time; the next after a failed dial or a lost session); empty: wait for TCPRemoteConnect", SESSION),
     "local": Key(str, "127.0.0.1:23", hostport(False), "LocalAddress:LocalPort, the service clients reach", SESSION),
     "allow": Key(list, [], hostport_list, "further targets a CONNECT may name (default: only `local`)", SESSION),
     "autostart": Key(bool, True, None, "dial the server at start when `server` is set", RESTART),

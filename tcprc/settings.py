@@ -11,7 +11,7 @@ dataclasses: those import inspect, ast and dis (~1 MB).
 
 from _operator import _compare_digest
 from types import MappingProxyType
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 from .keys import DEVICE_KEYS, LINK_KEYS, SERVER_KEYS, Key
 
@@ -80,6 +80,7 @@ class LinkSettings:
 
 # Fields that hold what ops.config builds from a key, not the key's own value.
 _RESOLVED: Dict[str, Any] = {
+    "server": Tuple[str, ...],           # [device] server: "ADDR:PORT" each, tried in order
     "secret": Optional[Secret],          # from `secret` or read from `secret_file`; None: none
     "services": Mapping[str, str],       # read-only: [device.services.NAME] name -> local
     "devices": Mapping[str, DeviceEntry],   # read-only: [server.devices.ID] id -> entry

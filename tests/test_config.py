@@ -25,7 +25,7 @@ def test_config_directory_and_binary_file_are_reported(tmp_path):
 
 def test_empty_file_means_defaults(tmp_path):
     cfg = load_config(write(tmp_path / "empty.toml", ""), "device")
-    assert cfg.device.local == "127.0.0.1:23" and cfg.device.server == ""
+    assert cfg.device.local == "127.0.0.1:23" and cfg.device.server == ()
     assert cfg.device.reconnect_min == 1.0 and cfg.device.reconnect_max == 60.0
     cfg = load_config(write(tmp_path / "empty2.toml", ""), "server")
     assert cfg.server.takeover is True and cfg.server.host == "127.0.0.1:2222"

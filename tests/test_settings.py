@@ -30,7 +30,8 @@ def test_every_schema_key_is_a_settings_field_and_back(role):
 
 
 # Fields that hold what config builds from a key, not the key's own value.
-RESOLVED = {("device", "secret"): typing.Optional[Secret],
+RESOLVED = {("device", "server"): typing.Tuple[str, ...],     # a string or a list: a tuple
+            ("device", "secret"): typing.Optional[Secret],
             ("device", "services"): typing.Mapping[str, str],
             ("server", "devices"): typing.Mapping[str, DeviceEntry],
             ("server", "http_token"): typing.Optional[Secret],
@@ -40,9 +41,9 @@ RESOLVED = {("device", "secret"): typing.Optional[Secret],
 def test_config_sections_are_typed_and_immutable():
     cfg = build_config("device", {"device": {"server": "192.0.2.1:9000"}}, "test")
     assert isinstance(cfg.device, DeviceSettings)
-    assert cfg.device.server == "192.0.2.1:9000" and cfg.log.level == "info"
+    assert cfg.device.server == ("192.0.2.1:9000",) and cfg.log.level == "info"
     with pytest.raises(AttributeError):
-        cfg.device.server = "elsewhere:1"
+        cfg.device.server = ("elsewhere:1",)
 
 
 def test_config_set_hands_the_app_a_new_object_and_leaves_the_old_one(tmp_path):

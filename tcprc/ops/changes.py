@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 from ..keys import LIVE, NEW, RESTART, SESSION
 from . import tomlwrite
-from .config import DEVICE_TABLE_KEYS, SCHEMA, SECRET_KEYS, device_table, one_line
+from .config import (DEVICE_TABLE_KEYS, SCHEMA, SECRET_KEYS, device_table, one_line,
+                     server_value)
 
 HIDDEN = "<hidden>"
 
@@ -55,6 +56,8 @@ def shown(key: str, value: Any) -> str:
         return HIDDEN if value is not None else '""'
     if isinstance(value, Mapping):
         return "(%s)" % (", ".join(sorted(value)) or "none")
+    if isinstance(value, tuple):   # [device] server: as the file writes it
+        value = server_value(value)
     try:
         return one_line(tomlwrite.format_value(value))
     except TypeError:

@@ -16,8 +16,8 @@ from ..errors import CommandError, ConfigError
 from . import tomlwrite
 from .changes import HIDDEN, set_answer
 from .config import (SCHEMA, SECRET_KEYS, Config, SectionProblem, check_value, close_match,
-                     device_hosts, device_table, replace_value, save_config, suggest,
-                     value_from_words)
+                     device_hosts, device_table, replace_value, save_config, server_value,
+                     suggest, value_from_words)
 from .config import one_line as _one_line
 
 log = logging.getLogger("tcprc.commands")
@@ -60,8 +60,8 @@ def _format_status_value(key: str, value: Any) -> str:
     return _one_line(value)
 
 
-_STATUS_ORDER = ("state", "protocol", "tls", "server", "listen", "host", "device", "device_id",
-                 "local", "clients", "bytes_up", "bytes_down", "rtt", "uptime", "last_error",
+_STATUS_ORDER = ("state", "protocol", "tls", "server", "servers", "listen", "host", "device",
+                 "device_id", "local", "clients", "bytes_up", "bytes_down", "rtt", "uptime", "last_error",
                  "health")
 
 _DEVICE_LINE = "%-16s %-5s %-21s %-20s %7s %9s %9s %8s %s"
@@ -323,6 +323,8 @@ class CommandParser:
                     for name, local in sorted(value.items())]
         if key in SECRET_KEYS:
             return ["%s.%s = %s" % (section, key, HIDDEN if value is not None else '""')]
+        if section == "device" and key == "server":   # as a file writes it: a list for several
+            value = server_value(value)
         return ["%s.%s = %s" % (section, key, tomlwrite.format_value(value))]
 
     def _device_get(self, text: str) -> List[str]:
@@ -433,8 +435,9 @@ COMMANDS: Tuple[Command, ...] = (
             "TCPRemoteConnect [ServerAddress ServerPort [LocalAddress LocalPort]]",
             "start (or restart) the tunnel",
             ("No parameters, or one empty string \"\": use device.server and",
-             "device.local from the configuration.",
-             "Two: dial ServerAddress:ServerPort, clients go to device.local.",
+             "device.local from the configuration (a list of servers: tried in order).",
+             "Two: dial ServerAddress:ServerPort (only it, not the list), clients go to",
+             "device.local.",
              "Four: dial ServerAddress:ServerPort, clients go to LocalAddress:LocalPort",
              "(an empty LocalAddress \"\" means this device, 127.0.0.1).",
              "Example: TCPRemoteConnect 203.0.113.5 9000 127.0.0.1 22"),

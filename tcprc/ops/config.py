@@ -27,6 +27,18 @@ from .files import (FileContent, FileProblem, check_regular_file, printable, rea
 from .tomlwrite import tomllib   # tomllib, or tomli before Python 3.11: chosen once, there
 
 
+def server_list(value: Any) -> Tuple[str, ...]:
+    """The servers a [device] server value names, in order: "" -> (), "a:1" -> ("a:1",)."""
+    if isinstance(value, str):
+        return (value,) if value else ()
+    return tuple(value)
+
+
+def server_value(servers: Tuple[str, ...]) -> Any:
+    """The value a file holds for `servers`: a string for none or one, else a list."""
+    return list(servers) if len(servers) > 1 else "".join(servers)
+
+
 def _log_target(value: Any) -> Optional[str]:
     if value in ("auto", "stderr", "syslog") or value.startswith("/"):
         return None
@@ -142,7 +154,9 @@ class Config:
             raise AttributeError(name) from None
 
 
-def _type_name(tp: type) -> str:
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, tuple):   # a key of several types: [device] server, a string or a list
+        return " or ".join(_type_name(one) for one in tp)
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
             list: "a list", dict: "a table"}[tp]
 
@@ -367,6 +381,7 @@ def _finish_device(values: Dict[str, Any]) -> None:
     if values["tls_ca"] and values["tls_fingerprint"]:
         raise SectionProblem("device", "tls_ca and tls_fingerprint exclude each other: a pin "
                                        "replaces the CA and name checks; set one of them")
+    values["server"] = server_list(values["server"])
     if values["reconnect_min"] > values["reconnect_max"]:
         raise SectionProblem("device", "reconnect_min (%s) must not exceed reconnect_max (%s)"
                              % (values["reconnect_min"], values["reconnect_max"]))
@@ -638,11 +653,12 @@ def value_from_words(name: str, kind: type, words: List[str]) -> Any:
     Lists take several words or comma-separated ones; other types exactly one.
     Raises ValueError with one line naming `name`. check_value validates after.
     """
-    if kind is list:
+    if kind is list or kind == (str, list):
         items = []
         for word in words:
             items.extend(part.strip() for part in word.split(",") if part.strip())
-        return items
+        # A string or a list ([device] server): as a file writes it, a string for one.
+        return items if kind is list else server_value(tuple(items))
     if len(words) != 1:
         raise ValueError("%s takes one value, got %d (quote a value with spaces)"
                          % (name, len(words)))
