@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     device = sub.add_parser("device", help="run the device side (dials out to the server)")
     device.add_argument("-c", "--config", metavar="FILE", help="TOML config (see etc/tcprc.toml)")
-    device.add_argument("--server", metavar="ADDR:PORT", help="ServerAddress:ServerPort to dial")
+    device.add_argument("--server", metavar="ADDR:PORT", action="append",
+                        help="ServerAddress:ServerPort to dial; repeated: servers tried in order "
+                             "(together they replace [device] server)")
     device.add_argument("--local", metavar="ADDR:PORT", help="LocalAddress:LocalPort of the service")
     device.add_argument("--id", metavar="ID", help="this device's identity on the server (v2)")
     device.add_argument("--secret-file", metavar="FILE",
@@ -96,6 +98,8 @@ def load_role_config(role: str, args: argparse.Namespace) -> Config:
     for flag, key in _ROLE_FLAGS[role]:
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
+            if key == "server" and len(value) == 1:   # --server repeatable: a list for several
+                value = value[0]
             if key == "secret_file":   # the shell's file, not the config file's neighbour
                 value = os.path.abspath(value)
             overrides.append((role, key, value, flag))
@@ -165,7 +169,7 @@ def run_agent(role: str, args: argparse.Namespace) -> int:
         return service.fail("tcprc: cannot start the %s: %s" % (role, exc.strerror or exc))
     from .ops.commands import CommandParser
     from .ops.channels import start_channels
-    commands = CommandParser(app, cfg)
+    commands = CommandParser(app, cfg, appliers={"log": service.apply_log})
     channels = start_channels(commands, cfg, console_port)
     service.ready()
 

@@ -1,15 +1,19 @@
 """Typed, validated settings: one immutable NamedTuple per config section.
 
-ops.config builds them from its SCHEMA after validation (a test checks that
-the fields here and the keys there are the same); the rest of tcprc only
-reads them. A change (`config set`, SIGHUP) builds a new object and hands it
-over whole (`_replace`), so a thread holding the old one sees consistent
-values. NamedTuple, not dataclasses: those import inspect, ast and dis (~1 MB).
+DeviceSettings and ServerSettings are made from the key tables of tcprc.keys
+(a field per key, the link keys flat among them); the others are written
+here, and a test checks them against ops.config's SCHEMA. ops.config builds
+them after validation; the rest of tcprc only reads them. A change (`config
+set`, SIGHUP) builds a new object and hands it over whole (`_replace`), so a
+thread holding the old one sees consistent values. NamedTuple, not
+dataclasses: those import inspect, ast and dis (~1 MB).
 """
 
 from _operator import _compare_digest
 from types import MappingProxyType
-from typing import Any, List, Mapping, NamedTuple, Optional, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
+
+from .keys import DEVICE_KEYS, LINK_KEYS, SERVER_KEYS, Key
 
 
 class Secret:
@@ -66,78 +70,37 @@ class DeviceEntry(NamedTuple):
     services: Mapping[str, str] = MappingProxyType({})   # name -> host ("ADDR:PORT")
 
 
-class DeviceSettings(NamedTuple):
-    """[device]: the tunnel of the device side (DeviceApp)."""
-    server: str
-    local: str
-    allow: List[str]
-    autostart: bool
-    connect_timeout: float
-    reconnect_min: float
-    reconnect_max: float
-    healthy_after: float
-    # protocol v2: identity and TLS (validated and resolved by ops.config)
-    protocol: str
-    id: str
-    secret: Optional[Secret]     # from `secret` or read from `secret_file`; None: no identity
-    secret_file: str
-    allow_readable_secrets: bool   # group/world-readable secret files and configs accepted
-    tls: bool
-    tls_ca: str
-    tls_fingerprint: str         # "sha256:" + 64 lower-case hex digits, or ""
-    tls_server_name: str
-    tls_cert: str
-    tls_key: str
-    services: Mapping[str, str]  # read-only: [device.services.NAME] name -> local ("ADDR:PORT")
-    # the uplink keys both ends have (Link)
-    keepalive_idle: int
-    keepalive_interval: int
-    keepalive_count: int
-    send_timeout: float
-    stream_buffer: int
-    stall_timeout: float
-    window: int
-    heartbeat_interval: float
-    heartbeat_timeout: float
+class LinkSettings:
+    """What a Link reads: the uplink keys both ends have (keys.LINK_KEYS), as
+    attributes. DeviceSettings and ServerSettings are LinkSettings: they have
+    these fields, flat, beside their own."""
+    __slots__ = ()
+    KEYS = tuple(LINK_KEYS)
 
 
-class ServerSettings(NamedTuple):
-    """[server]: the uplink acceptor and host port of the server side (ServerApp)."""
-    listen: str
-    host: str
-    listen_timeout: float
-    max_pending: int
-    max_pending_per_source: int
-    allow_from: List[str]
-    takeover: bool
-    connect_address: str
-    connect_port: int
-    id_quarantine: float
-    # protocol v2: who may dial in, and TLS
-    legacy: bool                 # identity-less (legacy) devices allowed
-    tls_cert: str
-    tls_key: str
-    tls_client_ca: str
-    devices: Mapping[str, DeviceEntry]   # read-only: id -> entry
-    # the fleet: more devices from files, limits, the status page
-    devices_dir: str
-    allow_readable_secrets: bool   # group/world-readable secret and device files accepted
-    max_streams_per_device: int
-    http: str
-    http_hosts: List[str]        # more names the status page answers to ("NAME" or "NAME:PORT")
-    http_token: Optional[Secret]  # from http_token or http_token_file; None: no login
-    http_token_file: str
-    http_metrics_open: bool      # /metrics without the token
-    # the uplink keys both ends have (Link)
-    keepalive_idle: int
-    keepalive_interval: int
-    keepalive_count: int
-    send_timeout: float
-    stream_buffer: int
-    stall_timeout: float
-    window: int
-    heartbeat_interval: float
-    heartbeat_timeout: float
+# Fields that hold what ops.config builds from a key, not the key's own value.
+_RESOLVED: Dict[str, Any] = {
+    "server": Tuple[str, ...],           # [device] server: "ADDR:PORT" each, tried in order
+    "secret": Optional[Secret],          # from `secret` or read from `secret_file`; None: none
+    "services": Mapping[str, str],       # read-only: [device.services.NAME] name -> local
+    "devices": Mapping[str, DeviceEntry],   # read-only: [server.devices.ID] id -> entry
+    "http_token": Optional[Secret],      # from http_token or http_token_file; None: no login
+}
+
+
+def _settings_type(name: str, keys: Dict[str, Key], doc: str) -> Any:
+    """A NamedTuple of one field per key of `keys` (in their order), a LinkSettings."""
+    fields = NamedTuple("_" + name, [(key, _RESOLVED.get(key, spec.type))
+                                     for key, spec in keys.items()])
+    return type(name, (fields, LinkSettings), {"__slots__": (), "__doc__": doc,
+                                               "__module__": __name__})
+
+
+DeviceSettings = _settings_type("DeviceSettings", DEVICE_KEYS,
+                                "[device]: the tunnel of the device side (DeviceApp).")
+ServerSettings = _settings_type("ServerSettings", SERVER_KEYS,
+                                "[server]: the uplink acceptor and host port of the server "
+                                "side (ServerApp).")
 
 
 class ClusterSettings(NamedTuple):
@@ -171,7 +134,3 @@ class LogSettings(NamedTuple):
     """[log]: level and target of the "tcprc" logger."""
     level: str
     target: str
-
-
-# What a Link reads: the uplink keys both ends have.
-LinkSettings = Union[DeviceSettings, ServerSettings]

@@ -217,7 +217,8 @@ def test_config_set_converts_and_validates(agent, line, expect):
     ("config set device.connect_timeout fast", ["a number"]),
     ("config set device.connect_timeout nan", ["between"]),
     ("config set device.allow 10.0.0.1", ["no port"]),
-    ("config set device.server a b", ["one value", "got 2"]),
+    ("config set device.server a b", ["device.server", "entry 1", "'a' (no port)"]),
+    ("config set device.server 10.0.0.1:9 10.0.0.1:9", ["entry 2", "listed twice"]),
     ("config set device.server", ["usage"]),
     ("config set device.nosuch 1", ["unknown key"]),
     ("config set log.level loud", ["one of"]),
@@ -232,12 +233,14 @@ def test_config_set_refuses_bad_values_and_keeps_the_old(agent, line, words):
 def test_config_set_device_key_is_applied_to_the_running_app(agent):
     port = free_port()
     _, app, parser = agent()
-    assert parser.execute("config set device.server 127.0.0.1:%d" % port) == ["OK"]
-    assert app.settings.server == "127.0.0.1:%d" % port
+    assert parser.execute("config set device.server 127.0.0.1:%d" % port) == [
+        'device.server = "127.0.0.1:%d": applied: a running tunnel redials with it' % port, "OK"]
+    assert app.settings.server == ("127.0.0.1:%d" % port,)
     # autostart is on: the new server is dialled at once.
     assert status_of(parser)["server"] == "127.0.0.1:%d" % port
     lines = parser.execute("config set console.baudrate 9600")
-    assert lines == ["console.baudrate takes effect at the next start", "OK"]
+    assert lines == ["console.baudrate = 9600: needs a restart; the running device keeps 115200",
+                     "OK"]
 
 
 def test_config_save_without_a_file(agent):
@@ -313,7 +316,7 @@ def test_config_save_recreates_a_deleted_file(agent, tmp_path):
     parser.execute("config set device.keepalive_idle 99")
     assert parser.execute("config save")[-1] == "OK"
     again = load_config(str(path), "device")
-    assert again.device.server == "10.1.2.3:9000" and again.device.keepalive_idle == 99
+    assert again.device.server == ("10.1.2.3:9000",) and again.device.keepalive_idle == 99
 
 
 def test_help_fits_an_80_column_terminal(agent):

@@ -136,7 +136,7 @@ def test_config_get_shows_the_table_without_the_secret_and_refuses_an_absent_one
     assert "cluster.secret = <hidden>" in shown
     assert HEX not in "\n".join(shown)
     assert parser.execute("config set cluster.lease_ttl 4") == [
-        "cluster.lease_ttl takes effect at the next start", "OK"]
+        "cluster.lease_ttl = 4: needs a restart; the running server keeps 10", "OK"]
     bare = CommandParser(_App(), build_config("server", {}, "t"))
     for line in ("config get cluster", "config get cluster.node", "config set cluster.node s2"):
         answer = bare.execute(line)

@@ -355,7 +355,8 @@ def test_device_secret_is_hidden_and_never_logged(control, caplog):
     assert "device.secret = <hidden>" in section and 'device.id = "gw1"' in section
     assert not [line for line in section if HEX in line]
     new = "fedcba9876543210" * 2
-    assert ask("config set device.secret %s" % new) == ["OK"]
+    assert ask("config set device.secret %s" % new) == [
+        "device.secret = <hidden>: applied: a running tunnel redials with it", "OK"]
     assert parser.cfg.device.secret.reveal() == new.encode()
     assert ask("config get device.secret") == ["device.secret = <hidden>", "OK"]
     answer = ask("config set device.secret %s" % SHORT)
@@ -376,11 +377,12 @@ def test_device_secret_is_hidden_and_never_logged(control, caplog):
 def test_device_secret_file_can_be_switched_by_config_set(control, tmp_path):
     first, second = write(tmp_path / "a", HEX), write(tmp_path / "b", WORDS)
     sock, parser = control("device", {"device": {"id": "gw1", "secret_file": first}})
-    assert send_command(sock, "config set device.secret_file %s" % second, 5) == ["OK"]
+    assert send_command(sock, "config set device.secret_file %s" % second, 5) == [
+        'device.secret_file = "%s": applied: a running tunnel redials with it' % second, "OK"]
     assert parser.cfg.device.secret.reveal() == WORDS.encode()
     # Another key keeps the secret read at start: the file is not read again.
     write(tmp_path / "b", "")
-    assert send_command(sock, "config set device.window 65536", 5) == ["OK"]
+    assert send_command(sock, "config set device.window 65536", 5)[-1] == "OK"
     assert parser.cfg.device.secret.reveal() == WORDS.encode()
 
 
@@ -445,7 +447,7 @@ def test_config_save_keeps_the_devices_tables(control, tmp_path, line, key, valu
     path = write(tmp_path / "server.toml", SERVER_FILE.replace('%s = "127.0.0.1:0"\n' % key, ""))
     cfg = load_config(path, "server")
     _, parser = control("server", cfg.raw, path)
-    assert parser.execute(line) == ["OK"]
+    assert parser.execute(line)[-1] == "OK"
     assert parser.execute("config save")[-1] == "OK"
     text = open(path).read()
     saved = tomllib.loads(text)
@@ -463,7 +465,8 @@ def test_config_save_into_a_file_with_only_device_tables(control, tmp_path):
     raw = load_config(path, "server").raw
     raw["server"].update(listen="127.0.0.1:0", host="127.0.0.1:0")   # as flags would
     _, parser = control("server", raw, path)
-    assert parser.execute("config set server.takeover false") == ["OK"]
+    assert parser.execute("config set server.takeover false") == [
+        "server.takeover = false: applied at once", "OK"]
     assert parser.execute("config save")[-1] == "OK"
     cfg = load_config(path, "server")
     assert cfg.server.takeover is False and sorted(cfg.server.devices) == ["gw.2", "gw1"]

@@ -134,7 +134,7 @@ def test_printed_config_is_complete_and_inline_only_on_request(tmp_path):
         handle.write("\n".join(lines[start:-1]) + "\n")
     device = load_config(str(printed), "device").device   # as `tcprc device -c` reads it
     assert (device.server, device.local, device.id, device.protocol) == (
-        "127.0.0.1:9000", "127.0.0.1:22", "gw9", "v2")
+        ("127.0.0.1:9000",), "127.0.0.1:22", "gw9", "v2")
     assert device.secret.reveal() == secret.encode() and device.tls is False
 
 

@@ -90,7 +90,7 @@ def test_a_server_name_no_resolver_takes_is_a_resolution_error_and_the_device_re
         wait_for(lambda: "not a valid host name" in device.status()["last_error"],
                  what="the resolution error")
         assert device.status()["health"] == "ok"
-        good = device.settings._replace(server="%s:%d" % server.listen_address)
+        good = device.settings._replace(server=("%s:%d" % server.listen_address,))
         device.apply_settings(good)
         wait_for(lambda: server.host_address, what="the tunnel after a good server")
         _round_trip(server.host_address)

@@ -6,7 +6,7 @@
 (b) no import cycle between tcprc modules (imports inside functions count,
     those under `if TYPE_CHECKING:` do not);
 (c) each layer imports only the layers below it:
-      errors, addr, settings -> errors
+      the base: errors <- addr <- keys <- settings (each only those before it)
       wire -> errors;  engine -> wire, errors, addr, settings
       device, server -> engine, wire, errors, addr, settings (never each other, never ops)
       cluster -> engine, wire, errors, addr, settings (above server: nothing below imports
@@ -27,7 +27,8 @@ from support import ROOT
 PACKAGE = os.path.join(ROOT, "tcprc")
 IO_MODULES = {"socket", "select", "selectors", "threading", "_thread", "mmap", "ssl"}
 LAYERS = ("wire", "engine", "device", "server", "cluster", "ops")
-BASE = {"tcprc.errors", "tcprc.addr", "tcprc.settings"}
+BASE_ORDER = ("tcprc.errors", "tcprc.addr", "tcprc.keys", "tcprc.settings")
+BASE = set(BASE_ORDER)
 ALLOWED = {
     "base": {"base"},
     "wire": {"wire"},
@@ -213,9 +214,10 @@ def test_each_layer_imports_only_the_layers_below(module):
         if imp.target not in GRAPH or imp.target == "tcprc" or is_package(imp.target, GRAPH):
             continue   # stdlib, or an empty package __init__
         theirs = layer(imp.target)
-        if mine == "base" and imp.target != "tcprc.errors":
-            bad.append("%s imports %s (line %d): errors, addr and settings import only errors"
-                       % (module, imp.target, imp.line))
+        if mine == "base":
+            if imp.target not in BASE_ORDER[:BASE_ORDER.index(module)]:
+                bad.append("%s imports %s (line %d): a base module imports only those before "
+                           "it in %s" % (module, imp.target, imp.line, ", ".join(BASE_ORDER)))
         elif theirs not in allowed and imp.target != "tcprc.errors":
             bad.append("%s (%s) imports %s (%s, line %d)" % (module, mine, imp.target, theirs, imp.line))
     assert not bad, "\n".join(bad)

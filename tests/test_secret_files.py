@@ -120,7 +120,7 @@ def test_config_save_refuses_to_put_a_secret_into_a_readable_file(shared):
     from tcprc.device.app import DeviceApp
     parser = CommandParser(DeviceApp(cfg.device), cfg)
     os.chmod(config, 0o644)   # opened up while the agent runs
-    assert parser.execute("config set device.secret %s" % OLD) == ["OK"]
+    assert parser.execute("config set device.secret %s" % OLD)[-1] == "OK"
     assert parser.execute("config save") == ["ERROR not saved: " + refusal(
         config, "an inline secret ([device] secret)", "device")]
     assert OLD not in open(config).read()

@@ -308,7 +308,8 @@ def test_a_token_set_live_applies_to_the_next_request(page, caplog):
     page.settings = cfg.server   # the parser's config is what the app runs
     parser = CommandParser(page, cfg)
     assert get(page, "/api/devices")[0] == 200
-    assert parser.execute("config set server.http_token %s" % TOKEN) == ["OK"]
+    assert parser.execute("config set server.http_token %s" % TOKEN) == [
+        "server.http_token = <hidden>: applied at once", "OK"]
     assert get(page, "/api/devices")[0] == 401
     assert get(page, "/api/devices", headers=["Authorization: Bearer " + TOKEN])[0] == 200
     assert lines_about(caplog, "http_token set applied")
@@ -399,7 +400,8 @@ def test_config_set_moves_the_page(page):
     page.settings = cfg.server
     parser = CommandParser(page, cfg)
     port = free_port()
-    assert parser.execute("config set server.http 127.0.0.1:%d" % port) == ["OK"]
+    assert parser.execute("config set server.http 127.0.0.1:%d" % port) == [
+        'server.http = "127.0.0.1:%d": applied at once' % port, "OK"]
     assert page.http_address == ("127.0.0.1", port) and get(page)[0] == 200
 
 

@@ -1,4 +1,5 @@
-"""DeviceApp: dial the server, serve one uplink at a time, reconnect with backoff."""
+"""DeviceApp: dial the server (or each of a list in turn), serve one uplink at a
+time, reconnect with backoff."""
 
 import logging
 import os
@@ -12,6 +13,7 @@ from ..engine.ratelog import LimitedLog
 from ..engine.sockets import connect_tcp
 from ..engine.link import Link
 from .link import device_tls, for_server, open_device_link
+from ..keys import DEVICE_KEYS, SESSION
 from ..settings import DeviceSettings
 
 log = logging.getLogger("tcprc.device")
@@ -27,6 +29,12 @@ def _stuck_after(settings: DeviceSettings) -> float:
     return 2 * settings.connect_timeout + 60.0
 
 
+def jittered(delay: float) -> float:
+    """Equal jitter: between half `delay` and all of it, so a fleet spreads out yet
+    still waits. (os.urandom, not the random module: that import alone costs ~0.7 MB.)"""
+    return delay / 2 + delay / 2 * int.from_bytes(os.urandom(2), "big") / 0xFFFF
+
+
 class Backoff:
     """Exponential reconnect delay with jitter, reset after a healthy uplink."""
 
@@ -37,26 +45,36 @@ class Backoff:
     def next_delay(self) -> float:
         delay = min(self.cap, self.first * (2 ** min(self.failures, 32)))
         self.failures += 1
-        # Equal jitter: never less than half, so a fleet spreads out yet still waits.
-        # (os.urandom, not the random module: that import alone costs ~0.7 MB.)
-        return delay / 2 + delay / 2 * int.from_bytes(os.urandom(2), "big") / 0xFFFF
+        return jittered(delay)
 
     def reset(self) -> None:
         self.failures = 0
 
 
+# The settings whose change requires a new uplink: the keys that apply by restarting the tunnel.
+TUNNEL_KEYS = tuple(name for name, key in DEVICE_KEYS.items() if key.applies == SESSION)
+
+
 def _tunnel_settings_key(settings: DeviceSettings) -> Tuple[Any, ...]:
-    """The settings whose change requires a new uplink."""
-    return tuple(getattr(settings, k) for k in (
-        "server", "local", "allow", "keepalive_idle", "keepalive_interval",
-        "keepalive_count", "send_timeout", "stream_buffer", "stall_timeout", "connect_timeout",
-        "protocol", "id", "secret", "window", "heartbeat_interval", "heartbeat_timeout",
-        "tls", "tls_ca", "tls_fingerprint", "tls_server_name", "tls_cert", "tls_key", "services"))
+    return tuple(getattr(settings, k) for k in TUNNEL_KEYS)
+
+
+def _server_list(servers: Tuple[str, ...]) -> Tuple[HostPort, ...]:
+    return tuple(parse_hostport(server) for server in servers)
 
 
 class DeviceApp:
     """The device agent: a supervisor thread dials the server and serves one
     uplink (a Link in the device role) at a time, reconnecting with backoff.
+
+    With several servers ([device] server a list) there is still one uplink at
+    a time: a round tries them in order. A failed dial moves to the next server
+    at once; a lost session moves to the next after reconnect_min (jittered: a
+    fleet whose server died does not arrive at the next in one burst), since the
+    server that just dropped us is the least likely to take us back; a full
+    round without a healthy session backs off (Backoff) and the next round
+    starts again from the first. A healthy session (up for healthy_after)
+    resets the backoff and begins a new round.
 
     Every public method (start, connect, disconnect, apply_settings, close,
     status) is thread-safe: channels (console, control socket, signals) call
@@ -69,7 +87,10 @@ class DeviceApp:
         self.liveness = Liveness()
         self._errors = LimitedLog(log, interval=10.0)
         self._cond = threading.Condition()
-        self._server: Optional[HostPort] = None      # None: stay idle
+        self._servers: Tuple[HostPort, ...] = ()     # tried in order; (): stay idle
+        self._next = 0                                # index of the server the next dial takes
+        self._failed = 0                              # attempts of this round that failed
+        self._dialled: Optional[HostPort] = None      # the server dialled now or last
         self._local: HostPort = parse_hostport(settings.local)
         self._generation = 0
         self._closing = False
@@ -95,20 +116,23 @@ class DeviceApp:
                      "no server configured ([device] server, --server)")
 
     def connect(self, server: Optional[HostPort] = None, local: Optional[HostPort] = None) -> None:
-        """Start or restart the tunnel; None takes the value from the settings."""
+        """Start or restart the tunnel; None takes the value from the settings. A server
+        given here replaces the configured list until the next connect()."""
         if server is None:
             if not self.settings.server:
                 raise ValueError("no server address: give one or set [device] server")
-            server = parse_hostport(self.settings.server)
+            servers = _server_list(self.settings.server)
+        else:
+            servers = (server,)
         if local is None:
             local = parse_hostport(self.settings.local)
         with self._cond:
-            self._server, self._local = server, local
+            self._servers, self._local = servers, local
             self._restart_locked("restarted by TCPRemoteConnect")
 
     def disconnect(self) -> None:
         with self._cond:
-            self._server = None
+            self._servers = ()
             self._restart_locked("closed by TCPRemoteDisconnect")
 
     def apply_settings(self, settings: DeviceSettings) -> None:
@@ -123,10 +147,10 @@ class DeviceApp:
             if not changed:
                 return
             self._local = parse_hostport(settings.local)
-            if settings.server and (self._server is not None or settings.autostart):
-                self._server = parse_hostport(settings.server)
+            if settings.server and (self._servers or settings.autostart):
+                self._servers = _server_list(settings.server)
             elif not settings.server:
-                self._server = None
+                self._servers = ()
             self._restart_locked("settings changed")
 
     def health(self) -> List[str]:
@@ -146,9 +170,11 @@ class DeviceApp:
             link = self._link
             up, down = self._totals
             stats = link.stats() if link is not None else None
-            return {
+            servers = self._servers
+            current = self._dialled or (servers[0] if servers else None)
+            status = {
                 "state": self._state,
-                "server": format_hostport(*self._server) if self._server else "",
+                "server": format_hostport(*current) if servers and current else "",
                 "local": format_hostport(*self._local),
                 "protocol": stats["protocol"] if stats else "",
                 "tls": stats["tls"] if stats else ("on" if self._tls else "off"),
@@ -161,10 +187,15 @@ class DeviceApp:
                 "last_error": self._last_error,
                 "health": "; ".join(self.liveness.problems()) or "ok",
             }
+            if len(servers) > 1:
+                status["servers"] = ", ".join(format_hostport(*server) for server in servers)
+            return status
 
     # ---- the supervisor thread ------------------------------------------------------
     def _restart_locked(self, reason: str) -> None:
         self._generation += 1
+        self._next = self._failed = 0      # a new round, from the first server
+        self._dialled = None
         if self._link is not None:
             self._link.stop(reason)
         self._cond.notify_all()
@@ -176,19 +207,21 @@ class DeviceApp:
         supervisor backs off and dials again, it never ends but on close()."""
         while True:
             with self._cond:
-                while not self._closing and self._server is None:
+                while not self._closing and not self._servers:
                     self._state = "idle"
                     self._beat_wait(TICK)
                 if self._closing:
                     self._state = "idle"
                     return
-                generation, server, local = self._generation, self._server, self._local
+                generation, servers, local = self._generation, self._servers, self._local
+                index = self._next % len(servers)
+                server = self._dialled = servers[index]
                 settings = self.settings
                 self._state = "connecting"
             try:
-                healthy = self._serve_once(generation, server, local, settings)
+                up_for = self._serve_once(generation, server, local, settings, len(servers) > 1)
             except Exception as exc:
-                healthy = False
+                up_for = None
                 with self._cond:
                     self._link = None
                     self._up_since = None
@@ -196,14 +229,10 @@ class DeviceApp:
                 self._errors.error("internal error while serving the uplink to %s (the agent "
                                    "dials again): %s: %s", format_hostport(*server),
                                    type(exc).__name__, exc, exc_info=exc)
-            if healthy:
-                self._backoff.reset()
             with self._cond:
                 if self._closing or generation != self._generation:
                     continue   # told to stop or to use new settings: no waiting
-                delay = self._backoff.next_delay()
-                self._state = "backoff"
-                log.info("reconnecting to %s in %.1f s", format_hostport(*server), delay)
+                delay = self._after_attempt(servers, index, up_for, settings)
                 deadline = time.monotonic() + delay
                 while not self._closing and generation == self._generation:
                     remaining = deadline - time.monotonic()
@@ -211,14 +240,49 @@ class DeviceApp:
                         break
                     self._beat_wait(min(remaining, TICK))
 
+    def _after_attempt(self, servers: Tuple[HostPort, ...], index: int, up_for: Optional[float],
+                       settings: DeviceSettings) -> float:
+        """Under the condition: the next server to dial and how long to wait first.
+        `up_for`: how long the session was up; None: there was none (a failed dial)."""
+        healthy = up_for is not None and up_for >= settings.healthy_after
+        self._next = index + 1
+        if healthy:
+            self._backoff.reset()
+            self._failed = 0
+        else:
+            self._failed += 1
+        following = format_hostport(*servers[self._next % len(servers)])
+        if self._failed >= len(servers):
+            # A full round without a healthy session: back off, then from the first.
+            self._failed = self._next = 0
+            delay = self._backoff.next_delay()
+            self._state = "backoff"
+            if len(servers) == 1:
+                log.info("reconnecting to %s in %.1f s", following, delay)
+            else:
+                log.info("no server of %d kept an uplink: backing off, from the first, %s, "
+                         "again in %.1f s", len(servers), format_hostport(*servers[0]), delay)
+            return delay
+        if up_for is None:
+            log.info("trying the next server, %s", following)
+            return 0.0   # the failed dial took its time already
+        # A lost session: the backoff's first step after a healthy one (it was just
+        # reset), reconnect_min jittered after a short one.
+        delay = self._backoff.next_delay() if healthy else jittered(settings.reconnect_min)
+        self._state = "backoff"
+        log.info("reconnecting to %s in %.1f s", following, delay)
+        return delay
+
     def _beat_wait(self, timeout: float) -> None:
         """Under the condition: wait, and count as alive for the watchdog."""
         self.liveness.beat(SUPERVISOR)
         self._cond.wait(timeout)
         self.liveness.beat(SUPERVISOR)
 
-    def _serve_once(self, generation: int, server: HostPort, local: HostPort, settings: DeviceSettings) -> bool:
-        """Dial and serve one uplink; True if it stayed up long enough to count as healthy."""
+    def _serve_once(self, generation: int, server: HostPort, local: HostPort,
+                    settings: DeviceSettings, several: bool) -> Optional[float]:
+        """Dial and serve one uplink: the seconds it was up, None if it never was.
+        `several`: one server of a list (its errors name the server)."""
         name = "uplink %s" % format_hostport(*server)
         self.liveness.beat(SUPERVISOR)
         try:
@@ -228,7 +292,7 @@ class DeviceApp:
                 self._last_error = "connect to %s failed: %s" % (format_hostport(*server),
                                                                   exc.strerror or exc)
             log.warning("%s", self._last_error)
-            return False
+            return None
         tls = self._tls
         try:
             allowed = {parse_hostport(item) for item in settings.allow}
@@ -238,10 +302,10 @@ class DeviceApp:
         except OSError as exc:
             sock.close()
             with self._cond:
-                self._last_error = ("TLS with %s failed: %s" if tls else "uplink setup failed: %s") \
-                    % ((format_hostport(*server), exc) if tls else (exc,))
+                self._last_error = ("TLS with %s failed: %s" if tls else "uplink setup with %s "
+                                    "failed: %s") % (format_hostport(*server), exc)
             log.warning("%s", self._last_error)
-            return False
+            return None
         except BaseException:
             sock.close()   # the supervisor's barrier logs it; the socket goes now
             raise
@@ -261,10 +325,12 @@ class DeviceApp:
                 self._totals[0] += stats["bytes_sent"]
                 self._totals[1] += stats["bytes_received"]
                 self._link = None
-                self._state = "idle" if self._server is None or self._closing else "backoff"
+                self._state = "idle" if not self._servers or self._closing else "backoff"
                 up_for = time.monotonic() - (self._up_since or time.monotonic())
                 self._up_since = None
                 if link.end_reason and generation == self._generation and not self._closing:
                     self._last_error = link.end_reason if link.role.refused or link.session.rejected \
                         else "uplink lost: %s" % link.end_reason
-        return up_for >= settings.healthy_after
+                    if several:   # one server of a list: say which (its log lines do)
+                        self._last_error = "%s: %s" % (format_hostport(*server), self._last_error)
+        return up_for

@@ -9,14 +9,15 @@ import logging
 import re
 import shlex
 import threading
-from typing import Any, Callable, Dict, List, NamedTuple, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..addr import format_hostport, parse_hostport, parse_port
 from ..errors import CommandError, ConfigError
 from . import tomlwrite
+from .changes import HIDDEN, set_answer
 from .config import (SCHEMA, SECRET_KEYS, Config, SectionProblem, check_value, close_match,
-                     device_hosts, device_table, replace_value, save_config, suggest,
-                     value_from_words)
+                     device_hosts, device_table, replace_value, save_config, server_value,
+                     suggest, value_from_words)
 from .config import one_line as _one_line
 
 log = logging.getLogger("tcprc.commands")
@@ -59,8 +60,8 @@ def _format_status_value(key: str, value: Any) -> str:
     return _one_line(value)
 
 
-_STATUS_ORDER = ("state", "protocol", "tls", "server", "listen", "host", "device", "device_id",
-                 "local", "clients", "bytes_up", "bytes_down", "rtt", "uptime", "last_error",
+_STATUS_ORDER = ("state", "protocol", "tls", "server", "servers", "listen", "host", "device",
+                 "device_id", "local", "clients", "bytes_up", "bytes_down", "rtt", "uptime", "last_error",
                  "health")
 
 _DEVICE_LINE = "%-16s %-5s %-21s %-20s %7s %9s %9s %8s %s"
@@ -87,7 +88,6 @@ def _size(count: int) -> str:
     return "%.1f %s" % (value, unit)
 
 
-HIDDEN = "<hidden>"
 # `config set device.secret VALUE`, `... server.http_token VALUE` and the like: the
 # value never reaches a log.
 _SECRET_SET = re.compile(r"(?i)^(\s*config\s+set\s+\S*(?:secret|token)\S*)\s.*$")
@@ -109,9 +109,13 @@ class CommandParser:
     app's public methods, which lock for themselves, and the rest is per call.
     """
 
-    def __init__(self, app: Any, cfg: Config):
+    def __init__(self, app: Any, cfg: Config,
+                 appliers: Optional[Dict[str, Callable[[Any], None]]] = None):
+        """`appliers`: section -> what applies new settings of it beside the app's own
+        section (cli passes the Service's, for [log])."""
         self.app = app
         self.cfg = cfg
+        self._appliers = dict(appliers or {})
         self._changes: Dict[Tuple[str, str], Any] = {}   # what `config set` did, for save
         self._lock = threading.Lock()                   # guards cfg and _changes
 
@@ -319,6 +323,8 @@ class CommandParser:
                     for name, local in sorted(value.items())]
         if key in SECRET_KEYS:
             return ["%s.%s = %s" % (section, key, HIDDEN if value is not None else '""')]
+        if section == "device" and key == "server":   # as a file writes it: a list for several
+            value = server_value(value)
         return ["%s.%s = %s" % (section, key, tomlwrite.format_value(value))]
 
     def _device_get(self, text: str) -> List[str]:
@@ -364,21 +370,21 @@ class CommandParser:
             raise CommandError("%s: %s%s" % (args[0], where, exc))
         except ValueError as exc:
             raise CommandError("%s: %s" % (args[0], exc))
-        detail: List[str] = []
-        if section == self.role:
+        before = getattr(self.cfg, section)
+        apply = self.app.apply_settings if section == self.role else self._appliers.get(section)
+        if apply is not None:
             # The app compares old and new settings, so it gets a new object.
             try:
-                self.app.apply_settings(updated)
+                apply(updated)
             except Exception as exc:
                 log.warning("config set %s: could not apply: %s", args[0], exc)
                 raise CommandError("%s: could not apply: %s" % (args[0], exc))
-        else:
-            detail.append("%s.%s takes effect at the next start" % (section, key))
+        detail = set_answer(self.role, section, key, before, updated,
+                            self.cfg.started.get(section), apply is not None)
         self.cfg.sections[section] = updated
         self._changes[(section, key)] = value
-        log.info("config set %s.%s = %s", section, key,
-                 HIDDEN if key in SECRET_KEYS else tomlwrite.format_value(value))
-        return detail + [OK]
+        log.info("config set %s", detail)
+        return [detail, OK]
 
     def _config_save(self, args: List[str]) -> List[str]:
         if args:
@@ -429,8 +435,9 @@ COMMANDS: Tuple[Command, ...] = (
             "TCPRemoteConnect [ServerAddress ServerPort [LocalAddress LocalPort]]",
             "start (or restart) the tunnel",
             ("No parameters, or one empty string \"\": use device.server and",
-             "device.local from the configuration.",
-             "Two: dial ServerAddress:ServerPort, clients go to device.local.",
+             "device.local from the configuration (a list of servers: tried in order).",
+             "Two: dial ServerAddress:ServerPort (only it, not the list), clients go to",
+             "device.local.",
              "Four: dial ServerAddress:ServerPort, clients go to LocalAddress:LocalPort",
              "(an empty LocalAddress \"\" means this device, 127.0.0.1).",
              "Example: TCPRemoteConnect 203.0.113.5 9000 127.0.0.1 22"),
@@ -463,9 +470,11 @@ COMMANDS: Tuple[Command, ...] = (
     Command("config", BOTH, "config get KEY | config set KEY VALUE | config save",
             "read, change and save settings",
             ("KEY is section.key, e.g. device.server; `config get SECTION` lists a section.",
-             "config set changes the running agent: device.* and server.* settings are",
-             "applied at once (a tunnel whose settings did not change stays up); the",
-             "other sections (console, control, log) take effect at the next start.",
+             "config set changes the running agent and answers what became of the value:",
+             "applied at once; applied by restarting the tunnel (device) or the sessions",
+             "it affects (server); applied to new uplinks (server TLS and limits); or",
+             "needs a restart (server.listen, control, console, cluster): the running",
+             "agent keeps its value, config save keeps the new one for the next start.",
              "Booleans: true/false, yes/no, on/off, 1/0. Lists: several values, or",
              "comma-separated; \"\" for an empty value or list.",
              "config save writes the settings to the configuration file (atomically,",

@@ -1,6 +1,7 @@
 """TOML configuration: one file per role, validated at start into typed settings.
 
-Every key has a type, a default and a check; an empty file is a valid config.
+Every key has a type, a default, a check and when a change of it applies;
+an empty file is a valid config.
 Every error is one ConfigError line naming the file, the key and the problem.
 Each section becomes a NamedTuple of tcprc.settings (not dataclasses: importing
 them pulls in inspect, ast and dis, about 1 MB of RSS on a gateway that has 64).
@@ -11,10 +12,13 @@ Also here, next to the schema they follow: command words to values
 import errno
 import os
 from types import MappingProxyType
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from ..addr import WILDCARD_ADDRESSES, parse_hostport, parse_network, ports_collide
+from ..addr import WILDCARD_ADDRESSES, parse_hostport, ports_collide
 from ..errors import ConfigError
+from ..keys import (DEVICE_KEYS, ID_CHARS as _ID_CHARS, LIVE, RESTART, SERVER_KEYS, SESSION, Key,
+                    between as _between, hostport as _hostport, identity as _device_id,
+                    normal_fingerprint as _normal_fingerprint, one_of as _one_of)
 from ..settings import (ClusterSettings, ConsoleSettings, ControlSettings, DeviceEntry,
                         DeviceSettings, LogSettings, Secret, ServerSettings)
 from . import tomlwrite
@@ -23,136 +27,22 @@ from .files import (FileContent, FileProblem, check_regular_file, printable, rea
 from .tomlwrite import tomllib   # tomllib, or tomli before Python 3.11: chosen once, there
 
 
-def _hostport(allow_empty: bool, bind: bool = False) -> Callable[[Any], Optional[str]]:
-    """ADDR:PORT.  Addresses we listen on (`bind`) may omit the host (all
-    interfaces) and use port 0 (any free port); addresses we dial may not."""
-    def check(value: Any) -> Optional[str]:
-        if value == "" and allow_empty:
-            return None
-        try:
-            parse_hostport(value, allow_empty_host=bind, allow_zero_port=bind)
-        except ValueError as exc:
-            return str(exc)
-        return None
-    return check
+def server_list(value: Any) -> Tuple[str, ...]:
+    """The servers a [device] server value names, in order: "" -> (), "a:1" -> ("a:1",)."""
+    if isinstance(value, str):
+        return (value,) if value else ()
+    return tuple(value)
 
 
-def _hostport_list(value: Any) -> Optional[str]:
-    for item in value:
-        if not isinstance(item, str):
-            return "every entry must be a string \"ADDR:PORT\", got %r" % (item,)
-        problem = _hostport(False)(item)
-        if problem:
-            return problem
-    return None
-
-
-def _network_list(value: Any) -> Optional[str]:
-    if not value:
-        return "must name at least one network (CIDR), got an empty list"
-    for item in value:
-        if not isinstance(item, str):
-            return "every entry must be a string \"ADDR/PREFIX\", got %r" % (item,)
-        try:
-            parse_network(item)
-        except ValueError as exc:
-            return str(exc)
-    return None
-
-
-_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
-
-
-def _host_names(value: Any) -> Optional[str]:
-    """[server] http_hosts: NAME, NAME:PORT, [IPV6] or [IPV6]:PORT each."""
-    for item in value:
-        if not isinstance(item, str):
-            return "every entry must be a string \"NAME\" or \"NAME:PORT\", got %r" % (item,)
-        name = item
-        if item.startswith("[") and item.endswith("]"):
-            name = item[1:-1]
-        elif item.startswith("[") or item.count(":") == 1:
-            try:
-                name, _ = parse_hostport(item, allow_empty_host=False)
-            except ValueError as exc:
-                return str(exc)
-        elif ":" in item:
-            return "an IPv6 address goes in brackets ([::1] or [::1]:9100), got %r" % item[:80]
-        chars = "0123456789abcdefABCDEF:." if item.startswith("[") else _NAME_CHARS
-        if not 0 < len(name) <= 253 or not frozenset(chars).issuperset(name):
-            return "%r is not a host name (letters, digits, . - _) or [IPV6]" % item[:80]
-    return None
-
-
-def _between(low: float, high: float) -> Callable[[Any], Optional[str]]:
-    def check(value: Any) -> Optional[str]:
-        if not low <= value <= high:
-            return "must be between %s and %s, got %s" % (low, high, value)
-        return None
-    return check
-
-
-def _one_of(*choices: str) -> Callable[[Any], Optional[str]]:
-    def check(value: Any) -> Optional[str]:
-        if value not in choices:
-            return "must be one of %s, got %r" % (", ".join(choices), value)
-        return None
-    return check
-
-
-def _wire_address(value: Any) -> Optional[str]:
-    """CONNECT carries the address as ASCII; anything else would be refused by the device."""
-    if not all(33 <= ord(c) < 127 for c in value) or len(value) > 255:
-        return "must be ASCII without spaces, at most 255 characters, got %r" % value
-    return None
+def server_value(servers: Tuple[str, ...]) -> Any:
+    """The value a file holds for `servers`: a string for none or one, else a list."""
+    return list(servers) if len(servers) > 1 else "".join(servers)
 
 
 def _log_target(value: Any) -> Optional[str]:
     if value in ("auto", "stderr", "syslog") or value.startswith("/"):
         return None
     return "must be auto, stderr, syslog or an absolute file path, got %r" % value
-
-
-_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
-MAX_ID = 64
-
-
-def _device_id(allow_empty: bool) -> Callable[[Any], Optional[str]]:
-    """A v2 identity: what HELLO can carry (v2.md)."""
-    def check(value: Any) -> Optional[str]:
-        if value == "" and allow_empty:
-            return None
-        if not 0 < len(value) <= MAX_ID or not _ID_CHARS.issuperset(value):
-            return ("must be 1 to %d characters of A-Z a-z 0-9 . _ -, got %r"
-                    % (MAX_ID, value[:MAX_ID + 8]))
-        return None
-    return check
-
-
-_HEX = frozenset("0123456789abcdef")
-
-
-def _normal_fingerprint(value: str) -> Optional[str]:
-    """"sha256:" + 64 hex digits (colons between pairs allowed) -> lower case without colons."""
-    kind, _, digits = value.partition(":")
-    if kind.lower() != "sha256":
-        return None
-    if ":" in digits:
-        pairs = digits.split(":")
-        if any(len(pair) != 2 for pair in pairs):
-            return None
-        digits = "".join(pairs)
-    digits = digits.lower()
-    if len(digits) != 64 or not _HEX.issuperset(digits):
-        return None
-    return "sha256:" + digits
-
-
-def _fingerprint(value: Any) -> Optional[str]:
-    if value and _normal_fingerprint(value) is None:
-        return "must be \"sha256:\" and 64 hex digits (colons between pairs allowed), got %r" % (
-            value[:120],)
-    return None
 
 
 def secret_problem(text: str) -> Optional[str]:
@@ -182,107 +72,46 @@ def _etcd_urls(value: Any) -> Optional[str]:
     return None
 
 
-class Key(NamedTuple):
-    type: type
-    default: Any
-    check: Optional[Callable[[Any], Optional[str]]] = None
-    doc: str = ""
-
-
-# Keys every tunnel end has: liveness and per-stream buffering of the uplink.
-_LINK_KEYS = {
-    "keepalive_idle": Key(int, 60, _between(1, 7200), "seconds of uplink silence before TCP keepalive probes"),
-    "keepalive_interval": Key(int, 10, _between(1, 600), "seconds between keepalive probes"),
-    "keepalive_count": Key(int, 5, _between(1, 50), "unanswered probes before the uplink is declared dead"),
-    "send_timeout": Key(float, 60.0, _between(1, 3600), "seconds a frame may wait on a congested uplink before it is declared dead"),
-    "stream_buffer": Key(int, 262144, _between(4096, 16 * 1024 * 1024), "bytes queued for one slow local socket before the uplink stops reading"),
-    "stall_timeout": Key(float, 30.0, _between(0.1, 3600), "seconds a stream over its buffer may make no progress before it is closed (legacy sessions)"),
-    "window": Key(int, 262144, _between(16384, 16 * 1024 * 1024), "bytes a peer may send on one stream before this end returns credit (protocol v2)"),
-    "heartbeat_interval": Key(float, 15.0, _between(1, 3600), "seconds between PINGs on a v2 uplink"),
-    "heartbeat_timeout": Key(float, 45.0, _between(2, 86400), "seconds without any frame from the peer before a v2 uplink is ended; must exceed heartbeat_interval"),
-}
-
+# Every key of each role's tables (tcprc.keys has those of [device] and [server]),
+# with when a change applies (keys.APPLIES): the serial console and the control
+# socket are opened at start, [log] is set up again at once, and [cluster] is read
+# at start.
 SCHEMA: Dict[str, Dict[str, Dict[str, Key]]] = {
     "device": {
-        "device": dict({
-            "server": Key(str, "", _hostport(True), "ServerAddress:ServerPort; empty: wait for TCPRemoteConnect"),
-            "local": Key(str, "127.0.0.1:23", _hostport(False), "LocalAddress:LocalPort, the service clients reach"),
-            "allow": Key(list, [], _hostport_list, "further targets a CONNECT may name (default: only `local`)"),
-            "autostart": Key(bool, True, None, "dial the server at start when `server` is set"),
-            "connect_timeout": Key(float, 10.0, _between(0.1, 300), "seconds to connect to the server or to a target"),
-            "reconnect_min": Key(float, 1.0, _between(0.01, 3600), "first reconnect delay, doubled per failure; at most reconnect_max"),
-            "reconnect_max": Key(float, 60.0, _between(0.01, 86400), "cap of the reconnect delay"),
-            "healthy_after": Key(float, 30.0, _between(0.1, 86400), "seconds up after which the reconnect delay resets"),
-            "protocol": Key(str, "auto", _one_of("auto", "legacy", "v2"), "auto: v2 when the server offers it, else legacy; legacy: never v2; v2: never legacy"),
-            "id": Key(str, "", _device_id(True), "this device's identity on the server (v2); empty: none"),
-            "secret": Key(str, "", None, "the shared secret of `id` (at least 128 bits); prefer secret_file"),
-            "secret_file": Key(str, "", None, "file holding the secret (surrounding white space ignored); mode 0600: a file group or others may read is refused"),
-            "allow_readable_secrets": Key(bool, False, None, "accept a secret_file, or a config file holding `secret`, that group or others may read (refused by default, as ssh refuses such a key)"),
-            "tls": Key(bool, False, None, "wrap the uplink in TLS"),
-            "tls_ca": Key(str, "", None, "PEM file of the CAs that sign the server's certificate; empty: the system's"),
-            "tls_fingerprint": Key(str, "", _fingerprint, "sha256:<64 hex digits> of the server's certificate, pinned instead of a CA (not together with tls_ca)"),
-            "tls_server_name": Key(str, "", _wire_address, "name the server's certificate must carry; empty: the host of `server`"),
-            "tls_cert": Key(str, "", None, "PEM certificate this device shows the server (with tls_key)"),
-            "tls_key": Key(str, "", None, "PEM private key of tls_cert"),
-            "services": Key(dict, {}, None, "[device.services.NAME] tables: local (ADDR:PORT), where the server's service NAME of this device goes (protocol v2)"),
-        }, **_LINK_KEYS),
+        "device": DEVICE_KEYS,
         "console": {
-            "port": Key(str, "", None, "serial device or pyserial URL; empty: no console"),
-            "baudrate": Key(int, 115200, _between(50, 4000000), "serial speed"),
-            "echo": Key(bool, True, None, "echo typed characters"),
-            "prompt": Key(str, "tcprc> ", None, "prompt printed before each command"),
+            "port": Key(str, "", None, "serial device or pyserial URL; empty: no console", RESTART),
+            "baudrate": Key(int, 115200, _between(50, 4000000), "serial speed", RESTART),
+            "echo": Key(bool, True, None, "echo typed characters", RESTART),
+            "prompt": Key(str, "tcprc> ", None, "prompt printed before each command", RESTART),
         },
         "control": {
-            "socket": Key(str, "/run/tcprc/tcprc.sock", None, "Unix socket for `tcprc ctl`; empty: none"),
+            "socket": Key(str, "/run/tcprc/tcprc.sock", None, "Unix socket for `tcprc ctl`; empty: none", RESTART),
         },
         "log": {
-            "level": Key(str, "info", _one_of("debug", "info", "warning", "error"), "log level"),
-            "target": Key(str, "auto", _log_target, "auto (stderr, syslog when daemonized), stderr, syslog or /path"),
+            "level": Key(str, "info", _one_of("debug", "info", "warning", "error"), "log level", LIVE),
+            "target": Key(str, "auto", _log_target, "auto (stderr, syslog when daemonized), stderr, syslog or /path", LIVE),
         },
     },
     "server": {
-        "server": dict({
-            "listen": Key(str, "0.0.0.0:9000", _hostport(False, bind=True), "ServerAddress:ServerPort where devices dial in"),
-            "host": Key(str, "127.0.0.1:2222", _hostport(False, bind=True), "HostAddress:HostPort where clients connect"),
-            "listen_timeout": Key(float, 10.0, _between(0.1, 3600), "seconds a new uplink may take to send LISTEN"),
-            "max_pending": Key(int, 64, _between(1, 4096), "uplinks allowed to wait for their LISTEN at once; when full, the one waiting longest is dropped"),
-            "max_pending_per_source": Key(int, 4, _between(1, 4096), "of those, from one source address (an IPv6 /64); over it, that source's oldest is dropped"),
-            "allow_from": Key(list, ["0.0.0.0/0", "::/0"], _network_list, "networks (CIDR) devices may dial in from; the legacy protocol has no authentication"),
-            "takeover": Key(bool, True, None, "a newer LISTEN replaces the live uplink (false: refuse the newcomer)"),
-            "connect_address": Key(str, "127.0.0.1", _wire_address, "address sent in CONNECT: a legacy device dials exactly it (with connect_port: 127.0.0.1:23 by default); a tcprc device takes \"\" or this default as its own `local`"),
-            "connect_port": Key(int, 23, _between(0, 65535), "port sent in CONNECT"),
-            "id_quarantine": Key(float, 10.0, _between(0.1, 600), "seconds at most a client id the server closed waits for the device's answering CLOSE before reuse, once the device is seen to answer (legacy Lua agents do); otherwise a few uplink round trips"),
-            "legacy": Key(bool, None, None, "identity-less (legacy) devices may dial in; absent: true without [server.devices.ID] tables and devices_dir, false with"),
-            "tls_cert": Key(str, "", None, "PEM certificate of the uplink listener (with tls_key); empty: no TLS"),
-            "tls_key": Key(str, "", None, "PEM private key of tls_cert"),
-            "tls_client_ca": Key(str, "", None, "PEM file of the CAs devices' certificates must be signed by; empty: none asked"),
-            "devices": Key(dict, {}, None, "[server.devices.ID] tables: host (ADDR:PORT, required), secret or secret_file, previous_secret or previous_secret_file (rotation), and [server.devices.ID.services.NAME] tables with a host each"),
-            "devices_dir": Key(str, "", None, "directory of one ID.toml file per device (host, secret or secret_file, ...), read again on SIGHUP and every few seconds; empty: none"),
-            "allow_readable_secrets": Key(bool, False, None, "accept secret files, and config or device files holding a secret, that group or others may read (refused by default)"),
-            "max_streams_per_device": Key(int, 255, _between(1, 255), "clients one device's session carries at once; over it a client is refused"),
-            "http": Key(str, "", _hostport(True, bind=True), "ADDR:PORT of the status page, /api/devices and /metrics; empty: off; applies live (without http_token keep it on loopback)"),
-            "http_hosts": Key(list, [], _host_names, "more host names the status page answers to (NAME, or NAME:PORT for that port only) besides the address of `http`; another Host header is refused (DNS rebinding)"),
-            "http_token": Key(str, "", None, "secret (at least 128 bits) the status page, /api/devices and /metrics require: Authorization: Bearer TOKEN, or HTTP basic auth with any user and TOKEN as password; empty: no login; prefer http_token_file"),
-            "http_token_file": Key(str, "", None, "file holding http_token (surrounding white space ignored)"),
-            "http_metrics_open": Key(bool, False, None, "serve /metrics without http_token (for a scraper that cannot log in)"),
-        }, **_LINK_KEYS),
+        "server": SERVER_KEYS,
         "cluster": {
-            "name": Key(str, "tcprc", _device_id(False), "the cluster's name: its keys in etcd are under /tcprc/<name>/"),
-            "node": Key(str, "", _device_id(True), "this server's name, unique in the cluster (required)"),
-            "etcd": Key(list, [], _etcd_urls, "client URLs \"http://ADDR:PORT\" of the etcd members (required)"),
-            "peer_listen": Key(str, "", _hostport(True, bind=True), "ADDR:PORT where the other servers forward clients to this one (required)"),
-            "peer_advertise": Key(str, "", _hostport(True), "ADDR:PORT the other servers dial; empty: peer_listen"),
-            "secret": Key(str, "", None, "the secret the servers share (at least 128 bits); prefer secret_file"),
-            "secret_file": Key(str, "", None, "file holding the cluster secret (surrounding white space ignored)"),
-            "lease_ttl": Key(int, 10, _between(2, 600), "seconds a server's registrations outlive it (its etcd lease)"),
-            "client_wait": Key(float, 5.0, _between(0, 300), "seconds a client is held while its device moves between servers"),
+            "name": Key(str, "tcprc", _device_id(False), "the cluster's name: its keys in etcd are under /tcprc/<name>/", RESTART),
+            "node": Key(str, "", _device_id(True), "this server's name, unique in the cluster (required)", RESTART),
+            "etcd": Key(list, [], _etcd_urls, "client URLs \"http://ADDR:PORT\" of the etcd members (required)", RESTART),
+            "peer_listen": Key(str, "", _hostport(True, bind=True), "ADDR:PORT where the other servers forward clients to this one (required)", RESTART),
+            "peer_advertise": Key(str, "", _hostport(True), "ADDR:PORT the other servers dial; empty: peer_listen", RESTART),
+            "secret": Key(str, "", None, "the secret the servers share (at least 128 bits); prefer secret_file", RESTART),
+            "secret_file": Key(str, "", None, "file holding the cluster secret (surrounding white space ignored)", RESTART),
+            "lease_ttl": Key(int, 10, _between(2, 600), "seconds a server's registrations outlive it (its etcd lease)", RESTART),
+            "client_wait": Key(float, 5.0, _between(0, 300), "seconds a client is held while its device moves between servers", RESTART),
         },
         "control": {
-            "socket": Key(str, "/run/tcprc/tcprc-server.sock", None, "Unix socket for `tcprc ctl`; empty: none"),
+            "socket": Key(str, "/run/tcprc/tcprc-server.sock", None, "Unix socket for `tcprc ctl`; empty: none", RESTART),
         },
         "log": {
-            "level": Key(str, "info", _one_of("debug", "info", "warning", "error"), "log level"),
-            "target": Key(str, "auto", _log_target, "auto (stderr, syslog when daemonized), stderr, syslog or /path"),
+            "level": Key(str, "info", _one_of("debug", "info", "warning", "error"), "log level", LIVE),
+            "target": Key(str, "auto", _log_target, "auto (stderr, syslog when daemonized), stderr, syslog or /path", LIVE),
         },
     },
 }
@@ -311,6 +140,9 @@ class Config:
         self.path = path
         self.raw = raw                  # the file's own tables, for `config save`
         self.sections = sections
+        # The sections the agent started with: a key that needs a restart keeps its
+        # value from them until then (a reload hands them on to the new Config).
+        self.started = dict(sections)
 
     def __repr__(self) -> str:
         return "Config(role=%r, path=%r)" % (self.role, self.path)
@@ -322,7 +154,9 @@ class Config:
             raise AttributeError(name) from None
 
 
-def _type_name(tp: type) -> str:
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, tuple):   # a key of several types: [device] server, a string or a list
+        return " or ".join(_type_name(one) for one in tp)
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
             list: "a list", dict: "a table"}[tp]
 
@@ -443,8 +277,12 @@ class SectionProblem(ValueError):
 
 
 MAX_SECRET_FILE = 4096   # bytes; a secret is short, and /dev/zero must not fill the memory
-_DEVICE_TABLE_KEYS = ("host", "secret", "secret_file", "previous_secret", "previous_secret_file",
-                      "services")
+# The keys of a [server.devices.ID] table (and of a devices_dir file), with when a
+# change applies: ServerApp ends the session of a device whose table changed (it
+# redials), unless only its services did: their ports follow at once.
+DEVICE_TABLE_KEYS = {"host": SESSION, "secret": SESSION, "secret_file": SESSION,
+                      "previous_secret": SESSION, "previous_secret_file": SESSION,
+                      "services": LIVE}
 MAX_SERVICE_NAME = 32
 MAX_SERVICES = 64   # per device: each is a listening port on the server
 
@@ -543,6 +381,7 @@ def _finish_device(values: Dict[str, Any]) -> None:
     if values["tls_ca"] and values["tls_fingerprint"]:
         raise SectionProblem("device", "tls_ca and tls_fingerprint exclude each other: a pin "
                                        "replaces the CA and name checks; set one of them")
+    values["server"] = server_list(values["server"])
     if values["reconnect_min"] > values["reconnect_max"]:
         raise SectionProblem("device", "reconnect_min (%s) must not exceed reconnect_max (%s)"
                              % (values["reconnect_min"], values["reconnect_max"]))
@@ -604,12 +443,12 @@ def _device_entry(ident: str, table: Any, allow_readable: bool) -> DeviceEntry:
     if not isinstance(table, dict):
         raise SectionProblem("server.devices", "%s must be a table [%s]" % (ident, name))
     for key, value in table.items():
-        if key not in _DEVICE_TABLE_KEYS:
+        if key not in DEVICE_TABLE_KEYS:
             hint = ""
             if isinstance(value, dict):   # [server.devices.gw.1]: a dotted id unquoted
                 hint = "; an id with a dot is quoted: [server.devices.\"%s.%s\"]" % (ident, key)
             raise SectionProblem(name, "unknown key %r (%s)%s"
-                                 % (key, suggest(key, _DEVICE_TABLE_KEYS), hint))
+                                 % (key, suggest(key, DEVICE_TABLE_KEYS), hint))
         if key == "services":
             continue   # checked by _services
         if not isinstance(value, str):
@@ -814,11 +653,12 @@ def value_from_words(name: str, kind: type, words: List[str]) -> Any:
     Lists take several words or comma-separated ones; other types exactly one.
     Raises ValueError with one line naming `name`. check_value validates after.
     """
-    if kind is list:
+    if kind is list or kind == (str, list):
         items = []
         for word in words:
             items.extend(part.strip() for part in word.split(",") if part.strip())
-        return items
+        # A string or a list ([device] server): as a file writes it, a string for one.
+        return items if kind is list else server_value(tuple(items))
     if len(words) != 1:
         raise ValueError("%s takes one value, got %d (quote a value with spaces)"
                          % (name, len(words)))

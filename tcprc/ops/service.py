@@ -8,9 +8,11 @@ channels' threads work; stop() last.
 
 import logging
 import os
+import threading
 from typing import Any, Callable
 
 from ..errors import ConfigError, PidFileError
+from .changes import changes, reload_lines
 from .config import Config
 from .detach import StartReport, detach
 from .logsetup import LOGGER, log_uncaught, setup_logging
@@ -37,6 +39,7 @@ class Service:
         self.signals = Signals()
         self.status = 0
         self.log = logging.getLogger(LOGGER)
+        self._log_lock = threading.Lock()
 
     def start(self) -> bool:
         """False: do not run; exit with self.status (the reason is reported)."""
@@ -45,7 +48,7 @@ class Service:
             self.report = detach()
             log_uncaught(self.log)
         try:
-            setup_logging(self.cfg.log.level, self.cfg.log.target, self.detach)
+            self.apply_log(self.cfg.log)
         except OSError as exc:
             self.status = self.fail("tcprc: cannot log to %s: %s"
                                     % (self.cfg.log.target, exc.strerror or exc))
@@ -74,27 +77,37 @@ class Service:
         if self.signals.stop_requested:
             self.log.info("signal %d: stopping", self.signals.stop_signal)
 
+    def apply_log(self, settings: Any) -> None:
+        """[log] set up anew (SIGHUP, `config set log.*`); OSError: the old setup stays."""
+        with self._log_lock:   # a reload and a `config set` never interleave here
+            setup_logging(settings.level, settings.target, self.detach)
+
     def reload(self, load: Callable[[], Config], app: Any) -> None:
-        """SIGHUP: a new config replaces the old only if it is valid as a whole."""
+        """SIGHUP: a new config replaces the old only if it is valid as a whole. One line
+        names the changed keys that were applied, one WARNING those that wait for a restart."""
         try:
             cfg = load()
         except ConfigError as exc:
             self.log.error("reload failed, keeping the running config: %s", exc)
             return
+        cfg.started = self.cfg.started   # what a key that needs a restart still runs with
+        found = changes(cfg.role, self.cfg.sections, cfg.sections, cfg.started)
         try:
-            setup_logging(cfg.log.level, cfg.log.target, self.detach)
+            self.apply_log(cfg.log)
         except OSError as exc:
             self.log.error("reload: cannot log to %s: %s; logging unchanged",
                            cfg.log.target, exc.strerror or exc)
-        if cfg.control.socket != self.cfg.control.socket:
-            self.log.warning("reload: [control] socket change takes effect at the next restart")
+            found = [change for change in found if not change.name.startswith("log.")]
         try:
             app.apply_settings(getattr(cfg, cfg.role))
         except ConfigError as exc:   # a TLS file the new config names cannot be used
             self.log.error("reload failed, keeping the running config: %s", exc)
             return
         self.cfg = cfg
-        self.log.info("reloaded %s", cfg.path or "the defaults")
+        applied, waiting = reload_lines(cfg.role, cfg.path or "the defaults", found)
+        self.log.info("%s", applied)
+        if waiting:
+            self.log.warning("%s", waiting)
 
     def stop(self) -> None:
         if self.pidfile is not None:

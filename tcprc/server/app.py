@@ -299,10 +299,8 @@ class ServerApp:
             link.wait_stopped(5)
 
     def apply_settings(self, settings: ServerSettings) -> None:
-        """New settings: a changed listen port cannot move without a restart; say so."""
-        if settings.listen != self.settings.listen:
-            log.warning("listen address change to %s needs a restart; still on %s",
-                        settings.listen, self.settings.listen)
+        """New settings (SIGHUP, config set). The listen port stays where it is until a
+        restart (ops reports that, with what else waits for one: keys.SERVER_KEYS)."""
         changed = settings.host != self.settings.host or settings.connect_port != self.settings.connect_port \
             or settings.connect_address != self.settings.connect_address
         allow_changed = settings.allow_from != self.settings.allow_from or \
