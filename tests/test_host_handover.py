@@ -24,7 +24,7 @@ def _hold_link_thread(link):
 
 def _slot(app):
     """The [server] host port's slot: its listener, holder and successor."""
-    return app._slots.get("")
+    return app.ports._slots.get("")
 
 
 def _newcomer(app, old_link):

@@ -266,3 +266,73 @@ def test_nothing_below_the_cluster_imports_it():
            for m, imps in GRAPH.items() if layer(m) not in ("cluster", "cli")
            for i in imps if i.target.startswith("tcprc.cluster")]
     assert not bad, "\n".join(bad)
+
+
+# ---- what a type checker sees, and who decides the protocol ------------------------------
+
+def _type_checking_imports(module: str, path: str, modules: Set[str]) -> List[Import]:
+    """The tcprc imports in the body of `if TYPE_CHECKING:` blocks of one module."""
+    with open(path) as handle:
+        tree = ast.parse(handle.read(), path)
+    package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
+    out = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.If) and _type_checking(node.test)):
+            continue
+        for stmt in node.body:
+            if isinstance(stmt, ast.ImportFrom) and stmt.level:
+                base = package.split(".")
+                base = base[:len(base) - (stmt.level - 1)]
+                source = ".".join(base + ([stmt.module] if stmt.module else []))
+            elif isinstance(stmt, ast.ImportFrom):
+                source = stmt.module or ""
+            else:
+                continue
+            for alias in stmt.names:
+                sub = source + "." + alias.name
+                out.append(Import(sub if sub in modules else source, stmt.lineno))
+    return out
+
+
+def test_no_import_for_a_type_checker_points_up_or_closes_a_circle():
+    """An import under TYPE_CHECKING is a dependency all the same: it may not point
+    to a layer above, nor close a circle (the server's app, link and fleet were one)."""
+    files = module_files()
+    full = {m: list(GRAPH[m]) + _type_checking_imports(m, p, set(files)) for m, p in files.items()}
+    found = cycles(full)
+    assert not found, "import cycles counting TYPE_CHECKING: " + "; ".join(
+        " <-> ".join(c) for c in found)
+    bad = []
+    for module, path in files.items():
+        mine = layer(module)
+        if mine == "cli":
+            continue
+        allowed = set(ALLOWED[mine]) | ({"device", "server"} if module in CHANNELS else set())
+        for imp in _type_checking_imports(module, path, set(files)):
+            if imp.target in full and layer(imp.target) not in allowed \
+                    and imp.target != "tcprc.errors":
+                bad.append("%s imports %s for typing (line %d): %s is above %s"
+                           % (module, imp.target, imp.line, layer(imp.target), mine))
+    assert not bad, "\n".join(bad)
+
+
+def test_the_engine_names_no_frame_command():
+    """The engine carries out what wire decides: a frame's command (CONNECT, CLOSE,
+    DATA, ...) is wire's business, never a name or a number the engine tests."""
+    from tcprc.wire.frames import COMMAND_NAMES
+    commands = set(COMMAND_NAMES.values())
+    bad = []
+    for module, path in sorted(module_files().items()):
+        if layer(module) != "engine":
+            continue
+        with open(path) as handle:
+            tree = ast.parse(handle.read(), path)
+        for node in ast.walk(tree):
+            name = node.attr if isinstance(node, ast.Attribute) else \
+                node.id if isinstance(node, ast.Name) else None
+            if name in commands:
+                bad.append("%s line %d names %s" % (module, node.lineno, name))
+            if isinstance(node, ast.ImportFrom):
+                bad += ["%s line %d imports %s" % (module, node.lineno, a.name)
+                        for a in node.names if a.name in commands]
+    assert not bad, "\n".join(bad)

@@ -62,8 +62,10 @@ def test_the_wire_package_imports_no_io_module():
     out = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, capture_output=True,
                          text=True, timeout=30)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == ("['tcprc.errors', 'tcprc.wire', 'tcprc.wire.frames', "
-                                  "'tcprc.wire.session'] []")
+    assert out.stdout.strip() == ("['tcprc.errors', 'tcprc.wire', 'tcprc.wire.actions', "
+                                  "'tcprc.wire.frames', 'tcprc.wire.heartbeat', "
+                                  "'tcprc.wire.session', 'tcprc.wire.states', "
+                                  "'tcprc.wire.streams'] []")
 
 
 def test_protocol_errors_are_the_peers_fault():

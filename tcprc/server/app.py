@@ -28,14 +28,14 @@ from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from ..addr import address_in, format_hostport, parse_hostport, parse_network, source_key
-from ..addr import ports_collide
 from ..engine.ratelog import LimitedLog, SourceLog
 from ..engine.liveness import TICK, Liveness
 from ..engine.loop import Loop
-from ..engine.sockets import accept_nowait, bind_for, bind_listener
-from .fleet import SHARED, DeviceRecord, sync_records
-from .link import HANDOVER, ServerLink, open_server_link
-from .throttle import AuthThrottle
+from ..engine.sockets import accept_nowait, bind_for
+from .auth import Auth
+from .fleet import Fleet
+from .link import LinkParts, ServerLink, open_server_link
+from .ports import Ports, drop_colliding, service_owner
 from ..settings import ServerSettings
 
 log = logging.getLogger("tcprc.server")
@@ -43,35 +43,6 @@ log = logging.getLogger("tcprc.server")
 HostPort = Tuple[str, int]
 
 SCAN_LIMIT = 300.0   # seconds a devices_dir scan may take before the server counts as stuck
-
-
-class HostSlot:
-    """One host port: its listener (the app's to open and close), the uplink that
-    serves it, and the one waiting to take it over.  Under the app's lock.
-
-    Slots are the owners' (a device id, "" for [server] host), not the host
-    strings': two devices with "127.0.0.1:0" get a port each."""
-
-    def __init__(self, owner: str, host: str) -> None:
-        self.owner = owner
-        self.host = host
-        self.active: Optional[ServerLink] = None
-        self.successor: Optional[ServerLink] = None
-        self.sock: Optional[socket.socket] = None
-        self.address: Optional[HostPort] = None
-
-    def bind(self, link: ServerLink) -> socket.socket:
-        sock = bind_listener(parse_hostport(self.host, allow_zero_port=True))
-        self.active, self.sock = link, sock
-        self.address = sock.getsockname()[:2]
-        return sock
-
-    def unbind(self) -> None:
-        self.active = None
-        self.address = None
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
 
 
 def server_tls(settings: ServerSettings) -> Any:
@@ -86,9 +57,10 @@ class ServerApp:
     """The server agent: an acceptor loop in its own thread takes uplinks; each
     ServerLink runs in a thread of its own; one of them holds the host port.
 
-    Public methods (start, close, apply_settings, status) are thread-safe.
-    listened(), claim_host() and release_host() are called by links from their
-    own threads, under the app's lock, and never wait for another link.
+    Public methods (start, close, apply_settings, status, devices, kick) are
+    thread-safe.  What links need of the server they get as narrow objects
+    (server.link.LinkParts): the ports (server.ports), the fleet's devices and
+    records (server.fleet), the handshakes' outcome (server.auth).
     """
 
     SCAN_INTERVAL = 5.0   # seconds between looks at devices_dir (a stat per file)
@@ -98,8 +70,7 @@ class ServerApp:
         the wiring passes it in: the server layer does not parse config files)."""
         self.settings = settings
         self.listen_address: Optional[HostPort] = None
-        self._lock = threading.Lock()
-        self._slots: Dict[str, HostSlot] = {}   # owner (device id, "" shared, "ID/NAME" a service) -> slot
+        self._lock = threading.Lock()   # the links and the pending ones
         self._links: Set[ServerLink] = set()
         self.liveness = Liveness()
         self._loop = Loop(on_error=self._acceptor_error)
@@ -109,15 +80,16 @@ class ServerApp:
         self._listener: Optional[socket.socket] = None
         self._thread: Optional[threading.Thread] = None
         self._last_error = ""
-        self._totals = [0, 0]
         self._pending: Dict[ServerLink, None] = {}   # waiting for LISTEN, oldest first
         self._allow = [parse_network(n) for n in settings.allow_from]
         self.uplink_log = SourceLog(log)
         self._accept_errors = LimitedLog(log)
-        self.throttle = AuthThrottle()
-        self.auth_failures = 0
         self._tls = server_tls(settings)   # ConfigError here: the start stops
-        self.client_certificates = bool(settings.tls_client_ca)
+        self.fleet = Fleet(settings.devices, settings.host)   # [server.devices] + devices_dir
+        self.ports = Ports(self.uplink_log, lambda: self.settings.takeover)
+        self.auth = Auth(self.fleet, self.uplink_log, bool(settings.tls_client_ca))
+        self.link_parts = LinkParts(self.ports, self.fleet, self.auth, self.uplink_log,
+                                self._established)
         self._device_files = device_files
         self._dir: Any = None
         self._dir_path = ""
@@ -125,9 +97,6 @@ class ServerApp:
         self._scan_lock = threading.Lock()   # one scan at a time (scanner, SIGHUP)
         self._scanner: Optional[threading.Thread] = None
         self._stopping = threading.Event()
-        self._devices: Mapping[str, Any] = settings.devices   # [server.devices] + devices_dir
-        self._records: Dict[str, DeviceRecord] = {}
-        sync_records(self._records, self._devices)
         self._http: Any = None
         self.scans = 0   # periodic scans done (tests wait on it)
         self._open_dir(settings, force=True)
@@ -135,73 +104,39 @@ class ServerApp:
     @property
     def host_address(self) -> Optional[HostPort]:
         """Where [server] host accepts clients, while a session holds it."""
-        slot = self._slots.get("")
-        return slot.address if slot is not None else None
+        return self.ports.address("")
 
     @property
     def http_address(self) -> Optional[HostPort]:
         """Where [server] http serves the status page, once started."""
         return self._http.address if self._http is not None else None
 
+    @property
+    def auth_failures(self) -> int:
+        return self.auth.failures
+
+    @property
+    def client_certificates(self) -> bool:
+        return self.auth.client_certificates
+
     def link_on(self, device_id: str = "") -> Optional[ServerLink]:
         """The uplink that holds `device_id`'s host port ([server] host by default)."""
-        slot = self._slots.get(device_id)
-        return slot.active if slot is not None else None
+        return self.ports.holder(device_id)
 
     def device_host_address(self, device_id: str) -> Optional[HostPort]:
         """Where a configured device's clients are accepted, while its session is up."""
-        slot = self._slots.get(device_id) if device_id else None
-        return slot.address if slot is not None else None
+        return self.ports.address(device_id) if device_id else None
 
     def service_address(self, device_id: str, name: str) -> Optional[HostPort]:
         """Where clients of a device's service `name` are accepted, while its session is up."""
-        slot = self._slots.get("%s/%s" % (device_id, name)) if device_id else None
-        return slot.address if slot is not None else None
-
-    # ---- what links ask (any thread) ------------------------------------------------
-    def secret_of(self, device_id: str) -> Any:
-        """The secret of a configured device (with its previous one while it is
-        rotated: either proves the id); None for an unknown id."""
-        entry = self._devices.get(device_id)
-        if entry is None:
-            return None
-        if entry.previous is not None:
-            return [entry.secret.reveal(), entry.previous.reveal()]
-        return entry.secret.reveal()
+        return self.ports.address(service_owner(device_id, name)) if device_id else None
 
     def host_for(self, device_id: str) -> str:
-        if device_id:
-            entry = self._devices.get(device_id)
-            if entry is not None:
-                return entry.host
-        return self.settings.host
+        return self.fleet.host_for(device_id)
 
     def services_of(self, device_id: str) -> Mapping[str, str]:
         """A configured device's named services: name -> host."""
-        entry = self._devices.get(device_id)
-        return entry.services if entry is not None else MappingProxyType({})
-
-    def auth_failed(self, link: ServerLink, device_id: str, message: str) -> None:
-        """One line per failure, naming the id and the source.  A failure that named
-        an id (a guess at its secret, maybe) slows its source down."""
-        with self._lock:
-            self.auth_failures += 1
-            record = self._records.get(device_id) if device_id else None
-            if record is not None:   # a configured id: its table shows it
-                record.auth_failures += 1
-                record.last_error = "%s: authentication failed: %s" % (link.name, message)
-        if not device_id:
-            self.uplink_log.warning(link.source, "%s: device without id refused: %s",
-                                    link.name, message)
-            return
-        penalty = self.throttle.failed(link.source, device_id, time.monotonic())
-        self.uplink_log.warning(link.source, "%s: device %s refused: %s (its next try from this "
-                                "address waits %.1f s)", link.name, device_id, message, penalty)
-
-    def auth_passed(self, link: ServerLink, device_id: str) -> None:
-        """The session proved `device_id`'s secret: that id's failures from its
-        source are forgotten."""
-        self.throttle.succeeded(link.source, device_id)
+        return self.fleet.services_of(device_id)
 
     # ---- lifecycle --------------------------------------------------------------
     def start(self) -> None:
@@ -239,9 +174,8 @@ class ServerApp:
         """Every configured device's host and service ports can be opened now: a
         port another program holds is one WARNING at start and at SIGHUP, not a
         surprise when the device connects."""
-        with self._lock:
-            held = {slot.owner for slot in self._slots.values() if slot.sock is not None}
-        for ident, entry in sorted(self._devices.items()):
+        held = self.ports.held()
+        for ident, entry in sorted(self.fleet.devices.items()):
             ports = [(ident, "its host", entry.host)] + [
                 ("%s/%s" % (ident, name), "its service %s" % name, host)
                 for name, host in sorted(entry.services.items())]
@@ -309,7 +243,7 @@ class ServerApp:
             (self.settings.tls_cert, self.settings.tls_key, self.settings.tls_client_ca)
         if tls_changed:   # a rotated certificate: new uplinks get it, live ones keep theirs
             was_tls, self._tls = self._tls is not None, server_tls(settings)
-            self.client_certificates = bool(settings.tls_client_ca)
+            self.auth.client_certificates = bool(settings.tls_client_ca)
             self._log_tls_change(was_tls, settings)
         self.settings = settings
         if self._thread is not None and (settings.http or self._http is not None):
@@ -328,38 +262,30 @@ class ServerApp:
                 if not address_in(link.host, self._allow):
                     link.stop("source no longer in allow_from")
         if changed:
-            with self._lock:
-                slot = self._slots.get("")
-                active = slot.active if slot is not None else None
+            active = self.ports.holder("")
             if active is not None:
                 active.stop("settings changed")
 
     def status(self) -> Dict[str, Any]:
         """The server as a whole: its listeners, its sessions and devices, totals.
         One device's session is `device ID` / `devices`, never this."""
-        with self._lock:
-            links = [slot.active for slot in self._slots.values()   # a session each: no
-                     if slot.active is not None and "/" not in slot.owner]   # service port
-            shared = self._slots.get("")
-            records = [r for ident, r in self._records.items() if ident != SHARED]
-            up, down = self._totals
-            clients = 0
-            protocols, transports = set(), set()
-            for link in links:
-                stats = link.stats()
-                up += stats["bytes_received"]
-                down += stats["bytes_sent"]
-                clients += stats["clients"]
-                protocols.add(stats["protocol"])
-                transports.add(stats["tls"])
-            configured = len(records)
-            devices_up = sum(1 for r in records if r.link is not None)
-        http = self.http_address
+        links = self.ports.sessions()
+        up, down = self.fleet.totals
+        clients = 0
+        protocols, transports = set(), set()
+        for link in links:
+            stats = link.stats()
+            up += stats["bytes_received"]
+            down += stats["bytes_sent"]
+            clients += stats["clients"]
+            protocols.add(stats["protocol"])
+            transports.add(stats["tls"])
+        configured, devices_up = self.fleet.counts()
+        http, shared = self.http_address, self.host_address
         return {
             "state": "up" if links else "waiting",
             "listen": format_hostport(*self.listen_address) if self.listen_address else "",
-            "host": format_hostport(*shared.address) if shared is not None and shared.address
-            else "",
+            "host": format_hostport(*shared) if shared else "",
             "http": format_hostport(*http) if http else "",
             # What the live sessions speak ("legacy, v2" when they differ).
             "protocol": ", ".join(sorted(protocols)),
@@ -431,71 +357,36 @@ class ServerApp:
                 log.warning("device %s is in [server.devices] and in devices_dir: the "
                             "configuration file's table is used", ident)
         merged.update(settings.devices)
-        _drop_colliding_hosts(merged, settings)
-        old, self._devices = self._devices, MappingProxyType(merged)
+        drop_colliding(merged, settings)
+        devices = MappingProxyType(merged)
+        old = self.fleet.set_devices(devices, settings.host)
         with self._lock:
-            sync_records(self._records, self._devices)
             links = list(self._links)
         for link in links:
             ident = link.device_id
-            before, after = old.get(ident), self._devices.get(ident)
+            before, after = old.get(ident), devices.get(ident)
             if ident and before is not None and after is not None and before != after \
                     and before._replace(services=after.services) == after:
                 link.loop.call_soon(link.sync_services)   # only its services changed
             elif ident and before != after:
                 reason = "device %s %s the configuration" % (
-                    ident, "changed in" if ident in self._devices else "removed from")
+                    ident, "changed in" if ident in devices else "removed from")
                 log.info("%s: its session (%s) is closed", reason, link.name)
                 link.stop(reason)
 
     def devices(self) -> List[Dict[str, Any]]:
         """The device table: every configured device, then the session on [server] host
         (id ":legacy") while it is up.  Thread-safe."""
-        with self._lock:
-            rows = []
-            for ident, record in sorted(self._records.items()):
-                if ident == SHARED and record.link is None:
-                    continue
-                host = self.host_for("" if ident == SHARED else ident)
-                slot = self._slots.get("" if ident == SHARED else ident)
-                bound = slot.address if slot is not None and slot.active is record.link else None
-                rows.append(record.row(host, bound))
-                services = self.services_of(ident) if ident != SHARED else {}
-                if services:   # "NAME=ADDR:PORT, ...": bound while up, else as configured
-                    rows[-1]["services"] = ", ".join(
-                        "%s=%s" % (name, self._service_address(ident, name, record.link)
-                                   or services[name]) for name in sorted(services))
-            return rows
-
-    def _service_address(self, ident: str, name: str, link: Any) -> str:
-        slot = self._slots.get("%s/%s" % (ident, name))
-        if slot is None or slot.active is not link or slot.address is None:
-            return ""
-        return format_hostport(*slot.address)
+        return self.fleet.rows(self.ports)
 
     def kick(self, device_id: str) -> bool:
         """End a device's session (it may redial); False when it has none."""
-        with self._lock:
-            record = self._records.get(device_id)
-            link = record.link if record is not None else None
+        link = self.fleet.link_of(device_id)
         if link is None:
             return False
         log.info("device %s: session closed by the operator (kick)", device_id)
         link.stop("kicked by the operator")
         return True
-
-    def session_up(self, link: ServerLink) -> None:
-        """Link thread: its session has its host port: the device's record is up."""
-        with self._lock:
-            record = self._records.get(link.device_id or SHARED)
-            if record is not None:
-                record.started(link)
-                link.record = record
-
-    def client_refused(self, link: ServerLink) -> None:
-        with self._lock:
-            if link.record is not None:
-                link.record.refused += 1
 
     # ---- uplinks ------------------------------------------------------------------
     def _accept_uplink(self) -> None:
@@ -513,8 +404,8 @@ class ServerApp:
             self.uplink_log.warning(source_key(peer[0]), "uplink from %s refused: not in allow_from", who)
             return
         try:
-            link = open_server_link(sock, self.settings, "uplink %s" % who, self, peer[0],
-                                    self._tls)
+            link = open_server_link(sock, self.settings, "uplink %s" % who, self.link_parts,
+                                    peer[0], self._tls)
         except OSError as exc:
             sock.close()
             self._accept_errors.warning("uplink from %s: setup failed: %s", who, exc.strerror or exc)
@@ -580,7 +471,8 @@ class ServerApp:
             del self._pending[oldest]
         return victims
 
-    def listened(self, link: ServerLink) -> None:
+    def _established(self, link: ServerLink) -> None:
+        """Link thread: its session is established: it no longer waits."""
         with self._lock:
             self._pending.pop(link, None)
 
@@ -596,8 +488,7 @@ class ServerApp:
                 self._pending.pop(link, None)
                 if link.listening and link.end_reason:
                     self._last_error = "%s: %s" % (link.name, link.end_reason)
-                if link.record is not None:
-                    link.record.ended(link, link.end_reason)
+            self.fleet.session_ended(link)
 
     def _handshake(self, link: ServerLink) -> bool:
         """The TLS handshake, in the link's own thread; False (logged, closed) if it failed."""
@@ -609,137 +500,3 @@ class ServerApp:
             self.uplink_log.warning(link.source, "%s: TLS failed: %s", link.name,
                                     exc if isinstance(exc, TlsError) else exc.strerror or exc)
             return False
-
-    def claim_host(self, link: ServerLink) -> Any:
-        """Link thread, once its session is established: the host listener for `link`
-        (its wanted_host); None when refused; HANDOVER when a live uplink holds
-        it: that one is told to stop, and its teardown hands the port to `link`
-        (release_host).  Never waits.  A device's host is only ever claimed by
-        sessions that authenticated as that device (host_for)."""
-        host, owner = link.wanted_host, link.device_id
-        with self._lock:
-            slot = self._slots.get(owner)
-            if slot is None:
-                slot = HostSlot(owner, host)
-                sock = slot.bind(link)   # OSError: the caller says why
-                self._slots[owner] = slot
-                return sock
-            current = slot.active
-            if not self.settings.takeover:
-                refused = True
-            else:
-                refused = False
-                waiting, slot.successor = slot.successor, link
-        if refused:
-            self.uplink_log.warning(link.source, "%s: LISTEN refused: the tunnel belongs to %s "
-                                    "(takeover = false; host port %s)", link.name, current.name, host)
-            return None
-        self.uplink_log.warning(link.source, "%s: LISTEN takes over the tunnel from %s (host port %s)",
-                                link.name, current.name, host)
-        current.stop("replaced by %s" % link.name)
-        if waiting is not None:   # an earlier newcomer still waiting: this one wins
-            waiting.stop("replaced by %s" % link.name)
-        return HANDOVER
-
-    def claim_service(self, link: ServerLink, name: str, host: str) -> Optional[socket.socket]:
-        """Link thread, once it holds its device's host port: the listener of the
-        device's service `name` (OSError: it cannot be bound).  Its own slot,
-        keyed "ID/NAME" (no id has a slash); a takeover has released the
-        previous session's with its host port, so a slot still held is refused."""
-        owner = "%s/%s" % (link.device_id, name)
-        with self._lock:
-            slot = self._slots.get(owner)
-            if slot is None:
-                slot = HostSlot(owner, host)
-                sock = slot.bind(link)
-                self._slots[owner] = slot
-                return sock
-            holder = slot.active
-        if holder is not link:
-            self.uplink_log.warning(link.source, "%s: service %s: its port %s is held by %s",
-                                    link.name, name, host, holder.name if holder else "nobody")
-        return None
-
-    def service_host(self, link: ServerLink, name: str) -> Optional[str]:
-        """The host `link` bound its service `name` to."""
-        slot = self._slots.get("%s/%s" % (link.device_id, name))
-        return slot.host if slot is not None and slot.active is link else None
-
-    def release_service(self, link: ServerLink, name: str) -> None:
-        """Link thread: one service port of `link` closed (no longer configured)."""
-        owner = "%s/%s" % (link.device_id, name)
-        with self._lock:
-            slot = self._slots.get(owner)
-            if slot is not None and slot.active is link:
-                slot.unbind()
-                del self._slots[owner]
-
-    def release_host(self, link: ServerLink) -> None:
-        """Link thread, at teardown (no longer watching its listeners): its host and
-        service listeners are closed, and the host port goes to the uplink waiting
-        for it, if any, through that uplink's own loop."""
-        with self._lock:
-            slot = None
-            for other in list(self._slots.values()):
-                if other.successor is link:
-                    other.successor = None   # it ended while waiting
-                    return
-                if other.active is not link:
-                    continue
-                if "/" in other.owner:   # a service port: never handed over
-                    other.unbind()
-                    del self._slots[other.owner]
-                else:
-                    slot = other
-            if slot is None:
-                return
-            stats = link.stats()
-            self._totals[0] += stats["bytes_received"]
-            self._totals[1] += stats["bytes_sent"]
-            slot.unbind()
-            successor, slot.successor = slot.successor, None
-            if successor is None:
-                del self._slots[slot.owner]
-                return
-            sock, error = None, None
-            try:
-                sock = slot.bind(successor)
-            except OSError as exc:
-                error = exc
-                del self._slots[slot.owner]
-        successor.loop.call_soon(lambda: successor.host_ready(sock, error))
-
-
-def _drop_colliding_hosts(devices: Dict[str, Any], settings: ServerSettings) -> None:
-    """Skip (one line each) a device from a file with a port (its host or a service's)
-    that is another's, or [server] listen's, host's or http's (the configuration file's
-    were checked at load)."""
-    taken = [("[server] listen", settings.listen), ("[server] host", settings.host)]
-    if settings.http:
-        taken.append(("[server] http", settings.http))
-    taken += [(owner, host) for entry in settings.devices.values()
-              for _, owner, host in _ports_of(entry)]
-    for ident in sorted(devices):
-        if ident in settings.devices:
-            continue
-        clash, mine = "", []
-        for what, owner, host in _ports_of(devices[ident]):
-            other = next((who for who, port in taken if ports_collide(host, port)), "")
-            if other:
-                clash = "%s %s is the port of %s" % (what, host, other)
-                break
-            taken.append((owner, host))   # its next port must differ too
-            mine.append(taken[-1])
-        if clash:
-            log.warning("devices_dir: device %s skipped: %s", ident, clash)
-            del devices[ident]
-            for item in mine:
-                taken.remove(item)
-
-
-def _ports_of(entry: Any) -> List[Tuple[str, str, str]]:
-    """(what, owner, host) of each port of a DeviceEntry: its host, then its services'."""
-    return [("its host", "device %s" % entry.id, entry.host)] + [
-        ("its service %s's host" % name, "service %s of device %s" % (name, entry.id), host)
-        for name, host in sorted(entry.services.items())]
-

@@ -1,13 +1,16 @@
-"""The fleet's records: one per configured device (and one for the session on
-[server] host), kept across its sessions, for `devices`, /api/devices and
-/metrics.  Only configured ids get a record, so guessed ids grow nothing.
+"""The fleet: the configured devices ([server.devices] and devices_dir), what links
+look up in it (a device's host, services, secret), and one record per device
+(and one for the session on [server] host), kept across its sessions, for
+`devices`, /api/devices and /metrics.  Only configured ids get a record, so
+guessed ids grow nothing.
 """
 
+import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional
+from types import MappingProxyType
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .link import ServerLink
+from ..addr import format_hostport
 
 # The record of the session on [server] host (legacy, or v2 without identity).
 # A colon is no id character, so no device can be named so.
@@ -22,7 +25,7 @@ class DeviceRecord:
 
     def __init__(self, ident: str) -> None:
         self.id = ident
-        self.link: Optional["ServerLink"] = None   # the live session, if any
+        self.link: Any = None                      # the live session (a ServerLink), if any
         self.since: Optional[float] = None         # wall clock of its start
         self.source = ""                           # ADDR:PORT of the latest session
         self.sessions = 0                          # sessions started
@@ -32,13 +35,13 @@ class DeviceRecord:
         self.bytes_down = 0                        # to the device, ended sessions
         self.last_error = ""
 
-    def started(self, link: "ServerLink") -> None:
+    def started(self, link: Any) -> None:
         self.link = link
         self.since = time.time()
         self.source = link.name.split(" ", 1)[-1]
         self.sessions += 1
 
-    def ended(self, link: "ServerLink", reason: str) -> None:
+    def ended(self, link: Any, reason: str) -> None:
         """Its bytes join the totals; the record is down unless a successor took over."""
         stats = link.stats()
         self.bytes_up += stats["bytes_received"]
@@ -82,3 +85,120 @@ def sync_records(records: Dict[str, DeviceRecord], devices: Mapping[str, Any]) -
             records[ident] = DeviceRecord(ident)
     if SHARED not in records:
         records[SHARED] = DeviceRecord(SHARED)
+
+
+class Fleet:
+    """The devices a server knows and their records.  Thread-safe (its own lock):
+    links look devices up and report their sessions from their threads; the
+    app replaces the devices on a reload or a devices_dir scan."""
+
+    def __init__(self, devices: Mapping[str, Any], shared_host: str) -> None:
+        self._lock = threading.Lock()
+        self.devices: Mapping[str, Any] = devices   # id -> DeviceEntry
+        self.shared_host = shared_host              # [server] host
+        self._records: Dict[str, DeviceRecord] = {}
+        self.totals = [0, 0]                        # bytes from / to devices, ended sessions
+        sync_records(self._records, devices)
+
+    def set_devices(self, devices: Mapping[str, Any], shared_host: str) -> Mapping[str, Any]:
+        """New definitions take effect; returns the old ones."""
+        with self._lock:
+            old, self.devices = self.devices, devices
+            self.shared_host = shared_host
+            sync_records(self._records, devices)
+        return old
+
+    # ---- what links look up ------------------------------------------------------------
+    def host_for(self, device_id: str) -> str:
+        """Where a session's clients connect: its device's host, or [server] host."""
+        if device_id:
+            entry = self.devices.get(device_id)
+            if entry is not None:
+                return entry.host
+        return self.shared_host
+
+    def services_of(self, device_id: str) -> Mapping[str, str]:
+        """A configured device's named services: name -> host."""
+        entry = self.devices.get(device_id)
+        return entry.services if entry is not None else MappingProxyType({})
+
+    def secret_of(self, device_id: str) -> Any:
+        """The secret of a configured device (with its previous one while it is
+        rotated: either proves the id); None for an unknown id."""
+        entry = self.devices.get(device_id)
+        if entry is None:
+            return None
+        if entry.previous is not None:
+            return [entry.secret.reveal(), entry.previous.reveal()]
+        return entry.secret.reveal()
+
+    # ---- what links report ---------------------------------------------------------------
+    def session_up(self, link: Any) -> None:
+        """Link thread: its session has its host port: the device's record is up."""
+        with self._lock:
+            record = self._records.get(link.device_id or SHARED)
+            if record is not None:
+                record.started(link)
+                link.record = record
+
+    def session_ended(self, link: Any) -> None:
+        """The uplink of a session ended: its bytes join the totals."""
+        with self._lock:
+            if link.record is None:
+                return
+            stats = link.stats()
+            self.totals[0] += stats["bytes_received"]
+            self.totals[1] += stats["bytes_sent"]
+            link.record.ended(link, link.end_reason)
+
+    def client_refused(self, link: Any) -> None:
+        with self._lock:
+            if link.record is not None:
+                link.record.refused += 1
+
+    def auth_failed(self, device_id: str, line: str) -> None:
+        """A failed authentication as `device_id`: its table shows it."""
+        with self._lock:
+            record = self._records.get(device_id) if device_id else None
+            if record is not None:
+                record.auth_failures += 1
+                record.last_error = line
+
+    # ---- what status reads ---------------------------------------------------------------
+    def record_links(self) -> List[Any]:
+        """The live sessions of the configured devices and of [server] host."""
+        with self._lock:
+            return [r.link for r in self._records.values() if r.link is not None]
+
+    def counts(self) -> Tuple[int, int]:
+        """(configured devices, of them up)."""
+        with self._lock:
+            records = [r for ident, r in self._records.items() if ident != SHARED]
+            return len(records), sum(1 for r in records if r.link is not None)
+
+    def link_of(self, device_id: str) -> Any:
+        with self._lock:
+            record = self._records.get(device_id)
+            return record.link if record is not None else None
+
+    def rows(self, ports: Any) -> List[Dict[str, Any]]:
+        """The device table: every configured device, then the session on [server] host
+        (id ":legacy") while it is up; addresses as `ports` has them bound."""
+        with self._lock:
+            rows = []
+            for ident, record in sorted(self._records.items()):
+                if ident == SHARED and record.link is None:
+                    continue
+                owner = "" if ident == SHARED else ident
+                rows.append(record.row(self.host_for(owner), ports.bound_for(owner, record.link)))
+                services = self.services_of(ident) if ident != SHARED else {}
+                if services:   # "NAME=ADDR:PORT, ...": bound while up, else as configured
+                    rows[-1]["services"] = ", ".join(
+                        "%s=%s" % (name, _address(ports.bound_for("%s/%s" % (ident, name),
+                                                                  record.link))
+                                   or services[name]) for name in sorted(services))
+            return rows
+
+
+def _address(address: Any) -> str:
+    return format_hostport(*address[:2]) if address else ""

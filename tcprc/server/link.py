@@ -16,7 +16,7 @@ import logging
 import socket
 import struct
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, NamedTuple, Optional
 
 from ..addr import format_hostport, source_key
 from ..engine.link import Link
@@ -31,20 +31,26 @@ from ..wire.actions import Authed, Denied, Listened, Unlisten
 from ..wire.session import ServerSession
 from ..wire.states import SessionState
 from .ids import MAX_CLIENTS, ClientIds
+from .ports import HANDOVER, Ports
 from ..settings import ServerSettings
 
-HANDOVER = object()   # claim_host: the port comes later, through host_ready
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .app import ServerApp
+class LinkParts(NamedTuple):
+    """What a ServerLink needs of the server, as narrow objects (never the app)."""
+    ports: Ports                           # the host and service ports (server.ports)
+    fleet: Any                             # the devices and their records (server.fleet.Fleet)
+    auth: Any                              # failed and passed handshakes (server.auth.Auth)
+    uplink_log: Any                        # lines about uplinks, rate-limited per source
+    established: Callable[[Any], None]     # a session is established: it waits no more
 
 
 class ServerLink(Role):
     log_name = "server"
 
     def __init__(self, transport: Transport, loop: Loop, session: ServerSession,
-                 settings: ServerSettings, name: str, app: "ServerApp", host: str = ""):
-        self.app = app
+                 settings: ServerSettings, name: str, parts: LinkParts, host: str = ""):
+        self.parts = parts
+        self.ports = parts.ports
+        self.fleet = parts.fleet
         self.settings = settings
         self.session = session
         self.ids = session.ids
@@ -58,9 +64,9 @@ class ServerLink(Role):
         self.services: Dict[str, socket.socket] = {}
         self._accept_paused = False
         self._listen_timer: Any = None
-        self.record: Any = None            # the app's DeviceRecord, once the session is up
+        self.record: Any = None            # its device's record (server.fleet), once up
         self.link = Link(transport, loop, session, settings, name, self)
-        self.link.noisy = app.uplink_log.of(self.source)
+        self.link.noisy = parts.uplink_log.of(self.source)
         self.refusals = LimitedLog(self.link.log)
 
     # ---- what the app asks of the uplink ---------------------------------------------------
@@ -190,7 +196,7 @@ class ServerLink(Role):
 
     def log_closed(self) -> None:
         level = logging.WARNING if self.evicted else logging.INFO
-        self.app.uplink_log.log(self.source, level, "%s: uplink closed: %s",
+        self.parts.uplink_log.log(self.source, level, "%s: uplink closed: %s",
                                 self.name, self.end_reason or "stopped")
 
     def _authenticated(self, action: Authed) -> None:
@@ -199,20 +205,20 @@ class ServerLink(Role):
         With [server] tls_client_ca, the certificate the device showed must name
         the id it proved: a stolen certificate does not open another's port."""
         device_id = action.device_id
-        if self.app.client_certificates and device_id:
+        if self.parts.auth.client_certificates and device_id:
             from ..engine.tls import peer_identity
             named = peer_identity(self.transport)
             if named != device_id:
                 message = "its certificate names %s, not %s" % (named or "nobody", device_id)
-                self.app.auth_failed(self, device_id, message)
+                self.parts.auth.failed(self, device_id, message)
                 self.link._act(self.session.reject(protocol.REJECT_BAD_PROOF, message))
                 return
         if device_id:
-            self.app.auth_passed(self, device_id)
+            self.parts.auth.passed(self, device_id)
         self._claim()
 
     def _denied(self, action: Denied) -> None:
-        self.app.auth_failed(self, action.device_id, action.message)
+        self.parts.auth.failed(self, action.device_id, action.message)
 
     def _unlisten(self) -> None:
         """A HELLO after the legacy wait, before any client: the port goes back, and
@@ -221,18 +227,18 @@ class ServerLink(Role):
             self.loop.forget(self.host_sock)
             self._connects.pop(self.host_sock, None)
             self.host_sock = None
-        self.app.release_host(self)
+        self.ports.release(self)
         self._listen_timer = self.loop.call_later(self.settings.listen_timeout, self._no_listen)
 
     @property
     def wanted_host(self) -> str:
-        return self.app.host_for(self.device_id)
+        return self.fleet.host_for(self.device_id)
 
     def _claim(self) -> None:
         self._listen_timer.cancel()
-        self.app.listened(self)
+        self.parts.established(self)
         try:
-            sock = self.app.claim_host(self)
+            sock = self.ports.claim_host(self, self.device_id, self.wanted_host)
         except OSError as exc:
             self._refuse("cannot open host port %s: %s" % (self.wanted_host, exc.strerror or exc))
             return
@@ -257,7 +263,7 @@ class ServerLink(Role):
             self._refuse("cannot open host port %s: %s" % (self.wanted_host, exc.strerror or exc))
             return
         if self.link._closing or self.end_reason:
-            return   # ending already: release_host closes the listener (the app owns it)
+            return   # ending already: the ports' release closes the listener (they own it)
         self.host_sock = sock
         bound = format_hostport(*self.host_sock.getsockname()[:2])
         if self.session.state is SessionState.AUTHED:
@@ -266,8 +272,8 @@ class ServerLink(Role):
                 return
         self._connects[self.host_sock] = None
         self._watch(self.host_sock)
-        self.app.session_up(self)
-        self.app.uplink_log.info(self.source, "%s: %s: clients accepted on %s", self.name,
+        self.fleet.session_up(self)
+        self.parts.uplink_log.info(self.source, "%s: %s: clients accepted on %s", self.name,
                                  "v2 session of %s" % (self.device_id or "a device without id")
                                  if self.v2 else "LISTEN", bound)
         self.sync_services()
@@ -279,24 +285,24 @@ class ServerLink(Role):
         if not (self.v2 and self.device_id) or self.host_sock is None or self.end_reason \
                 or self.link._closing:
             return
-        wanted = self.app.services_of(self.device_id)
+        wanted = self.fleet.services_of(self.device_id)
         log = self.link.log
         for name in sorted(self.services):
-            if self.app.service_host(self, name) != wanted.get(name):
+            if self.ports.service_host(self, self.device_id, name) != wanted.get(name):
                 sock = self.services.pop(name)
                 self.loop.forget(sock)
                 del self._connects[sock]
-                self.app.release_service(self, name)   # closes it
+                self.ports.release_service(self, self.device_id, name)   # closes it
                 log.info("%s: service %s closed", self.name, name)
         for name in sorted(set(wanted) - set(self.services)):
             try:
-                sock = self.app.claim_service(self, name, wanted[name])
+                sock = self.ports.claim_service(self, self.device_id, name, wanted[name])
             except OSError as exc:
                 self.link.noisy.warning("%s: service %s: cannot open host port %s: %s",
                                         self.name, name, wanted[name], exc.strerror or exc)
                 continue
             if sock is None:
-                continue   # the app said why
+                continue   # the ports said why
             self.services[name] = sock
             self._connects[sock] = protocol.encode_connect_payload(
                 protocol.SERVICE_PREFIX + name, 0)
@@ -365,12 +371,12 @@ class ServerLink(Role):
         if client is None:
             return
         client.close()
-        self.app.client_refused(self)
+        self.fleet.client_refused(self)
         self.refusals.warning("%s: refused client %s: %s", self.name,
                               format_hostport(*peer[:2]), why)
 
     def on_stream_refused(self, stream: Stream) -> None:
-        self.app.client_refused(self)
+        self.fleet.client_refused(self)
 
     def on_stream_failed(self, stream: Stream, code: int, text: str) -> None:
         if not protocol.CLOSE_REFUSED <= code <= protocol.CLOSE_NOT_ALLOWED:
@@ -388,11 +394,11 @@ class ServerLink(Role):
             self.loop.forget(listener)
         self._connects.clear()
         self.services.clear()
-        self.host_sock = None   # the app closes them all
-        self.app.release_host(self)
+        self.host_sock = None   # the ports close them all
+        self.ports.release(self)
 
 
-def open_server_link(sock: socket.socket, settings: ServerSettings, name: str, app: "ServerApp",
+def open_server_link(sock: socket.socket, settings: ServerSettings, name: str, parts: LinkParts,
                      host: str, tls: Any = None) -> ServerLink:
     """A ServerLink over an accepted uplink socket, with its parts: the socket
     tuned and wrapped in a transport (TLS when `tls` is a context: its
@@ -407,11 +413,11 @@ def open_server_link(sock: socket.socket, settings: ServerSettings, name: str, a
     session = ServerSession(
         ClientIds(settings.id_quarantine),
         protocol.encode_connect_payload(settings.connect_address, settings.connect_port),
-        lambda: _rtt(transport), lookup=app.secret_of, legacy_allowed=settings.legacy,
+        lambda: _rtt(transport), lookup=parts.fleet.secret_of, legacy_allowed=settings.legacy,
         window=settings.window,
-        throttle=lambda now, device_id: app.throttle.delay(source, device_id, now),
+        throttle=lambda now, device_id: parts.auth.delay(source, device_id, now),
         heartbeat=(settings.heartbeat_interval, settings.heartbeat_timeout))
-    return ServerLink(transport, Loop(), session, settings, name, app, host)
+    return ServerLink(transport, Loop(), session, settings, name, parts, host)
 
 
 def _rtt(transport: Transport) -> float:

@@ -148,7 +148,8 @@ class TlsTunnel:
         session = ServerSession(ClientIds(sset.id_quarantine),
                                 protocol.encode_connect_payload(sset.connect_address,
                                                                 sset.connect_port))
-        self.server = ServerLink(srv, Loop(), session, sset, "uplink server", self.app, "127.0.0.1")
+        self.server = ServerLink(srv, Loop(), session, sset, "uplink server", self.app.link_parts,
+                                 "127.0.0.1")
         self.device = device_link(dev, Loop(), DeviceSession(), dset, "uplink device",
                                   TargetPolicy(target, set()))
         self._threads = [threading.Thread(target=link.run, daemon=True)
