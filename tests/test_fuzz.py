@@ -18,7 +18,7 @@ FUZZ_SEED = 14
 # Inputs per target: a few seconds in all on a loaded 2-core machine.
 BUDGET = {"decoder": 1500, "decoder-split": 60, "connect-payload": 20000, "console": 800,
           "commands": 4000, "config": 800, "device-link": 120, "server-link": 30,
-          "handshake": 2000, "device-link-v2": 120, "server-link-v2": 100}
+          "handshake": 2000, "device-link-v2": 120, "server-link-v2": 100, "core-pair": 300}
 
 pytestmark = pytest.mark.faults
 

@@ -912,9 +912,76 @@ class ConfigText:
             assert "\n" not in str(exc), "a config error of more than one line"
 
 
+def _well_formed(command: int, payload: bytes) -> None:
+    """Raises when a frame a core sent breaks the v2 format of its command."""
+    assert command in wire.COMMAND_NAMES, "sent unknown command %d" % command
+    if command == CLOSE:
+        wire.decode_close_reason(payload)
+    elif command == wire.CREDIT:
+        wire.decode_credit(payload)
+    elif command in (wire.PING, wire.PONG):
+        wire.decode_ping(payload)
+    elif command == wire.REJECT:
+        wire.decode_reject(payload)
+    elif command == CONNECT:
+        wire.decode_connect_payload(payload)
+    elif command in (wire.EOF, LISTEN, wire.OFFER):
+        assert not payload, "%s with a payload" % wire.COMMAND_NAMES[command]
+
+
+class CorePair:
+    """The protocol core alone (wire.session and wire.streams, no socket, no
+    thread): a device core and a server core after a genuine v2 handshake, one
+    of them fed hostile frames (random and structure-aware, as the link
+    targets' peers send) between conforming ones of a live stream.  Property:
+    no exception escapes the core, the side that got them breaks no rule of its
+    own (its answers decode), and unless it gave up on the uplink, a fresh
+    stream still carries bytes both ways intact and closes with one CLOSE each way."""
+    name = "core-pair"
+
+    def make(self, rng: random.Random) -> Any:
+        frames = v2_frames(rng, rng.randrange(1, 25), ("127.0.0.1", 1))
+        blob = mutate_wire(rng, frames) if rng.random() < 0.25 else \
+            b"".join(wire.encode(*f) for f in frames)
+        return [rng.choice(("device", "server")), blob]
+
+    def check(self, case: Any) -> None:
+        from .core import Pair
+        victim_name, blob = case
+        pair = Pair(v2=True, window=64 * 1024)
+        victim = pair.device if victim_name == "device" else pair.server
+        live = pair.connect()
+        pair.server.write(live, b"before")
+        parsed, _ = reference_frames(blob)
+        for frame in parsed:
+            victim.receive(frame)
+            for command, client_id, payload in victim.out:   # its answers are well formed
+                _well_formed(command, payload)
+            if victim.failed:
+                return   # it gave up on the uplink: the property asks no more
+        pair.flush()
+        if victim.failed or (pair.device.failed or pair.server.failed):
+            return
+        pair.closes.clear()   # count only the fresh stream's CLOSEs
+        fresh = pair.connect()
+        pair.device.write(fresh, b"up" * 1000)
+        pair.server.write(fresh, b"down" * 1000)
+        pair.device.shut(fresh)
+        pair.server.shut(fresh)
+        for _ in range(20):
+            pair.flush()
+            for side in pair.sides():
+                for cid in list(side.gone) + list(side.streams):
+                    side.read(cid)
+        assert pair.device.gone[fresh].read.endswith(b"down" * 1000)
+        assert pair.server.gone[fresh].read.endswith(b"up" * 1000)
+        assert pair.closes.get(("device", fresh)) == pair.closes.get(("server", fresh)) == 1
+
+
 def targets() -> List[Any]:
     return [Decoder(), DecoderEverySplit(), ConnectPayload(), Console(), Commands(), ConfigText(),
-            DeviceLinkTarget(), ServerLinkTarget(), Handshake(), DeviceLinkV2Target(), ServerLinkV2Target()]
+            DeviceLinkTarget(), ServerLinkTarget(), Handshake(), DeviceLinkV2Target(), ServerLinkV2Target(),
+            CorePair()]
 
 
 class Outcome:
