@@ -83,3 +83,27 @@ def test_a_close_is_acked_at_once_for_a_server_with_nagle(service):
     finally:
         app.close()
         legacy.close()
+
+
+def test_a_host_port_the_server_cannot_open_is_a_server_error_not_a_busy_port(service):
+    """REJECT 7 (server error) when the device's host port cannot be bound (another
+    program holds it); REJECT 5 (host port busy) is for a port a live uplink holds."""
+    with socket.socket() as other_program:
+        other_program.bind(("127.0.0.1", 0))
+        other_program.listen(1)
+        taken = "127.0.0.1:%d" % other_program.getsockname()[1]
+        secret = "correct-horse-battery-staple-42"
+        server = ServerApp(settings("server", listen="127.0.0.1:0", host="127.0.0.1:0",
+                                    devices={"gw1": {"secret": secret, "host": taken}}))
+        server.start()
+        device = DeviceApp(settings("device", server="%s:%d" % server.listen_address,
+                                    local="%s:%d" % service.address, id="gw1", secret=secret,
+                                    reconnect_min=5, reconnect_max=5))
+        device.start()
+        try:
+            error = wait_for(lambda: device.status()["last_error"], what="the refusal")
+            assert error.startswith("the server rejected this device: server error: cannot "
+                                    "open host port %s" % taken), error
+        finally:
+            device.close()
+            server.close()

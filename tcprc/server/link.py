@@ -240,19 +240,21 @@ class ServerLink(Role):
         try:
             sock = self.ports.claim_host(self, self.device_id, self.wanted_host)
         except OSError as exc:
-            self._refuse("cannot open host port %s: %s" % (self.wanted_host, exc.strerror or exc))
+            self._refuse("cannot open host port %s: %s" % (self.wanted_host, exc.strerror or exc),
+                         protocol.REJECT_SERVER_ERROR)
             return
         if sock is None:
             self._refuse("host port %s belongs to a live uplink (takeover = false)"
-                         % self.wanted_host)
+                         % self.wanted_host, protocol.REJECT_HOST_BUSY)
         elif sock is not HANDOVER:
             self.host_ready(sock, None)
         # HANDOVER: the uplink that holds the port was told to stop; its
         # teardown hands the port over through host_ready, in this thread.
 
-    def _refuse(self, reason: str) -> None:
+    def _refuse(self, reason: str, code: int) -> None:
+        """The session cannot have its host port: REJECT `code` (v2), or the end."""
         if self.session.state is SessionState.AUTHED:
-            self.link._act(self.session.reject(protocol.REJECT_HOST_BUSY, reason))
+            self.link._act(self.session.reject(code, reason))
         else:
             self.link.fail(reason)
 
@@ -260,7 +262,8 @@ class ServerLink(Role):
         """Link thread: the host port is ours (or could not be opened: `error`)."""
         if sock is None:
             exc = error or OSError("no host port")
-            self._refuse("cannot open host port %s: %s" % (self.wanted_host, exc.strerror or exc))
+            self._refuse("cannot open host port %s: %s" % (self.wanted_host, exc.strerror or exc),
+                         protocol.REJECT_SERVER_ERROR)
             return
         if self.link._closing or self.end_reason:
             return   # ending already: the ports' release closes the listener (they own it)
