@@ -127,8 +127,13 @@ def make_app(cfg: Config) -> Any:
     def allow_readable() -> bool:
         # The flag as the app has it now: `config set` and SIGHUP change it.
         return (made[0].settings if made else cfg.server).allow_readable_secrets
-    made.append(ServerApp(cfg.server, device_files=lambda path: DeviceFiles(path, allow_readable)))
-    return made[0]
+    app = ServerApp(cfg.server, device_files=lambda path: DeviceFiles(path, allow_readable))
+    made.append(app)
+    if cfg.cluster is not None:   # only then: a server without [cluster] never loads it
+        from .cluster.app import Cluster
+        app.use_cluster(Cluster(cfg.cluster, cfg.server, app.deliver,
+                                devices=app.fleet.devices.values()))
+    return app
 
 
 def remove_stale_save_temps(config_path: str) -> None:

@@ -18,7 +18,7 @@ first to say why) and the peer closes its client with that reason.
 
 import logging
 import threading
-from typing import Callable, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 from .. import __version__
 from ..settings import ClusterSettings, DeviceEntry, ServerSettings
@@ -31,6 +31,16 @@ log = logging.getLogger("tcprc")
 
 MAX_FORWARDS = 4096         # forwarded clients at once (two threads each)
 DIAL_TIMEOUT = 5.0          # seconds to connect to a peer and finish its handshake
+
+class NodeView(NamedTuple):
+    """One server of the cluster, as `tcprc ctl cluster` shows it."""
+    name: str
+    peer: str
+    up: bool             # its node key is in the registry (its lease lives)
+    devices: int         # devices it holds
+    digest: str          # of its device definitions
+    differs: bool        # ... from this server's: the two were given different devices
+
 
 # on_failure(client_sock, reason, refused): the dial or the handshake failed
 # (refused: the holder answered "not here"); return True to keep the socket
@@ -54,6 +64,7 @@ class Cluster:
         self.listener = PeerListener(settings.peer_listen, self._secret, settings.name,
                                      settings.node, deliver, server)
         self._lock = threading.Lock()
+        self._seen = {}        # type: Dict[str, NodeInfo]   every node seen, for nodes()
         self._splices = []     # type: List[Splice]
         self._forwards = 0     # forward() calls not finished (dialing or carrying)
         self._stopped = False
@@ -107,6 +118,29 @@ class Cluster:
 
     def state(self) -> RegistryState:
         return self.registry.state()
+
+    def holders(self) -> Dict[str, str]:
+        """Device id -> the node holding its uplink, as this server knows it now."""
+        found = {ident: record.node for ident, record in self.registry.cache.devices().items()}
+        for ident in self.registry.held_ids():
+            found[ident] = self.settings.node
+        return found
+
+    def nodes(self) -> List[NodeView]:
+        """Every node seen since this server started, sorted by name: the ones in the
+        registry now are up, the others' lease has expired."""
+        now = self.registry.cache.nodes()
+        me = self.registry.me
+        held: Dict[str, int] = {}
+        for node in self.holders().values():
+            held[node] = held.get(node, 0) + 1
+        with self._lock:
+            self._seen.update(now)
+            self._seen[me.name] = me
+            seen = dict(self._seen)
+        return [NodeView(name, info.peer, name in now or name == me.name, held.get(name, 0),
+                         info.devices, info.devices != me.devices)
+                for name, info in sorted(seen.items())]
 
     def update_devices(self, devices: Iterable[DeviceEntry]) -> None:
         """The server's device definitions changed (reload, devices_dir): the node key

@@ -203,6 +203,11 @@ class Registry:
                 self._wake.notify_all()
         self.cache.notify()
 
+    def held_ids(self) -> List[str]:
+        """The devices whose uplink this server holds (claims not lost)."""
+        with self._lock:
+            return [ident for ident, held in self._held.items() if not held.lost]
+
     def holds(self, device_id: str) -> bool:
         with self._lock:
             held = self._held.get(device_id)

@@ -412,6 +412,18 @@ class Link(PumpHost):
         if not self.end_reason:
             self.loop.call_later(delay, self._heartbeat)
 
+    def probe(self, timeout: float, answer: Callable[[bool], None]) -> None:
+        """Link thread: is the peer there right now?  A PING (v2) whose PONG must come
+        within `timeout` seconds: answer(True) if it did, answer(False) if not (also
+        for a legacy session, which has no PING, and an uplink that ended meanwhile)."""
+        heartbeat = self.session.heartbeat
+        if heartbeat is None or self.end_reason or self._closing:
+            answer(False)
+            return
+        self._act([heartbeat.probe(_monotonic())])
+        self.loop.call_later(timeout, lambda: answer(heartbeat.probe_answered
+                                                     and not self.end_reason))
+
     def _arm_session_timer(self) -> None:
         # One timer for whatever the session waits for: a timer per event would
         # pile up in the loop's heap when a peer repeats it in a fast cycle.

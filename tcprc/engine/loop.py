@@ -117,6 +117,15 @@ class Loop:
     def forget(self, sock: Any) -> None:
         self.set_handlers(sock, None, None)
 
+    def forget_fd(self, fd: int) -> None:
+        """Forget a descriptor that may be closed already (its socket closed by
+        another thread): the kernel dropped it from the poller then."""
+        if self._handlers.pop(fd, None) is not None:
+            try:
+                self._poller.unregister(fd)
+            except (OSError, ValueError, KeyError):
+                pass
+
     def call_later(self, delay: float, callback: Callback) -> Timer:
         timer = Timer(time.monotonic() + delay, callback)
         heapq.heappush(self._timers, (timer.when, next(self._seq), timer))

@@ -220,16 +220,40 @@ class CommandParser:
         if args:
             raise CommandError("devices takes no parameters, got %d" % len(args))
         rows = self.app.devices()
-        lines = [_DEVICE_LINE % _DEVICE_HEADER]
+        cluster = any("node" in row for row in rows)   # the node column, in a cluster
+        line = _DEVICE_LINE.replace("%-5s ", "%-5s %-10s ") if cluster else _DEVICE_LINE
+        header = _DEVICE_HEADER[:2] + (("NODE",) if cluster else ()) + _DEVICE_HEADER[2:]
+        lines = [line % header]
         for row in rows:
             error = _one_line(row["last_error"]) or "-"
-            lines.append(_DEVICE_LINE % (
-                row["id"], row["state"], row["source"] or "-", _since(row["since"]),
+            lines.append(line % ((row["id"], row["state"]) +
+                                 ((row.get("node") or "-",) if cluster else ()) + (
+                row["source"] or "-", _since(row["since"]),
                 row["streams"], _size(row["bytes_up"]), _size(row["bytes_down"]),
                 _format_status_value("rtt", row["rtt"]),
-                error if len(error) <= 60 else error[:57] + "..."))
+                error if len(error) <= 60 else error[:57] + "...")))
         return lines + ["%d device(s), %d up" % (len(rows), sum(r["state"] == "up" for r in rows)),
                         OK]
+
+    def _cluster(self, args: List[str]) -> List[str]:
+        if args:
+            raise CommandError("cluster takes no parameters, got %d" % len(args))
+        view = getattr(self.app, "cluster_view", None)
+        found = view() if view is not None else None
+        if found is None:
+            raise CommandError("this server is in no cluster (no [cluster] table)")
+        nodes, devices = found
+        lines = ["%-12s %-21s %-14s %7s %s" % ("NODE", "PEER", "STATE", "DEVICES",
+                                                "DEFINITIONS")]
+        for node in nodes:
+            lines.append("%-12s %-21s %-14s %7d %s%s" % (
+                node.name, node.peer, "up" if node.up else "lease expired", node.devices,
+                node.digest[:12], "  * differs from this server's" if node.differs else ""))
+        lines.append("%-16s %-12s %s" % ("DEVICE", "NODE", "SINCE (UTC)"))
+        for ident, node, since in devices:
+            lines.append("%-16s %-12s %s" % (ident, node, _since(since)))
+        return lines + ["%d node(s), %d up; %d device(s) held" % (
+            len(nodes), sum(1 for n in nodes if n.up), len(devices)), OK]
 
     def _device(self, args: List[str]) -> List[str]:
         if len(args) != 1:
@@ -461,6 +485,14 @@ COMMANDS: Tuple[Command, ...] = (
              "\":legacy\" for the session on [server] host while one is up.",
              "UP: bytes from the device, DOWN: bytes to it, over all its sessions."),
             CommandParser._devices),
+    Command("cluster", ("server",), "cluster",
+            "the cluster: each server (node), and which one holds each device",
+            ("One line per node: its name, the address the others forward clients to,",
+             "up (its lease lives) or lease expired, the devices it holds, and a digest",
+             "of its device definitions, marked when it differs from this server's (the",
+             "servers of a cluster must be given the same devices). Then one line per",
+             "device held anywhere: its id, its node, since when."),
+            CommandParser._cluster),
     Command("device", ("server",), "device ID",
             "one device in detail (sessions started, auth failures, refused clients, ...)", (),
             CommandParser._device),

@@ -28,6 +28,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from ..addr import address_in, format_hostport, parse_hostport, parse_network, source_key
+from ..errors import TcprcError
 from ..engine.ratelog import LimitedLog, SourceLog
 from ..engine.liveness import TICK, Liveness
 from ..engine.loop import Loop
@@ -43,6 +44,7 @@ log = logging.getLogger("tcprc.server")
 HostPort = Tuple[str, int]
 
 SCAN_LIMIT = 300.0   # seconds a devices_dir scan may take before the server counts as stuck
+MAX_WAITING = 256    # clients held at once while their device moves between servers
 
 
 def server_tls(settings: ServerSettings) -> Any:
@@ -86,10 +88,13 @@ class ServerApp:
         self._accept_errors = LimitedLog(log)
         self._tls = server_tls(settings)   # ConfigError here: the start stops
         self.fleet = Fleet(settings.devices, settings.host)   # [server.devices] + devices_dir
-        self.ports = Ports(self.uplink_log, lambda: self.settings.takeover)
+        self.ports = Ports(self.uplink_log, lambda: self.settings.takeover, self._standby)
         self.auth = Auth(self.fleet, self.uplink_log, bool(settings.tls_client_ca))
         self.link_parts = LinkParts(self.ports, self.fleet, self.auth, self.uplink_log,
-                                self._established)
+                                    self._established)
+        self.cluster: Any = None          # with [cluster]: see use_cluster
+        self._standby_fds: Dict[str, int] = {}   # acceptor thread: ports kept open -> fd
+        self._waiting = 0                 # clients waiting for their device to appear
         self._device_files = device_files
         self._dir: Any = None
         self._dir_path = ""
@@ -138,6 +143,148 @@ class ServerApp:
         """A configured device's named services: name -> host."""
         return self.fleet.services_of(device_id)
 
+    # ---- the cluster ---------------------------------------------------------------
+    def use_cluster(self, cluster: Any) -> None:
+        """Before start(): take part in a cluster (tcprc.cluster.Cluster, built by the
+        wiring: this layer does not import it).  Every configured device's ports
+        stay open here; a client of a device another server holds is forwarded
+        there (cluster.forward), one whose device is nowhere waits up to
+        client_wait for it; sessions with an id are claimed in the registry, and a
+        claim another server overwrites makes this one PING its uplink."""
+        self.cluster = cluster
+        self.link_parts = self.link_parts._replace(cluster=cluster)
+        cluster.on_claim_lost = self._claim_lost
+
+    def deliver(self, arrival: Any) -> bool:
+        """Peer thread: a client another server forwarded here (its peer authenticated):
+        a client of the device's session here, or refused with the reason."""
+        link = self.ports.holder(arrival.device_id)
+        if link is None or not link.listening:
+            arrival.refuse("device %s has no session on this node" % arrival.device_id)
+            return False
+        if arrival.service and arrival.service not in self.fleet.services_of(arrival.device_id):
+            arrival.refuse("device %s has no service %s" % (arrival.device_id, arrival.service))
+            return False
+        try:
+            client = arrival.accept()
+        except OSError:
+            return False
+        who = "%s via node %s" % (arrival.source, arrival.peer_node)
+        link.loop.call_soon(lambda: link.adopt(client, who, arrival.service))
+        return True
+
+    def _claim_lost(self, device_id: str, node: str) -> None:
+        """Registry thread: node `node` claimed `device_id`, whose session is here."""
+        link = self.ports.holder(device_id)
+        if link is not None:
+            link.loop.call_soon(lambda: link.check_taken_over(node))
+
+    def _keep_device_ports(self) -> None:
+        """A cluster's server keeps every configured device's ports open."""
+        if self.cluster is None:
+            return
+        wanted: Dict[str, str] = {}
+        for ident, entry in self.fleet.devices.items():
+            wanted[ident] = entry.host
+            for name, host in entry.services.items():
+                wanted[service_owner(ident, name)] = host
+        self.ports.keep_open(wanted)
+
+    def _standby(self, owner: str, sock: Optional[socket.socket]) -> None:
+        """Any thread: a port kept open with nobody here serving it (`sock`), or
+        taken by a session or closed (None): the acceptor watches it or not."""
+        self._loop.call_soon(lambda: self._watch_standby(owner, sock))
+
+    def _watch_standby(self, owner: str, sock: Optional[socket.socket]) -> None:
+        fd = self._standby_fds.pop(owner, None)
+        if fd is not None:
+            self._loop.forget_fd(fd)
+        if sock is not None and sock.fileno() >= 0 and self.ports.holder(owner) is None:
+            self._standby_fds[owner] = sock.fileno()
+            self._loop.set_handlers(sock, lambda: self._standby_accept(owner, sock), None)
+
+    def _standby_accept(self, owner: str, listener: socket.socket) -> None:
+        """Acceptor thread: a client on a device's port that no session here serves."""
+        try:
+            accepted = accept_nowait(listener)
+        except OSError as exc:
+            self._accept_errors.warning("accept on %s's port failed: %s", owner,
+                                        exc.strerror or exc)
+            return
+        if accepted is not None:
+            device_id, _, service = owner.partition("/")
+            self._route(device_id, service, accepted[0], format_hostport(*accepted[1][:2]))
+
+    def _route(self, device_id: str, service: str, client: socket.socket, who: str,
+               waited: bool = False) -> None:
+        """A client of `device_id` to the session that serves it: here, on the node that
+        holds it (forwarded), or, while nobody holds it, after a wait."""
+        link = self.ports.holder(device_id)
+        if link is not None and link.listening:
+            link.loop.call_soon(lambda: link.adopt(client, who, service))
+            return
+        try:
+            node = self.cluster.holder(device_id)
+        except TcprcError as exc:
+            self._refuse_routed(client, device_id, who, str(exc))
+            return
+        if node is not None and not node.local:
+            self._forward(node, device_id, service, client, who, waited)
+        elif waited:
+            self._refuse_routed(client, device_id, who, "no server holds it (waited %g s)"
+                                % self.cluster.client_wait)
+        else:
+            self._wait_for(device_id, service, client, who)
+
+    def _forward(self, node: Any, device_id: str, service: str, client: socket.socket,
+                 who: str, waited: bool) -> None:
+        self.fleet.forwarded(device_id)
+
+        def failed(sock: Any, reason: str, refused: bool) -> bool:
+            # The device moved meanwhile (refused), or its server died before its
+            # claim expired: once, the client waits for where the device goes next.
+            if waited:
+                return False
+            self._wait_for(device_id, service, sock, who)
+            return True
+        self.cluster.forward(node, device_id, service, client, failed)
+
+    def _wait_for(self, device_id: str, service: str, client: socket.socket, who: str) -> None:
+        """Hold a client up to client_wait while its device moves between servers (or
+        comes back), in a thread of its own; bounded in number."""
+        with self._lock:
+            busy = self._waiting >= MAX_WAITING
+            if not busy:
+                self._waiting += 1
+        if busy:
+            self._refuse_routed(client, device_id, who, "%d clients wait for their devices "
+                                "already" % MAX_WAITING)
+            return
+
+        def wait() -> None:
+            try:
+                self.cluster.wait_for_holder(device_id, self.cluster.client_wait)
+                self._route(device_id, service, client, who, waited=True)
+            except Exception as exc:   # the waiter's fault barrier: this client only
+                log.error("internal error while a client of device %s waited: %s: %s",
+                          device_id, type(exc).__name__, exc, exc_info=exc)
+                client.close()
+            finally:
+                with self._lock:
+                    self._waiting -= 1
+        try:
+            threading.Thread(target=wait, name="tcprc-wait", daemon=True).start()
+        except (RuntimeError, MemoryError) as exc:
+            with self._lock:
+                self._waiting -= 1
+            self._refuse_routed(client, device_id, who, "cannot start a thread: %s" % exc)
+
+    def _refuse_routed(self, client: socket.socket, device_id: str, who: str,
+                       why: str) -> None:
+        client.close()
+        self.uplink_log.warning(source_key(who.rsplit(":", 1)[0]),
+                                "client %s of device %s closed: %s", who, device_id, why)
+
     # ---- lifecycle --------------------------------------------------------------
     def start(self) -> None:
         """Bind the uplink port (errors raise OSError here, at start) and serve it."""
@@ -152,6 +299,14 @@ class ServerApp:
         log.info("waiting for devices on %s", format_hostport(*self.listen_address))
         self._warn_if_open()
         self._check_device_ports()
+        if self.cluster is not None:
+            try:
+                self.cluster.start()
+            except OSError as exc:
+                raise OSError(exc.errno, "cannot listen for the cluster's servers ([cluster] "
+                              "peer_listen) on %s: %s" % (self.cluster.settings.peer_listen,
+                                                          exc.strerror or exc)) from None
+            self._keep_device_ports()
         self._start_scanner()
         if self.settings.http:
             from . import http
@@ -212,6 +367,8 @@ class ServerApp:
         return self.liveness.problems()
 
     def close(self) -> None:
+        if self.cluster is not None:   # first: the claims go at once, not at lease expiry
+            self.cluster.stop()
         self._stopping.set()
         self.liveness.forget("tcprc-server (uplink acceptor)")
         self.liveness.forget("tcprc-scan (devices_dir)")
@@ -231,6 +388,7 @@ class ServerApp:
             link.stop("server stopping")
         for link in links:
             link.wait_stopped(5)
+        self.ports.close_all()   # what a cluster kept open
 
     def apply_settings(self, settings: ServerSettings) -> None:
         """New settings (SIGHUP, config set). The listen port stays where it is until a
@@ -301,7 +459,39 @@ class ServerApp:
             "uplinks_refused": self.uplinks_refused,
             "last_error": self._last_error,
             "health": "; ".join(self.liveness.problems()) or "ok",
+            **self._cluster_status(),
         }
+
+    def cluster_view(self) -> Any:
+        """(nodes, [(device id, node, since)]) of the cluster, or None without one."""
+        if self.cluster is None:
+            return None
+        claims = self.cluster.registry.cache.devices()
+        mine = {ident: link for ident in self.cluster.registry.held_ids()
+                for link in [self.ports.holder(ident)] if link is not None}
+        devices = sorted((ident, record.node, record.since) for ident, record in claims.items()
+                         if ident not in mine)
+        devices += [(ident, self.cluster.settings.node,
+                     link.record.since if link.record is not None else None)
+                    for ident, link in mine.items()]
+        return self.cluster.nodes(), sorted(devices)
+
+    def cluster_metrics(self) -> Optional[Dict[str, int]]:
+        """The cluster's gauges for /metrics, or None without a cluster."""
+        if self.cluster is None:
+            return None
+        state = self.cluster.state()
+        return {"nodes_up": state.nodes, "registry_up": int(state.up)}
+
+    def _cluster_status(self) -> Dict[str, Any]:
+        if self.cluster is None:
+            return {}
+        state = self.cluster.state()
+        return {"cluster": "%s, node %s: registry %s (%s), %d node(s) up, %d device(s) held "
+                           "here, %d client(s) forwarded now"
+                           % (self.cluster.settings.name, self.cluster.settings.node,
+                              state.state, state.detail, state.nodes, state.claims,
+                              self.cluster.forwarded())}
 
     # ---- the fleet --------------------------------------------------------------------
     def _open_dir(self, settings: ServerSettings, force: bool) -> None:
@@ -360,6 +550,10 @@ class ServerApp:
         drop_colliding(merged, settings)
         devices = MappingProxyType(merged)
         old = self.fleet.set_devices(devices, settings.host)
+        if self.cluster is not None:
+            self.cluster.update_devices(devices.values())
+            if self._thread is not None:
+                self._keep_device_ports()
         with self._lock:
             links = list(self._links)
         for link in links:
@@ -376,8 +570,13 @@ class ServerApp:
 
     def devices(self) -> List[Dict[str, Any]]:
         """The device table: every configured device, then the session on [server] host
-        (id ":legacy") while it is up.  Thread-safe."""
-        return self.fleet.rows(self.ports)
+        (id ":legacy") while it is up; in a cluster, the node holding each.  Thread-safe."""
+        rows = self.fleet.rows(self.ports)
+        if self.cluster is not None:
+            holders = self.cluster.holders()
+            for row in rows:
+                row["node"] = holders.get(row["id"])
+        return rows
 
     def kick(self, device_id: str) -> bool:
         """End a device's session (it may redial); False when it has none."""

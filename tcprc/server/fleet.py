@@ -12,6 +12,12 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ..addr import format_hostport
 
+# A cloned identity (two live devices with one id on two servers) takes the
+# sessions over in turn: after FIGHT_LIMIT of those in FIGHT_WINDOW seconds, a
+# node refuses new sessions of the id until FIGHT_WINDOW after the last.
+FIGHT_LIMIT = 3
+FIGHT_WINDOW = 60.0
+
 # The record of the session on [server] host (legacy, or v2 without identity).
 # A colon is no id character, so no device can be named so.
 SHARED = ":legacy"
@@ -21,7 +27,7 @@ class DeviceRecord:
     """What survives a device's sessions.  Under the app's lock."""
 
     __slots__ = ("id", "link", "since", "source", "sessions", "auth_failures", "refused",
-                 "bytes_up", "bytes_down", "last_error")
+                 "bytes_up", "bytes_down", "last_error", "forwarded", "fights", "fought_at")
 
     def __init__(self, ident: str) -> None:
         self.id = ident
@@ -34,6 +40,9 @@ class DeviceRecord:
         self.bytes_up = 0                          # from the device, ended sessions
         self.bytes_down = 0                        # to the device, ended sessions
         self.last_error = ""
+        self.forwarded = 0                         # clients forwarded to the node holding it
+        self.fights = 0                            # its id answered on two nodes at once
+        self.fought_at: List[float] = []           # monotonic times of the recent fights
 
     def started(self, link: Any) -> None:
         self.link = link
@@ -71,6 +80,8 @@ class DeviceRecord:
             "sessions": self.sessions,
             "auth_failures": self.auth_failures,
             "refused_clients": self.refused,
+            "forwarded_clients": self.forwarded,
+            "fights": self.fights,
             "last_error": self.last_error,
         }
 
@@ -155,6 +166,32 @@ class Fleet:
         with self._lock:
             if link.record is not None:
                 link.record.refused += 1
+
+    def fought(self, link: Any, now: float) -> None:
+        """The device's id answered on this node and on another at once."""
+        with self._lock:
+            record = link.record
+            if record is not None:
+                record.fights += 1
+                record.fought_at = [t for t in record.fought_at if now - t < FIGHT_WINDOW]
+                record.fought_at.append(now)
+
+    def cooling(self, device_id: str, now: float) -> float:
+        """Seconds a new session of `device_id` is refused here: its id fought
+        FIGHT_LIMIT times within FIGHT_WINDOW (two devices with one id take each
+        other's sessions over and over); 0.0: none."""
+        with self._lock:
+            record = self._records.get(device_id)
+            if record is None or len(record.fought_at) < FIGHT_LIMIT:
+                return 0.0
+            return max(0.0, record.fought_at[-1] + FIGHT_WINDOW - now)
+
+    def forwarded(self, device_id: str) -> None:
+        """A client of the device went to the node holding it."""
+        with self._lock:
+            record = self._records.get(device_id)
+            if record is not None:
+                record.forwarded += 1
 
     def auth_failed(self, device_id: str, line: str) -> None:
         """A failed authentication as `device_id`: its table shows it."""

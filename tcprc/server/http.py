@@ -70,9 +70,21 @@ def label(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
 
 
-def metrics_text(rows: List[Dict[str, Any]], auth_failures: int) -> str:
+# A cluster's server adds these (the rows carry "node" then).
+_CLUSTER_METRICS = (
+    ("tcprc_forwarded_clients_total", "counter",
+     "clients of the device forwarded to the node holding it", "forwarded_clients"),
+    ("tcprc_cluster_fights_total", "counter",
+     "times the device's id answered on this node and another at once (a cloned identity)",
+     "fights"),
+)
+
+
+def metrics_text(rows: List[Dict[str, Any]], auth_failures: int,
+                 cluster: Optional[Dict[str, int]] = None) -> str:
+    """`cluster`: tcprc_cluster_nodes_up and tcprc_cluster_registry_up, with [cluster]."""
     lines = []
-    for name, kind, text, key in _METRICS:
+    for name, kind, text, key in _METRICS + (_CLUSTER_METRICS if cluster is not None else ()):
         lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind)]
         for row in rows:
             value = 1 if key == "up" and row["state"] == "up" else row.get(key, 0)
@@ -82,6 +94,13 @@ def metrics_text(rows: List[Dict[str, Any]], auth_failures: int) -> str:
     lines += ["# HELP tcprc_server_auth_failures_total failed authentications from any source",
               "# TYPE tcprc_server_auth_failures_total counter",
               "tcprc_server_auth_failures_total %d" % auth_failures]
+    if cluster is not None:
+        lines += ["# HELP tcprc_cluster_nodes_up servers of the cluster whose lease lives",
+                  "# TYPE tcprc_cluster_nodes_up gauge",
+                  "tcprc_cluster_nodes_up %d" % cluster["nodes_up"],
+                  "# HELP tcprc_cluster_registry_up 1 while etcd answers this server",
+                  "# TYPE tcprc_cluster_registry_up gauge",
+                  "tcprc_cluster_registry_up %d" % cluster["registry_up"]]
     return "\n".join(lines) + "\n"
 
 
@@ -385,7 +404,7 @@ class StatusServer:
                     "WWW-Authenticate": "Basic realm=\"tcprc fleet\", charset=\"UTF-8\""}
         app = self.app
         if path == "/metrics":
-            return 200, metrics_text(app.devices(), app.auth_failures), \
+            return 200, metrics_text(app.devices(), app.auth_failures, app.cluster_metrics()), \
                 "text/plain; version=0.0.4; charset=utf-8", {}
         if path == "/api/devices":
             return 200, json.dumps(app.devices()), "application/json", {}

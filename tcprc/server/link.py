@@ -31,6 +31,7 @@ from ..wire.actions import Authed, Denied, Listened, Unlisten
 from ..wire.session import ServerSession
 from ..wire.states import SessionState
 from .ids import MAX_CLIENTS, ClientIds
+from .fleet import FIGHT_LIMIT, FIGHT_WINDOW
 from .ports import HANDOVER, Ports
 from ..settings import ServerSettings
 
@@ -41,6 +42,11 @@ class LinkParts(NamedTuple):
     auth: Any                              # failed and passed handshakes (server.auth.Auth)
     uplink_log: Any                        # lines about uplinks, rate-limited per source
     established: Callable[[Any], None]     # a session is established: it waits no more
+    cluster: Any = None                    # the registry (claim, release), with [cluster]
+
+# How long the PONG of a PING may take when another server says it holds our
+# device now: none in time, and this uplink is stale; one, and the id is cloned.
+TAKEOVER_PING = 1.0
 
 
 class ServerLink(Role):
@@ -65,6 +71,7 @@ class ServerLink(Role):
         self._accept_paused = False
         self._listen_timer: Any = None
         self.record: Any = None            # its device's record (server.fleet), once up
+        self.claim: Any = None             # its claim in the cluster's registry, once up
         self.link = Link(transport, loop, session, settings, name, self)
         self.link.noisy = parts.uplink_log.of(self.source)
         self.refusals = LimitedLog(self.link.log)
@@ -215,6 +222,14 @@ class ServerLink(Role):
                 return
         if device_id:
             self.parts.auth.passed(self, device_id)
+            cooling = self.fleet.cooling(device_id, time.monotonic())
+            if cooling and self.parts.cluster is not None:
+                message = ("device %s answered on two nodes %d times in %g s (a cloned "
+                           "identity?): its sessions are refused here for %.0f s more"
+                           % (device_id, FIGHT_LIMIT, FIGHT_WINDOW, cooling))
+                self.link.noisy.warning("%s: %s", self.name, message)
+                self.link._act(self.session.reject(protocol.REJECT_IDENTITY_CONFLICT, message))
+                return
         self._claim()
 
     def _denied(self, action: Denied) -> None:
@@ -276,6 +291,9 @@ class ServerLink(Role):
         self._connects[self.host_sock] = None
         self._watch(self.host_sock)
         self.fleet.session_up(self)
+        if self.parts.cluster is not None and self.v2 and self.device_id:
+            # The cluster's other servers forward this device's clients here now.
+            self.claim = self.parts.cluster.claim(self.device_id, self.name.split(" ", 1)[-1])
         self.parts.uplink_log.info(self.source, "%s: %s: clients accepted on %s", self.name,
                                  "v2 session of %s" % (self.device_id or "a device without id")
                                  if self.v2 else "LISTEN", bound)
@@ -348,16 +366,65 @@ class ServerLink(Role):
         client, peer = self._accept_one(listener)
         if client is None:
             return
-        who = format_hostport(*peer[:2])
+        service = "" if listener is self.host_sock else \
+            " to service %s" % next((n for n, s in self.services.items() if s is listener), "?")
+        self._take_client(client_id, announce, client, format_hostport(*peer[:2]), service)
+
+    def _take_client(self, client_id: int, announce: Any, client: socket.socket, who: str,
+                     service: str) -> None:
+        """A client of this device's session on `client_id`: its CONNECT (`announce`),
+        its stream and its pump."""
+        link = self.link
         tune_stream_socket(client)
         stream = link.new_stream(client_id, who)
         stream.sock = client
-        service = "" if listener is self.host_sock else \
-            " to service %s" % next((n for n, s in self.services.items() if s is listener), "?")
         link.log.info("%s: client %d (%s) connected%s", self.name, client_id, who, service)
         # CONNECT is queued before the pump starts, so it precedes the client's DATA.
         link._act(announce)
         link.open_stream(stream)
+
+    def adopt(self, client: socket.socket, who: str, service: str = "") -> None:
+        """Link thread: a client accepted elsewhere (on a port kept open for the cluster,
+        or forwarded by another server) is one of this device's own: the same limits,
+        the same CONNECT as on its own port.  Closed at once if it cannot be."""
+        link = self.link
+        payload = None if not service else protocol.encode_connect_payload(
+            protocol.SERVICE_PREFIX + service, 0)
+        why = ""
+        if link.end_reason or link._closing or self.host_sock is None:
+            why = "its session is ending"
+        elif service and service not in self.services:
+            why = "no service %s here" % service
+        elif len(link.streams) >= self.settings.max_streams_per_device:
+            why = "%d clients are open (max_streams_per_device)" % len(link.streams)
+        if not why:
+            client_id, announce = self.session.open(link.streams, time.monotonic(), payload)
+            if client_id is not None:
+                self._take_client(client_id, announce, client, who,
+                                  " to service %s" % service if service else "")
+                return
+            why = "no client id is free"
+        client.close()
+        self.fleet.client_refused(self)
+        self.refusals.warning("%s: refused client %s: %s", self.name, who, why)
+
+    def check_taken_over(self, node: str) -> None:
+        """Link thread: server `node` says it holds our device now.  A stale uplink (a
+        device gone without a word) does not answer a PING in TAKEOVER_PING: it
+        ends.  One that answers means two devices with one id (a cloned identity):
+        counted and logged; the newer session, the other server's, is kept."""
+        def answered(alive: bool) -> None:
+            if alive:
+                self.fleet.fought(self, time.monotonic())
+                self.parts.uplink_log.warning(
+                    self.source, "%s: device %s also holds a session on node %s, and this one "
+                    "answers too: a cloned identity (two devices with one id and secret?); "
+                    "the newer session, node %s's, is kept", self.name, self.device_id, node,
+                    node)
+            self.link.fail("taken over by node %s" % node if not alive else
+                           "a newer session of device %s on node %s (cloned identity)"
+                           % (self.device_id, node))
+        self.link.probe(TAKEOVER_PING, answered)
 
     def _accept_one(self, listener: socket.socket) -> Any:
         """(client, peer) from `listener`, or (None, None): nobody waiting, or an
@@ -399,6 +466,8 @@ class ServerLink(Role):
         self.services.clear()
         self.host_sock = None   # the ports close them all
         self.ports.release(self)
+        if self.claim is not None:
+            self.parts.cluster.release(self.claim)   # never a newer claim than ours
 
 
 def open_server_link(sock: socket.socket, settings: ServerSettings, name: str, parts: LinkParts,

@@ -90,7 +90,7 @@ function row(r){
   entry={tr:tr,data:null,find:""};rows.set(r.id,entry);}
  var cells=entry.tr.cells;
  COLUMNS.forEach(function(c,i){set(cells[i],"textContent",c[2](r[c[0]],r));});
- set(cells[5],"title",r.since?new Date(r.since*1000).toISOString().replace("T"," ").slice(0,19)+
+ set(cells[SINCE],"title",r.since?new Date(r.since*1000).toISOString().replace("T"," ").slice(0,19)+
   " UTC":"");
  set(cells[1],"className",r.state==="up"?"up":"down");
  // a past error of a device that is up again is history, not an alarm
@@ -98,7 +98,7 @@ function row(r){
  set(err,"className","wrap"+(r.last_error?(old?" dim":" error"):""));
  set(err,"title",old?"before the current session":"");
  entry.data=r;
- entry.find=[r.id,r.state,r.host,r.services,r.protocol,r.tls,r.source,r.last_error]
+ entry.find=[r.id,r.state,r.node,r.host,r.services,r.protocol,r.tls,r.source,r.last_error]
   .join(" ").toLowerCase();
  return entry;}
 function compare(a,b){
@@ -118,8 +118,14 @@ function arrange(){
   if(th.dataset.key===sortKey)th.setAttribute("aria-sort",sortDir>0?"ascending":"descending");
   else th.removeAttribute("aria-sort");});
  return shown;}
+var SINCE=5,clustered=false;
 function show(list){
  var seen=new Set(),up=0,errors=0;
+ if(!clustered&&list.some(function(r){return "node" in r;})){
+  // a cluster's server says which node holds each device: a column for it
+  clustered=true;COLUMNS.splice(2,0,["node","node",text,""]);SINCE++;
+  document.querySelector("#devices thead tr").textContent="";header();
+  rows.clear();body.textContent="";order=[];}
  list.forEach(function(r){seen.add(r.id);row(r);if(r.state==="up")up++;
   else if(r.last_error)errors++;});
  rows.forEach(function(e,id){if(!seen.has(id)){e.tr.remove();rows.delete(id);}});

@@ -63,13 +63,22 @@ class Ports:
     own threads, never waiting for another link (a takeover goes through the
     links' loops)."""
 
-    def __init__(self, uplink_log: Any, takeover: Callable[[], bool]) -> None:
+    def __init__(self, uplink_log: Any, takeover: Callable[[], bool],
+                 standby: Optional[Callable[[str, Optional[socket.socket]], None]] = None) -> None:
         """`uplink_log`: the per-source log of uplink lines; `takeover()`: whether a
-        newer session takes a held port over ([server] takeover, read each time)."""
+        newer session takes a held port over ([server] takeover, read each time).
+
+        `standby(owner, listener)`, in a cluster: the configured devices' ports
+        stay open while no session here holds them (keep_open), so that their
+        clients can be forwarded to the server that holds the device.  It is
+        called with the listener when nobody here serves it (accept its clients
+        elsewhere), and with None when a session takes it or it closes."""
         self._lock = threading.Lock()
         self._slots: Dict[str, HostSlot] = {}
         self._log = uplink_log
         self._takeover = takeover
+        self._standby = standby
+        self._kept: Dict[str, str] = {}   # owner -> host: the ports kept open (a cluster)
 
     # ---- what status and tests read ------------------------------------------------------
     def address(self, owner: str) -> Optional[HostPort]:
@@ -100,6 +109,47 @@ class Ports:
         with self._lock:
             return {slot.owner for slot in self._slots.values() if slot.sock is not None}
 
+    # ---- a cluster: every configured device's ports open, held or not ---------------------
+    def keep_open(self, wanted: Dict[str, str]) -> None:
+        """Keep the ports of `wanted` (owner -> host) open, with or without a session;
+        close those no longer wanted while nobody holds them.  A port that cannot be
+        bound is one warning (its clients are refused until a reload)."""
+        events: List[Tuple[str, Optional[socket.socket]]] = []
+        with self._lock:
+            for owner in list(self._kept):
+                slot = self._slots.get(owner)
+                if slot is not None and slot.active is None and wanted.get(owner) != slot.host:
+                    events.append((owner, None))   # not wanted any more, or moved
+                    slot.unbind()
+                    del self._slots[owner]
+            self._kept = dict(wanted)
+            for owner, host in sorted(wanted.items()):
+                if owner in self._slots:
+                    continue   # open already (held by a session, or standing by)
+                slot = HostSlot(owner, host)
+                try:
+                    slot.bind(None)
+                except OSError as exc:
+                    log.warning("cannot keep %s's port %s open for the cluster: %s", owner, host,
+                                exc.strerror or exc)
+                    continue
+                self._slots[owner] = slot
+                events.append((owner, slot.sock))
+        for owner, sock in events:
+            self._standby(owner, sock)
+
+    def _take_standby(self, slot: HostSlot, link: Any) -> socket.socket:
+        """Under the lock: a kept port nobody holds goes to `link`."""
+        slot.active = link
+        return slot.sock
+
+    def _back_to_standby(self, slot: HostSlot) -> bool:
+        """Under the lock: a kept port its session gave back stays open; True if so."""
+        if self._standby is None or self._kept.get(slot.owner) != slot.host:
+            return False
+        slot.active = None
+        return True
+
     # ---- what links ask ------------------------------------------------------------------------
     def claim_host(self, link: Any, owner: str, host: str) -> Any:
         """Link thread, once its session is established: the listener of `owner`'s
@@ -114,10 +164,17 @@ class Ports:
                 self._slots[owner] = slot
                 return sock
             current = slot.active
-            refused = not self._takeover()
-            waiting = None
-            if not refused:
-                waiting, slot.successor = slot.successor, link
+            taken = current is None and slot.sock is not None   # kept open, nobody holds it
+            if taken:
+                sock = self._take_standby(slot, link)
+            else:
+                refused = not self._takeover()
+                waiting = None
+                if not refused:
+                    waiting, slot.successor = slot.successor, link
+        if taken:
+            self._standby(owner, None)
+            return sock
         if refused:
             self._log.warning(link.source, "%s: LISTEN refused: the tunnel belongs to %s "
                               "(takeover = false; host port %s)", link.name, current.name, host)
@@ -144,6 +201,12 @@ class Ports:
                 self._slots[owner] = slot
                 return sock
             holder = slot.active
+            taken = holder is None and slot.sock is not None
+            if taken:
+                sock = self._take_standby(slot, link)
+        if taken:
+            self._standby(owner, None)
+            return sock
         if holder is not link:
             self._log.warning(link.source, "%s: service %s: its port %s is held by %s",
                               link.name, name, host, holder.name if holder else "nobody")
@@ -157,47 +220,70 @@ class Ports:
     def release_service(self, link: Any, device_id: str, name: str) -> None:
         """Link thread: one service port of `link` closed (no longer configured)."""
         owner = service_owner(device_id, name)
+        standby = None
         with self._lock:
             slot = self._slots.get(owner)
             if slot is not None and slot.active is link:
-                slot.unbind()
-                del self._slots[owner]
+                if self._back_to_standby(slot):
+                    standby = slot.sock
+                else:
+                    slot.unbind()
+                    del self._slots[owner]
+        if standby is not None:
+            self._standby(owner, standby)
 
     def release(self, link: Any) -> None:
         """Link thread, at teardown (no longer watching its listeners): its host and
         service listeners are closed, and the host port goes to the uplink waiting
         for it, if any, through that uplink's own loop."""
-        with self._lock:
-            slot = None
-            for other in list(self._slots.values()):
-                if other.successor is link:
-                    other.successor = None   # it ended while waiting
+        standby: List[Tuple[str, socket.socket]] = []
+        try:
+            with self._lock:
+                slot = None
+                for other in list(self._slots.values()):
+                    if other.successor is link:
+                        other.successor = None   # it ended while waiting
+                        return
+                    if other.active is not link:
+                        continue
+                    if "/" in other.owner:   # a service port: never handed over
+                        if self._back_to_standby(other):
+                            standby.append((other.owner, other.sock))
+                        else:
+                            other.unbind()
+                            del self._slots[other.owner]
+                    else:
+                        slot = other
+                if slot is None:
                     return
-                if other.active is not link:
-                    continue
-                if "/" in other.owner:   # a service port: never handed over
-                    other.unbind()
-                    del self._slots[other.owner]
+                successor, slot.successor = slot.successor, None
+                if successor is not None and slot.sock is not None and \
+                        self._kept.get(slot.owner) == slot.host:
+                    sock, error = self._take_standby(slot, successor), None   # kept: no rebind
+                elif successor is not None:
+                    slot.unbind()
+                    sock, error = None, None
+                    try:
+                        sock = slot.bind(successor)
+                    except OSError as exc:
+                        error = exc
+                        del self._slots[slot.owner]
+                elif self._back_to_standby(slot):
+                    standby.append((slot.owner, slot.sock))
+                    return
                 else:
-                    slot = other
-            if slot is None:
-                return
-            slot.unbind()
-            successor, slot.successor = slot.successor, None
-            if successor is None:
-                del self._slots[slot.owner]
-                return
-            sock, error = None, None
-            try:
-                sock = slot.bind(successor)
-            except OSError as exc:
-                error = exc
-                del self._slots[slot.owner]
+                    slot.unbind()
+                    del self._slots[slot.owner]
+                    return
+        finally:
+            for owner, sock in standby:
+                self._standby(owner, sock)
         successor.loop.call_soon(lambda: successor.host_ready(sock, error))
 
     def close_all(self) -> None:
         """The server stops: every listener still open goes (links release theirs)."""
         with self._lock:
+            self._kept = {}
             for slot in self._slots.values():
                 slot.unbind()
             self._slots.clear()

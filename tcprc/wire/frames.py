@@ -266,9 +266,10 @@ REJECT_VERSION = 4
 REJECT_HOST_BUSY = 5
 REJECT_MALFORMED = 6
 REJECT_SERVER_ERROR = 7
+REJECT_IDENTITY_CONFLICT = 8
 REJECT_CODES = {1: "unknown id", 2: "bad proof", 3: "identity required",
                 4: "unsupported version", 5: "host port busy", 6: "malformed handshake",
-                7: "server error"}
+                7: "server error", 8: "identity in use elsewhere"}
 
 # CLOSE reasons.
 CLOSE_DONE = 0

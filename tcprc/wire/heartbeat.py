@@ -20,6 +20,8 @@ class Heartbeat:
         self.timeout = timeout
         self.rtt: Optional[float] = None   # smoothed PING round trip, seconds
         self._last_ping = -interval
+        self._probe: Optional[bytes] = None   # the stamp of an unanswered probe()
+        self.probe_answered = False
 
     def tick(self, now: float, last_heard: float) -> Tuple[List, float]:
         """(actions, seconds until the next tick)."""
@@ -32,6 +34,12 @@ class Heartbeat:
             actions.append(Send(frames.PING, 0, frames.encode_ping(int(now * 1e9))))
         return actions, max(0.05, min(self.interval, self.timeout / 8, self.timeout - silent))
 
+    def probe(self, now: float) -> Send:
+        """A PING whose PONG answers "is this uplink alive right now" (probe_answered)."""
+        stamp = frames.encode_ping(int(now * 1e9))
+        self._probe, self.probe_answered = stamp, False
+        return Send(frames.PING, 0, stamp)
+
     def on_ping(self, payload) -> List:
         try:
             return [Send(frames.PONG, 0, frames.decode_ping(payload))]
@@ -43,6 +51,8 @@ class Heartbeat:
             sample = (int(now * 1e9) - frames.decode_pong(payload)) / 1e9
         except frames.ProtocolError as exc:
             return [Fail("malformed PONG: %s" % exc)]
+        if self._probe is not None and bytes(payload) == self._probe:
+            self.probe_answered = True
         if 0 <= sample < 3600:   # else not an echo of ours
             self.rtt = sample if self.rtt is None else 0.875 * self.rtt + 0.125 * sample
         return []
