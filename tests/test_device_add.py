@@ -212,6 +212,16 @@ def test_existing_files_are_never_overwritten(tmp_path):
     assert again.returncode == 1 and "exists already" in again.stderr
 
 
+def test_the_device_config_s_directory_is_made_private_when_missing(tmp_path):
+    config = write_server_config(tmp_path, 'listen = "127.0.0.1:9000"\n')
+    where = tmp_path / "out" / "gw7"
+    done = device_add(config, "gw7", "--host", "127.0.0.1:2307", "--device-config",
+                      str(where / "tcprc.toml"))
+    assert done.returncode == 0, done.stderr
+    assert mode(where) == 0o700 and mode(where / "gw7.secret") == 0o600
+    assert load_config(str(where / "tcprc.toml"), "device").device.id == "gw7"
+
+
 def test_a_server_asking_for_device_certificates_gets_a_config_naming_them(tmp_path):
     pki = shared_pki()
     config = write_server_config(tmp_path, 'listen = "127.0.0.1:9000"\ntls_cert = "%s"\n'

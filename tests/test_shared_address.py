@@ -72,7 +72,9 @@ def test_a_kicked_device_comes_back_beside_failing_neighbours_and_an_attacker(ag
             assert app.kick("gw1")
             wait_for(lambda: _up(app, "gw1") and _sessions(app, "gw1") > before, timeout=10,
                      what="gw1 back within 10 s of the kick")
-            assert time.monotonic() - kicked < 10
+            back = time.monotonic() - kicked
+            print("round %d: gw1 back %.2f s after the kick" % (round_ + 1, back))   # README figure
+            assert back < 10
     finally:
         app.close()
 

@@ -297,3 +297,16 @@ def test_the_protocol_document_shows_the_state_tables_the_code_follows():
     begin = doc.index("\n", begin) + 1
     end = doc.index("<!-- end of states -->")
     assert doc[begin:end] == markdown(), "run scripts/protocol-tables --write"
+
+
+def test_the_protocol_document_lists_the_reject_codes_the_code_has():
+    """docs/protocol.md's REJECT table: every code of wire.frames, by its name, and no other."""
+    import os
+    import re
+    from support import ROOT
+    from tcprc.wire.frames import REJECT_CODES
+    with open(os.path.join(ROOT, "docs", "protocol.md")) as handle:
+        text = handle.read()
+    table = text[text.index("REJECT codes:"):].split("\n\n")[1]
+    rows = re.findall(r"^\| (\d+) \| ([^|]+?) \|", table, re.M)
+    assert {int(code): name for code, name in rows} == REJECT_CODES

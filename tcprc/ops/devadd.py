@@ -276,6 +276,14 @@ def make_directory(directory: str) -> None:
         raise ConfigError("cannot create %s: %s" % (directory, exc.strerror or exc)) from None
 
 
+def _make_private_directory(directory: str) -> None:
+    """Where --device-config goes, created 0700 if missing: it will hold a secret."""
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError("cannot create %s: %s" % (directory, exc.strerror or exc)) from None
+
+
 def write_device(cfg: Config, device: NewDevice, device_config: Optional[str],
                  inline_secret: bool) -> List[str]:
     """Write the files; the paths written.  Nothing is left behind if one fails."""
@@ -300,6 +308,8 @@ def write_device(cfg: Config, device: NewDevice, device_config: Optional[str],
         if os.path.lexists(path):
             raise ConfigError("%s exists already: remove it first to replace it" % path)
     make_directory(directory)
+    if device_config:
+        _make_private_directory(os.path.dirname(os.path.abspath(device_config)))
     written: List[str] = []
     try:
         for path, data in planned:
