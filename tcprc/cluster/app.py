@@ -64,7 +64,6 @@ class Cluster:
         self.listener = PeerListener(settings.peer_listen, self._secret, settings.name,
                                      settings.node, deliver, server)
         self._lock = threading.Lock()
-        self._seen = {}        # type: Dict[str, NodeInfo]   every node seen, for nodes()
         self._splices = []     # type: List[Splice]
         self._forwards = 0     # forward() calls not finished (dialing or carrying)
         self._stopped = False
@@ -134,10 +133,8 @@ class Cluster:
         held: Dict[str, int] = {}
         for node in self.holders().values():
             held[node] = held.get(node, 0) + 1
-        with self._lock:
-            self._seen.update(now)
-            self._seen[me.name] = me
-            seen = dict(self._seen)
+        seen = self.registry.cache.seen_nodes()   # the watch remembers the gone ones
+        seen[me.name] = me
         return [NodeView(name, info.peer, name in now or name == me.name, held.get(name, 0),
                          info.devices, info.devices != me.devices)
                 for name, info in sorted(seen.items())]
