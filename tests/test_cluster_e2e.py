@@ -19,6 +19,7 @@ from support.agents import Agents
 from support.cluster import Rig
 from support.etcd import EtcdCluster
 from support.impair import Relay
+from support.net import recv_exactly
 from support.streams import HEADER, Batch, MixedService
 from support.waiting import wait_for
 
@@ -118,10 +119,30 @@ def test_a_client_through_every_server_reaches_every_device_intact_both_ways(ste
 
 # -- a server lost ---------------------------------------------------------------------
 
+def echo_later(rig, name, ident, results):
+    """A client on `name`'s port of `ident` (connected now), whose echo may come later."""
+    sock = rig.connect(name, ident, timeout=15)
+    sock.sendall(HEADER.pack(b"e", 4) + b"ping")
+
+    def read():
+        try:
+            results[name] = recv_exactly(sock, 4)
+        except (OSError, EOFError) as exc:
+            results[name] = exc
+        finally:
+            sock.close()
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread
+
+
 def test_kill_9_of_a_holder_moves_its_device_and_its_claims_expire_with_the_lease(rig):
+    """The device moves to its next server; clients that came meanwhile are held
+    until it is there (not sent to the dead node again and again); the dead node's
+    claims expire with its lease, and the move did not wait for that."""
     r = rig(ttl=TTL)
     r.servers()
-    r.device("gw1", ["s1", "s2", "s3"])
+    r.device("gw1", ["s1", "s2", "s3"], reconnect_min=1.0)   # back after 0.5-1 s
     r.device("gw2", ["s2", "s3", "s1"])
     r.device("gw3", ["s1"])            # nowhere else to go: its claim stays until the lease ends
     r.wait_held("gw1", "s1")
@@ -140,7 +161,12 @@ def test_kill_9_of_a_holder_moves_its_device_and_its_claims_expire_with_the_leas
     r.nodes["s1"].kill()
     killed = time.monotonic()
     watcher.start()
+    held = {}
+    clients = [echo_later(r, name, "gw1", held) for name in ("s2", "s3")]
     reached = r.wait_reached("gw1", ["s2", "s3"], timeout=15)
+    for thread in clients:
+        thread.join(15)
+    assert held == {"s2": b"ping", "s3": b"ping"}, held
     watcher.join(4 * TTL + 5)
     assert gone, "s1's claims did not expire"
     gone = gone[0]

@@ -283,6 +283,24 @@ def test_wait_for_holder_is_woken_by_the_watch_and_by_a_local_claim(regs):
     assert node is None and waited >= 0.3
 
 
+def test_wait_for_holder_not_on_a_node_waits_for_a_claim_elsewhere(regs):
+    """A client whose forward to node a failed (a died, its claim not expired yet)
+    waits for the device's next holder, not for a's claim it already has."""
+    a, b, c = regs.start("a"), regs.start("b"), regs.start("c")
+    a.claim("gw8", "192.0.2.8:1")
+    wait_for(lambda: b.holder("gw8") is not None, 5, "b sees a's claim")
+    assert b.wait_for_holder("gw8", 0.2).name == "a"
+    started = time.monotonic()
+    assert b.wait_for_holder("gw8", 0.3, not_on="a") is None
+    assert time.monotonic() - started >= 0.3
+    results = []
+    waiter = threading.Thread(target=lambda: results.append(b.wait_for_holder("gw8", 30, "a")))
+    waiter.start()
+    c.claim("gw8", "192.0.2.8:2")         # the device's next server
+    waiter.join(10)
+    assert results and results[0] is not None and results[0].name == "c"
+
+
 def test_the_watch_resumes_from_its_revision_after_a_break_and_relists_when_compacted(
         regs, etcd, caplog):
     host, port = parse_endpoint(etcd.urls[0])

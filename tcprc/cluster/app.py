@@ -6,7 +6,7 @@
     token = cluster.claim(device_id, "ADDR:PORT")    # a session authenticated here
     cluster.release(token)                           # ... and ended
     node = cluster.holder(device_id)     # None: this server or nobody; RegistryUnavailable
-    node = cluster.wait_for_holder(device_id, cluster.client_wait)
+    node = cluster.wait_for_holder(device_id, cluster.client_wait)   # not_on=NODE: not on it
     cluster.forward(node, device_id, service, client_sock)   # the socket is its now
     cluster.stop()                       # revokes the lease: every claim goes at once
 
@@ -108,8 +108,9 @@ class Cluster:
     def holder(self, device_id: str) -> Optional[NodeInfo]:
         return self.registry.holder(device_id)
 
-    def wait_for_holder(self, device_id: str, timeout: float) -> Optional[NodeInfo]:
-        return self.registry.wait_for_holder(device_id, timeout)
+    def wait_for_holder(self, device_id: str, timeout: float,
+                        not_on: str = "") -> Optional[NodeInfo]:
+        return self.registry.wait_for_holder(device_id, timeout, not_on)
 
     @property
     def registry_up(self) -> bool:
