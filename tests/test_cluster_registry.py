@@ -4,6 +4,7 @@ lost, the watch resumed (or re-listed) after a break."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +17,8 @@ from support import ROOT
 from support.etcd import EtcdCluster
 from support.impair import Relay
 from support.waiting import wait_for
-from tcprc.cluster.etcd import Compacted, EtcdClient, parse_endpoint, put, unchanged_since
+from tcprc.cluster.etcd import (Compacted, EtcdClient, EtcdUnavailable, parse_endpoint, put,
+                                unchanged_since)
 from tcprc.cluster.records import Keys, NodeInfo, decode_claim, decode_node, encode_claim
 from tcprc.cluster.registry import Registry, RegistryUnavailable
 from tcprc.ops.config import build_config
@@ -364,6 +366,39 @@ def test_the_etcd_client_resumes_a_watch_and_reports_compaction(etcd):
                 stream.close()
     finally:
         client.close()
+
+
+def test_a_watch_cut_in_the_middle_of_an_answer_is_an_ended_stream():
+    """etcd (or the path) gone while a batch of events is on its way: the chunked
+    answer ends mid-chunk.  The stream says it ended (EtcdUnavailable, which the
+    watcher retries quietly), not http.client's IncompleteRead (a traceback)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def serve():   # an etcd that dies while it sends: a created line, half an event
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            created = b'{"result":{"header":{"revision":"7"},"created":true}}\n'
+            event = b'{"result":{"events":[{"kv":{"key":"L3gvYQ=="}}]}}\n'
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n"
+                         b"%x\r\n%s\r\n" % (len(created), created) +
+                         b"%x\r\n%s" % (len(event), event[:20]))
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    client = EtcdClient([listener.getsockname()], 2.0)
+    try:
+        stream = client.watch(b"/x/", b"/x0", 8)
+        assert stream.created_revision == 7
+        with pytest.raises(EtcdUnavailable, match="ended"):
+            stream.next()
+        stream.close()
+    finally:
+        client.close()
+        listener.close()
+        server.join(5)
 
 
 # -- etcd lost ------------------------------------------------------------------------------
