@@ -511,7 +511,8 @@ def test_idle_claims_cost_etcd_nothing_but_the_lease_keepalives(regs):
 
 def test_the_cluster_bench_runs_and_every_row_costs_the_same():
     bench = os.path.join(ROOT, "scripts", "cluster-bench")
-    proc = subprocess.run([sys.executable, bench, "-n", "0,20", "--ttl", "2", "--window", "2"],
+    proc = subprocess.run([sys.executable, bench, "--parts", "registry", "-n", "0,20", "--ttl", "2",
+                           "--window", "2"],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     rows = [line.split() for line in proc.stdout.splitlines() if line.strip()[:1].isdigit()]
@@ -519,3 +520,30 @@ def test_the_cluster_bench_runs_and_every_row_costs_the_same():
     assert all("LeaseKeepAlive" in " ".join(row) for row in rows), proc.stdout
     # etcd rpc/s against N=0: a few keep-alives either way, never one per device
     assert 0.5 <= float(rows[1][5]) <= 2.0, proc.stdout
+
+
+def test_the_cluster_bench_smoke_runs_every_part():
+    """--smoke: every part small (forwarded against direct, a failover of 5 devices,
+    a fleet of 20 with and without [cluster]); each table comes out with figures."""
+    bench = os.path.join(ROOT, "scripts", "cluster-bench")
+    proc = subprocess.run([sys.executable, bench, "--smoke"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in out.splitlines() if line.startswith("| ")}
+    for label in ("throughput, 1 stream (Gbit/s)", "throughput, 4 streams (Gbit/s)",
+                  "throughput, 1 stream from the device (Gbit/s)"):
+        direct, forwarded, ratio = rows[label]
+        assert float(direct) > 0 and float(forwarded) > 0 and ratio.endswith("x"), (label, out)
+    direct, forwarded, added = rows["latency p50, 64 B ping-pong (us)"]
+    assert float(direct) > 0 and float(forwarded) > 0 and added.endswith(" us"), out
+    p50, p90, most, missing = rows["all"]
+    assert missing == "0" and 0 < float(p50) <= float(most) < 60, out
+    for label in ("without [cluster]", "with [cluster], holding them",
+                  "with [cluster], holding none"):
+        assert float(rows[label][0]) > 5, (label, out)     # RSS in MB
+    assert rows["with [cluster], holding them"][3].endswith("(both servers)"), out
+    registry = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in registry] == ["0", "5"], out
+
