@@ -4,6 +4,7 @@ lost, the watch resumed (or re-listed) after a break."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +17,8 @@ from support import ROOT
 from support.etcd import EtcdCluster
 from support.impair import Relay
 from support.waiting import wait_for
-from tcprc.cluster.etcd import Compacted, EtcdClient, parse_endpoint, put, unchanged_since
+from tcprc.cluster.etcd import (Compacted, EtcdClient, EtcdUnavailable, parse_endpoint, put,
+                                unchanged_since)
 from tcprc.cluster.records import Keys, NodeInfo, decode_claim, decode_node, encode_claim
 from tcprc.cluster.registry import Registry, RegistryUnavailable
 from tcprc.ops.config import build_config
@@ -283,6 +285,24 @@ def test_wait_for_holder_is_woken_by_the_watch_and_by_a_local_claim(regs):
     assert node is None and waited >= 0.3
 
 
+def test_wait_for_holder_not_on_a_node_waits_for_a_claim_elsewhere(regs):
+    """A client whose forward to node a failed (a died, its claim not expired yet)
+    waits for the device's next holder, not for a's claim it already has."""
+    a, b, c = regs.start("a"), regs.start("b"), regs.start("c")
+    a.claim("gw8", "192.0.2.8:1")
+    wait_for(lambda: b.holder("gw8") is not None, 5, "b sees a's claim")
+    assert b.wait_for_holder("gw8", 0.2).name == "a"
+    started = time.monotonic()
+    assert b.wait_for_holder("gw8", 0.3, not_on="a") is None
+    assert time.monotonic() - started >= 0.3
+    results = []
+    waiter = threading.Thread(target=lambda: results.append(b.wait_for_holder("gw8", 30, "a")))
+    waiter.start()
+    c.claim("gw8", "192.0.2.8:2")         # the device's next server
+    waiter.join(10)
+    assert results and results[0] is not None and results[0].name == "c"
+
+
 def test_the_watch_resumes_from_its_revision_after_a_break_and_relists_when_compacted(
         regs, etcd, caplog):
     host, port = parse_endpoint(etcd.urls[0])
@@ -346,6 +366,39 @@ def test_the_etcd_client_resumes_a_watch_and_reports_compaction(etcd):
                 stream.close()
     finally:
         client.close()
+
+
+def test_a_watch_cut_in_the_middle_of_an_answer_is_an_ended_stream():
+    """etcd (or the path) gone while a batch of events is on its way: the chunked
+    answer ends mid-chunk.  The stream says it ended (EtcdUnavailable, which the
+    watcher retries quietly), not http.client's IncompleteRead (a traceback)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def serve():   # an etcd that dies while it sends: a created line, half an event
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            created = b'{"result":{"header":{"revision":"7"},"created":true}}\n'
+            event = b'{"result":{"events":[{"kv":{"key":"L3gvYQ=="}}]}}\n'
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n"
+                         b"%x\r\n%s\r\n" % (len(created), created) +
+                         b"%x\r\n%s" % (len(event), event[:20]))
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    client = EtcdClient([listener.getsockname()], 2.0)
+    try:
+        stream = client.watch(b"/x/", b"/x0", 8)
+        assert stream.created_revision == 7
+        with pytest.raises(EtcdUnavailable, match="ended"):
+            stream.next()
+        stream.close()
+    finally:
+        client.close()
+        listener.close()
+        server.join(5)
 
 
 # -- etcd lost ------------------------------------------------------------------------------
@@ -458,7 +511,8 @@ def test_idle_claims_cost_etcd_nothing_but_the_lease_keepalives(regs):
 
 def test_the_cluster_bench_runs_and_every_row_costs_the_same():
     bench = os.path.join(ROOT, "scripts", "cluster-bench")
-    proc = subprocess.run([sys.executable, bench, "-n", "0,20", "--ttl", "2", "--window", "2"],
+    proc = subprocess.run([sys.executable, bench, "--parts", "registry", "-n", "0,20", "--ttl", "2",
+                           "--window", "2"],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     rows = [line.split() for line in proc.stdout.splitlines() if line.strip()[:1].isdigit()]
@@ -466,3 +520,30 @@ def test_the_cluster_bench_runs_and_every_row_costs_the_same():
     assert all("LeaseKeepAlive" in " ".join(row) for row in rows), proc.stdout
     # etcd rpc/s against N=0: a few keep-alives either way, never one per device
     assert 0.5 <= float(rows[1][5]) <= 2.0, proc.stdout
+
+
+def test_the_cluster_bench_smoke_runs_every_part():
+    """--smoke: every part small (forwarded against direct, a failover of 5 devices,
+    a fleet of 20 with and without [cluster]); each table comes out with figures."""
+    bench = os.path.join(ROOT, "scripts", "cluster-bench")
+    proc = subprocess.run([sys.executable, bench, "--smoke"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in out.splitlines() if line.startswith("| ")}
+    for label in ("throughput, 1 stream (Gbit/s)", "throughput, 4 streams (Gbit/s)",
+                  "throughput, 1 stream from the device (Gbit/s)"):
+        direct, forwarded, ratio = rows[label]
+        assert float(direct) > 0 and float(forwarded) > 0 and ratio.endswith("x"), (label, out)
+    direct, forwarded, added = rows["latency p50, 64 B ping-pong (us)"]
+    assert float(direct) > 0 and float(forwarded) > 0 and added.endswith(" us"), out
+    p50, p90, most, missing = rows["all"]
+    assert missing == "0" and 0 < float(p50) <= float(most) < 60, out
+    for label in ("without [cluster]", "with [cluster], holding them",
+                  "with [cluster], holding none"):
+        assert float(rows[label][0]) > 5, (label, out)     # RSS in MB
+    assert rows["with [cluster], holding them"][3].endswith("(both servers)"), out
+    registry = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in registry] == ["0", "5"], out
+

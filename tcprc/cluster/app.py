@@ -6,7 +6,7 @@
     token = cluster.claim(device_id, "ADDR:PORT")    # a session authenticated here
     cluster.release(token)                           # ... and ended
     node = cluster.holder(device_id)     # None: this server or nobody; RegistryUnavailable
-    node = cluster.wait_for_holder(device_id, cluster.client_wait)
+    node = cluster.wait_for_holder(device_id, cluster.client_wait)   # not_on=NODE: not on it
     cluster.forward(node, device_id, service, client_sock)   # the socket is its now
     cluster.stop()                       # revokes the lease: every claim goes at once
 
@@ -64,7 +64,6 @@ class Cluster:
         self.listener = PeerListener(settings.peer_listen, self._secret, settings.name,
                                      settings.node, deliver, server)
         self._lock = threading.Lock()
-        self._seen = {}        # type: Dict[str, NodeInfo]   every node seen, for nodes()
         self._splices = []     # type: List[Splice]
         self._forwards = 0     # forward() calls not finished (dialing or carrying)
         self._stopped = False
@@ -109,8 +108,9 @@ class Cluster:
     def holder(self, device_id: str) -> Optional[NodeInfo]:
         return self.registry.holder(device_id)
 
-    def wait_for_holder(self, device_id: str, timeout: float) -> Optional[NodeInfo]:
-        return self.registry.wait_for_holder(device_id, timeout)
+    def wait_for_holder(self, device_id: str, timeout: float,
+                        not_on: str = "") -> Optional[NodeInfo]:
+        return self.registry.wait_for_holder(device_id, timeout, not_on)
 
     @property
     def registry_up(self) -> bool:
@@ -134,10 +134,8 @@ class Cluster:
         held: Dict[str, int] = {}
         for node in self.holders().values():
             held[node] = held.get(node, 0) + 1
-        with self._lock:
-            self._seen.update(now)
-            self._seen[me.name] = me
-            seen = dict(self._seen)
+        seen = self.registry.cache.seen_nodes()   # the watch remembers the gone ones
+        seen[me.name] = me
         return [NodeView(name, info.peer, name in now or name == me.name, held.get(name, 0),
                          info.devices, info.devices != me.devices)
                 for name, info in sorted(seen.items())]

@@ -13,6 +13,8 @@ from .records import ClaimRecord, Keys, NodeInfo, decode_claim, decode_node
 
 Record = Union[ClaimRecord, NodeInfo, None]
 
+MAX_SEEN = 256   # nodes remembered after their key went (ctl cluster: "lease expired")
+
 
 class Change(NamedTuple):
     kind: str            # "device" or "node"
@@ -34,6 +36,9 @@ class ClusterCache:
         self._cond = threading.Condition()
         self._devices = {}       # type: Dict[str, ClaimRecord]
         self._nodes = {}         # type: Dict[str, NodeInfo]
+        # Every node seen since this server started, as last seen: one whose key
+        # went (its lease expired) is still shown, as down.
+        self._seen = {}          # type: Dict[str, NodeInfo]
         self.revision = 0        # the last revision applied
         self._bad = LimitedLog(log, 10.0)
 
@@ -50,6 +55,7 @@ class ClusterCache:
             changes = self._diff("device", self._devices, devices, revision) + \
                 self._diff("node", self._nodes, nodes, revision)
             self._devices, self._nodes = devices, nodes
+            self._remember(nodes.values())
             self.revision = revision
             self._cond.notify_all()
         return changes
@@ -79,11 +85,25 @@ class ClusterCache:
                 old = table.pop(name, None)
                 if new is not None:
                     table[name] = new
+                    if kind == "node":
+                        self._remember([new])
                 changes.append(Change(kind, name, old, new, event.kv.mod_revision))
                 self.revision = max(self.revision, event.kv.mod_revision)
             if changes:
                 self._cond.notify_all()
         return changes
+
+    def _remember(self, nodes: Iterable[Record]) -> None:
+        """Under the lock: `nodes` seen now.  Bounded: over MAX_SEEN, the oldest
+        ones whose key is gone are forgotten."""
+        for node in nodes:
+            if isinstance(node, NodeInfo):
+                self._seen.pop(node.name, None)
+                self._seen[node.name] = node      # the newest last
+        for name in [n for n in self._seen if n not in self._nodes]:
+            if len(self._seen) <= MAX_SEEN:
+                break
+            del self._seen[name]
 
     def _decode(self, kv: KeyValue) -> Record:
         parsed = self._keys.parse(kv.key)
@@ -113,6 +133,11 @@ class ClusterCache:
     def nodes(self) -> Dict[str, NodeInfo]:
         with self._cond:
             return dict(self._nodes)
+
+    def seen_nodes(self) -> Dict[str, NodeInfo]:
+        """Every node seen since the start (at most MAX_SEEN gone ones), up or not."""
+        with self._cond:
+            return dict(self._seen)
 
     def wait(self, predicate: Callable[[], object], timeout: float) -> object:
         """predicate()'s first truthy value, re-checked on every change, or its

@@ -313,7 +313,11 @@ class WatchStream:
     def _line(self) -> Dict[str, Any]:
         if self._response is None:
             raise EtcdUnavailable("the watch is not open")
-        line = self._response.readline(MAX_RESPONSE + 1)
+        try:
+            line = self._response.readline(MAX_RESPONSE + 1)
+        except http.client.HTTPException as exc:   # cut mid-chunk: IncompleteRead
+            raise EtcdUnavailable("the watch connection to %s ended in an answer (%s)"
+                                  % (format_hostport(*self.endpoint), type(exc).__name__)) from None
         if not line:
             raise EtcdUnavailable("the watch connection to %s ended" % format_hostport(*self.endpoint))
         if len(line) > MAX_RESPONSE:

@@ -119,15 +119,23 @@ def devices_digest(secret: bytes, devices: Iterable[Any]) -> str:
     `devices`: DeviceEntry-like (id, secret, host, previous, services).  The
     secrets count (two servers with different secrets for one device are
     misconfigured), under an HMAC keyed with the cluster secret: a reader of
-    etcd learns nothing about them.
+    etcd learns nothing about them.  Of the hosts only the ports count: each
+    server listens on its own addresses (10.0.0.1:2301 on one, 10.0.0.2:2301
+    on the next) and that is no difference in the definitions.
     """
     mac = hmac.new(secret, b"tcprc cluster devices\0", "sha256")
     for entry in sorted(devices, key=lambda e: e.id):
         mac.update(_encode({
-            "id": entry.id, "host": entry.host,
-            "services": dict(sorted(entry.services.items())),
+            "id": entry.id, "host": _port(entry.host),
+            "services": {name: _port(host) for name, host in sorted(entry.services.items())},
             "secret": hmac.new(secret, entry.secret.reveal(), "sha256").hexdigest(),
             "previous": hmac.new(secret, entry.previous.reveal(), "sha256").hexdigest()
             if entry.previous is not None else ""}))
         mac.update(b"\n")
     return mac.hexdigest()[:32]
+
+
+def _port(host: str) -> str:
+    """The port of "ADDR:PORT" (or "[V6]:PORT")."""
+    return host.rpartition(":")[2]
+

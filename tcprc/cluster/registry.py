@@ -281,10 +281,13 @@ class Registry:
             return None    # ours from an earlier life of this node: nobody holds it now
         return self.cache.node(record.node)
 
-    def wait_for_holder(self, device_id: str, timeout: float) -> Optional[NodeInfo]:
+    def wait_for_holder(self, device_id: str, timeout: float,
+                        not_on: str = "") -> Optional[NodeInfo]:
         """Wait up to `timeout` seconds until somebody holds `device_id`: this server
         (its own NodeInfo, local=True) or another; None if nobody by then.  Woken by
-        the watch and by claim(), never by polling."""
+        the watch and by claim(), never by polling.  `not_on`: a node that just
+        failed the caller (dead, or the device left it): its claim, still in the
+        registry until it is replaced or expires, does not count."""
         def found() -> Optional[NodeInfo]:
             now = time.monotonic()
             with self._lock:
@@ -293,7 +296,8 @@ class Registry:
                     return self._me
                 if not self._cache_usable(now):
                     return None
-            return self._remote(device_id)
+            node = self._remote(device_id)
+            return None if node is not None and node.name == not_on else node
         result = self.cache.wait(found, timeout)
         return result if isinstance(result, NodeInfo) else None
 

@@ -242,16 +242,19 @@ class ServerApp:
 
         def failed(sock: Any, reason: str, refused: bool) -> bool:
             # The device moved meanwhile (refused), or its server died before its
-            # claim expired: once, the client waits for where the device goes next.
+            # claim expired: once, the client waits for where the device goes next,
+            # not for that node's claim, which may stay until its lease ends.
             if waited:
                 return False
-            self._wait_for(device_id, service, sock, who)
+            self._wait_for(device_id, service, sock, who, not_on=node.name)
             return True
         self.cluster.forward(node, device_id, service, client, failed)
 
-    def _wait_for(self, device_id: str, service: str, client: socket.socket, who: str) -> None:
+    def _wait_for(self, device_id: str, service: str, client: socket.socket, who: str,
+                  not_on: str = "") -> None:
         """Hold a client up to client_wait while its device moves between servers (or
-        comes back), in a thread of its own; bounded in number."""
+        comes back), in a thread of its own; bounded in number.  `not_on`: the node
+        that just failed this client does not count as the device's holder."""
         with self._lock:
             busy = self._waiting >= MAX_WAITING
             if not busy:
@@ -263,7 +266,7 @@ class ServerApp:
 
         def wait() -> None:
             try:
-                self.cluster.wait_for_holder(device_id, self.cluster.client_wait)
+                self.cluster.wait_for_holder(device_id, self.cluster.client_wait, not_on)
                 self._route(device_id, service, client, who, waited=True)
             except Exception as exc:   # the waiter's fault barrier: this client only
                 log.error("internal error while a client of device %s waited: %s: %s",
