@@ -186,3 +186,21 @@ def test_tcprc_runs_from_a_venv_of_its_own_as_the_readme_installs_it(tmp_path):
     assert pth == ["tcprc-checkout.pth"]
     with open(os.path.join(site_dir[0], pth[0])) as f:
         assert f.read() == REPO + "\n"   # a path line only: it runs no code
+
+
+@pytest.mark.parametrize("install", ["venv", "pythonpath"])
+def test_another_checkout_is_compiled_and_run_not_this_one(tmp_path, install):
+    """--baseline DIR: the other checkout's modules are the ones byte-compiled and
+    imported, although the bench runs from this one."""
+    from benchkit.variants import Tcprc
+    other = tmp_path / "other"
+    shutil.copytree(os.path.join(REPO, "tcprc"), str(other / "tcprc"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    variant = Tcprc(sys.executable, repo=str(other), install=install)
+    try:
+        assert variant.missing() is None
+        pycache = other / "tcprc" / "__pycache__"
+        compiled = os.listdir(str(pycache)) if pycache.exists() else []
+        assert "cli.%s.pyc" % sys.implementation.cache_tag in compiled, compiled
+    finally:
+        variant.close()

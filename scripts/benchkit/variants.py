@@ -242,19 +242,21 @@ class Tcprc:
         # run with PYTHONDONTWRITEBYTECODE set would otherwise compile every
         # module at each start, which costs time and about 1 MB of the RSS
         # measured.  (__pycache__ is ignored by git.)
-        found = subprocess.run([self.interpreter(), "-c", "import os, tcprc\n"
+        # Run where no tcprc is (`-c` puts the working directory first on sys.path).
+        self.dir = self.dir or tempfile.mkdtemp(prefix="tcprc-bench-")
+        found = subprocess.run([self.interpreter(), "-c", "import os, tcprc.cli, tcprc.device, tcprc.server\n"
                                 "try:\n import tomli as t\nexcept ImportError:\n import tomllib as t\n"
                                 "print(os.path.dirname(tcprc.__file__)); print(os.path.dirname(t.__file__))"],
-                               env=self.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=30)
+                               env=self.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=30,
+                               cwd=self.dir)
         dirs = found.stdout.decode().split()
-        if found.returncode != 0 or not compile_modules(self.interpreter(), dirs[:1] + [
-                d for d in dirs[1:] if "site-packages" in d], self.env):
-            note("could not byte-compile %s: tcprc compiles its modules at each start" % self.repo)
-        probe = subprocess.run([self.interpreter(), "-c", "import tcprc.cli, tcprc.device, tcprc.server"],
-                               env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               timeout=30)
-        if probe.returncode != 0:
+        if found.returncode != 0:
             return "the tcprc package does not import from %s with %s" % (self.repo, self.python)
+        if os.path.realpath(dirs[0]) != os.path.realpath(os.path.join(self.repo, "tcprc")):
+            return "tcprc imports from %s, not from %s" % (dirs[0], self.repo)
+        if not compile_modules(self.interpreter(), dirs[:1] + [d for d in dirs[1:] if "site-packages" in d],
+                               self.env):
+            note("could not byte-compile %s: tcprc compiles its modules at each start" % self.repo)
         return self._make_pki() if self.tls else None
 
     def _make_pki(self) -> Optional[str]:
