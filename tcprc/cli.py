@@ -4,12 +4,15 @@ device, server: run_agent wires argv -> config -> app -> channels -> service.
 ctl: one command to a running agent (ops/ctl.py). demo: a tunnel on 127.0.0.1.
 """
 
-import argparse
 import os
 import logging
 import sys
 import threading
-from typing import Any, List, Optional
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
+
+if TYPE_CHECKING:   # imported where a parser is built: an agent started normally never needs it
+    import argparse
 
 from . import __version__
 from .errors import ConfigError
@@ -26,8 +29,73 @@ _ROLE_FLAGS = {
     "server": (("--listen", "listen"), ("--host", "host")),
 }
 
+PROTOCOLS = ("auto", "legacy", "v2")
 
-def build_parser() -> argparse.ArgumentParser:
+# The flags of `tcprc device|server` as build_parser() defines them, for
+# parse_agent_args: (option strings, dest, kind); kind is "value", "append"
+# (repeatable), "flag" (no value) or the tuple of allowed values.
+# tests/test_cli_parse.py checks this table against the argparse parser.
+_Flag = Tuple[Tuple[str, ...], str, Union[str, Tuple[str, ...]]]
+_SERVICE_FLAGS: Tuple[_Flag, ...] = ((("--daemon",), "daemon", "flag"), (("--pidfile",), "pidfile", "value"))
+_AGENT_FLAGS: Dict[str, Tuple[_Flag, ...]] = {
+    "device": ((("-c", "--config"), "config", "value"), (("--server",), "server", "append"),
+               (("--local",), "local", "value"), (("--id",), "id", "value"),
+               (("--secret-file",), "secret_file", "value"), (("--protocol",), "protocol", PROTOCOLS),
+               (("--console",), "console", "value")) + _SERVICE_FLAGS,
+    "server": ((("-c", "--config"), "config", "value"), (("--listen",), "listen", "value"),
+               (("--host",), "host", "value")) + _SERVICE_FLAGS,
+}
+
+
+def parse_agent_args(argv: List[str]) -> Optional[SimpleNamespace]:
+    """`device ...` or `server ...` read without argparse, or None: argparse reads it.
+
+    argparse and the parser it builds cost an idle agent about 1 MB of its RSS
+    (docs/benchmarks.md), and an init script starts the agent with a few
+    well-formed flags.  Only what argparse reads exactly the same way is taken
+    here: the subcommand's own flags in full, `--flag VALUE`, `--flag=VALUE`
+    or `-c VALUE`, a value neither empty nor starting with "-".  Anything else
+    (--help, an error, an abbreviation, -cFILE, a value like "-1") is left to
+    argparse, so every message stays its own.  The namespace holds what
+    argparse's would, but `func`."""
+    if not argv or argv[0] not in _AGENT_FLAGS:
+        return None
+    role = argv[0]
+    values: Dict[str, Any] = {"command": role, "subcommand": role}
+    known = {}
+    for flags, dest, kind in _AGENT_FLAGS[role]:
+        values[dest] = False if kind == "flag" else None
+        for flag in flags:
+            known[flag] = (dest, kind)
+    i = 1
+    while i < len(argv):
+        word = argv[i]
+        i += 1
+        flag, equals, value = word.partition("=") if word.startswith("--") else (word, "", "")
+        if flag not in known:
+            return None
+        dest, kind = known[flag]
+        if kind == "flag":
+            if equals:
+                return None
+            values[dest] = True
+            continue
+        if not equals:
+            if i == len(argv):
+                return None
+            value = argv[i]
+            i += 1
+        if not value or value.startswith("-") or (isinstance(kind, tuple) and value not in kind):
+            return None
+        if kind == "append":
+            values[dest] = (values[dest] or []) + [value]
+        else:
+            values[dest] = value
+    return SimpleNamespace(**values)
+
+
+def build_parser() -> "argparse.ArgumentParser":
+    import argparse
     parser = argparse.ArgumentParser(
         prog="tcprc", description="TCP remote connection: reach a service on a device behind NAT.")
     parser.add_argument("--version", action="version", version="tcprc " + __version__)
@@ -43,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     device.add_argument("--id", metavar="ID", help="this device's identity on the server (v2)")
     device.add_argument("--secret-file", metavar="FILE",
                         help="file holding the secret of --id (replaces [device] secret)")
-    device.add_argument("--protocol", choices=("auto", "legacy", "v2"),
+    device.add_argument("--protocol", choices=PROTOCOLS,
                         help="uplink protocol: auto (v2 when the server offers it), legacy, v2")
     device.add_argument("--console", metavar="PORT",
                         help="serial console on PORT (/dev/ttyS0, a pty or a pyserial URL)")
@@ -73,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def refuse_extra_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace,
+def refuse_extra_arguments(parser: "argparse.ArgumentParser", args: "argparse.Namespace",
                            extras: List[str]) -> None:
     """Arguments no parser took: the subcommand's usage and error (exit 2), with a
     "did you mean" for a mistyped flag, rather than the top-level usage that a
@@ -91,7 +159,7 @@ def refuse_extra_arguments(parser: argparse.ArgumentParser, args: argparse.Names
     sub.error(message)
 
 
-def load_role_config(role: str, args: argparse.Namespace) -> Config:
+def load_role_config(role: str, args: Any) -> Config:
     """The config file (or defaults) with this role's command-line flags on top."""
     cfg = load_config(args.config, role)
     overrides = []
@@ -108,7 +176,7 @@ def load_role_config(role: str, args: argparse.Namespace) -> Config:
     return with_overrides(cfg, overrides) if overrides else cfg
 
 
-def add_service_arguments(parser: argparse.ArgumentParser) -> None:
+def add_service_arguments(parser: "argparse.ArgumentParser") -> None:
     parser.add_argument("--daemon", action="store_true",
                         help="detach; log to syslog unless [log] target says otherwise")
     parser.add_argument("--pidfile", metavar="FILE",
@@ -148,7 +216,8 @@ def remove_stale_save_temps(config_path: str) -> None:
         log.warning("cannot remove stale temporary file %s (%d in all)", failed[0], len(failed))
 
 
-def run_agent(role: str, args: argparse.Namespace) -> int:
+def run_agent(role: str, args: Any) -> int:
+    """`args`: argparse's namespace, or parse_agent_args' with the same values."""
     try:
         cfg = load_role_config(role, args)
     except ConfigError as exc:
@@ -193,12 +262,15 @@ def run_agent(role: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_demo(args: argparse.Namespace) -> int:
+def _run_demo(args: "argparse.Namespace") -> int:
     from .demo import run_demo
     return run_demo(args.megabytes)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    agent = parse_agent_args(sys.argv[1:] if argv is None else argv)
+    if agent is not None:
+        return run_agent(agent.command, agent)
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     if extras:

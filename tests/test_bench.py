@@ -141,6 +141,7 @@ def test_the_rss_breakdown_adds_up_and_names_where_openssl_is():
     count of its Python objects is there."""
     code, out, err = run_bench(["--breakdown", "--json"], timeout=120)
     assert code == 0, err
+    assert json.loads(out)["deployment"].startswith("tcprc from a venv of its own")
     report = json.loads(out)["breakdown"]
     assert set(report) == {"plain", "id", "tls-id"}
     for key, device in report.items():
@@ -156,3 +157,50 @@ def test_the_rss_breakdown_adds_up_and_names_where_openssl_is():
     assert "shared library: libcrypto" not in report["plain"]["parts"]
     assert "shared library: libcrypto" not in report["id"]["parts"]
     assert report["tls-id"]["parts"]["shared library: libcrypto"]["rss_kb"] > 500
+
+
+def test_tcprc_runs_from_a_venv_of_its_own_as_the_readme_installs_it(tmp_path):
+    """The bench's default install: a venv (no pip, no network) that imports tcprc from
+    this checkout through a .pth holding only its path, and none of the base
+    interpreter's site-packages (where a build machine's .pth files run code at
+    every start, which a gateway has not); tomli linked in below 3.11."""
+    from benchkit.install import make_venv
+    command = make_venv(sys.executable, REPO, str(tmp_path / "venv"))
+    assert command == str(tmp_path / "venv" / "bin" / "tcprc")
+    version = subprocess.run([command, "--version"], stdout=subprocess.PIPE, universal_newlines=True,
+                             timeout=30)
+    assert version.returncode == 0 and version.stdout.startswith("tcprc "), version
+    probe = subprocess.run([str(tmp_path / "venv" / "bin" / "python"), "-c",
+                            "import json, sys, tcprc\n"
+                            "if sys.version_info >= (3, 11):\n import tomllib\nelse:\n import tomli\n"
+                            "print(json.dumps([tcprc.__file__, sys.path, sorted(sys.modules)]))"],
+                           stdout=subprocess.PIPE, universal_newlines=True, timeout=30, cwd=str(tmp_path))
+    assert probe.returncode == 0
+    tcprc_file, path, modules = json.loads(probe.stdout)
+    assert tcprc_file == os.path.join(REPO, "tcprc", "__init__.py")
+    import sysconfig
+    assert sysconfig.get_paths()["purelib"] not in path, path   # the base interpreter's site-packages
+    site_dir = [p for p in path if p.startswith(str(tmp_path))]
+    assert len(site_dir) == 1, path
+    pth = [name for name in os.listdir(site_dir[0]) if name.endswith(".pth")]
+    assert pth == ["tcprc-checkout.pth"]
+    with open(os.path.join(site_dir[0], pth[0])) as f:
+        assert f.read() == REPO + "\n"   # a path line only: it runs no code
+
+
+@pytest.mark.parametrize("install", ["venv", "pythonpath"])
+def test_another_checkout_is_compiled_and_run_not_this_one(tmp_path, install):
+    """--baseline DIR: the other checkout's modules are the ones byte-compiled and
+    imported, although the bench runs from this one."""
+    from benchkit.variants import Tcprc
+    other = tmp_path / "other"
+    shutil.copytree(os.path.join(REPO, "tcprc"), str(other / "tcprc"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    variant = Tcprc(sys.executable, repo=str(other), install=install)
+    try:
+        assert variant.missing() is None
+        pycache = other / "tcprc" / "__pycache__"
+        compiled = os.listdir(str(pycache)) if pycache.exists() else []
+        assert "cli.%s.pyc" % sys.implementation.cache_tag in compiled, compiled
+    finally:
+        variant.close()

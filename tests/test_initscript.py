@@ -96,6 +96,17 @@ def test_agent_runs_with_the_small_gateway_malloc_settings(gateway):
         environ = handle.read().split(b"\0")
     assert b"MALLOC_ARENA_MAX=1" in environ
     assert b"GLIBC_TUNABLES=glibc.pthread.stack_cache_size=0" in environ
+    assert not [v for v in environ if v.startswith(b"PYTHONOPTIMIZE=")]   # only on request
+    assert gateway.init("stop").returncode == 0
+
+
+def test_pythonoptimize_in_the_defaults_file_reaches_the_agent(gateway):
+    """README "Smaller still": one line in /etc/default/tcprc, which the script sources."""
+    gateway.env = {k: v for k, v in gateway.env.items() if k != "PYTHONOPTIMIZE"}
+    gateway.defaults.write_text(gateway.defaults.read_text() + "PYTHONOPTIMIZE=2\n")
+    assert gateway.init("start").returncode == 0
+    with open("/proc/%d/environ" % gateway.pid(), "rb") as handle:
+        assert b"PYTHONOPTIMIZE=2" in handle.read().split(b"\0")
     assert gateway.init("stop").returncode == 0
 
 

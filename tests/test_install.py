@@ -186,6 +186,15 @@ def test_start_asks_procd_for_a_supervised_foreground_agent(tmp_path, shell, nam
 
 
 @pytest.mark.parametrize("shell", ["dash", "busybox-ash"])
+def test_pythonoptimize_from_the_defaults_file_joins_the_agents_environment(tmp_path, shell):
+    owrt = OpenWrt(tmp_path)
+    owrt.defaults.write_text("PYTHONOPTIMIZE=2\n")
+    env = [call for call in owrt.run("start", shell) if call[:2] == ["set_param", "env"]]
+    assert env == [["set_param", "env", "MALLOC_ARENA_MAX=1", "GLIBC_TUNABLES=glibc.pthread.stack_cache_size=0",
+                    "PYTHONOPTIMIZE=2"]]
+
+
+@pytest.mark.parametrize("shell", ["dash", "busybox-ash"])
 def test_enable_links_it_into_rc_d_and_boot_through_the_link_names_the_service(tmp_path, shell):
     owrt = OpenWrt(tmp_path)
     owrt.run("enable", shell)

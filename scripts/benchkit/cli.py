@@ -10,6 +10,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from .base import REPO, BenchError, Procs, note
+from .install import INSTALLS, describe
 from .footprint import render_breakdown, run_breakdown
 from .measure import conn_rate, echo_ready, idle_rss, latency, memory, paused, throughput, tls_handshake
 from .procfs import sample
@@ -113,6 +114,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         "measured side by side as 'baseline'")
     p.add_argument("--python", metavar="PATH", default=sys.executable,
                    help="interpreter that runs tcprc (default: this one)")
+    p.add_argument("--install", choices=INSTALLS, default="venv",
+                   help="venv (default): tcprc as README's install runs it, in a venv of its own; "
+                        "pythonpath: as earlier runs did, the checkout on PYTHONPATH of --python "
+                        "with that interpreter's site-packages")
     p.add_argument("--breakdown", action="store_true",
                    help="only where an idle device's RSS goes (smaps), plain, with an id, "
                         "with TLS and an id (of the --baseline checkout, if given)")
@@ -130,11 +135,15 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     return opts
 
 
+def deployment(opts: argparse.Namespace) -> str:
+    return describe(opts.install, Tcprc(opts.python, install=opts.install).env)
+
+
 def main_breakdown(opts: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     procs = Procs()
     try:
-        report = {"machine": machine(opts.python),
+        report = {"machine": machine(opts.python), "deployment": deployment(opts),
                   "breakdown": run_breakdown(opts, procs, Services(procs, False))}
     finally:
         procs.close()
@@ -142,8 +151,9 @@ def main_breakdown(opts: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
         m = report["machine"]
-        print("tcprc idle device RSS by part, %s, %s (%s), Linux %s, Python %s, tcprc from %s\n" % (
-            m["date"], m["machine"], m["cpu"], m["kernel"], m["python"], opts.baseline or REPO))
+        print("tcprc idle device RSS by part, %s, %s (%s), Linux %s, Python %s, tcprc from %s\n%s\n" % (
+            m["date"], m["machine"], m["cpu"], m["kernel"], m["python"], opts.baseline or REPO,
+            report["deployment"]))
         print(render_breakdown(report["breakdown"]))
     return 0 if len(report["breakdown"]) == 3 else 1
 
@@ -167,15 +177,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         note("iperf3 is not installed: using the built-in generator")
     # SIGTERM ends us through the finally blocks, so no child outlives the bench.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    makers = {"direct": Direct, "socat": Socat, "ssh": SshR, "tcprc": lambda: Tcprc(opts.python),
-              "tcprc-legacy": lambda: Tcprc(opts.python, device_args=["--protocol", "legacy"]),
-              "tcprc-tls": lambda: Tcprc(opts.python, tls=True),
-              "tcprc-splice": lambda: Tcprc(opts.python, {"TCPRC_SPLICE": "1"}),
-              "baseline": lambda: Tcprc(opts.python, repo=os.path.abspath(opts.baseline or REPO))}
+    how = {"install": opts.install}
+    makers = {"direct": Direct, "socat": Socat, "ssh": SshR, "tcprc": lambda: Tcprc(opts.python, **how),
+              "tcprc-legacy": lambda: Tcprc(opts.python, device_args=["--protocol", "legacy"], **how),
+              "tcprc-tls": lambda: Tcprc(opts.python, tls=True, **how),
+              "tcprc-splice": lambda: Tcprc(opts.python, {"TCPRC_SPLICE": "1"}, **how),
+              "baseline": lambda: Tcprc(opts.python, repo=os.path.abspath(opts.baseline or REPO), **how)}
     if opts.baseline and "baseline" not in names:
         names.append("baseline")
     report: Dict[str, Any] = {
-        "machine": machine(opts.python), "bulk_tool": "iperf3" if use_iperf3 else "built-in generator",
+        "machine": machine(opts.python), "deployment": deployment(opts), "bulk_tool": "iperf3" if use_iperf3 else "built-in generator",
         "settings": {k: getattr(opts, k) for k in ("seconds", "reps", "rounds", "conn_seconds", "streams")},
         "ran": [], "skipped": {}, "errors": {}, "results": {},
     }

@@ -37,7 +37,7 @@ def run_breakdown(opts: Any, procs: Procs, services: Services) -> Dict[str, Any]
     out: Dict[str, Any] = {}
     repo = os.path.abspath(opts.baseline) if opts.baseline else REPO   # --baseline: that checkout's
     for key, label, kwargs, identity in SETUPS:
-        variant = Tcprc(opts.python, repo=repo, **kwargs)
+        variant = Tcprc(opts.python, repo=repo, install=opts.install, **kwargs)
         try:
             why = variant.missing()
             if why:

@@ -119,7 +119,8 @@ def render(report: Dict[str, Any]) -> str:
         m["date"], m["machine"], m["cpu"], m["cores"] or 0, m["kernel"], m["python"]),
         "bulk traffic: %s, %g s per test in %d turns; %d ping-pong rounds; %g s of connections; "
         "%d streams; the variants take turns" % (report["bulk_tool"], s["seconds"], s["reps"],
-                                                s["rounds"], s["conn_seconds"], s["streams"]), ""]
+                                                s["rounds"], s["conn_seconds"], s["streams"]),
+        report.get("deployment", ""), ""]
     lines.append(table(report))
     for name, why in report["skipped"].items():
         lines.append("skipped %s: %s" % (LABELS[name], why))

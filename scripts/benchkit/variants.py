@@ -9,6 +9,7 @@ import tempfile
 from typing import Callable, Dict, List, Optional
 
 from .base import LOCAL, REPO, BenchError, Procs, free_port, listening, note, read_line, wait_for
+from .install import InstallError, compile_modules, make_venv
 from .procfs import sample
 
 # "tcprc" is what two tcprc ends negotiate by default (protocol v2);
@@ -156,38 +157,56 @@ class SshR:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-# `python -m tcprc` as runpy runs it, plus a SIGUSR1 handler that writes pymalloc's
-# statistics to stderr: how `--breakdown` learns the size of the Python heap.
-MALLOCSTATS_MAIN = ("import runpy, signal, sys\n"
-                    "signal.signal(signal.SIGUSR1, lambda *_: sys._debugmallocstats())\n"
-                    "sys.argv[0] = 'tcprc'\n"
-                    "runpy.run_module('tcprc', run_name='__main__', alter_sys=True)\n")
+# How each install starts tcprc (the venv's `tcprc` command, or `python -m tcprc`),
+# plus a SIGUSR1 handler that writes pymalloc's statistics to stderr: how
+# `--breakdown` learns the size of the Python heap.
+MALLOCSTATS_MAIN = {
+    "venv": ("import re, signal, sys\n"
+             "signal.signal(signal.SIGUSR1, lambda *_: sys._debugmallocstats())\n"
+             "from tcprc.cli import main\n"
+             "sys.argv[0] = 'tcprc'\n"
+             "sys.exit(main())\n"),
+    "pythonpath": ("import runpy, signal, sys\n"
+                   "signal.signal(signal.SIGUSR1, lambda *_: sys._debugmallocstats())\n"
+                   "sys.argv[0] = 'tcprc'\n"
+                   "runpy.run_module('tcprc', run_name='__main__', alter_sys=True)\n"),
+}
 STALL_TIMEOUT = 2.0
 BENCH_SECRET = "bench-secret-not-for-use-outside-the-bench"
 PKI = os.path.join(REPO, "scripts", "tcprc-pki")
 
 
 class Tcprc:
-    """`python -m tcprc server` + `python -m tcprc device` from this checkout.
+    """`tcprc server` + `tcprc device` from this checkout.
 
-    `device_args` go to the device's command line (say, --protocol legacy);
-    `tls` serves and dials the uplink over TLS, with a CA and a server
-    certificate made by scripts/tcprc-pki (the device checks both).
+    `install`: "venv" runs them as README's install does (a venv of their own
+    and its `tcprc` command), "pythonpath" as `python -m tcprc` with the
+    checkout on PYTHONPATH (see install.py).  `device_args` go to the device's
+    command line (say, --protocol legacy); `tls` serves and dials the uplink
+    over TLS, with a CA and a server certificate made by scripts/tcprc-pki
+    (the device checks both).
     """
     name = "tcprc"
     paused_row = True
 
     def __init__(self, python: str = sys.executable, extra_env: Optional[Dict[str, str]] = None,
-                 repo: str = REPO, device_args: Optional[List[str]] = None, tls: bool = False):
+                 repo: str = REPO, device_args: Optional[List[str]] = None, tls: bool = False,
+                 install: str = "venv"):
         self.dir: Optional[str] = None
         self.python = python
         self.repo = repo
         self.device_args = list(device_args or [])
         self.tls = tls
         self.tls_ca = ""   # set once the PKI is made: the TLS handshake row needs it
+        self.install = install
+        self.command = [python, "-m", "tcprc"]   # the venv's `tcprc` once it is made
+        self.venv = ""
         self.env = dict(os.environ)
-        self.env["PYTHONPATH"] = repo + os.pathsep + self.env.get("PYTHONPATH", "")
+        if install == "pythonpath":
+            self.env["PYTHONPATH"] = repo + os.pathsep + self.env.get("PYTHONPATH", "")
         # As deployed: etc/init.d/tcprc and the systemd units set these.
+        # PYTHONOPTIMIZE (README: "Smaller still") passes through from the
+        # bench's environment; the modules are compiled at its level.
         self.env.setdefault("MALLOC_ARENA_MAX", "1")
         self.env.setdefault("GLIBC_TUNABLES", "glibc.pthread.stack_cache_size=0")
         self.env.update(extra_env or {})
@@ -198,7 +217,7 @@ class Tcprc:
         The idle device's RSS minus this is tcprc's own cost; the rest is the
         interpreter and whatever its site-packages run at start-up.
         """
-        proc = subprocess.Popen([self.python, "-c", "import sys, time\nprint(1, flush=True)\ntime.sleep(60)"],
+        proc = subprocess.Popen([self.interpreter(), "-c", "import sys, time\nprint(1, flush=True)\ntime.sleep(60)"],
                                 env=self.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         try:
             read_line(proc, 30)
@@ -207,20 +226,37 @@ class Tcprc:
             proc.kill()
             proc.wait(10)
 
+    def interpreter(self) -> str:
+        """The python that runs tcprc: the venv's, or the base one."""
+        return os.path.join(self.venv, "bin", "python") if self.venv else self.python
+
     def missing(self) -> Optional[str]:
-        # As deployed: pip byte-compiles what it installs.  A checkout run with
-        # PYTHONDONTWRITEBYTECODE set would otherwise compile every module at
-        # each start, which costs time and about 1 MB of the RSS measured.
-        # (__pycache__ is ignored by git.)
-        compiled = subprocess.run([self.python, "-m", "compileall", "-q", os.path.join(self.repo, "tcprc")],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
-        if compiled.returncode != 0:
-            note("could not byte-compile %s: tcprc compiles its modules at each start" % self.repo)
-        probe = subprocess.run([self.python, "-c", "import tcprc.cli, tcprc.device, tcprc.server"],
-                               env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               timeout=30)
-        if probe.returncode != 0:
+        if self.install == "venv" and not self.venv:
+            self.dir = self.dir or tempfile.mkdtemp(prefix="tcprc-bench-")
+            try:
+                self.command = [make_venv(self.python, self.repo, os.path.join(self.dir, "venv"))]
+                self.venv = os.path.join(self.dir, "venv")
+            except (InstallError, OSError, subprocess.SubprocessError) as exc:
+                return "cannot make a venv with %s: %s" % (self.python, exc)
+        # As deployed: the install byte-compiles what it installs.  A checkout
+        # run with PYTHONDONTWRITEBYTECODE set would otherwise compile every
+        # module at each start, which costs time and about 1 MB of the RSS
+        # measured.  (__pycache__ is ignored by git.)
+        # Run where no tcprc is (`-c` puts the working directory first on sys.path).
+        self.dir = self.dir or tempfile.mkdtemp(prefix="tcprc-bench-")
+        found = subprocess.run([self.interpreter(), "-c", "import os, tcprc.cli, tcprc.device, tcprc.server\n"
+                                "try:\n import tomli as t\nexcept ImportError:\n import tomllib as t\n"
+                                "print(os.path.dirname(tcprc.__file__)); print(os.path.dirname(t.__file__))"],
+                               env=self.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=30,
+                               cwd=self.dir)
+        dirs = found.stdout.decode().split()
+        if found.returncode != 0:
             return "the tcprc package does not import from %s with %s" % (self.repo, self.python)
+        if os.path.realpath(dirs[0]) != os.path.realpath(os.path.join(self.repo, "tcprc")):
+            return "tcprc imports from %s, not from %s" % (dirs[0], self.repo)
+        if not compile_modules(self.interpreter(), dirs[:1] + [d for d in dirs[1:] if "site-packages" in d],
+                               self.env):
+            note("could not byte-compile %s: tcprc compiles its modules at each start" % self.repo)
         return self._make_pki() if self.tls else None
 
     def _make_pki(self) -> Optional[str]:
@@ -271,19 +307,20 @@ class Tcprc:
                     f.write('[server.devices.bench]\nsecret = "%s"\nhost = "%s:%d"\n'
                             % (BENCH_SECRET, LOCAL, host))
         log = open(os.path.join(self.dir, "tcprc-%d.log" % host), "w+")
-        server = procs.start([self.python, "-m", "tcprc", "server", "-c", paths["server"],
+        cwd = self.repo if self.install == "pythonpath" else self.dir   # `-c`: sys.path[0] is cwd
+        server = procs.start(self.command + ["server", "-c", paths["server"],
                               "--listen", "%s:%d" % (LOCAL, listen), "--host", "%s:%d" % (LOCAL, shared_host)],
-                             env=self.env, stderr=log, cwd=self.repo)
+                             env=self.env, stderr=log, cwd=cwd)
         device = None
-        main = ["-c", MALLOCSTATS_MAIN] if mallocstats else ["-m", "tcprc"]
+        main = [self.interpreter(), "-c", MALLOCSTATS_MAIN[self.install]] if mallocstats else self.command
         device_err = os.path.join(self.dir, "device-%d.err" % host) if mallocstats else log.name
         try:
             _wait_entry(listen, [server], "tcprc server")
             err = open(device_err, "w") if mallocstats else log
-            device = procs.start([self.python] + main + ["device", "-c", paths["device"],
+            device = procs.start(main + ["device", "-c", paths["device"],
                                   "--server", "%s:%d" % (LOCAL, listen),
                                   "--local", "%s:%d" % (LOCAL, target)] + self.device_args,
-                                 env=self.env, stderr=err, cwd=self.repo)
+                                 env=self.env, stderr=err, cwd=cwd)
             if mallocstats:
                 err.close()
             _wait_entry(host, [server, device], "tcprc device")

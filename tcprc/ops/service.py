@@ -8,6 +8,7 @@ channels' threads work; stop() last.
 
 import logging
 import os
+import sys
 import threading
 from typing import Any, Callable
 
@@ -71,6 +72,11 @@ class Service:
         self.report.ok()
         self.log.info("%s agent running (pid %d%s)", self.cfg.role, os.getpid(),
                       ", detached" if self.detach else "")
+        if sys.flags.optimize:   # README "Smaller still": only with the byte-code it needs
+            from .bytecode import compiled_from_source, warning_line
+            line = warning_line(compiled_from_source())
+            if line:
+                self.log.warning("%s", line)
 
     def wait(self, on_reload: Callable[[], None]) -> None:
         self.signals.wait(on_reload)
