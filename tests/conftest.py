@@ -8,6 +8,7 @@ import logging
 import pytest
 
 from support.agents import Agents
+from support.etcd import EtcdCluster
 from support.peers import LegacyServer
 from support.services import Service
 from support.tunnel import Apps, Tunnel, server_apps
@@ -72,3 +73,12 @@ def tcprc_device_on(legacy_server, service):
 
     yield start
     apps.close()
+
+
+@pytest.fixture(scope="module")
+def etcd():
+    """One real etcd member for a test module (skips where no etcd binary exists);
+    test_cluster_e2e asks for three."""
+    cluster = EtcdCluster(1)
+    yield cluster
+    cluster.close()

@@ -31,7 +31,7 @@ TAKEOVER_PING = 1.0   # server.link.TAKEOVER_PING: how long a PONG may take
 
 
 @pytest.fixture(scope="module")
-def etcd():
+def etcd():   # three members here, not conftest's one
     cluster = EtcdCluster(3)
     yield cluster
     cluster.close()

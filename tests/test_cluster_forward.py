@@ -12,7 +12,6 @@ import uuid
 
 import pytest
 
-from support.etcd import EtcdCluster
 from support.net import free_port, recv_until_eof, tcp_pair
 from support.waiting import wait_for
 from tcprc.cluster.app import Cluster
@@ -52,13 +51,6 @@ class Holder:
         self.threads.append(thread)
         thread.start()
         return True
-
-
-@pytest.fixture(scope="module")
-def etcd():
-    cluster = EtcdCluster(1)
-    yield cluster
-    cluster.close()
 
 
 @pytest.fixture

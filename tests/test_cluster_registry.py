@@ -71,13 +71,6 @@ class Registries:
             registry.stop()
 
 
-@pytest.fixture(scope="module")
-def etcd():
-    cluster = EtcdCluster(1)
-    yield cluster
-    cluster.close()
-
-
 @pytest.fixture
 def regs(etcd):
     r = Registries(etcd.urls)
