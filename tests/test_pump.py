@@ -1,10 +1,12 @@
 """Pump threads on their own: bounded joins, errors reported, little allocation, OS threads."""
 
 import os
+import sys
 import threading
 
 import pytest
 
+from support import ROOT
 from support.waiting import wait_for
 from tcprc.engine import pump
 
@@ -55,15 +57,23 @@ def test_a_running_pump_thread_allocates_little():
 def test_a_stream_that_never_queues_allocates_no_queue():
     # Most streams never hold bytes back from their socket; a deque would
     # cost each of them a 528-byte block (with one, a Stream traced 1178 B).
+    # Only what tcprc's code and this test allocate counts: tracemalloc sees
+    # every thread, and daemon threads of earlier tests may still allocate.
     import tracemalloc
+    ours = [tracemalloc.Filter(True, os.path.join(ROOT, "tcprc", "*")),
+            tracemalloc.Filter(True, __file__)]
     tracemalloc.start()
     try:
-        base = tracemalloc.get_traced_memory()[0]
+        base = tracemalloc.take_snapshot().filter_traces(ours)
         streams = [pump.Stream(n % 256, "127.0.0.1:%d" % (10000 + n)) for n in range(200)]
-        per_stream = (tracemalloc.get_traced_memory()[0] - base) / 200.0
+        grown = tracemalloc.take_snapshot().filter_traces(ours).compare_to(base, "filename")
+        per_stream = sum(stat.size_diff for stat in grown) / 200.0
     finally:
         tracemalloc.stop()
-    assert per_stream < 700, "%.0f bytes per idle Stream" % per_stream
+    # 3.11: about 560 B; up to 3.10 an instance's attribute dict is larger
+    # (about 730 B).  With a deque, either would be over 1000.
+    limit = 700 if sys.version_info >= (3, 11) else 900
+    assert per_stream < limit, "%.0f bytes per idle Stream" % per_stream
     stream = streams[0]
     stream.queue(memoryview(b"abc"))
     assert stream.pending and stream.pending_bytes == 3
