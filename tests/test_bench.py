@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.e2e   # real processes throughout
+pytestmark = [pytest.mark.e2e, pytest.mark.bench]   # real processes throughout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "scripts", "bench")

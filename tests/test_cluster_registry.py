@@ -502,6 +502,7 @@ def test_idle_claims_cost_etcd_nothing_but_the_lease_keepalives(regs):
     assert sent[0] <= keepalives + 2 and abs(sent[0] - sent[1]) <= 1, sent
 
 
+@pytest.mark.bench
 def test_the_cluster_bench_runs_and_every_row_costs_the_same():
     bench = os.path.join(ROOT, "scripts", "cluster-bench")
     proc = subprocess.run([sys.executable, bench, "--parts", "registry", "-n", "0,20", "--ttl", "2",
@@ -515,6 +516,7 @@ def test_the_cluster_bench_runs_and_every_row_costs_the_same():
     assert 0.5 <= float(rows[1][5]) <= 2.0, proc.stdout
 
 
+@pytest.mark.bench
 def test_the_cluster_bench_smoke_runs_every_part():
     """--smoke: every part small (forwarded against direct, a failover of 5 devices,
     a fleet of 20 with and without [cluster]); each table comes out with figures."""

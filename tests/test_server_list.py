@@ -292,6 +292,7 @@ def test_a_bad_entry_is_one_line_naming_it_and_exit_2(tmp_path, content, args, e
 
 
 @pytest.mark.e2e
+@pytest.mark.bench
 def test_the_failover_bench_runs_and_every_device_comes_back():
     bench = os.path.join(ROOT, "scripts", "failover-bench")
     proc = subprocess.run([sys.executable, bench, "-n", "5", "--rounds", "1"],
