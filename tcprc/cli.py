@@ -241,9 +241,8 @@ def run_agent(role: str, args: Any) -> int:
     except OSError as exc:
         service.stop()
         return service.fail("tcprc: cannot start the %s: %s" % (role, exc.strerror or exc))
-    from .ops.commands import CommandParser
-    from .ops.channels import start_channels
-    commands = CommandParser(app, cfg, appliers={"log": service.apply_log})
+    from .ops.channels import DeferredCommands, start_channels
+    commands = DeferredCommands(app, cfg, appliers={"log": service.apply_log})
     channels = start_channels(commands, cfg, console_port)
     service.ready()
 

@@ -198,3 +198,6 @@ def test_a_device_started_by_its_init_script_never_imports_argparse(tmp_path, re
     names = set(modules.read_text().split())
     assert {"tcprc.cli", "tcprc.device.app"} <= names, sorted(names)
     assert "argparse" not in names
+    # What an idle agent never needs (docs/benchmarks.md, third round): the control
+    # socket's commands until a command line arrives, the reload's diff until a SIGHUP.
+    assert not {"shlex", "tcprc.ops.commands", "tcprc.ops.changes"} & names

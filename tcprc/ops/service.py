@@ -13,7 +13,6 @@ import threading
 from typing import Any, Callable
 
 from ..errors import ConfigError, PidFileError
-from .changes import changes, reload_lines
 from .config import Config
 from .detach import StartReport, detach
 from .logsetup import LOGGER, log_uncaught, setup_logging
@@ -97,6 +96,9 @@ class Service:
             self.log.error("reload failed, keeping the running config: %s", exc)
             return
         cfg.started = self.cfg.started   # what a key that needs a restart still runs with
+        # Only now: ops.changes (and tomlwrite) would sit in every idle agent for a
+        # reload that may never come (docs/benchmarks.md, third round).
+        from .changes import changes, reload_lines
         found = changes(cfg.role, self.cfg.sections, cfg.sections, cfg.started)
         try:
             self.apply_log(cfg.log)
