@@ -206,7 +206,7 @@ def make_app(cfg: Config) -> Any:
 
 def remove_stale_save_temps(config_path: str) -> None:
     """A `config save` killed mid-write leaves its temporary file: clear them."""
-    from .ops.tomlwrite import remove_stale_temps
+    from .ops.savetemps import remove_stale_temps
     removed, failed = remove_stale_temps(config_path)
     log = logging.getLogger("tcprc")
     if removed:

@@ -199,5 +199,6 @@ def test_a_device_started_by_its_init_script_never_imports_argparse(tmp_path, re
     assert {"tcprc.cli", "tcprc.device.app"} <= names, sorted(names)
     assert "argparse" not in names
     # What an idle agent never needs (docs/benchmarks.md, third round): the control
-    # socket's commands until a command line arrives, the reload's diff until a SIGHUP.
-    assert not {"shlex", "tcprc.ops.commands", "tcprc.ops.changes"} & names
+    # socket's commands until a command line arrives, the config writer until a save,
+    # the reload's diff until a SIGHUP.
+    assert not {"shlex", "tcprc.ops.commands", "tcprc.ops.changes", "tcprc.ops.tomlwrite"} & names
