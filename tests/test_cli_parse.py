@@ -203,7 +203,9 @@ def test_a_device_started_by_its_init_script_never_imports_argparse(tmp_path, re
     assert "argparse" not in names
     # What an idle agent never needs (docs/benchmarks.md, third round): the control
     # socket's commands until a command line arrives, the config writer until a save,
-    # the reload's diff until a SIGHUP.
-    assert not {"shlex", "tcprc.ops.commands", "tcprc.ops.changes", "tcprc.ops.tomlwrite"} & names
+    # the reload's diff until a SIGHUP; the server's side of the protocol; SHA-256
+    # (an extension module) without an id.
+    assert not {"shlex", "tcprc.ops.commands", "tcprc.ops.changes", "tcprc.ops.tomlwrite",
+                "tcprc.wire.server_session", "tcprc.wire.server_handshake", "_sha256"} & names
     # nor the AST types a first compile() builds (tomllib's ForwardRefs, ops.config)
     assert not [name for name in names if name.startswith("compiled:")], sorted(names)

@@ -311,3 +311,11 @@ def test_the_protocol_document_lists_the_reject_codes_the_code_has():
     table = text[text.index("REJECT codes:"):].split("\n\n")[1]
     rows = re.findall(r"^\| (\d+) \| ([^|]+?) \|", table, re.M)
     assert {int(code): name for code, name in rows} == REJECT_CODES
+
+
+def test_the_modules_a_device_loads_hold_no_server_code():
+    # A device imports wire.session and wire.handshake; the server's halves live
+    # in modules of their own so that it does not load them (docs/benchmarks.md,
+    # "Third round").
+    from tcprc.wire import handshake
+    assert not hasattr(wire, "ServerSession") and not hasattr(handshake, "ServerHandshake")
