@@ -160,9 +160,10 @@ def test_random_command_lines_are_read_as_argparse_reads_them_or_left_to_it(role
 # The wrapper an init script runs as TCPRC_DAEMON: tcprc's own entry point, and
 # at the agent's exit the names of every module it imported, into a file.
 MODULES_WRAPPER = """import atexit, sys
-compiled = []   # what the agent compile()s other than namedtuple's lambdas: typing's ForwardRefs
+compiled = []   # what the agent compile()s other than namedtuple's __new__: typing's ForwardRefs
 sys.addaudithook(lambda event, args: event == "compile" and args[1] == "<string>"
-                 and not str(args[0]).lstrip("b'").startswith("lambda _cls") and compiled.append(str(args[0])))
+                 and not str(args[0]).lstrip("b'").startswith(("lambda _cls", "def __new__(_cls"))
+                 and compiled.append("_".join(str(args[0]).split())))
 def _modules():
     with open(%r, "w") as f:
         f.write("\\n".join(sorted(sys.modules) + ["compiled:" + c for c in compiled]))
