@@ -206,7 +206,7 @@ def make_app(cfg: Config) -> Any:
 
 def remove_stale_save_temps(config_path: str) -> None:
     """A `config save` killed mid-write leaves its temporary file: clear them."""
-    from .ops.tomlwrite import remove_stale_temps
+    from .ops.savetemps import remove_stale_temps
     removed, failed = remove_stale_temps(config_path)
     log = logging.getLogger("tcprc")
     if removed:
@@ -241,9 +241,8 @@ def run_agent(role: str, args: Any) -> int:
     except OSError as exc:
         service.stop()
         return service.fail("tcprc: cannot start the %s: %s" % (role, exc.strerror or exc))
-    from .ops.commands import CommandParser
-    from .ops.channels import start_channels
-    commands = CommandParser(app, cfg, appliers={"log": service.apply_log})
+    from .ops.channels import DeferredCommands, start_channels
+    commands = DeferredCommands(app, cfg, appliers={"log": service.apply_log})
     channels = start_channels(commands, cfg, console_port)
     service.ready()
 

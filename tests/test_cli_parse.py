@@ -160,9 +160,13 @@ def test_random_command_lines_are_read_as_argparse_reads_them_or_left_to_it(role
 # The wrapper an init script runs as TCPRC_DAEMON: tcprc's own entry point, and
 # at the agent's exit the names of every module it imported, into a file.
 MODULES_WRAPPER = """import atexit, sys
+compiled = []   # what the agent compile()s other than namedtuple's __new__: typing's ForwardRefs
+sys.addaudithook(lambda event, args: event == "compile" and args[1] == "<string>"
+                 and not str(args[0]).lstrip("b'").startswith(("lambda _cls", "def __new__(_cls"))
+                 and compiled.append("_".join(str(args[0]).split())))
 def _modules():
     with open(%r, "w") as f:
-        f.write("\\n".join(sorted(sys.modules)))
+        f.write("\\n".join(sorted(sys.modules) + ["compiled:" + c for c in compiled]))
 atexit.register(_modules)
 from tcprc.cli import main
 sys.argv[0] = "tcprc"
@@ -198,3 +202,11 @@ def test_a_device_started_by_its_init_script_never_imports_argparse(tmp_path, re
     names = set(modules.read_text().split())
     assert {"tcprc.cli", "tcprc.device.app"} <= names, sorted(names)
     assert "argparse" not in names
+    # What an idle agent never needs (docs/benchmarks.md, third round): the control
+    # socket's commands until a command line arrives, the config writer until a save,
+    # the reload's diff until a SIGHUP; the server's side of the protocol; SHA-256
+    # (an extension module) without an id.
+    assert not {"shlex", "tcprc.ops.commands", "tcprc.ops.changes", "tcprc.ops.tomlwrite",
+                "tcprc.wire.server_session", "tcprc.wire.server_handshake", "_sha256"} & names
+    # nor the AST types a first compile() builds (tomllib's ForwardRefs, ops.config)
+    assert not [name for name in names if name.startswith("compiled:")], sorted(names)

@@ -115,3 +115,21 @@ def test_samples_name_the_paths_the_readme_uses_and_every_device_table_key():
     for key in DEVICE_TABLE_KEYS:
         if key != "services":
             assert re.search(r"^# %s = " % key, server, re.M), key
+
+
+def test_the_toml_reader_import_leaves_typing_as_it_was():
+    # ops.tomlread imports tomllib with typing keeping string annotations as they
+    # are (no compile(): docs/benchmarks.md, "Third round"); afterwards typing is
+    # the same, and the reader reads. A fresh interpreter: pytest may hold tomllib.
+    import subprocess
+    import sys
+    code = ("import typing; before = typing._type_check\n"
+            "from tcprc.ops.tomlread import tomllib\n"
+            "class T(typing.NamedTuple):\n"
+            "    x: 'int'\n"
+            "print(typing._type_check is before, type(T.__annotations__['x']).__name__,"
+            " tomllib.loads('a = [1, 2]'))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split(None, 2) == ["True", "ForwardRef", "{'a': [1, 2]}\n"]

@@ -5,8 +5,9 @@ import pytest
 
 from tcprc.errors import PeerError
 from tcprc.wire import frames as p
-from tcprc.wire.handshake import (DeviceHandshake, HandshakeError, ServerHandshake,
-                                  device_proof, server_proof, valid_device_id)
+from tcprc.wire.handshake import (DeviceHandshake, HandshakeError, device_proof, server_proof,
+                                  valid_device_id)
+from tcprc.wire.server_handshake import ServerHandshake
 
 SECRET = b"s3cret-of-gw17-for-tests"
 OTHER = b"another-secret-of-22-chars"

@@ -248,7 +248,8 @@ def test_an_unknown_id_and_a_wrong_secret_look_the_same_on_the_wire(caplog):
 def test_a_device_refuses_a_server_that_cannot_prove_the_secret(legacy_server, service):
     # An impostor that knows the id but not the secret: it takes the device's
     # AUTH without a check and answers WELCOME with a proof made of what it has.
-    from tcprc.wire.handshake import ServerHandshake, server_proof
+    from tcprc.wire.handshake import server_proof
+    from tcprc.wire.server_handshake import ServerHandshake
     device = DeviceApp(settings("device", server=legacy_server.address, id="gw1", secret=SECRET,
                                 local="%s:%d" % service.address, reconnect_min=30,
                                 reconnect_max=30))

@@ -68,7 +68,8 @@ def test_compare_digest_is_equality_of_bytes():
 def test_the_handshake_path_imports_neither_hmac_nor_hashlib():
     """A whole v2 handshake with an id, both sides, in a fresh interpreter."""
     code = ("import sys\n"
-            "from tcprc.wire.handshake import DeviceHandshake, ServerHandshake\n"
+            "from tcprc.wire.handshake import DeviceHandshake\n"
+            "from tcprc.wire.server_handshake import ServerHandshake\n"
             "from tcprc.settings import Secret\n"
             "key = b'k' * 24\n"
             "dev, srv = DeviceHandshake('gw', key, 65536), ServerHandshake({'gw': key}.get, 65536, False)\n"

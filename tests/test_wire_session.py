@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Tuple
 from tcprc.server.ids import ClientIds
 from tcprc.wire import actions as act
 from tcprc.wire import session as wire
+from tcprc.wire.server_session import ServerSession
 from tcprc.wire.frames import CLOSE, CONNECT, DATA, LISTEN, OFFER, V2, encode_connect_payload
 
 WARN, DEBUG = act.WARNING, act.DEBUG
@@ -76,7 +77,7 @@ def pair(quarantine: float = 10.0):
     """A legacy session: the device skips the server's OFFER, as a Lua agent does,
     and the server takes it as legacy once its wait for a HELLO is over."""
     device = Side(wire.DeviceSession(protocol="legacy"))
-    server = Side(wire.ServerSession(ClientIds(quarantine), encode_connect_payload("", 23)))
+    server = Side(ServerSession(ClientIds(quarantine), encode_connect_payload("", 23)))
     device.act(device.session.start(0.0))
     assert deliver(device, server) == [(LISTEN, 0, b"")]
     assert deliver(server, device) == [(OFFER, V2, b"")]
@@ -112,10 +113,10 @@ def test_a_client_session_end_to_end():
 
 
 def test_the_server_wants_listen_first():
-    server = Side(wire.ServerSession(ClientIds(), b""))
+    server = Side(ServerSession(ClientIds(), b""))
     server.receive((DATA, 3, b"GET /"), 0.0)
     assert server.failed == "DATA before LISTEN: not a tcprc device"
-    server = Side(wire.ServerSession(ClientIds(), b""))
+    server = Side(ServerSession(ClientIds(), b""))
     server.receive((CONNECT, 3, encode_connect_payload("", 23)), 0.0)
     assert server.failed == "CONNECT before LISTEN: not a tcprc device"
 
@@ -245,7 +246,7 @@ def test_a_hello_too_late_leaves_both_ends_legacy():
     same race); a device that must speak v2 hangs up."""
     from tcprc.wire.frames import HELLO
     device = Side(wire.DeviceSession())
-    server = Side(wire.ServerSession(ClientIds(10.0), encode_connect_payload("", 23)))
+    server = Side(ServerSession(ClientIds(10.0), encode_connect_payload("", 23)))
     device.act(device.session.start(0.0))
     deliver(device, server)
     offer = server.out
@@ -282,7 +283,7 @@ def test_handshake_frames_without_an_offer_are_unknown_commands_never_answered()
         assert device.failed == "" and device.out == []
         assert all(kind == WARN and "skipped unknown command" in text
                    for kind, text in device.logs)
-    server = Side(wire.ServerSession(ClientIds(10.0), encode_connect_payload("", 23)))
+    server = Side(ServerSession(ClientIds(10.0), encode_connect_payload("", 23)))
     server.receive((f.AUTH, 0, b""), 0.0)
     assert server.failed == "AUTH before LISTEN: not a tcprc device" and server.out == []
 
@@ -310,3 +311,11 @@ def test_the_protocol_document_lists_the_reject_codes_the_code_has():
     table = text[text.index("REJECT codes:"):].split("\n\n")[1]
     rows = re.findall(r"^\| (\d+) \| ([^|]+?) \|", table, re.M)
     assert {int(code): name for code, name in rows} == REJECT_CODES
+
+
+def test_the_modules_a_device_loads_hold_no_server_code():
+    # A device imports wire.session and wire.handshake; the server's halves live
+    # in modules of their own so that it does not load them (docs/benchmarks.md,
+    # "Third round").
+    from tcprc.wire import handshake
+    assert not hasattr(wire, "ServerSession") and not hasattr(handshake, "ServerHandshake")

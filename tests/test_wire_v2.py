@@ -14,6 +14,7 @@ import pytest
 from support import ROOT
 from tcprc.wire import frames as p
 from tcprc.wire import handshake as h
+from tcprc.wire.server_handshake import ServerHandshake
 from tcprc.wire.frames import ProtocolError, VersionError
 
 # The handshake of the doc's example: fixed nonces instead of os.urandom(32).
@@ -27,7 +28,7 @@ SERVER_WINDOW = 1048576
 def example_exchange(device_id="gw-17", secret=SECRET):
     """(HELLO, CHALLENGE, AUTH, WELCOME payloads) of the doc's example handshake."""
     device = h.DeviceHandshake(device_id, secret, DEVICE_WINDOW, nonce=NONCE_D)
-    server = h.ServerHandshake(lambda name: secret if name == device_id else None,
+    server = ServerHandshake(lambda name: secret if name == device_id else None,
                                SERVER_WINDOW, True, nonce=NONCE_S)
     hello = device.hello()
     challenge = server.on_hello(hello)
@@ -41,7 +42,7 @@ def example_exchange(device_id="gw-17", secret=SECRET):
 def refusal(device_id, secret):
     """The REJECT payload a server sends for this device's AUTH (it knows gw-17 only)."""
     device = h.DeviceHandshake(device_id, secret, DEVICE_WINDOW, nonce=NONCE_D)
-    server = h.ServerHandshake({"gw-17": SECRET}.get, SERVER_WINDOW, True, nonce=NONCE_S)
+    server = ServerHandshake({"gw-17": SECRET}.get, SERVER_WINDOW, True, nonce=NONCE_S)
     with pytest.raises(h.HandshakeError) as caught:
         server.on_auth(device.on_challenge(server.on_hello(device.hello())))
     return p.encode_reject(caught.value.code, caught.value.wire_text)

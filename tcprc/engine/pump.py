@@ -34,7 +34,11 @@ READ_CHUNK = protocol.MAX_PAYLOAD
 READ_FRAMES = 16
 READ_BUDGET = 32
 # Read size by number of open streams (ids are one byte: at most 256).
-_READ_SIZES = [max(1, min(READ_FRAMES, READ_BUDGET // max(1, n))) * READ_CHUNK for n in range(257)]
+# (The 257 entries share the few distinct int objects: 10 KB less than 257 ints of their own.)
+_SHARED: dict = {}
+_READ_SIZES = [_SHARED.setdefault(size, size) for size in
+               (max(1, min(READ_FRAMES, READ_BUDGET // max(1, n))) * READ_CHUNK for n in range(257))]
+del _SHARED
 PIPE_SIZE = 256 * 1024
 
 # Zero-copy pumps with os.splice (Linux, Python >= 3.10), opt-in with

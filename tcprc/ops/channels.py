@@ -6,14 +6,55 @@ CommandParser from its own threads.
 """
 
 import logging
-from typing import Any, List, Optional
+import threading
+from typing import Any, Callable, Dict, List, Optional
 
 from ..errors import ControlError
-from .commands import CommandParser
 from .config import Config
 from .control import ControlServer
 
 log = logging.getLogger("tcprc.control")
+
+
+class DeferredCommands:
+    """The agent's CommandParser, built at the first command line a channel reads.
+
+    Why: ops.commands (with shlex, ops.changes and ops.tomlwrite) is about
+    0.3 MB of RSS that an agent nobody asks anything would hold for ever
+    (docs/benchmarks.md, third round). Channels call execute() from their
+    threads, the main thread set_config() on SIGHUP: one lock covers both
+    until the parser exists, which then takes its own locks.
+    """
+
+    def __init__(self, app: Any, cfg: Config,
+                 appliers: Optional[Dict[str, Callable[[Any], None]]] = None):
+        self.app = app
+        self._cfg = cfg
+        self._appliers = appliers
+        self._parser: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def cfg(self) -> Config:
+        parser = self._parser
+        return self._cfg if parser is None else parser.cfg
+
+    def set_config(self, cfg: Config) -> None:
+        with self._lock:
+            if self._parser is None:
+                self._cfg = cfg
+                return
+        self._parser.set_config(cfg)
+
+    def execute(self, line: str) -> List[str]:
+        parser = self._parser
+        if parser is None:
+            with self._lock:
+                if self._parser is None:
+                    from .commands import CommandParser
+                    self._parser = CommandParser(self.app, self._cfg, self._appliers)
+                parser = self._parser
+        return parser.execute(line)
 
 
 class Channels:
@@ -31,7 +72,7 @@ class Channels:
         self.items = []
 
 
-def start_channels(parser: CommandParser, cfg: Config, console_port: Optional[str] = None) -> Channels:
+def start_channels(parser: Any, cfg: Config, console_port: Optional[str] = None) -> Channels:
     """Start the control socket and (device) serial console of `cfg`.
 
     A channel that cannot start is logged and skipped: the tunnel matters more.

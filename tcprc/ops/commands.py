@@ -19,11 +19,11 @@ from .config import (SCHEMA, SECRET_KEYS, Config, SectionProblem, check_value, c
                      device_hosts, device_table, replace_value, save_config, server_value,
                      suggest, value_from_words)
 from .config import one_line as _one_line
+from .control import MAX_LINE   # noqa: F401 - the channels' limit, long imported from here
 
 log = logging.getLogger("tcprc.commands")
 
 OK = "OK"
-MAX_LINE = 4096     # bytes in one command line, on every channel
 
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 

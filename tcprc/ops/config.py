@@ -21,10 +21,9 @@ from ..keys import (DEVICE_KEYS, ID_CHARS as _ID_CHARS, LIVE, RESTART, SERVER_KE
                     normal_fingerprint as _normal_fingerprint, one_of as _one_of)
 from ..settings import (ClusterSettings, ConsoleSettings, ControlSettings, DeviceEntry,
                         DeviceSettings, LogSettings, Secret, ServerSettings)
-from . import tomlwrite
 from .files import (FileContent, FileProblem, check_regular_file, printable, read_regular_file,
                     readable_by_others, unprotected)
-from .tomlwrite import tomllib   # tomllib, or tomli before Python 3.11: chosen once, there
+from .tomlread import tomllib   # tomllib, or tomli before Python 3.11: chosen there
 
 
 def server_list(value: Any) -> Tuple[str, ...]:
@@ -432,6 +431,9 @@ def _finish_cluster(values: Dict[str, Any], allow_readable: bool) -> None:
 
 
 def device_table(ident: str) -> str:
+    # ops.tomlwrite here and below, not at the top: a device never needs it unless
+    # it saves its config (docs/benchmarks.md, third round).
+    from . import tomlwrite
     return "server.devices." + tomlwrite.format_key(ident)
 
 
@@ -488,6 +490,7 @@ def _services(table: str, services: Any, key: str,
         if not 0 < len(service) <= MAX_SERVICE_NAME or not _ID_CHARS.issuperset(service):
             raise SectionProblem(table, "service name must be 1 to %d characters of A-Z a-z "
                                  "0-9 . _ -, got %r" % (MAX_SERVICE_NAME, service[:40]))
+        from . import tomlwrite
         name = "%s.services.%s" % (table, tomlwrite.format_key(service))
         if not isinstance(entry, dict):
             raise SectionProblem(table, "services.%s must be a table [%s]" % (service, name))
@@ -508,6 +511,7 @@ def _services(table: str, services: Any, key: str,
 
 def device_hosts(entry: DeviceEntry) -> List[Tuple[str, str, str]]:
     """(table, what, host) of every port a device has: its host, then its services'."""
+    from . import tomlwrite
     table = device_table(entry.id)
     return [(table, "the host of device %r" % entry.id, entry.host)] + [
         ("%s.services.%s" % (table, tomlwrite.format_key(name)),
@@ -715,6 +719,7 @@ def save_config(cfg: Config, changes: Dict[Tuple[str, str], Any]) -> str:
         saved = build_config(cfg.role, base, path)   # never save what the next start refuses
         if old_bytes is not None:
             _check_inline_secrets(saved, base, path, old.mode)   # the file keeps its mode
+        from . import tomlwrite
         text = tomlwrite.render(old_text, base, changes)
         tomlwrite.atomic_write(path, text)
     except ConfigError as exc:

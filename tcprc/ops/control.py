@@ -17,9 +17,9 @@ import time
 from typing import Any, List, Optional
 
 from ..errors import ControlError
-from .commands import MAX_LINE
-
 log = logging.getLogger("tcprc.control")
+
+MAX_LINE = 4096          # bytes in one command line, on every channel
 
 MAX_CLIENTS = 8          # concurrent ctl connections; more are refused at once
 CLIENT_TIMEOUT = 30.0    # a ctl connection without a complete command for this long is dropped

@@ -361,7 +361,7 @@ def server_state(cfg: Config, ident: str, ask: Any) -> str:
 
 
 def _answered_dir(lines: List[str]) -> Optional[str]:
-    from .tomlwrite import tomllib
+    from .tomlread import tomllib
     if len(lines) != 2 or lines[-1] != "OK":
         return None
     try:

@@ -8,16 +8,11 @@ layout survive `config save`; `atomic_write` replaces the file safely.
 import math
 import os
 import re
-import stat
-import sys
-import time
 from typing import Any, Dict, List, Optional, Tuple
 
-# The one place that picks the TOML reader; ops.config imports it from here.
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on old interpreters only
-    import tomli as tomllib
+from .tomlread import tomllib
+# remove_stale_temps is used from here by name (tests, older callers)
+from .savetemps import TEMP_SUFFIX, remove_stale_temps, temp_prefix as _temp_prefix  # noqa: F401
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
@@ -171,50 +166,6 @@ def render(old_text: Optional[str], doc: Dict[str, Dict[str, Any]],
     if tomllib.loads(text) != doc:  # pragma: no cover - a writer bug, not user input
         raise ValueError("TOML writer produced a document that does not read back")
     return text
-
-
-TEMP_SUFFIX = ".tmp"
-STALE_TEMP_AGE = 10.0   # seconds; a save takes milliseconds, a slow flash a second
-
-
-def _temp_prefix(target: str) -> str:
-    return "." + os.path.basename(target) + "."
-
-
-def remove_stale_temps(path: str, min_age: float = STALE_TEMP_AGE) -> Tuple[List[str], List[str]]:
-    """Delete what `atomic_write(path)` left when it was killed: (removed, failures).
-
-    Only regular files of this user named exactly as mkstemp names ours, and
-    only those whose mtime is `min_age` away from now: a younger one may be a
-    save under way (one far in the future means the clock was set back).
-    """
-    target = os.path.realpath(path)
-    # mkstemp's names: the prefix, 8 characters of [a-z0-9_], the suffix.
-    ours = re.compile(re.escape(_temp_prefix(target)) + "[a-z0-9_]{8}"
-                      + re.escape(TEMP_SUFFIX) + r"\Z")
-    removed: List[str] = []
-    failed: List[str] = []
-    now, uid = time.time(), os.geteuid()
-    try:
-        entries = os.scandir(os.path.dirname(target))
-    except OSError as exc:
-        return removed, ["%s: %s" % (os.path.dirname(target), exc.strerror or exc)]
-    with entries:
-        for entry in entries:
-            if not ours.match(entry.name):
-                continue
-            try:
-                info = entry.stat(follow_symlinks=False)
-                if (not stat.S_ISREG(info.st_mode) or info.st_uid != uid
-                        or abs(now - info.st_mtime) < min_age):
-                    continue
-                os.unlink(entry.path)
-                removed.append(entry.name)
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                failed.append("%s: %s" % (entry.name, exc.strerror or exc))
-    return removed, failed
 
 
 def atomic_write(path: str, text: str, mode: int = 0o600) -> None:

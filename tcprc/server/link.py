@@ -28,7 +28,7 @@ from ..engine.stream import Stream
 from ..engine.transport import PlainTransport, Transport, looks_like_tls
 from ..wire import frames as protocol
 from ..wire.actions import Authed, Denied, Listened, Unlisten
-from ..wire.session import ServerSession
+from ..wire.server_session import ServerSession
 from ..wire.states import SessionState
 from .ids import MAX_CLIENTS, ClientIds
 from .fleet import FIGHT_LIMIT, FIGHT_WINDOW

@@ -14,14 +14,7 @@ length, and a proof's length is public (32 bytes).
 """
 
 from _operator import _compare_digest as compare_digest
-
-try:
-    from _sha2 import sha256                 # 3.12 and newer
-except ImportError:
-    try:
-        from _sha256 import sha256           # 3.8 .. 3.11
-    except ImportError:                      # pragma: no cover (no builtin SHA-256)
-        from hashlib import sha256
+from typing import Any
 
 __all__ = ["BLOCK_SIZE", "DIGEST_SIZE", "compare_digest", "hmac_sha256"]
 
@@ -31,8 +24,23 @@ _IPAD = bytes(x ^ 0x36 for x in range(256))   # key XOR ipad, byte by byte, as a
 _OPAD = bytes(x ^ 0x5C for x in range(256))
 
 
+def _sha256() -> Any:
+    # At the first HMAC, not at import: the module is an extension of its own
+    # (28 KB of RSS) and a device without an id computes none (docs/benchmarks.md,
+    # third round).
+    try:
+        from _sha2 import sha256                 # 3.12 and newer
+    except ImportError:
+        try:
+            from _sha256 import sha256           # 3.8 .. 3.11
+        except ImportError:                      # pragma: no cover (no builtin SHA-256)
+            from hashlib import sha256
+    return sha256
+
+
 def hmac_sha256(key: bytes, *parts: bytes) -> bytes:
     """HMAC-SHA256(key, the concatenation of `parts`): 32 bytes."""
+    sha256 = _sha256()
     if len(key) > BLOCK_SIZE:
         key = sha256(key).digest()
     key = bytes(key).ljust(BLOCK_SIZE, b"\0")

@@ -16,7 +16,8 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 from tcprc.server.ids import ClientIds
 from tcprc.wire import actions as A
 from tcprc.wire import frames
-from tcprc.wire.session import DeviceSession, ServerSession
+from tcprc.wire.server_session import ServerSession
+from tcprc.wire.session import DeviceSession
 
 Frame = Tuple[int, int, bytes]
 SECRET = b"correct-horse-battery-staple-42"

@@ -500,7 +500,8 @@ class Handshake:
                 rng.choice((True, False))]
 
     def check(self, case: Any) -> None:
-        from tcprc.wire.handshake import DeviceHandshake, HandshakeError, ServerHandshake
+        from tcprc.wire.handshake import DeviceHandshake, HandshakeError
+        from tcprc.wire.server_handshake import ServerHandshake
         nonces, device_id, mutate, seeds, order, legacy = case
         secrets = {V2_ID: V2_SECRET}
         device = DeviceHandshake(device_id, secrets.get(device_id) or (V2_SECRET if device_id else None),
@@ -567,7 +568,7 @@ class _V2Server:
     """Plays a tcprc server on the far end of a device's uplink, by the book or not."""
 
     def __init__(self, far: socket.socket) -> None:
-        from tcprc.wire.handshake import ServerHandshake
+        from tcprc.wire.server_handshake import ServerHandshake
         self.far = far
         self.buf = b""
         self.handshake = ServerHandshake({V2_ID: V2_SECRET}.get, 1 << 18, legacy_allowed=True)

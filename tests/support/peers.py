@@ -189,7 +189,7 @@ def pairs(under_test: str) -> list:
 def greet_as_v2_server(peer: RawPeer, window: int = 1 << 18) -> Any:
     """Play a tcprc server on an accepted uplink: LISTEN, OFFER, HELLO, CHALLENGE,
     AUTH, WELCOME (no identity).  Returns the device's HELLO fields."""
-    from tcprc.wire.handshake import ServerHandshake
+    from tcprc.wire.server_handshake import ServerHandshake
     assert peer.read_frame() == (LISTEN, 0, b"")
     peer.send_raw(protocol.OFFER_FRAME)
     command, _, hello = peer.read_frame()

@@ -13,7 +13,8 @@ from tcprc.engine.loop import Loop
 from tcprc.engine.sockets import tune_uplink_socket
 from tcprc.engine.tls import TlsContext, TlsTransport, device_context, server_context
 from tcprc.wire import frames as protocol
-from tcprc.wire.session import DeviceSession, ServerSession
+from tcprc.wire.server_session import ServerSession
+from tcprc.wire.session import DeviceSession
 
 from .net import HostPort, tcp_pair
 from .tunnel import settings
