@@ -7,11 +7,11 @@ from typing import Any
 
 
 def _import_tomllib() -> Any:
-    """tomllib, without the 320 KB its import costs for nothing (3.11 and later).
+    """tomllib, without the 220 KB its import costs for nothing (3.11 and later).
 
     Why: tomllib's `class Output(NamedTuple)` has string annotations, which
     typing turns into ForwardRefs by compile()ing each, and the first
-    compile() of a process builds every AST node type: 320 KB of RSS that an
+    compile() of a process builds every AST node type: 220 KB of RSS that an
     idle agent keeps for ever (docs/benchmarks.md, third round). While
     tomllib is imported, typing leaves string annotations as they are (what
     `from __future__ import annotations` gives any other class); nothing
