@@ -4,6 +4,7 @@ lost, the watch resumed (or re-listed) after a break."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -372,13 +373,23 @@ def test_a_watch_cut_in_the_middle_of_an_answer_is_an_ended_stream():
     def serve():   # an etcd that dies while it sends: a created line, half an event
         conn, _ = listener.accept()
         with conn:
-            conn.recv(65536)
+            conn.settimeout(5)
+            request = b""
+            while b"\r\n\r\n" not in request:   # all of it: unread bytes would make close a reset
+                request += conn.recv(65536)
+            head, _, body = request.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            while len(body) < length:
+                body += conn.recv(65536)
             created = b'{"result":{"header":{"revision":"7"},"created":true}}\n'
             event = b'{"result":{"events":[{"kv":{"key":"L3gvYQ=="}}]}}\n'
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                          b"Transfer-Encoding: chunked\r\n\r\n"
                          b"%x\r\n%s\r\n" % (len(created), created) +
                          b"%x\r\n%s" % (len(event), event[:20]))
+            conn.shutdown(socket.SHUT_WR)   # the answer ends there, in order
+            while conn.recv(65536):         # until the client hangs up
+                pass
     server = threading.Thread(target=serve, daemon=True)
     server.start()
     client = EtcdClient([listener.getsockname()], 2.0)
