@@ -1,4 +1,4 @@
-"""scripts/soak as CI runs it (~2 minutes in all): a legacy and a v2 device under
+"""scripts/soak as CI runs it (~1.5 minutes in all): a legacy and a v2 device under
 random clients and faults (in the namespaces with tbf shaping where they can be
 made), nothing wrong or hung, no descriptor left behind.
 
@@ -16,7 +16,7 @@ from support import ROOT
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.long]
 
-MINUTES = 1.5   # plus start, the quiet end and the namespaces: about 2 minutes
+MINUTES = 1.0   # plus start, the quiet end and the namespaces: about 1.5 minutes
 
 
 def test_a_short_soak_verifies_streams_through_faults_and_reconnects():
