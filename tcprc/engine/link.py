@@ -132,7 +132,7 @@ class Link(PumpHost):
             try:
                 self._watch_uplink()
                 self.role.on_start()
-                self._act(self.session.start(time.monotonic()))
+                self.act(self.session.start(time.monotonic()))
                 self._arm_session_timer()
                 self.loop.run()
             except Exception as exc:
@@ -243,7 +243,7 @@ class Link(PumpHost):
             self.loop.call_soon(self._read_buffered)
 
     def _read_buffered(self) -> None:
-        if not (self._paused or self._control_full or self.end_reason or self._closing) \
+        if not (self._paused or self._control_full or self.ending) \
                 and self.transport.has_buffered():
             self._on_uplink_buffered()
 
@@ -273,7 +273,7 @@ class Link(PumpHost):
             else:
                 if not acked and command in _ACK_AT_ONCE:
                     acked = self._ack_now()
-                self._act(self.session.frame(command, client_id, payload, self.streams,
+                self.act(self.session.frame(command, client_id, payload, self.streams,
                                              _monotonic()))
                 self._arm_session_timer()
             if self.end_reason:
@@ -367,9 +367,15 @@ class Link(PumpHost):
         self._flush_retry_armed = False
         self._flush_control()
 
+    @property
+    def ending(self) -> bool:
+        """The uplink has a reason to end, or its teardown is running: nothing new starts."""
+        return bool(self.end_reason) or self._closing
+
     # ---- the session's actions ----------------------------------------------------------
-    def _act(self, actions: List[Any]) -> None:
-        """Carry out what the session answered, in order (wire.actions)."""
+    def act(self, actions: List[Any]) -> None:
+        """Carry out what the session answered, in order (wire.actions); roles call
+        it with what they asked of the session."""
         handlers = self._handlers
         for action in actions:
             handler = handlers.get(type(action))
@@ -405,10 +411,10 @@ class Link(PumpHost):
         self._heartbeat()
 
     def _heartbeat(self) -> None:
-        if self._closing or self.end_reason:
+        if self.ending:
             return
         actions, delay = self.session.tick(_monotonic(), self.last_heard)
-        self._act(actions)
+        self.act(actions)
         if not self.end_reason:
             self.loop.call_later(delay, self._heartbeat)
 
@@ -417,10 +423,10 @@ class Link(PumpHost):
         within `timeout` seconds: answer(True) if it did, answer(False) if not (also
         for a legacy session, which has no PING, and an uplink that ended meanwhile)."""
         heartbeat = self.session.heartbeat
-        if heartbeat is None or self.end_reason or self._closing:
+        if heartbeat is None or self.ending:
             answer(False)
             return
-        self._act([heartbeat.probe(_monotonic())])
+        self.act([heartbeat.probe(_monotonic())])
         self.loop.call_later(timeout, lambda: answer(heartbeat.probe_answered
                                                      and not self.end_reason))
 
@@ -436,7 +442,7 @@ class Link(PumpHost):
 
     def _session_timer(self) -> None:
         self._session_timer_armed = False
-        self._act(self.session.expire(time.monotonic(),
+        self.act(self.session.expire(time.monotonic(),
                                       not (self._paused or self._control_full)))
         self._arm_session_timer()
 
@@ -445,7 +451,7 @@ class Link(PumpHost):
         """DATA frames in a row for one client: their payloads, in order."""
         stream = self.streams.get(client_id)
         if stream is None:
-            self._act(self.session.unknown_data(client_id, payloads, time.monotonic()))
+            self.act(self.session.unknown_data(client_id, payloads, time.monotonic()))
             self._arm_session_timer()
             return
         if len(payloads) == 1:
@@ -502,7 +508,7 @@ class Link(PumpHost):
         # Not ours to flip: our pump sent CLOSE and its pump_exited is still
         # queued, so the peer's CLOSE answers it.
         answered = not stream.mark_closed()
-        self._act(self.session.peer_closed(stream.rules, answered, time.monotonic()))
+        self.act(self.session.peer_closed(stream.rules, answered, time.monotonic()))
         if action.code:
             self.role.on_stream_failed(stream, action.code, action.text)
         else:

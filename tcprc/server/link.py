@@ -185,7 +185,7 @@ class ServerLink(Role):
             self.link.fail("handshake not done within %.1f s (%s)"
                            % (self.settings.listen_timeout, partial))
             return
-        self.link._act(self.session.timed_out(self.settings.listen_timeout))
+        self.link.act(self.session.timed_out(self.settings.listen_timeout))
 
     def evict(self, reason: str) -> None:
         """Thread-safe: drop this uplink unless its session got established first.
@@ -218,7 +218,7 @@ class ServerLink(Role):
             if named != device_id:
                 message = "its certificate names %s, not %s" % (named or "nobody", device_id)
                 self.parts.auth.failed(self, device_id, message)
-                self.link._act(self.session.reject(protocol.REJECT_BAD_PROOF, message))
+                self.link.act(self.session.reject(protocol.REJECT_BAD_PROOF, message))
                 return
         if device_id:
             self.parts.auth.passed(self, device_id)
@@ -228,7 +228,7 @@ class ServerLink(Role):
                            "identity?): its sessions are refused here for %.0f s more"
                            % (device_id, FIGHT_LIMIT, FIGHT_WINDOW, cooling))
                 self.link.noisy.warning("%s: %s", self.name, message)
-                self.link._act(self.session.reject(protocol.REJECT_IDENTITY_CONFLICT, message))
+                self.link.act(self.session.reject(protocol.REJECT_IDENTITY_CONFLICT, message))
                 return
         self._claim()
 
@@ -269,7 +269,7 @@ class ServerLink(Role):
     def _refuse(self, reason: str, code: int) -> None:
         """The session cannot have its host port: REJECT `code` (v2), or the end."""
         if self.session.state is SessionState.AUTHED:
-            self.link._act(self.session.reject(code, reason))
+            self.link.act(self.session.reject(code, reason))
         else:
             self.link.fail(reason)
 
@@ -280,12 +280,12 @@ class ServerLink(Role):
             self._refuse("cannot open host port %s: %s" % (self.wanted_host, exc.strerror or exc),
                          protocol.REJECT_SERVER_ERROR)
             return
-        if self.link._closing or self.end_reason:
+        if self.link.ending:
             return   # ending already: the ports' release closes the listener (they own it)
         self.host_sock = sock
         bound = format_hostport(*self.host_sock.getsockname()[:2])
         if self.session.state is SessionState.AUTHED:
-            self.link._act(self.session.welcome(bound))
+            self.link.act(self.session.welcome(bound))
             if self.end_reason:
                 return
         self._connects[self.host_sock] = None
@@ -303,8 +303,7 @@ class ServerLink(Role):
         """Link thread: the ports of its device's named services (v2 with an id only),
         as configured now: removed or moved ones closed, new ones opened.  Their
         clients get a CONNECT to "service:NAME", port 0; open streams stay."""
-        if not (self.v2 and self.device_id) or self.host_sock is None or self.end_reason \
-                or self.link._closing:
+        if not (self.v2 and self.device_id) or self.host_sock is None or self.link.ending:
             return
         wanted = self.fleet.services_of(self.device_id)
         log = self.link.log
@@ -380,7 +379,7 @@ class ServerLink(Role):
         stream.sock = client
         link.log.info("%s: client %d (%s) connected%s", self.name, client_id, who, service)
         # CONNECT is queued before the pump starts, so it precedes the client's DATA.
-        link._act(announce)
+        link.act(announce)
         link.open_stream(stream)
 
     def adopt(self, client: socket.socket, who: str, service: str = "") -> None:
@@ -391,7 +390,7 @@ class ServerLink(Role):
         payload = None if not service else protocol.encode_connect_payload(
             protocol.SERVICE_PREFIX + service, 0)
         why = ""
-        if link.end_reason or link._closing or self.host_sock is None:
+        if link.ending or self.host_sock is None:
             why = "its session is ending"
         elif service and service not in self.services:
             why = "no service %s here" % service
