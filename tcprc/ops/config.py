@@ -71,6 +71,12 @@ def _etcd_urls(value: Any) -> Optional[str]:
     return None
 
 
+# [log], the same in both roles.
+LOG_KEYS: Dict[str, Key] = {
+    "level": Key(str, "info", _one_of("debug", "info", "warning", "error"), "log level", LIVE),
+    "target": Key(str, "auto", _log_target, "auto (stderr, syslog when daemonized), stderr, syslog or /path", LIVE),
+}
+
 # Every key of each role's tables (tcprc.keys has those of [device] and [server]),
 # with when a change applies (keys.APPLIES): the serial console and the control
 # socket are opened at start, [log] is set up again at once, and [cluster] is read
@@ -87,10 +93,7 @@ SCHEMA: Dict[str, Dict[str, Dict[str, Key]]] = {
         "control": {
             "socket": Key(str, "/run/tcprc/tcprc.sock", None, "Unix socket for `tcprc ctl`; empty: none", RESTART),
         },
-        "log": {
-            "level": Key(str, "info", _one_of("debug", "info", "warning", "error"), "log level", LIVE),
-            "target": Key(str, "auto", _log_target, "auto (stderr, syslog when daemonized), stderr, syslog or /path", LIVE),
-        },
+        "log": LOG_KEYS,
     },
     "server": {
         "server": SERVER_KEYS,
@@ -108,10 +111,7 @@ SCHEMA: Dict[str, Dict[str, Dict[str, Key]]] = {
         "control": {
             "socket": Key(str, "/run/tcprc/tcprc-server.sock", None, "Unix socket for `tcprc ctl`; empty: none", RESTART),
         },
-        "log": {
-            "level": Key(str, "info", _one_of("debug", "info", "warning", "error"), "log level", LIVE),
-            "target": Key(str, "auto", _log_target, "auto (stderr, syslog when daemonized), stderr, syslog or /path", LIVE),
-        },
+        "log": LOG_KEYS,
     },
 }
 
