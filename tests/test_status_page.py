@@ -151,6 +151,8 @@ def test_one_source_cannot_take_every_slot_and_over_the_limit_is_503(page, monke
             assert status_of(ask(page.http_address, ok, "127.0.0.1")) == 503
         assert threading.active_count() <= threads
         assert status_of(ask(page.http_address, ok, "127.0.0.2")) == 200   # others still served
+        # its thread gives the slot back just after the answer was read: wait for that
+        wait_for(lambda: page._http._httpd._active == 3, what="the served request's slot back")
         held += [_stall(page.http_address, "127.0.0.2") for _ in range(2)]
         assert status_of(ask(page.http_address, ok, "127.0.0.3")) == 503   # all 5 slots taken
         assert lines_about(caplog, "answered 503", logging.WARNING)
