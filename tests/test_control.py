@@ -185,6 +185,38 @@ def test_blank_lines_are_no_activity_but_commands_are(short_timeout):
         blank.join(5)
 
 
+EPOLLS_OF_A_SERVED_SOCKET = """
+import os, sys
+from tcprc.device.app import DeviceApp
+from tcprc.ops.commands import CommandParser
+from tcprc.ops.config import build_config
+from tcprc.ops.control import ControlServer
+from tcprc.ops.ctl import send_command
+
+def epolls():
+    return sum(os.readlink("/proc/self/fd/" + fd) == "anon_inode:[eventpoll]"
+               for fd in os.listdir("/proc/self/fd") if os.path.exists("/proc/self/fd/" + fd))
+
+cfg = build_config("device", {}, "test")
+server = ControlServer(CommandParser(DeviceApp(cfg.device), cfg), sys.argv[1])
+before = epolls()
+server.start()
+assert send_command(sys.argv[1], "help", 5)[-1] == "OK"   # its accept loop is running
+print(epolls() - before)
+server.close()
+"""
+
+
+def test_the_control_socket_costs_no_descriptor_but_its_own(tmp_path):
+    """Once the socket is there, every descriptor of the accept loop is: the agent's
+    are all open when its control socket appears (a test that counts them from
+    then on met an epoll that came a moment later)."""
+    res = subprocess.run([sys.executable, "-c", EPOLLS_OF_A_SERVED_SOCKET, str(tmp_path / "c.sock")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "0", "an epoll of its own while it serves"
+
+
 def test_too_many_clients_are_refused_not_queued(served):
     held = []
     try:

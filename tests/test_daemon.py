@@ -369,6 +369,28 @@ def round_trip(uplink, payload):
     return got
 
 
+WAKEUP_AFTER_START = """
+import argparse, os, signal
+from tcprc.ops.config import build_config
+from tcprc.ops.service import Service
+service = Service(argparse.Namespace(daemon=False, pidfile=None, config=None),
+                  build_config("device", {}, "test"))
+assert service.start()
+fd = signal.set_wakeup_fd(-1)
+print(os.readlink("/proc/self/fd/%d" % fd) if fd >= 0 else "none")
+"""
+
+
+def test_the_signal_wakeup_pipe_is_open_before_the_agent_starts_its_app():
+    """Made in start(), not in wait(): every descriptor of a running agent is open once
+    its ports and control socket are (a test counting them from then on met a pipe that
+    came a moment later)."""
+    res = subprocess.run([sys.executable, "-c", WAKEUP_AFTER_START], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("pipe:"), res.stdout
+
+
 @pytest.mark.e2e
 def test_sighup_reloads_keeps_streams_and_survives_a_broken_config(agent, echo):
     first, second = Uplinks(), Uplinks()

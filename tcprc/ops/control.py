@@ -9,7 +9,7 @@ in its own thread and serves each connection in another (at most MAX_CLIENTS).
 import errno
 import logging
 import os
-import selectors
+import select
 import socket
 import stat
 import threading
@@ -144,24 +144,26 @@ class ControlServer:
 
     def _accept_loop(self) -> None:
         assert self._sock is not None
-        with selectors.DefaultSelector() as selector:
-            selector.register(self._sock, selectors.EVENT_READ)
-            while not self._stop.is_set():
-                if self.liveness is not None:
-                    self.liveness.beat(ACCEPTOR)
+        # poll(), not a selector: no descriptor of its own, so the agent's descriptors
+        # are all open once its control socket is there (an epoll came a moment later).
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        while not self._stop.is_set():
+            if self.liveness is not None:
+                self.liveness.beat(ACCEPTOR)
+            try:
+                if not poller.poll(200):
+                    continue
                 try:
-                    if not selector.select(timeout=0.2):
-                        continue
-                    try:
-                        conn, _ = self._sock.accept()
-                    except OSError as exc:
-                        if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EINTR):
-                            log.warning("control socket accept failed: %s", exc)
-                            self._stop.wait(0.5)
-                        continue
-                    self._spawn(conn)
-                except Exception as exc:   # the fault barrier: the next ctl still gets in
-                    self._internal_error(exc)
+                    conn, _ = self._sock.accept()
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EINTR):
+                        log.warning("control socket accept failed: %s", exc)
+                        self._stop.wait(0.5)
+                    continue
+                self._spawn(conn)
+            except Exception as exc:   # the fault barrier: the next ctl still gets in
+                self._internal_error(exc)
 
     def _internal_error(self, exc: BaseException) -> None:
         now = time.monotonic()

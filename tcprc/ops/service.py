@@ -49,6 +49,7 @@ class Service:
         if self.detach:
             self.report = detach()
             log_uncaught(self.log)
+        self.signals.arm()
         try:
             self.apply_log(self.cfg.log)
         except OSError as exc:

@@ -3,7 +3,7 @@
 import os
 import select
 import signal
-from typing import Callable
+from typing import Callable, Optional, Tuple
 
 
 class Signals:
@@ -23,6 +23,7 @@ class Signals:
         self.stop_requested = False
         self.reload_requested = False
         self.stop_signal = 0
+        self._wakeup: Optional[Tuple[int, int, int]] = None   # read end, write end, previous fd
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._on_stop)
@@ -36,13 +37,22 @@ class Signals:
     def _on_hup(self, signum, frame) -> None:
         self.reload_requested = True
 
-    def wait(self, on_reload: Callable[[], None]) -> None:
-        """Run until a stop signal, reloading on each SIGHUP."""
-        # Made here, not in install(): detach() closes every inherited fd.
+    def arm(self) -> None:
+        """The wakeup pipe, made after detach() (it closes every inherited fd) and before
+        the agent opens its ports: once its control socket is there, its descriptors
+        are all open."""
+        if self._wakeup is not None:
+            return
         rfd, wfd = os.pipe()
         os.set_blocking(rfd, False)
         os.set_blocking(wfd, False)
-        previous = signal.set_wakeup_fd(wfd)
+        self._wakeup = rfd, wfd, signal.set_wakeup_fd(wfd)
+
+    def wait(self, on_reload: Callable[[], None]) -> None:
+        """Run until a stop signal, reloading on each SIGHUP."""
+        self.arm()
+        assert self._wakeup is not None
+        rfd, wfd, previous = self._wakeup
         try:
             # A signal that came before set_wakeup_fd only set its flag: the
             # flags are checked before every sleep.
@@ -57,6 +67,7 @@ class Signals:
                     except BlockingIOError:
                         pass
         finally:
+            self._wakeup = None
             signal.set_wakeup_fd(previous)
             os.close(rfd)
             os.close(wfd)
