@@ -439,10 +439,11 @@ class ServerLink(Role):
         client, peer = self._accept_one(listener)
         if client is None:
             return
-        client.close()
+        # Counted and logged before the close: whoever sees the hang-up finds both.
         self.fleet.client_refused(self)
         self.refusals.warning("%s: refused client %s: %s", self.name,
                               format_hostport(*peer[:2]), why)
+        client.close()
 
     def on_stream_refused(self, stream: Stream) -> None:
         self.fleet.client_refused(self)
