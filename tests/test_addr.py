@@ -1,12 +1,10 @@
 """ADDR:PORT parsing and dialing."""
 
 import socket
-import subprocess
-import sys
 
 import pytest
 
-from support import ROOT
+from support.fresh import python_output
 from tcprc.addr import format_hostport, parse_hostport, ports_collide
 from tcprc.engine.sockets import connect_tcp
 
@@ -55,10 +53,7 @@ def test_dialing_an_ascii_host_does_not_load_the_idna_codec():
                 "connect_tcp('localhost', %d, 5).close()\n"
                 "print(sorted(m for m in ('encodings.idna', 'unicodedata', 'stringprep')"
                 " if m in sys.modules))" % ((listener.getsockname()[1],) * 2))
-        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                             text=True, timeout=30)
-        assert out.returncode == 0, out.stderr
-        assert out.stdout.strip() == "[]"
+        assert python_output(code, timeout=30).strip() == "[]"
     finally:
         listener.close()
 

@@ -6,6 +6,7 @@ import re
 import pytest
 
 from support import ROOT
+from support.fresh import python_output
 from tcprc.ops.config import OPTIONAL_SECTIONS, SCHEMA, ConfigError, load_config
 
 
@@ -121,15 +122,10 @@ def test_the_toml_reader_import_leaves_typing_as_it_was():
     # ops.tomlread imports tomllib with typing keeping string annotations as they
     # are (no compile(): docs/benchmarks.md, "Third round"); afterwards typing is
     # the same, and the reader reads. A fresh interpreter: pytest may hold tomllib.
-    import subprocess
-    import sys
     code = ("import typing; before = typing._type_check\n"
             "from tcprc.ops.tomlread import tomllib\n"
             "class T(typing.NamedTuple):\n"
             "    x: 'int'\n"
             "print(typing._type_check is before, type(T.__annotations__['x']).__name__,"
             " tomllib.loads('a = [1, 2]'))\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split(None, 2) == ["True", "ForwardRef", "{'a': [1, 2]}\n"]
+    assert python_output(code).split(None, 2) == ["True", "ForwardRef", "{'a': [1, 2]}\n"]

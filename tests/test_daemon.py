@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from support.fresh import python_output
 from support.gateway import REPO, alive
 from support.net import free_port, recv_exactly
 from support.services import Service
@@ -385,10 +386,8 @@ def test_the_signal_wakeup_pipe_is_open_before_the_agent_starts_its_app():
     """Made in start(), not in wait(): every descriptor of a running agent is open once
     its ports and control socket are (a test counting them from then on met a pipe that
     came a moment later)."""
-    res = subprocess.run([sys.executable, "-c", WAKEUP_AFTER_START], cwd=REPO,
-                         capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.startswith("pipe:"), res.stdout
+    wakeup = python_output(WAKEUP_AFTER_START)
+    assert wakeup.startswith("pipe:"), wakeup
 
 
 @pytest.mark.e2e

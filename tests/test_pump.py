@@ -1,14 +1,13 @@
 """Pump threads on their own: bounded joins, errors reported, little allocation, OS threads."""
 
 import os
-import subprocess
 import sys
 import textwrap
 import threading
 
 import pytest
 
-from support import ROOT
+from support.fresh import python_output
 from support.waiting import wait_for
 from tcprc.engine import pump
 
@@ -42,11 +41,8 @@ def _traced_bytes_in_a_fresh_process(script):
     own.  tracemalloc counts every thread's allocations, and in the test process
     daemon threads of earlier tests may still allocate (CI's 3.8 run once measured
     1504 B per pump thread where a process of its own measures 629)."""
-    prelude = "import sys, threading, tracemalloc\nsys.path.insert(0, %r)\n" \
-              "from tcprc.engine import pump\n" % ROOT
-    out = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script)],
-                         stdout=subprocess.PIPE, check=True, timeout=60, universal_newlines=True)
-    return float(out.stdout)
+    prelude = "import sys, threading, tracemalloc\nfrom tcprc.engine import pump\n"
+    return float(python_output(prelude + textwrap.dedent(script)))
 
 
 @pytest.mark.memory

@@ -1,12 +1,10 @@
 """A pump talks to a small PumpHost, never to Link: driven here with no loop and no link."""
 
 import socket
-import subprocess
-import sys
 import threading
 from typing import Any, Callable, List, Tuple
 
-from support import ROOT
+from support.fresh import python_output
 from support.net import recv_exactly
 from support.waiting import wait_for
 from tcprc.engine.pump import PumpHost, PumpThread, run_pump
@@ -109,7 +107,4 @@ def test_a_failed_uplink_send_is_reported_to_the_host():
 
 def test_the_pump_module_does_not_import_the_link():
     code = "import sys, tcprc.engine.pump; print('tcprc.engine.link' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, timeout=30)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    assert python_output(code, timeout=30).strip() == "False"
