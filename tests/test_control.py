@@ -194,9 +194,14 @@ from tcprc.ops.config import build_config
 from tcprc.ops.control import ControlServer
 from tcprc.ops.ctl import send_command
 
+def kind(fd):
+    try:
+        return os.readlink("/proc/self/fd/" + fd)
+    except FileNotFoundError:       # closed meanwhile (the listing's own, a served client's)
+        return None
+
 def epolls():
-    return sum(os.readlink("/proc/self/fd/" + fd) == "anon_inode:[eventpoll]"
-               for fd in os.listdir("/proc/self/fd") if os.path.exists("/proc/self/fd/" + fd))
+    return sum(kind(fd) == "anon_inode:[eventpoll]" for fd in os.listdir("/proc/self/fd"))
 
 cfg = build_config("device", {}, "test")
 server = ControlServer(CommandParser(DeviceApp(cfg.device), cfg), sys.argv[1])
