@@ -13,6 +13,7 @@ import pytest
 
 from support import ROOT
 from support.agents import run_tcprc
+from support.net import free_port
 from support.tunnel import settings, start_server
 from support.waiting import wait_for
 from tcprc.device.app import DeviceApp
@@ -22,15 +23,11 @@ from tcprc.ops.ctl import send_command
 
 
 def dead_addresses(count: int) -> List[str]:
-    """`count` different ADDR:PORT where nothing listens (ports just freed)."""
-    probes = [socket.socket() for _ in range(count)]
-    try:
-        for probe in probes:
-            probe.bind(("127.0.0.1", 0))
-        return ["127.0.0.1:%d" % probe.getsockname()[1] for probe in probes]
-    finally:
-        for probe in probes:
-            probe.close()
+    """`count` different ADDR:PORT where nothing listens (ports no connect() is given)."""
+    ports = set()
+    while len(ports) < count:
+        ports.add(free_port())
+    return ["127.0.0.1:%d" % port for port in sorted(ports)]
 
 
 def dead_address() -> str:

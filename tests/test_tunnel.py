@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from support import procfs
-from support.net import is_eof, raise_fd_limit, recv_exactly, recv_until_eof
+from support.net import free_port, is_eof, raise_fd_limit, recv_exactly, recv_until_eof
 from support.services import Service, pattern
 from support.tunnel import Tunnel, settings
 from support.waiting import wait_for
@@ -151,9 +151,7 @@ def test_uplink_loss_on_device_side_closes_client_sockets(service):
 
 
 def test_device_backs_off_while_server_is_down(service):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dead = "127.0.0.1:%d" % probe.getsockname()[1]
+    dead = "127.0.0.1:%d" % free_port()
     from tcprc.device.app import DeviceApp
     device = DeviceApp(settings("device", server=dead, local="%s:%d" % service.address,
                                 reconnect_min=0.05, reconnect_max=0.2))

@@ -9,13 +9,12 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import urllib.request
 from typing import List, Optional
 
-from .netutil import wait_for
+from .netutil import free_port, wait_for
 
 ETCD = "/usr/bin/etcd"
 SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -32,12 +31,6 @@ def etcd_missing() -> str:
     return ""
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 def _addresses(count: int) -> List[str]:
     """Distinct 127.0.1.x addresses; bindable now (one is in use if taken by a port)."""
     return ["127.0.1.%d" % n for n in random.sample(range(2, 255), count)]
@@ -47,8 +40,8 @@ class EtcdMember:
     def __init__(self, name: str, host: str, data_dir: str):
         self.name = name
         self.host = host
-        self.client_port = _free_port(host)
-        self.peer_port = _free_port(host)
+        self.client_port = free_port(host)
+        self.peer_port = free_port(host)
         self.data_dir = data_dir
         self.proc = None          # type: Optional[subprocess.Popen]
         self.log_path = data_dir + ".log"

@@ -1,8 +1,11 @@
 """Socket and waiting helpers shared by scripts/bench and the tests (stdlib only)."""
 
+import itertools
+import random
 import socket
+import threading
 import time
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Iterator, Tuple
 
 LOCAL = "127.0.0.1"
 HostPort = Tuple[str, int]
@@ -21,11 +24,39 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "c
         time.sleep(interval)
 
 
-def free_port() -> int:
-    """A port that was free a moment ago (for processes that must be told a port)."""
-    with socket.socket() as sock:
-        sock.bind((LOCAL, 0))
-        return sock.getsockname()[1]
+def _ports_outside_the_ephemeral_range() -> Iterator[int]:
+    """Every port that no connect() is handed by the kernel, in a random order, for ever.
+    A port the kernel picked for free_port() could go to some outgoing connection
+    before its consumer binds it (CI met exactly that); these cannot."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+            low, high = (int(field) for field in ranges.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999            # Linux's default
+    ports = [port for port in range(10000, 65536) if not low <= port <= high]
+    random.Random().shuffle(ports)          # seeded from the OS: parallel runs differ
+    return itertools.cycle(ports)
+
+
+_CANDIDATES = _ports_outside_the_ephemeral_range()
+_CANDIDATES_LOCK = threading.Lock()
+
+
+def free_port(*hosts: str) -> int:
+    """A port that was free on every one of `hosts` (default 127.0.0.1) a moment ago,
+    for processes that must be told a port; never the same twice in a row of ~20,000."""
+    hosts = hosts or (LOCAL,)
+    for _ in range(1000):
+        with _CANDIDATES_LOCK:
+            port = next(_CANDIDATES)
+        try:
+            for host in hosts:
+                with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+                    sock.bind((host, port))
+            return port
+        except OSError:
+            continue
+    raise OSError("no port free on %s" % ", ".join(hosts))
 
 
 def recv_exactly(sock: socket.socket, count: int, error: type = EOFError) -> bytes:

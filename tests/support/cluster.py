@@ -20,32 +20,12 @@ import uuid
 from typing import Any, Dict, List, Optional, Sequence
 
 from .agents import Agents, run_tcprc
+from .net import free_port
 from .waiting import wait_for
 
 CLUSTER_SECRET = "cluster-e2e-secret-0123456789abcdef"
 DEVICE_SECRET = "device-e2e-secret-0123456789abcdef"
 NODES = ("s1", "s2", "s3", "s4")
-
-
-def common_free_port(addresses: Sequence[str]) -> int:
-    """A port free on every one of `addresses` a moment ago."""
-    for _ in range(50):
-        first = socket.socket()
-        first.bind((addresses[0], 0))
-        port = first.getsockname()[1]
-        held = [first]
-        try:
-            for address in addresses[1:]:
-                sock = socket.socket()
-                held.append(sock)
-                sock.bind((address, port))
-            return port
-        except OSError:
-            continue
-        finally:
-            for sock in held:
-                sock.close()
-    raise AssertionError("no port free on all of %s" % ", ".join(addresses))
 
 
 class Node:
@@ -117,8 +97,8 @@ class Rig:
         self.nodes = {name: Node(self, name, "127.0.%d.%d" % (block, k + 1))
                       for k, name in enumerate(NODES)}
         addresses = [node.address for node in self.nodes.values()]
-        self.ports = {what: common_free_port(addresses) for what in ("listen", "peer", "http")}
-        self.ports.update({ident: common_free_port(addresses) for ident in devices})
+        self.ports = {what: free_port(*addresses) for what in ("listen", "peer", "http")}
+        self.ports.update({ident: free_port(*addresses) for ident in devices})
         self.device_ids = list(devices)
         self.devices: Dict[str, Any] = {}
 
