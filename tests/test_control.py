@@ -188,20 +188,16 @@ def test_blank_lines_are_no_activity_but_commands_are(short_timeout):
 
 EPOLLS_OF_A_SERVED_SOCKET = """
 import os, sys
+sys.path.insert(0, "tests")
+from support.procfs import descriptors_of_kind
 from tcprc.device.app import DeviceApp
 from tcprc.ops.commands import CommandParser
 from tcprc.ops.config import build_config
 from tcprc.ops.control import ControlServer
 from tcprc.ops.ctl import send_command
 
-def kind(fd):
-    try:
-        return os.readlink("/proc/self/fd/" + fd)
-    except FileNotFoundError:       # closed meanwhile (the listing's own, a served client's)
-        return None
-
 def epolls():
-    return sum(kind(fd) == "anon_inode:[eventpoll]" for fd in os.listdir("/proc/self/fd"))
+    return descriptors_of_kind(os.getpid(), "anon_inode:[eventpoll]")
 
 cfg = build_config("device", {}, "test")
 server = ControlServer(CommandParser(DeviceApp(cfg.device), cfg), sys.argv[1])

@@ -30,15 +30,21 @@ def open_fds(pid: int) -> int:
     return len(os.listdir("/proc/%d/fd" % pid))
 
 
-def pipes(pid: int) -> int:
+def descriptors_of_kind(pid: int, kind: str) -> int:
+    """Descriptors of `pid` whose /proc link starts with `kind` ("pipe:",
+    "anon_inode:[eventpoll]"); one closed between the listing and its read is skipped."""
     count = 0
     for fd in os.listdir("/proc/%d/fd" % pid):
         try:
-            if os.readlink("/proc/%d/fd/%s" % (pid, fd)).startswith("pipe:"):
+            if os.readlink("/proc/%d/fd/%s" % (pid, fd)).startswith(kind):
                 count += 1
         except OSError:
             pass
     return count
+
+
+def pipes(pid: int) -> int:
+    return descriptors_of_kind(pid, "pipe:")
 
 
 def process_tree(root: int) -> List[int]:
