@@ -8,6 +8,7 @@ import typing
 import pytest
 
 from support import ROOT
+from support.fresh import python_output
 from tcprc import errors
 from tcprc.ops.commands import CommandParser
 from tcprc.ops.config import SCHEMA, SECTION_TYPES, build_config, load_config
@@ -82,10 +83,7 @@ def test_settings_and_ops_import_no_engine_and_no_app():
             "tcprc.ops.console, tcprc.ops.service, tcprc.ops.tomlwrite\n"
             "print(' '.join(first)); print(' '.join(sorted(m for m in sys.modules "
             "if m.startswith('tcprc'))))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                            text=True, timeout=30, env=dict(os.environ, PYTHONPATH=ROOT))
-    assert result.returncode == 0, result.stderr
-    first, after = result.stdout.split("\n")[:2]
+    first, after = python_output(code, timeout=30).split("\n")[:2]
     assert first.split() == ["tcprc", "tcprc.addr", "tcprc.errors", "tcprc.keys",
                              "tcprc.settings"]
     allowed = {"tcprc", "tcprc.errors", "tcprc.settings", "tcprc.keys", "tcprc.addr", "tcprc.ops"}
